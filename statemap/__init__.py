@@ -1,0 +1,12 @@
+"""The on-disk state map of one volume member.
+
+Superblocks in two checksummed slots, the intent (activity) bitmap at extent
+granularity, one out-of-sync bitmap per other member at region granularity, the
+generation history and the copy/merge fences, with crash-safe updates.
+
+Knows nothing of sockets, FUSE, trio or the ``gmd`` package: all disk access goes
+through a small file interface (:class:`statemap.fileio.FileIO` for real files,
+:class:`statemap.faultio.FaultIO` for crash tests), and updates are planned in
+memory and written by :class:`statemap.statemap.CommitPlan`, so the caller chooses
+the thread that does the I/O.
+"""

@@ -1,0 +1,383 @@
+"""On-disk format of a state map file (version 1).
+
+All offsets and sizes are in bytes; all integers little-endian. The file is made of
+4 KiB pages and is sparse: pages never written are holes and read as zeros.
+
+Layout::
+
+    page 0            superblock slot A
+    page 1            superblock slot B
+    pages 2..         intent bitmap, one bit per extent (bit set = extent hot)
+    then, per slot    out-of-sync bitmap for one other member, one bit per region
+                      (bit set = that member may differ from this one there)
+
+Bit ``i`` of a bitmap is bit ``i % 8`` (least significant first) of byte ``i // 8``.
+Every bitmap area starts on a page boundary and is a whole number of pages long.
+
+A superblock slot is one page::
+
+    offset  size  field
+    0       8     magic  b"GMDSMAP\\0"
+    8       2     format version (1)
+    10      2     reserved, zero
+    12      4     payload length in bytes
+    16      8     sequence number (the valid slot with the higher one wins)
+    24      8     xxh64 of the whole 4096-byte slot with these 8 bytes zeroed
+    32      ...   payload: UTF-8 JSON object (sorted keys), then zero padding
+
+Slots are written alternately (sequence ``n`` goes to slot ``n % 2``), so a torn
+superblock write leaves the previous superblock intact in the other slot. The JSON
+payload is described by :class:`Superblock`; unknown keys are preserved on rewrite
+so that a newer minor writer's fields survive an older one.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from .errors import StateMapCorrupt, StateMapVersionError
+from .states import CopyKind, DiskState, Role
+
+PAGE = 4096
+SECTOR = 512
+MAGIC = b"GMDSMAP\0"
+FORMAT_VERSION = 1
+SLOT_SIZE = PAGE
+HEADER = struct.Struct("<8sHHIQQ")  # magic, version, reserved, length, seq, checksum
+CHECKSUM_OFFSET = 24
+DEFAULT_PEER_SLOTS = 7  # 8 members in all: HAGEO allows 3 copies, OpenVMS 6
+MAX_NAME = 64
+HISTORY_LENGTH = 4
+NO_GENERATION = "0" * 16  # the generation of a map that never held data
+
+
+def pages_for_bits(nbits: int) -> int:
+    """Number of whole pages a bitmap of ``nbits`` bits occupies."""
+    nbytes = (nbits + 7) // 8
+    return max(1, (nbytes + PAGE - 1) // PAGE)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each area of a state map lives, derived from the volume's geometry."""
+
+    size: int
+    region_size: int
+    extent_size: int
+    peer_slots: int
+
+    @property
+    def regions(self) -> int:
+        return (self.size + self.region_size - 1) // self.region_size
+
+    @property
+    def extents(self) -> int:
+        return (self.size + self.extent_size - 1) // self.extent_size
+
+    @property
+    def regions_per_extent(self) -> int:
+        return self.extent_size // self.region_size
+
+    @property
+    def intent_offset(self) -> int:
+        return 2 * SLOT_SIZE
+
+    @property
+    def intent_bytes(self) -> int:
+        return pages_for_bits(self.extents) * PAGE
+
+    @property
+    def oos_bytes(self) -> int:
+        return pages_for_bits(self.regions) * PAGE
+
+    def oos_offset(self, slot: int) -> int:
+        """File offset of the out-of-sync bitmap in member slot ``slot``."""
+        if not 0 <= slot < self.peer_slots:
+            raise ValueError(f"member slot {slot} out of range 0..{self.peer_slots - 1}")
+        return self.intent_offset + self.intent_bytes + slot * self.oos_bytes
+
+    @property
+    def file_size(self) -> int:
+        return self.intent_offset + self.intent_bytes + self.peer_slots * self.oos_bytes
+
+
+@dataclass
+class Fence:
+    """A copy or merge that advances through the volume; below ``fence`` it is done."""
+
+    kind: CopyKind
+    fence: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "fence": self.fence}
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str) -> Fence | None:
+        if raw is None:
+            return None
+        _expect(isinstance(raw, dict), where, "an object or null")
+        kind = _enum(CopyKind, raw.get("kind"), f"{where}.kind")
+        fence = raw.get("fence")
+        _expect(_is_uint(fence), f"{where}.fence", "a non-negative integer")
+        return cls(kind, fence)
+
+
+@dataclass
+class PeerRecord:
+    """What this member's map knows about one other member."""
+
+    slot: int
+    disk: DiskState = DiskState.UNKNOWN  # last state seen, kept for offline status
+    copy: Fence | None = None  # a full copy or full merge this side must send it
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "slot": self.slot,
+            "disk": self.disk.value,
+            "copy": self.copy.to_json() if self.copy else None,
+        }
+
+
+@dataclass
+class Generations:
+    """Generation identifiers (DRBD's UUIDs): who wrote what since when.
+
+    ``current`` changes when a new generation starts (the first write after the
+    primary lost touch with a member); ``bitmap`` is the generation the out-of-sync
+    bitmaps are relative to; ``history`` holds the previous ``current`` values,
+    newest first.
+    """
+
+    current: str = NO_GENERATION
+    bitmap: str = NO_GENERATION
+    history: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"current": self.current, "bitmap": self.bitmap, "history": list(self.history)}
+
+
+@dataclass
+class Superblock:
+    """The JSON payload of a superblock slot (everything but the bitmaps)."""
+
+    volume: str
+    uuid: str
+    size: int
+    region_size: int
+    extent_size: int
+    member: str
+    peer_slots: int
+    role: Role = Role.SECONDARY
+    disk: DiskState = DiskState.INCONSISTENT
+    clean: bool = True
+    generations: Generations = field(default_factory=Generations)
+    peers: dict[str, PeerRecord] = field(default_factory=dict)
+    local_copy: Fence | None = None  # this member is a copy/merge target below fence
+    expected_votes: int | None = None  # operator's quorum override
+    created: float = 0.0
+    updated: float = 0.0
+    clean_stop: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, preserved
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.size, self.region_size, self.extent_size, self.peer_slots)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(self.extra)
+        out.update(
+            volume=self.volume,
+            uuid=self.uuid,
+            size=self.size,
+            region_size=self.region_size,
+            extent_size=self.extent_size,
+            member=self.member,
+            peer_slots=self.peer_slots,
+            role=self.role.value,
+            disk=self.disk.value,
+            clean=self.clean,
+            generations=self.generations.to_json(),
+            peers={name: p.to_json() for name, p in self.peers.items()},
+            local_copy=self.local_copy.to_json() if self.local_copy else None,
+            expected_votes=self.expected_votes,
+            created=self.created,
+            updated=self.updated,
+            clean_stop=self.clean_stop,
+        )
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Superblock:
+        _expect(isinstance(raw, dict), "payload", "a JSON object")
+        known = {
+            "volume", "uuid", "size", "region_size", "extent_size", "member",
+            "peer_slots", "role", "disk", "clean", "generations", "peers",
+            "local_copy", "expected_votes", "created", "updated", "clean_stop",
+        }
+        for key in ("volume", "uuid", "member"):
+            _expect(isinstance(raw.get(key), str) and raw[key], key, "a non-empty string")
+        for key in ("size", "region_size", "extent_size", "peer_slots"):
+            _expect(_is_uint(raw.get(key)) and raw[key] > 0, key, "a positive integer")
+        _expect(isinstance(raw.get("clean"), bool), "clean", "true or false")
+        gens = raw.get("generations")
+        _expect(isinstance(gens, dict), "generations", "an object")
+        _expect(isinstance(gens.get("current"), str), "generations.current", "a string")
+        _expect(isinstance(gens.get("bitmap"), str), "generations.bitmap", "a string")
+        hist = gens.get("history")
+        _expect(
+            isinstance(hist, list) and all(isinstance(h, str) for h in hist),
+            "generations.history",
+            "a list of strings",
+        )
+        peers_raw = raw.get("peers")
+        _expect(isinstance(peers_raw, dict), "peers", "an object")
+        peers: dict[str, PeerRecord] = {}
+        for name, p in peers_raw.items():
+            where = f"peers.{name}"
+            _expect(isinstance(p, dict), where, "an object")
+            slot = p.get("slot")
+            _expect(_is_uint(slot) and slot < raw["peer_slots"], f"{where}.slot", "a slot number")
+            peers[name] = PeerRecord(
+                slot=slot,
+                disk=_enum(DiskState, p.get("disk"), f"{where}.disk"),
+                copy=Fence.from_json(p.get("copy"), f"{where}.copy"),
+            )
+        ev = raw.get("expected_votes")
+        _expect(ev is None or (_is_uint(ev) and ev > 0), "expected_votes", "null or a positive integer")
+        for key in ("created", "updated"):
+            _expect(isinstance(raw.get(key), (int, float)), key, "a number")
+        cs = raw.get("clean_stop")
+        _expect(cs is None or isinstance(cs, (int, float)), "clean_stop", "null or a number")
+        sb = cls(
+            volume=raw["volume"],
+            uuid=raw["uuid"],
+            size=raw["size"],
+            region_size=raw["region_size"],
+            extent_size=raw["extent_size"],
+            member=raw["member"],
+            peer_slots=raw["peer_slots"],
+            role=_enum(Role, raw.get("role"), "role"),
+            disk=_enum(DiskState, raw.get("disk"), "disk"),
+            clean=raw["clean"],
+            generations=Generations(gens["current"], gens["bitmap"], list(hist)),
+            peers=peers,
+            local_copy=Fence.from_json(raw.get("local_copy"), "local_copy"),
+            expected_votes=ev,
+            created=float(raw["created"]),
+            updated=float(raw["updated"]),
+            clean_stop=None if cs is None else float(cs),
+            extra={k: v for k, v in raw.items() if k not in known},
+        )
+        slots = [p.slot for p in peers.values()]
+        _expect(len(slots) == len(set(slots)), "peers", "distinct slots")
+        return sb
+
+
+class _PayloadError(Exception):
+    pass
+
+
+def _expect(ok: bool, key: str, what: str) -> None:
+    if not ok:
+        raise _PayloadError(f"field {key!r} is not {what}")
+
+
+def _is_uint(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _enum(enum_type: Any, value: Any, key: str) -> Any:
+    try:
+        return enum_type(value)
+    except ValueError:
+        choices = ", ".join(e.value for e in enum_type)
+        raise _PayloadError(f"field {key!r} is {value!r}, not one of: {choices}") from None
+
+
+def encode_slot(sb: Superblock, seq: int) -> bytes:
+    """Serialize ``sb`` with sequence number ``seq`` into one checksummed slot."""
+    payload = json.dumps(sb.to_json(), sort_keys=True, separators=(",", ":")).encode()
+    if HEADER.size + len(payload) > SLOT_SIZE:
+        from .errors import StateMapFull
+
+        raise StateMapFull(
+            f"superblock of {len(payload)} bytes does not fit its {SLOT_SIZE}-byte slot "
+            "(too many members or names too long)"
+        )
+    buf = bytearray(SLOT_SIZE)
+    HEADER.pack_into(buf, 0, MAGIC, FORMAT_VERSION, 0, len(payload), seq, 0)
+    buf[HEADER.size : HEADER.size + len(payload)] = payload
+    struct.pack_into("<Q", buf, CHECKSUM_OFFSET, xxhash.xxh64_intdigest(bytes(buf)))
+    return bytes(buf)
+
+
+@dataclass(frozen=True)
+class SlotReading:
+    """The result of reading one slot: a superblock and its sequence, or why not."""
+
+    superblock: Superblock | None
+    seq: int
+    problem: str | None
+
+
+def decode_slot(data: bytes) -> SlotReading:
+    """Check and parse one slot. Never raises for damage; a newer version raises.
+
+    A slot with a valid checksum but a format version above ours raises
+    :class:`StateMapVersionError`, because silently using the other (older) slot
+    would roll the map back.
+    """
+    if len(data) < SLOT_SIZE:
+        return SlotReading(None, 0, f"slot is {len(data)} bytes, expected {SLOT_SIZE}")
+    if data == bytes(SLOT_SIZE):
+        return SlotReading(None, 0, "slot is empty (all zeros)")
+    magic, version, _reserved, length, seq, checksum = HEADER.unpack_from(data, 0)
+    if magic != MAGIC:
+        return SlotReading(None, 0, f"bad magic {magic!r}")
+    zeroed = bytearray(data[:SLOT_SIZE])
+    struct.pack_into("<Q", zeroed, CHECKSUM_OFFSET, 0)
+    if xxhash.xxh64_intdigest(bytes(zeroed)) != checksum:
+        return SlotReading(None, seq, "checksum mismatch (torn or damaged write)")
+    if version > FORMAT_VERSION:
+        raise StateMapVersionError(
+            f"state map format version {version} is newer than this gmd supports "
+            f"({FORMAT_VERSION}); upgrade gmd to use it"
+        )
+    if version < 1:
+        return SlotReading(None, seq, f"invalid format version {version}")
+    if HEADER.size + length > SLOT_SIZE:
+        return SlotReading(None, seq, f"payload length {length} exceeds the slot")
+    try:
+        raw = json.loads(bytes(data[HEADER.size : HEADER.size + length]).decode())
+        sb = Superblock.from_json(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return SlotReading(None, seq, f"payload is not JSON: {e}")
+    except _PayloadError as e:
+        return SlotReading(None, seq, f"payload invalid: {e}")
+    return SlotReading(sb, seq, None)
+
+
+def pick_slot(a: SlotReading, b: SlotReading, path: str) -> tuple[Superblock, int, list[str]]:
+    """Choose the valid slot with the higher sequence; warnings say what was skipped.
+
+    Raises :class:`StateMapCorrupt` when neither slot is valid.
+    """
+    valid = [(r, name) for r, name in ((a, "A"), (b, "B")) if r.superblock is not None]
+    if not valid:
+        raise StateMapCorrupt(
+            f"{path}: both superblock slots are unusable (A: {a.problem}; B: {b.problem}); "
+            "refusing to treat an unreadable state map as clean. Recreate it with "
+            "'gmd init --force' and let a full copy bring this member back."
+        )
+    best, name = max(valid, key=lambda rn: rn[0].seq)
+    warnings = []
+    for r, other in ((a, "A"), (b, "B")):
+        if r.superblock is None and r.problem != "slot is empty (all zeros)":
+            warnings.append(f"{path}: superblock slot {other} ignored: {r.problem}; using slot {name}")
+    assert best.superblock is not None
+    return best.superblock, best.seq, warnings

@@ -1,0 +1,765 @@
+"""The state map of one member: in-memory bitmaps, crash-safe commits, recovery.
+
+Invariants kept here (shared/DESIGN.md, "State map invariants"):
+
+* On-disk out-of-sync bits are exact for every extent that is not hot in the
+  on-disk intent bitmap. A caller that sets an out-of-sync bit outside a durably
+  hot extent must commit before it acknowledges the write the bit covers.
+* An extent's intent bit is set on disk before data is written to it (the caller
+  waits for :attr:`StateMap.durable_changes` to pass the value
+  :meth:`StateMap.intent_acquire` returned), and cleared only in a commit whose
+  earlier phase made the out-of-sync bits of that extent durable.
+* ``clean`` is set only in the last phase of a commit, after every bitmap page is
+  durable; a commit that clears it writes the superblock in its first phase, so
+  no bitmap change of a session reaches the disk under a "clean" superblock.
+  Marks and intents are refused until :meth:`StateMap.begin_use` cleared it, and
+  recovery ORs whatever intent bits it finds even in a map marked clean.
+
+A commit is three phases, each ``pwrite`` of whole 4 KiB pages then ``fsync``,
+skipped when empty: out-of-sync pages, intent pages, superblock (the superblock
+goes first instead when the commit clears the clean flag). A crash anywhere
+in it leaves a map that still satisfies the invariants (see tests/unit/
+test_statemap_crash.py, which checks every crash image hypothesis can build).
+
+Threading: all methods but :meth:`CommitPlan.run` are meant for one thread (the
+daemon's event loop) and never block on I/O except the explicit ``commit`` and
+the constructors; :meth:`CommitPlan.run` holds only bytes copies, so it may run
+in a worker thread while the owner keeps marking bits. Only one plan may be in
+flight at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+import uuid as uuidlib
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bitarray import bitarray
+
+from .errors import GeometryMismatch, StateMapCorrupt, StateMapError, StateMapFull
+from .fileio import FileIO, StateMapIO, write_new_file
+from .format import (
+    DEFAULT_PEER_SLOTS,
+    HISTORY_LENGTH,
+    MAX_NAME,
+    NO_GENERATION,
+    PAGE,
+    SLOT_SIZE,
+    Fence,
+    Generations,
+    Layout,
+    PeerRecord,
+    Superblock,
+    decode_slot,
+    encode_slot,
+    pick_slot,
+)
+from .states import CopyKind, DiskState, Role
+
+log = logging.getLogger(__name__)
+
+BITS_PER_PAGE = PAGE * 8
+DEFAULT_HOT_LIMIT = 1024
+
+
+class StateMapBusy(StateMapError):
+    """Another process (normally the node daemon) holds the map open for writing."""
+
+
+@dataclass
+class _HotExtent:
+    refs: int = 0  # writes in flight to this extent
+    last_seq: int = 0  # sequence number of the newest write to it
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What :meth:`StateMap.recover` found and did."""
+
+    needed: bool  # the map was not closed cleanly
+    hot_extents: tuple[int, ...]  # extents that were hot on disk (mini-merge set)
+    regions: int  # regions ORed into each member's out-of-sync bitmap
+    bytes: int  # the same in bytes
+
+
+@dataclass
+class CommitPlan:
+    """The writes one commit makes, as bytes, in phase order. Holds no reference to
+    the live bitmaps, so :meth:`run` may execute in another thread."""
+
+    phases: list[list[tuple[int, bytes, str]]]
+    changes: int  # the owner's change counter this plan makes durable
+    clean: bool  # the clean flag this plan leaves on disk
+    dirty_versions: dict[tuple[str, int], int]  # (area, page) -> version captured
+    sb_version: int | None
+    seq: int | None
+
+    @property
+    def bytes(self) -> int:
+        return sum(len(d) for phase in self.phases for _, d, _ in phase)
+
+    def run(self, io: StateMapIO) -> None:
+        """Write each phase and fsync it before the next one starts."""
+        for phase in self.phases:
+            if not phase:
+                continue
+            for offset, data, what in phase:
+                io.pwrite(offset, data, what)
+            io.fsync()
+
+
+@dataclass
+class _Dirty:
+    pages: dict[tuple[str, int], int] = field(default_factory=dict)  # -> version
+
+
+def _new_bits(n: int) -> bitarray:
+    b = bitarray(n, endian="little")
+    b.setall(0)
+    return b
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def check_geometry_values(size: int, region_size: int, extent_size: int) -> None:
+    """Raise ValueError unless the geometry is one a state map can describe."""
+    if not _is_power_of_two(region_size) or region_size < 512:
+        raise ValueError(f"region size {region_size} is not a power of two >= 512")
+    if not _is_power_of_two(extent_size) or extent_size < region_size:
+        raise ValueError(f"extent size {extent_size} is not a power of two >= region size")
+    if size <= 0 or size % region_size:
+        raise ValueError(f"volume size {size} is not a positive multiple of the region size")
+
+
+class StateMap:
+    """One member's state map, loaded in memory, written back by commits."""
+
+    def __init__(self, io: StateMapIO, sb: Superblock, seq: int, *, hot_limit: int = DEFAULT_HOT_LIMIT):
+        self.io = io
+        self.sb = sb
+        self.layout: Layout = sb.layout
+        self.hot_limit = hot_limit
+        self.warnings: list[str] = []
+        self._seq = seq
+        self.intent = _new_bits(self.layout.extents)
+        self.oos: dict[str, bitarray] = {}
+        self._hot: OrderedDict[int, _HotExtent] = OrderedDict()
+        self._flushed_seq = 0
+        self._dirty = _Dirty()
+        self._sb_version: int | None = None  # change number of the newest unsaved sb edit
+        self._clean_on_disk = sb.clean
+        self.changes = 0  # bumped by every in-memory change
+        self.durable_changes = 0  # the highest change number known on disk
+        self._inflight = False
+
+    # ------------------------------------------------------------------ creation
+
+    @classmethod
+    def new_superblock(
+        cls,
+        *,
+        volume: str,
+        size: int,
+        region_size: int,
+        extent_size: int,
+        member: str,
+        peers: Iterable[str],
+        peer_slots: int = DEFAULT_PEER_SLOTS,
+        volume_uuid: str | None = None,
+        now: float | None = None,
+    ) -> Superblock:
+        """A superblock for a new map: disk inconsistent, clean, no generation."""
+        check_geometry_values(size, region_size, extent_size)
+        peers = list(peers)
+        for name in [volume, member, *peers]:
+            if not name or len(name.encode()) > MAX_NAME:
+                raise ValueError(f"name {name!r} must be 1..{MAX_NAME} bytes")
+        if member in peers:
+            raise ValueError(f"member {member!r} cannot also be its own peer")
+        if len(peers) > peer_slots:
+            raise StateMapFull(f"{len(peers)} other members but only {peer_slots} slots")
+        ts = time.time() if now is None else now
+        sb = Superblock(
+            volume=volume,
+            uuid=volume_uuid or uuidlib.uuid4().hex,
+            size=size,
+            region_size=region_size,
+            extent_size=extent_size,
+            member=member,
+            peer_slots=peer_slots,
+            peers={name: PeerRecord(slot=i) for i, name in enumerate(peers)},
+            created=ts,
+            updated=ts,
+        )
+        encode_slot(sb, 1)  # fails now, not later, if it cannot fit its slot
+        return sb
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], **kw) -> StateMap:
+        """Create (atomically replacing any file there) and open a new map at ``path``.
+
+        Keyword arguments as for :meth:`new_superblock`. Only the two superblock
+        pages are written; the bitmaps are holes in a sparse file.
+        """
+        sb = cls.new_superblock(**kw)
+        write_new_file(
+            Path(path),
+            sb.layout.file_size,
+            [(0, encode_slot(sb, 2)), (SLOT_SIZE, encode_slot(sb, 1))],
+        )
+        return cls.open(path)
+
+    @classmethod
+    def create_in(cls, io: StateMapIO, **kw) -> StateMap:
+        """Create a new map inside an (empty) :class:`StateMapIO`; for tests."""
+        sb = cls.new_superblock(**kw)
+        io.pwrite(SLOT_SIZE, encode_slot(sb, 1), "superblock:B")
+        io.pwrite(0, encode_slot(sb, 2), "superblock:A")
+        io.pwrite(sb.layout.file_size - 1, b"\0", "extend")
+        io.fsync()
+        return cls.load(io)
+
+    # ------------------------------------------------------------------- opening
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, readonly: bool = False, **kw) -> StateMap:
+        """Open the map at ``path``. Read-write opens take an exclusive lock so an
+        offline command cannot change a map a running daemon is using."""
+        try:
+            io = FileIO(path, readonly=readonly)
+        except FileNotFoundError:
+            raise StateMapError(f"{path}: no state map here (create it with 'gmd init')") from None
+        except OSError as e:
+            raise StateMapError(f"{path}: cannot open state map: {e.strerror}") from None
+        try:
+            if not readonly:
+                _lock_exclusive(io, str(path))
+            return cls.load(io, **kw)
+        except BaseException:
+            io.close()
+            raise
+
+    @classmethod
+    def load(cls, io: StateMapIO, **kw) -> StateMap:
+        """Read and validate a map from ``io``; raises on anything unusable."""
+        path = io.name
+        size = io.size()
+        if size < 2 * SLOT_SIZE:
+            raise StateMapCorrupt(
+                f"{path}: truncated: {size} bytes, too short to hold the two superblock slots "
+                f"({2 * SLOT_SIZE} bytes)"
+            )
+        a = decode_slot(io.pread(0, SLOT_SIZE))
+        b = decode_slot(io.pread(SLOT_SIZE, SLOT_SIZE))
+        sb, seq, warnings = pick_slot(a, b, path)
+        try:
+            check_geometry_values(sb.size, sb.region_size, sb.extent_size)
+        except ValueError as e:
+            raise StateMapCorrupt(f"{path}: superblock holds an impossible geometry: {e}") from None
+        if size < sb.layout.file_size:
+            raise StateMapCorrupt(
+                f"{path}: truncated: {size} bytes, but its geometry needs {sb.layout.file_size}"
+            )
+        sm = cls(io, sb, seq, **kw)
+        for w in warnings:
+            log.warning("%s", w)
+        sm.warnings = warnings
+        lay = sm.layout
+        sm.intent = sm._read_bits(lay.intent_offset, lay.intent_bytes, lay.extents)
+        for name, peer in sb.peers.items():
+            sm.oos[name] = sm._read_bits(lay.oos_offset(peer.slot), lay.oos_bytes, lay.regions)
+        for extent in sm.intent.search(1):
+            sm._hot[extent] = _HotExtent()
+        sm.durable_changes = sm.changes
+        return sm
+
+    def _read_bits(self, offset: int, length: int, nbits: int) -> bitarray:
+        bits = _new_bits(nbits)
+        for start, n in self.io.data_extents(offset, length):
+            data = self.io.pread(start, n)
+            if len(data) != n:
+                raise StateMapCorrupt(f"{self.io.name}: short read at offset {start}")
+            first_bit = (start - offset) * 8
+            if first_bit >= nbits:
+                continue
+            chunk = bitarray(endian="little")
+            chunk.frombytes(data)
+            last_bit = min(nbits, first_bit + len(chunk))
+            bits[first_bit:last_bit] = chunk[: last_bit - first_bit]
+        return bits
+
+    def close(self) -> None:
+        self.io.close()
+
+    def check_geometry(self, *, volume: str, size: int, region_size: int, extent_size: int, member: str) -> None:
+        """Raise :class:`GeometryMismatch` naming the first field that differs."""
+        for fld, expected in (
+            ("volume", volume),
+            ("member", member),
+            ("size", size),
+            ("region_size", region_size),
+            ("extent_size", extent_size),
+        ):
+            on_disk = getattr(self.sb, fld)
+            if on_disk != expected:
+                raise GeometryMismatch(self.io.name, fld, on_disk, expected)
+
+    # ----------------------------------------------------------------- geometry
+
+    @property
+    def peers(self) -> list[str]:
+        return list(self.sb.peers)
+
+    def regions_of(self, offset: int, length: int) -> range:
+        """Indexes of the regions that bytes [offset, offset+length) touch."""
+        if length <= 0:
+            return range(0)
+        rs = self.layout.region_size
+        return range(offset // rs, (offset + length - 1) // rs + 1)
+
+    def extents_of(self, offset: int, length: int) -> range:
+        if length <= 0:
+            return range(0)
+        es = self.layout.extent_size
+        return range(offset // es, (offset + length - 1) // es + 1)
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.sb.size:
+            raise ValueError(f"range {offset}+{length} outside volume of {self.sb.size} bytes")
+
+    # ---------------------------------------------------------- change tracking
+
+    def _touch(self, area: str, page: int) -> None:
+        self.changes += 1
+        self._dirty.pages[(area, page)] = self.changes
+
+    def _touch_sb(self) -> None:
+        self.changes += 1
+        self._sb_version = self.changes
+
+    @property
+    def has_unsaved_changes(self) -> bool:
+        return bool(self._dirty.pages) or self._sb_version is not None
+
+    # ----------------------------------------------------------- out-of-sync bits
+
+    def _peer_bits(self, member: str) -> bitarray:
+        try:
+            return self.oos[member]
+        except KeyError:
+            raise StateMapError(
+                f"{self.io.name}: {member!r} is not a member in this map (members: {', '.join(self.oos) or 'none'})"
+            ) from None
+
+    def _require_in_use(self) -> None:
+        if self.sb.clean:
+            raise StateMapError(
+                f"{self.io.name}: state map is marked clean; begin_use() must precede writes"
+            )
+
+    def _set_bits(self, member: str, regions: range, value: bool) -> int:
+        bits = self._peer_bits(member)
+        if not regions:
+            return 0
+        area = f"oos:{member}"
+        changed = 0
+        # Walk page by page so each touched page is marked dirty once.
+        start = regions.start
+        while start < regions.stop:
+            page = start // BITS_PER_PAGE
+            stop = min(regions.stop, (page + 1) * BITS_PER_PAGE)
+            n_set = bits.count(1, start, stop)
+            delta = (stop - start - n_set) if value else n_set
+            if delta:
+                bits[start:stop] = value
+                self._touch(area, page)
+                changed += delta
+            start = stop
+        return changed
+
+    def mark_out_of_sync(self, member: str, offset: int, length: int) -> int:
+        """Note that ``member`` may lack bytes [offset, offset+length).
+
+        Returns how many regions were newly marked; when non-zero and the
+        regions' extents are not durably hot, commit before acknowledging.
+        """
+        self._check_range(offset, length)
+        self._require_in_use()
+        return self._set_bits(member, self.regions_of(offset, length), True)
+
+    def mark_regions_out_of_sync(self, member: str, regions: range) -> int:
+        self._require_in_use()
+        return self._set_bits(member, regions, True)
+
+    def clear_out_of_sync(self, member: str, regions: range) -> int:
+        """Clear regions that ``member`` is known to hold now (acked and flushed)."""
+        return self._set_bits(member, regions, False)
+
+    def mark_all_out_of_sync(self, member: str) -> int:
+        self._require_in_use()
+        return self._set_bits(member, range(self.layout.regions), True)
+
+    def out_of_sync_regions(self, member: str) -> bitarray:
+        """A copy of ``member``'s out-of-sync bitmap (one bit per region)."""
+        return self._peer_bits(member).copy()
+
+    def out_of_sync_bytes(self, member: str) -> int:
+        """Bytes ``member`` lacks by this map: its bitmap, plus everything above the
+        fence of a pending full copy or merge."""
+        bits = self._peer_bits(member)
+        rs = self.layout.region_size
+        copy = self.sb.peers[member].copy
+        if copy is None:
+            return bits.count(1) * rs
+        fence_region = min(self.layout.regions, copy.fence // rs)
+        return bits.count(1, 0, fence_region) * rs + (self.sb.size - fence_region * rs)
+
+    # ------------------------------------------------------------------ intents
+
+    def intent_acquire(self, offset: int, length: int) -> int:
+        """Make the extents of a write hot before its data is issued.
+
+        Returns the change number that must be durable (``durable_changes >=``)
+        before the data may be written; ``0`` when every extent was already hot
+        and nothing needs to wait. May retire idle extents to stay near
+        :attr:`hot_limit` (a soft limit: extents with writes in flight or not yet
+        flushed everywhere are never retired).
+        """
+        self._check_range(offset, length)
+        self._require_in_use()
+        need = 0
+        for extent in self.extents_of(offset, length):
+            hot = self._hot.get(extent)
+            if hot is None:
+                hot = self._hot[extent] = _HotExtent()
+                self.intent[extent] = 1
+                self._touch("intent", extent // BITS_PER_PAGE)
+                need = self.changes
+            else:
+                self._hot.move_to_end(extent)
+                if (("intent", extent // BITS_PER_PAGE) in self._dirty.pages) and self.intent[extent]:
+                    # Set, or set again after a retirement, but not yet on disk.
+                    need = max(need, self._dirty.pages[("intent", extent // BITS_PER_PAGE)])
+            hot.refs += 1
+        if len(self._hot) > self.hot_limit:
+            self.retire_idle(len(self._hot) - self.hot_limit)
+        return need
+
+    def intent_release(self, offset: int, length: int, seq: int) -> None:
+        """A write (sequence ``seq``) to these extents completed on every member."""
+        for extent in self.extents_of(offset, length):
+            hot = self._hot.get(extent)
+            if hot is None or hot.refs <= 0:
+                raise StateMapError(f"intent release of extent {extent} that holds no write")
+            hot.refs -= 1
+            hot.last_seq = max(hot.last_seq, seq)
+
+    def note_flushed(self, seq: int) -> None:
+        """Every write up to ``seq`` is durable on every member (a barrier completed)."""
+        self._flushed_seq = max(self._flushed_seq, seq)
+
+    def _retirable(self, hot: _HotExtent) -> bool:
+        return hot.refs == 0 and hot.last_seq <= self._flushed_seq
+
+    def retire_idle(self, limit: int | None = None) -> int:
+        """Clear the intent bits of up to ``limit`` idle extents, least recently used
+        first. Their out-of-sync bits go to disk in the same commit, earlier."""
+        retired = 0
+        for extent in list(self._hot):
+            if limit is not None and retired >= limit:
+                break
+            if self._retirable(self._hot[extent]):
+                del self._hot[extent]
+                self.intent[extent] = 0
+                self._touch("intent", extent // BITS_PER_PAGE)
+                retired += 1
+        return retired
+
+    def hot_extents(self) -> list[int]:
+        return list(self._hot)
+
+    # ----------------------------------------------------------------- recovery
+
+    def recover(self) -> Recovery:
+        """After an unclean stop, OR every hot extent into every member's
+        out-of-sync bitmap and clear the intent bitmap; commit afterwards.
+
+        The result names the hot extents: the regions a mini-merge must make
+        equal on all members. Idempotent: a crash during the commit that follows
+        leaves the intent bits set, and running it again gives the same result.
+        """
+        hot = tuple(self.intent.search(1))
+        if self.sb.clean and not hot:
+            return Recovery(False, (), 0, 0)
+        rpe = self.layout.regions_per_extent
+        regions = 0
+        for extent in hot:
+            r = range(extent * rpe, min(self.layout.regions, (extent + 1) * rpe))
+            regions += len(r)
+            for member in self.oos:
+                self._set_bits(member, r, True)
+        for extent in hot:
+            self.intent[extent] = 0
+            self._touch("intent", extent // BITS_PER_PAGE)
+        self._hot.clear()
+        return Recovery(True, hot, regions, regions * self.layout.region_size)
+
+    def begin_use(self) -> None:
+        """Mark the map in use (unclean); commit before the first data write."""
+        if self.sb.clean:
+            self.sb.clean = False
+            self._touch_sb()
+
+    def prepare_clean_close(self) -> None:
+        """Retire every extent and set the clean flag; commit afterwards.
+
+        The caller must have completed and flushed every write everywhere (and
+        said so with :meth:`note_flushed`); an extent still holding writes is an
+        error, because marking the map clean would hide it from recovery.
+        """
+        busy = [e for e, h in self._hot.items() if not self._retirable(h)]
+        if busy:
+            raise StateMapError(f"cannot close cleanly: extents {busy[:8]} still have unflushed writes")
+        self.retire_idle()
+        self.sb.clean = True
+        self.sb.clean_stop = time.time()
+        self._touch_sb()
+
+    # ------------------------------------------------------- superblock fields
+
+    def set_role(self, role: Role) -> None:
+        if self.sb.role != role:
+            self.sb.role = role
+            self._touch_sb()
+
+    def set_disk(self, disk: DiskState) -> None:
+        if self.sb.disk != disk:
+            self.sb.disk = disk
+            self._touch_sb()
+
+    def set_peer_disk(self, member: str, disk: DiskState) -> None:
+        peer = self._peer(member)
+        if peer.disk != disk:
+            peer.disk = disk
+            self._touch_sb()
+
+    def set_peer_copy(self, member: str, copy: Fence | None) -> None:
+        """Start (or end, with None) a full copy or full merge towards ``member``."""
+        self._peer(member).copy = copy
+        self._touch_sb()
+
+    def advance_peer_fence(self, member: str, fence: int) -> None:
+        copy = self._peer(member).copy
+        if copy is None:
+            raise StateMapError(f"no copy or merge is running towards {member!r}")
+        if not 0 <= fence <= self.sb.size:
+            raise ValueError(f"fence {fence} outside the volume")
+        copy.fence = fence
+        self._touch_sb()
+
+    def set_local_copy(self, copy: Fence | None) -> None:
+        """This member is (or stops being) the target of a copy, current below fence."""
+        self.sb.local_copy = copy
+        self._touch_sb()
+
+    def set_expected_votes(self, votes: int | None) -> None:
+        self.sb.expected_votes = votes
+        self._touch_sb()
+
+    def _peer(self, member: str) -> PeerRecord:
+        try:
+            return self.sb.peers[member]
+        except KeyError:
+            raise StateMapError(f"{member!r} is not a member in this map") from None
+
+    def add_peer(self, member: str) -> None:
+        """Give a newly configured member a slot; it needs a full copy."""
+        if member in self.sb.peers or member == self.sb.member:
+            raise StateMapError(f"{member!r} is already a member")
+        used = {p.slot for p in self.sb.peers.values()}
+        free = [s for s in range(self.sb.peer_slots) if s not in used]
+        if not free:
+            raise StateMapFull(f"no free member slot (all {self.sb.peer_slots} in use)")
+        if len(member.encode()) > MAX_NAME:
+            raise ValueError(f"member name {member!r} longer than {MAX_NAME} bytes")
+        self.sb.peers[member] = PeerRecord(slot=free[0], copy=Fence(CopyKind.FULL, 0))
+        # The slot may hold bits of a member removed earlier: start from zeros.
+        self.oos[member] = _new_bits(self.layout.regions)
+        for page in range(self.layout.oos_bytes // PAGE):
+            self._touch(f"oos:{member}", page)
+        self._touch_sb()
+        try:
+            encode_slot(self.sb, self._seq + 1)
+        except StateMapFull:
+            del self.sb.peers[member]
+            del self.oos[member]
+            raise
+
+    # ------------------------------------------------------------- generations
+
+    def start_new_generation(self) -> str:
+        """Begin a new data generation; the old one goes to the history."""
+        gens = self.sb.generations
+        if gens.current != NO_GENERATION:
+            gens.history = [gens.current, *gens.history][:HISTORY_LENGTH]
+        gens.current = secrets.token_hex(8)
+        self._touch_sb()
+        return gens.current
+
+    def set_bitmap_generation(self, generation: str) -> None:
+        self.sb.generations.bitmap = generation
+        self._touch_sb()
+
+    @property
+    def is_fresh(self) -> bool:
+        """True for a map whose member never held data of any generation."""
+        g = self.sb.generations
+        return g.current == NO_GENERATION and not g.history
+
+    # ------------------------------------------------ copy source / copy target
+
+    def make_copy_source(self) -> None:
+        """``gmddirty``: this member's data is the truth; every other member gets
+        a full copy from it. Starts a new generation."""
+        for member in self.oos:
+            self._set_bits(member, range(self.layout.regions), False)
+            self.set_peer_copy(member, Fence(CopyKind.FULL, 0))
+            self.set_peer_disk(member, DiskState.INCONSISTENT)
+        self._clear_intents()
+        self.set_local_copy(None)
+        self.set_disk(DiskState.UPTODATE)
+        self.start_new_generation()
+        self.set_bitmap_generation(self.sb.generations.current)
+
+    def make_copy_target(self) -> None:
+        """``gmdclean``: this member's data is to be replaced by a full copy from
+        an up-to-date member; it has nothing to send anyone."""
+        for member in self.oos:
+            self._set_bits(member, range(self.layout.regions), False)
+            self.set_peer_copy(member, None)
+            self.set_peer_disk(member, DiskState.UNKNOWN)
+        self._clear_intents()
+        gens = self.sb.generations
+        if gens.current != NO_GENERATION:
+            gens.history = [gens.current, *gens.history][:HISTORY_LENGTH]
+        gens.current = NO_GENERATION
+        gens.bitmap = NO_GENERATION
+        self.set_local_copy(Fence(CopyKind.FULL, 0))
+        self.set_disk(DiskState.INCONSISTENT)
+        self._touch_sb()
+
+    def _clear_intents(self) -> None:
+        for extent in self.intent.search(1):
+            self.intent[extent] = 0
+            self._touch("intent", extent // BITS_PER_PAGE)
+        self._hot.clear()
+
+    def local_out_of_sync_bytes(self) -> int:
+        """Bytes this member itself lacks, as far as its own map knows."""
+        if self.sb.local_copy is not None:
+            return self.sb.size - min(self.sb.size, self.sb.local_copy.fence)
+        if self.sb.disk in (DiskState.INCONSISTENT, DiskState.FAILED):
+            return self.sb.size
+        return 0
+
+    # ------------------------------------------------------------------ commits
+
+    def prepare_commit(self) -> CommitPlan | None:
+        """Snapshot every unsaved change into a plan, or None if nothing changed."""
+        if self._inflight:
+            raise StateMapError("a commit is already in flight")
+        if not self.has_unsaved_changes:
+            return None
+        lay = self.layout
+        oos_phase: list[tuple[int, bytes, str]] = []
+        intent_phase: list[tuple[int, bytes, str]] = []
+        for (area, page), _version in sorted(self._dirty.pages.items()):
+            lo = page * BITS_PER_PAGE
+            if area == "intent":
+                data = self._page_bytes(self.intent, lo)
+                intent_phase.append((lay.intent_offset + page * PAGE, data, "intent"))
+            else:
+                member = area.split(":", 1)[1]
+                if member not in self.sb.peers:
+                    continue  # the member was removed; its slot is not ours to write
+                data = self._page_bytes(self.oos[member], lo)
+                offset = lay.oos_offset(self.sb.peers[member].slot) + page * PAGE
+                oos_phase.append((offset, data, area))
+        sb_phase: list[tuple[int, bytes, str]] = []
+        seq = None
+        if self._sb_version is not None:
+            seq = self._seq + 1
+            self.sb.updated = time.time()
+            slot = seq % 2
+            sb_phase.append((slot * SLOT_SIZE, encode_slot(self.sb, seq), f"superblock:{'AB'[slot]}"))
+        if self._clean_on_disk and not self.sb.clean:
+            phases = [sb_phase, oos_phase, intent_phase]  # unclean before any bit moves
+        else:
+            phases = [oos_phase, intent_phase, sb_phase]  # clean only after every bit
+        self._inflight = True
+        return CommitPlan(
+            phases=phases,
+            clean=self.sb.clean,
+            changes=self.changes,
+            dirty_versions=dict(self._dirty.pages),
+            sb_version=self._sb_version,
+            seq=seq,
+        )
+
+    @staticmethod
+    def _page_bytes(bits: bitarray, lo: int) -> bytes:
+        data = bits[lo : lo + BITS_PER_PAGE].tobytes()
+        return data + bytes(PAGE - len(data))
+
+    def finish_commit(self, plan: CommitPlan) -> None:
+        """Record that ``plan`` ran to completion (every phase fsynced)."""
+        for key, version in plan.dirty_versions.items():
+            if self._dirty.pages.get(key) == version:
+                del self._dirty.pages[key]
+        if plan.sb_version is not None and self._sb_version == plan.sb_version:
+            self._sb_version = None
+        if plan.seq is not None:
+            self._seq = plan.seq
+            self._clean_on_disk = plan.clean
+        self.durable_changes = max(self.durable_changes, plan.changes)
+        self._inflight = False
+
+    def abort_commit(self, plan: CommitPlan) -> None:
+        """``plan`` failed part way; its changes stay unsaved and will be retried."""
+        self._inflight = False
+
+    def commit(self) -> int:
+        """Prepare, run and finish a commit in this thread; returns bytes written."""
+        plan = self.prepare_commit()
+        if plan is None:
+            return 0
+        try:
+            plan.run(self.io)
+        except BaseException:
+            self.abort_commit(plan)
+            raise
+        self.finish_commit(plan)
+        return plan.bytes
+
+
+def _lock_exclusive(io: StateMapIO, path: str) -> None:
+    import fcntl
+
+    fd = getattr(io, "_fd", None)
+    if fd is None:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StateMapBusy(
+            f"{path}: state map is in use by another process (a running gmd daemon?); "
+            "stop the volume with 'gmd down' first"
+        ) from None
