@@ -2,3 +2,7 @@
 
 Knows nothing of disks and never imports ``gmd``.
 """
+
+from .votes import expected_votes, votes_needed
+
+__all__ = ["expected_votes", "votes_needed"]

@@ -10,3 +10,14 @@ through a small file interface (:class:`statemap.fileio.FileIO` for real files,
 memory and written by :class:`statemap.statemap.CommitPlan`, so the caller chooses
 the thread that does the I/O.
 """
+
+from .errors import GeometryMismatch, StateMapCorrupt, StateMapError, StateMapFull, StateMapVersionError
+from .format import NO_GENERATION, Fence, Layout, Superblock
+from .states import CopyKind, DiskState, Role
+from .statemap import CommitPlan, Recovery, StateMap, StateMapBusy, ensure_not_in_use
+
+__all__ = [
+    "CommitPlan", "CopyKind", "DiskState", "Fence", "GeometryMismatch", "Layout",
+    "NO_GENERATION", "Recovery", "Role", "StateMap", "StateMapBusy", "StateMapCorrupt",
+    "StateMapError", "StateMapFull", "StateMapVersionError", "Superblock", "ensure_not_in_use",
+]

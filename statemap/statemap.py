@@ -486,6 +486,14 @@ class StateMap:
     def hot_extents(self) -> list[int]:
         return list(self._hot)
 
+    def durably_hot(self, offset: int, length: int) -> bool:
+        """True if every extent of the range is hot in the on-disk intent bitmap, so
+        out-of-sync marks inside it may be committed lazily."""
+        for extent in self.extents_of(offset, length):
+            if not self.intent[extent] or ("intent", extent // BITS_PER_PAGE) in self._dirty.pages:
+                return False
+        return True
+
     # ----------------------------------------------------------------- recovery
 
     def recover(self) -> Recovery:
@@ -677,6 +685,7 @@ class StateMap:
         if self._inflight:
             raise StateMapError("a commit is already in flight")
         if not self.has_unsaved_changes:
+            self.durable_changes = self.changes
             return None
         lay = self.layout
         oos_phase: list[tuple[int, bytes, str]] = []
@@ -748,6 +757,20 @@ class StateMap:
             raise
         self.finish_commit(plan)
         return plan.bytes
+
+
+def ensure_not_in_use(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`StateMapBusy` if a process holds the map at ``path`` open for
+    writing; a missing file is not in use. Reads nothing, so it works on a map
+    too damaged to open."""
+    try:
+        io = FileIO(path, readonly=True)
+    except FileNotFoundError:
+        return
+    try:
+        _lock_exclusive(io, str(path))
+    finally:
+        io.close()
 
 
 def _lock_exclusive(io: StateMapIO, path: str) -> None:

@@ -1,0 +1,153 @@
+"""The command line as an operator runs it: real subprocesses on a temp config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..conftest import write_cluster_config
+
+BIN = Path(sys.executable).parent
+MiB = 1 << 20
+
+
+def run(*args, env_extra=None, tool="gmd", check_rc=None):
+    env = dict(os.environ)
+    env.pop("GMD_CONFIG", None)
+    env.pop("GMD_NODE", None)
+    env.update(env_extra or {})
+    p = subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, env=env, timeout=60)
+    if check_rc is not None:
+        assert p.returncode == check_rc, (p.returncode, p.stdout, p.stderr)
+    return p
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return write_cluster_config(tmp_path, size="256MiB")
+
+
+def test_init_dirty_status_round_trip(cfg, tmp_path):
+    env = {"GMD_CONFIG": str(cfg), "GMD_NODE": "labor1"}
+    p = run("init", "appslv", env_extra=env, check_rc=0)
+    assert "created state map" in p.stdout
+    img = tmp_path / "data/labor1/appslv.img"
+    assert img.stat().st_size == 256 * MiB and img.stat().st_blocks == 0  # sparse
+
+    st = json.loads(run("status", "appslv", "--json", env_extra=env, check_rc=0).stdout)
+    assert st["daemon"] is False and st["role"] == "secondary"
+    assert st["members"]["labor1"]["disk"] == "inconsistent"
+    assert st["members"]["labor1"]["link"] == "local"
+    assert st["members"]["labor2"]["link"] == "unknown"
+
+    p = run("-l", "appslv", tool="gmddirty", env_extra=env, check_rc=0)
+    assert "copy source" in p.stdout
+
+    st = json.loads(run("status", "appslv", "--json", env_extra=env, check_rc=0).stdout)
+    assert st["volume"] == "appslv" and st["node"] == "labor1" and st["size"] == 256 * MiB
+    assert st["mode"] == "mwc" and st["device"] is None
+    assert st["members"]["labor1"] == {
+        "disk": "uptodate", "link": "local", "mode": "mwc", "out_of_sync_bytes": 0,
+        "copy": None, "pending_copy": None,
+    }
+    peer = st["members"]["labor2"]
+    assert peer["disk"] == "inconsistent" and peer["out_of_sync_bytes"] == 256 * MiB
+    assert peer["pending_copy"] == {"kind": "full", "fence": 0}
+    assert st["quorum"] == {"votes": None, "needed": 2, "expected": 2, "ok": None, "expected_override": None}
+    assert st["state_map"]["clean"] is True and st["state_map"]["recovery_needed"] is False
+
+    human = run("status", "appslv", env_extra=env, check_rc=0).stdout
+    assert "labor2" in human and "full copy pending" in human and "daemon not running" in human
+
+
+def test_the_other_side_becomes_the_target(cfg):
+    run("init", "appslv", "--config", str(cfg), "--node", "labor2", check_rc=0)
+    p = run("-l", "appslv", "--config", str(cfg), "--node", "labor2", tool="gmdclean", check_rc=0)
+    assert "copy target" in p.stdout
+    st = json.loads(run("status", "appslv", "--json", "--config", str(cfg), "--node", "labor2", check_rc=0).stdout)
+    assert st["members"]["labor2"]["disk"] == "inconsistent"
+    assert st["members"]["labor2"]["out_of_sync_bytes"] == 256 * MiB
+    assert st["members"]["labor2"]["pending_copy"] == {"kind": "full", "fence": 0}
+
+
+def test_destructive_marks_need_force(cfg):
+    env = {"GMD_CONFIG": str(cfg), "GMD_NODE": "labor1"}
+    run("init", "appslv", env_extra=env, check_rc=0)
+    run("dirty", "appslv", env_extra=env, check_rc=0)
+    p = run("clean", "appslv", env_extra=env, check_rc=1)
+    assert "discards its data" in p.stderr and "--force" in p.stderr
+    p = run("clean", "appslv", "--dry-run", "--force", "--json", env_extra=env, check_rc=0)
+    assert json.loads(p.stdout)["dry_run"] is True
+    st = json.loads(run("status", "appslv", "--json", env_extra=env, check_rc=0).stdout)
+    assert st["members"]["labor1"]["disk"] == "uptodate"  # the dry run changed nothing
+    run("clean", "appslv", "--force", env_extra=env, check_rc=0)
+    # Once cleaned, this copy held data before: making it the source again is a
+    # deliberate act.
+    p = run("dirty", "appslv", env_extra=env, check_rc=1)
+    assert "overwrites the other members" in p.stderr
+    run("dirty", "appslv", "--force", env_extra=env, check_rc=0)
+    st = json.loads(run("status", "appslv", "--json", env_extra=env, check_rc=0).stdout)
+    assert st["members"]["labor1"]["disk"] == "uptodate"
+
+
+def test_init_refuses_to_replace_a_map_without_force(cfg, tmp_path):
+    env = {"GMD_CONFIG": str(cfg), "GMD_NODE": "labor1"}
+    run("init", "appslv", env_extra=env, check_rc=0)
+    run("dirty", "appslv", env_extra=env, check_rc=0)
+    p = run("init", "appslv", env_extra=env, check_rc=1)
+    assert "exists already" in p.stderr
+    st = json.loads(run("status", "appslv", "--json", env_extra=env, check_rc=0).stdout)
+    assert st["members"]["labor1"]["disk"] == "uptodate"  # untouched
+    run("init", "appslv", "--force", env_extra=env, check_rc=0)
+    st = json.loads(run("status", "appslv", "--json", env_extra=env, check_rc=0).stdout)
+    assert st["members"]["labor1"]["disk"] == "inconsistent"
+
+
+@pytest.mark.parametrize(
+    "args,rc,text",
+    [
+        (["status", "nosuch"], 2, 'unknown volume "nosuch"'),
+        (["status", "appslv", "--node", "labor9"], 2, "labor9"),
+        (["frobnicate"], 2, "invalid choice"),
+        (["init"], 2, "VOLUME"),
+        (["status", "appslv"], 1, "gmd init"),  # no map yet
+    ],
+)
+def test_errors_and_exit_codes(cfg, args, rc, text):
+    p = run(*args, env_extra={"GMD_CONFIG": str(cfg), "GMD_NODE": "labor1"}, check_rc=rc)
+    assert text in p.stderr
+
+
+def test_config_error_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('secret = "x"\n[nodes.a]\naddress = "127.0.0.1:1"\n[volumes.v]\nsize = "10MiB"\nregion_size = "65000"\n'
+                   '[volumes.v.members.a]\ndevice = "d"\nstatemap = "s"\n')
+    p = run("status", "--config", str(bad), "--node", "a", check_rc=1)
+    assert str(bad) in p.stderr and "volumes.v.region_size" in p.stderr and "power of two" in p.stderr
+    p = run("status", env_extra={"GMD_CONFIG": str(tmp_path / "missing.toml")}, check_rc=1)
+    assert "missing.toml" in p.stderr
+
+
+def test_corrupt_map_is_reported_not_treated_as_clean(cfg, tmp_path):
+    env = {"GMD_CONFIG": str(cfg), "GMD_NODE": "labor1"}
+    run("init", "appslv", env_extra=env, check_rc=0)
+    sm = tmp_path / "data/labor1/appslv.sm"
+    with open(sm, "r+b") as f:
+        f.write(b"\xff" * 8192)
+    p = run("status", "appslv", "--json", env_extra=env, check_rc=1)
+    assert "both superblock slots are unusable" in p.stderr and p.stdout == ""
+    p = run("dirty", "appslv", env_extra=env, check_rc=1)
+    assert "both superblock slots" in p.stderr
+
+
+def test_help_and_version_and_python_m():
+    p = run("--help", check_rc=0)
+    assert "exit codes" in p.stdout and "gmddirty -l appslv" in p.stdout
+    assert run("--version", check_rc=0).stdout.startswith("gmd ")
+    p = subprocess.run([sys.executable, "-m", "gmd", "--version"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.startswith("gmd ")

@@ -1,0 +1,276 @@
+"""The ``gmd`` command line, and the HAGEO-style ``gmddirty`` / ``gmdclean``.
+
+Results go to stdout (``--json`` for scripts), logs and errors to stderr. Exit
+codes: 0 ok, 1 failed, 2 usage (see :mod:`gmd.errors`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from gmd import __version__, admin
+from gmd.config import Config, ConfigError, load_config, resolve_config_path, resolve_node
+from gmd.errors import ExitCode, UsageError, exit_code_for
+
+log = logging.getLogger("gmd")
+
+EPILOG = """\
+exit codes: 0 ok, 1 failed, 2 usage error
+
+environment:
+  GMD_CONFIG   cluster config file (default /etc/gmd/gmd.toml); --config wins
+  GMD_NODE     this node's name in the config; --node wins (else the host name)
+
+examples:
+  gmd init appslv                 create this node's state map (and backing file)
+  gmd dirty appslv                this copy is the source: others get a full copy
+  gmd clean appslv                this copy is the target of a full copy
+  gmd status appslv --json        machine-readable status (works without a daemon)
+  gmddirty -l appslv              HAGEO spelling of 'gmd dirty appslv'
+"""
+
+
+def _common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """Options accepted both before and after the subcommand."""
+    d = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--config", metavar="FILE", default=d, help="cluster config file (or GMD_CONFIG)")
+    parser.add_argument("--node", metavar="NAME", default=d, help="this node's name (or GMD_NODE)")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                        help="log debugging detail to stderr")
+    parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                        help="log only errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gmd",
+        description="gmd mirrors block volumes between hosts (host-based volume mirroring).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"gmd {__version__}")
+    _common_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help: str, func: Callable[..., int]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _common_options(p, suppress=True)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("init", "create this node's state map for VOLUME (and a sparse backing file if absent)", cmd_init)
+    p.add_argument("volume", metavar="VOLUME")
+    p.add_argument("--force", action="store_true", help="replace an existing state map (the member then needs a full copy)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    for name, help, func in (
+        ("dirty", "mark this side of VOLUME the copy source (gmddirty)", cmd_dirty),
+        ("clean", "mark this side of VOLUME the copy target (gmdclean)", cmd_clean),
+    ):
+        p = command(name, help, func)
+        p.add_argument("volume", metavar="VOLUME")
+        p.add_argument("--force", action="store_true", help="do it even though it discards or overwrites data")
+        p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = command("status", "show roles, disk and link states, out-of-sync bytes", cmd_status)
+    p.add_argument("volume", metavar="VOLUME", nargs="?", help="one volume (default: all of this node's)")
+    p.add_argument("--json", action="store_true", help="print JSON (a stable interface for scripts)")
+    return parser
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if getattr(args, "debug", False) else (
+        logging.ERROR if getattr(args, "quiet", False) else logging.WARNING)
+    logging.basicConfig(level=level, stream=sys.stderr, format="gmd: %(levelname)s: %(message)s")
+
+
+def _load(args: argparse.Namespace) -> tuple[Config, str]:
+    config = load_config(resolve_config_path(getattr(args, "config", None), os.environ))
+    try:
+        node = resolve_node(getattr(args, "node", None), os.environ, config)
+    except ConfigError as e:
+        raise UsageError(e.message) from None
+    return config, node
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------- commands
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    config, node = _load(args)
+    r = admin.init_volume(config, node, args.volume, force=args.force)
+    if args.json:
+        _print_json(r.to_json())
+    else:
+        what = "replaced" if r.replaced_map else "created"
+        print(f"{r.volume}: {what} state map {r.statemap} for member {r.node}")
+        if r.created_device:
+            print(f"{r.volume}: created sparse backing file {r.device}")
+        print(f"{r.volume}: next, mark the source side with 'gmd dirty {r.volume}' "
+              f"and the other side with 'gmd clean {r.volume}'")
+    return ExitCode.OK
+
+
+def _mark(args: argparse.Namespace, func: Callable[..., admin.MarkResult]) -> int:
+    config, node = _load(args)
+    r = func(config, node, args.volume, force=args.force, dry_run=args.dry_run)
+    if args.json:
+        _print_json(r.to_json())
+        return ExitCode.OK
+    prefix = "would mark" if r.dry_run else "marked"
+    if r.action == "source":
+        print(f"{r.volume}: {prefix} {r.node} the copy source (disk {r.disk_before} -> {r.disk_after})")
+        if r.peers_needing_copy:
+            print(f"{r.volume}: full copy pending to: {', '.join(r.peers_needing_copy)}")
+    else:
+        print(f"{r.volume}: {prefix} {r.node} the copy target (disk {r.disk_before} -> {r.disk_after}); "
+              "it will receive a full copy from an up-to-date member")
+    return ExitCode.OK
+
+
+def cmd_dirty(args: argparse.Namespace) -> int:
+    return _mark(args, admin.mark_dirty)
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    return _mark(args, admin.mark_clean)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config, node = _load(args)
+    if args.volume:
+        names = [args.volume]
+    else:
+        names = [v.name for v in config.volumes_for_node(node)]
+    results: list[dict[str, Any]] = []
+    failed = False
+    for name in names:
+        try:
+            results.append(admin.offline_status(config, node, name))
+        except UsageError:
+            raise
+        except Exception as e:
+            if args.volume:
+                raise
+            failed = True
+            results.append({"volume": name, "node": node, "error": str(e)})
+    if args.json:
+        _print_json(results[0] if args.volume else results)
+    else:
+        if not results:
+            print(f"node {node} has no volumes in {config.path}")
+        for st in results:
+            print(format_status(st))
+    return ExitCode.FAILED if failed else ExitCode.OK
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """The human form of one volume's status."""
+    if "error" in st:
+        return f"{st['volume']} on {st['node']}: cannot read status: {st['error']}"
+    source = "daemon" if st.get("daemon") else "daemon not running; from the state map"
+    sm = st["state_map"]
+    q = st["quorum"]
+    lines = [
+        f"{st['volume']} on {st['node']}: {st['role']}, mode {st['mode']}, "
+        f"{human_bytes(st['size'])} ({source})",
+        f"  state map {sm['path']}: {'clean' if sm['clean'] else 'NOT clean (recovery at next start)'}, "
+        f"generation {sm['generation']}, updated {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(sm['updated']))}",
+        f"  quorum: {q['needed']} of {q['expected']} expected votes needed"
+        + (f" (operator override {q['expected_override']})" if q.get("expected_override") else ""),
+    ]
+    for w in sm.get("warnings", []):
+        lines.append(f"  warning: {w}")
+    rows = [("member", "disk", "link", "mode", "out of sync", "note")]
+    for name, m in st["members"].items():
+        note = ""
+        pc = m.get("pending_copy")
+        if pc:
+            note = f"{pc['kind']} copy pending from {human_bytes(pc['fence'])}"
+        rows.append((name, m["disk"], m["link"], m.get("mode") or "", human_bytes(m["out_of_sync_bytes"]), note))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------- entry
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if getattr(args, "debug", False):
+            log.exception("failed")
+        code = exit_code_for(e)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return int(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``gmd``: the operator's command line."""
+    return _run(build_parser(), argv)
+
+
+def _hageo_parser(prog: str, action: str, help: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=f"{help} (HAGEO-compatible spelling of 'gmd {action}').",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-l", "--local", action="store_true",
+                        help="this node's state map (the only form gmd supports; the default)")
+    parser.add_argument("--force", action="store_true", help="do it even though it discards or overwrites data")
+    parser.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    _common_options(parser, suppress=False)
+    parser.add_argument("volume", metavar="VOLUME")
+    parser.set_defaults(func=cmd_dirty if action == "dirty" else cmd_clean)
+    return parser
+
+
+def gmddirty_main(argv: Sequence[str] | None = None) -> int:
+    """``gmddirty -l VOLUME``: mark this side the copy source."""
+    return _run(_hageo_parser("gmddirty", "dirty", "mark this side of VOLUME the copy source"), argv)
+
+
+def gmdclean_main(argv: Sequence[str] | None = None) -> int:
+    """``gmdclean -l VOLUME``: mark this side the copy target."""
+    return _run(_hageo_parser("gmdclean", "clean", "mark this side of VOLUME the copy target"), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
