@@ -111,18 +111,21 @@ class MarkResult:
         return dict(self.__dict__)
 
 
-def mark_dirty(config: Config, node: str, volume: str, *, force: bool = False, dry_run: bool = False) -> MarkResult:
+def mark_dirty(config: Config, node: str, volume: str, *, force: bool = False, dry_run: bool = False,
+               skip_initial_copy: bool = False) -> MarkResult:
     """``gmddirty``: make this member the copy source; every other member will get a
-    full copy from it. Without ``force``, only a fresh or up-to-date copy may."""
+    full copy from it (none with ``skip_initial_copy``: the operator asserts the
+    members are identical already). Without ``force``, only a fresh or
+    up-to-date copy may."""
     vol, member = _member(config, volume, node)
     sm = _open_checked(vol, member, node, readonly=dry_run)
     try:
         before = sm.sb.disk
         if not (sm.is_fresh or before == DiskState.UPTODATE) and not force:
             raise Refused("dirty-would-overwrite", volume=vol.name, node=node, disk=before.value)
-        peers = sm.peers
+        peers = [] if skip_initial_copy else sm.peers
         if not dry_run:
-            sm.make_copy_source()
+            sm.make_copy_source(full_copy=not skip_initial_copy)
             sm.commit()
         return MarkResult(vol.name, node, "source", dry_run, before.value, DiskState.UPTODATE.value, peers)
     finally:

@@ -232,6 +232,11 @@ class Node:
     control: Path
     mount: Path
     votes: int
+    listen: tuple[Address, ...] = ()  # where the daemon binds; default: addresses
+
+    @property
+    def listen_addresses(self) -> tuple[Address, ...]:
+        return self.listen or self.addresses
 
 
 @dataclass(frozen=True)
@@ -264,6 +269,7 @@ class VolumeConfig:
     extent_size: int
     mode: str
     members: dict[str, Member]
+    async_queue: int = 64 * 1024 * 1024  # bytes an async member may lag before bitmap tracking
 
 
 @dataclass(frozen=True)
@@ -466,6 +472,7 @@ class _Parser:
         self.file = file
         self.base_dir = base_dir
         self.addresses: dict[tuple[str, int], str] = {}  # normalized -> where
+        self.listen_addresses: dict[tuple[str, int], str] = {}  # bind addresses, own scope
         self.node_paths: dict[Path, str] = {}  # control/mount -> where
         self.member_paths: dict[tuple[str, Path], str] = {}  # (node, path) -> where
 
@@ -544,11 +551,14 @@ class _Parser:
             self.table(sub, _join(key, name))
         return tables
 
-    def addresses_of(self, table: Mapping[str, Any], key: str) -> tuple[Address, ...]:
-        """The ``address`` key: one string or a non-empty list; each unique file-wide."""
+    def addresses_of(self, table: Mapping[str, Any], key: str, field: str = "address",
+                     registry: dict[tuple[str, int], str] | None = None) -> tuple[Address, ...]:
+        """The ``address`` key: one string or a non-empty list; each unique file-wide
+        (``registry`` chooses the uniqueness scope; default: all addresses)."""
         expected = 'a "host:port" string or a list of them'
-        raw = self.require(table, key, "address", expected)
-        key = _join(key, "address")
+        raw = self.require(table, key, field, expected)
+        key = _join(key, field)
+        registry = self.addresses if registry is None else registry
         if isinstance(raw, str):
             items = [(raw, key)]
         elif isinstance(raw, list):
@@ -562,13 +572,13 @@ class _Parser:
             text = self.string(item, where, 'a "host:port" string')
             addr = Address.parse(text, file=self.file, key=where)
             norm = _normalized(addr)
-            if norm in self.addresses:
+            if norm in registry:
                 raise self.error(
                     where,
-                    f"address {addr} is also used by {self.addresses[norm]} "
+                    f"address {addr} is also used by {registry[norm]} "
                     "(each host:port may appear only once)",
                 )
-            self.addresses[norm] = where
+            registry[norm] = where
             result.append(addr)
         return tuple(result)
 
@@ -595,8 +605,19 @@ class _Parser:
         nodes = {}
         for name, table in tables.items():
             key = _join("nodes", name)
-            self.check_keys(table, key, ("address", "control", "mount", "votes"))
+            self.check_keys(table, key, ("address", "listen", "control", "mount", "votes"))
             addresses = self.addresses_of(table, key)
+            listen: tuple[Address, ...] = ()
+            if "listen" in table:
+                # Where the daemon binds, when peers reach it at another address
+                # (NAT, a WAN emulator in between); one per path, like address.
+                listen = self.addresses_of(table, key, "listen", self.listen_addresses)
+                if len(listen) != len(addresses):
+                    raise self.error(
+                        _join(key, "listen"),
+                        f"{len(listen)} listen addresses for {len(addresses)} addresses "
+                        "(one per path: listen[i] is where address[i] arrives)",
+                    )
             control = table.get("control", f"/run/gmd/{name}.sock")
             control = self.path(control, _join(key, "control"))
             mount = self.path(table.get("mount", f"/run/gmd/{name}"), _join(key, "mount"))
@@ -610,7 +631,7 @@ class _Parser:
                     )
                 self.node_paths[path] = where
             votes = self.integer(table.get("votes", DEFAULT_VOTES), _join(key, "votes"), 0)
-            nodes[name] = Node(name, addresses, control, mount, votes)
+            nodes[name] = Node(name, addresses, control, mount, votes, listen)
         return nodes
 
     def witnesses(self, value: object, nodes: Mapping[str, Node]) -> dict[str, Witness]:
@@ -655,7 +676,7 @@ class _Parser:
         witnesses: Mapping[str, Witness],
     ) -> VolumeConfig:
         key = _join("volumes", name)
-        self.check_keys(table, key, ("size", "region_size", "extent_size", "mode", "members"))
+        self.check_keys(table, key, ("size", "region_size", "extent_size", "mode", "members", "async_queue"))
 
         size, raw_size = self.size(
             self.require(table, key, "size", 'a size such as "4GiB"'), _join(key, "size")
@@ -701,7 +722,8 @@ class _Parser:
             nodes,
             witnesses,
         )
-        return VolumeConfig(name, size, region, extent, mode, members)
+        async_queue, _ = self.size(table.get("async_queue", "64MiB"), _join(key, "async_queue"))
+        return VolumeConfig(name, size, region, extent, mode, members, async_queue)
 
     def members(
         self,

@@ -134,12 +134,14 @@ class PeerRecord:
     slot: int
     disk: DiskState = DiskState.UNKNOWN  # last state seen, kept for offline status
     copy: Fence | None = None  # a full copy or full merge this side must send it
+    bitmap_gen: str = NO_GENERATION  # generation at which its bitmap started tracking
 
     def to_json(self) -> dict[str, Any]:
         return {
             "slot": self.slot,
             "disk": self.disk.value,
             "copy": self.copy.to_json() if self.copy else None,
+            "bitmap_gen": self.bitmap_gen,
         }
 
 
@@ -242,10 +244,13 @@ class Superblock:
             _expect(isinstance(p, dict), where, "an object")
             slot = p.get("slot")
             _expect(_is_uint(slot) and slot < raw["peer_slots"], f"{where}.slot", "a slot number")
+            bitmap_gen = p.get("bitmap_gen", NO_GENERATION)
+            _expect(isinstance(bitmap_gen, str), f"{where}.bitmap_gen", "a string")
             peers[name] = PeerRecord(
                 slot=slot,
                 disk=_enum(DiskState, p.get("disk"), f"{where}.disk"),
                 copy=Fence.from_json(p.get("copy"), f"{where}.copy"),
+                bitmap_gen=bitmap_gen,
             )
         ev = raw.get("expected_votes")
         _expect(ev is None or (_is_uint(ev) and ev > 0), "expected_votes", "null or a positive integer")

@@ -622,8 +622,22 @@ class StateMap:
         self._touch_sb()
         return gens.current
 
-    def set_bitmap_generation(self, generation: str) -> None:
+    def set_bitmap_generation(self, generation: str, member: str | None = None) -> None:
+        """Record the generation a bitmap is relative to: ``member``'s, or the
+        map-wide one when None."""
+        if member is not None:
+            self._peer(member).bitmap_gen = generation
         self.sb.generations.bitmap = generation
+        self._touch_sb()
+
+    def adopt_generation(self, generation: str) -> None:
+        """Take a peer's current generation as ours (we hold the same data now)."""
+        gens = self.sb.generations
+        if gens.current == generation:
+            return
+        if gens.current != NO_GENERATION:
+            gens.history = [gens.current, *gens.history][:HISTORY_LENGTH]
+        gens.current = generation
         self._touch_sb()
 
     @property
@@ -634,13 +648,17 @@ class StateMap:
 
     # ------------------------------------------------ copy source / copy target
 
-    def make_copy_source(self) -> None:
+    def make_copy_source(self, *, full_copy: bool = True) -> None:
         """``gmddirty``: this member's data is the truth; every other member gets
-        a full copy from it. Starts a new generation."""
+        a full copy from it. Starts a new generation.
+
+        ``full_copy=False`` is the operator's word that the other members hold
+        identical data already (all freshly zeroed, say): they need nothing, and a
+        member that never held data adopts this generation when it connects."""
         for member in self.oos:
             self._set_bits(member, range(self.layout.regions), False)
-            self.set_peer_copy(member, Fence(CopyKind.FULL, 0))
-            self.set_peer_disk(member, DiskState.INCONSISTENT)
+            self.set_peer_copy(member, Fence(CopyKind.FULL, 0) if full_copy else None)
+            self.set_peer_disk(member, DiskState.INCONSISTENT if full_copy else DiskState.UNKNOWN)
         self._clear_intents()
         self.set_local_copy(None)
         self.set_disk(DiskState.UPTODATE)

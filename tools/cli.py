@@ -15,9 +15,17 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gmd import __version__, admin
+from gmd import __version__, admin, control
 from gmd.config import Config, ConfigError, load_config, resolve_config_path, resolve_node
-from gmd.errors import ExitCode, UsageError, exit_code_for
+from gmd.errors import ExitCode, GmdError, UsageError, exit_code_for
+
+
+class DaemonRefused(GmdError):
+    """The daemon answered a request with an error."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = ExitCode(exit_code) if exit_code in (0, 1, 2) else ExitCode.FAILED
 
 log = logging.getLogger("gmd")
 
@@ -32,6 +40,8 @@ examples:
   gmd init appslv                 create this node's state map (and backing file)
   gmd dirty appslv                this copy is the source: others get a full copy
   gmd clean appslv                this copy is the target of a full copy
+  gmd daemon --node labor1        run the node daemon (foreground; SIGTERM stops it cleanly)
+  gmd up appslv && gmd primary appslv
   gmd status appslv --json        machine-readable status (works without a daemon)
   gmddirty -l appslv              HAGEO spelling of 'gmd dirty appslv'
 """
@@ -80,6 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true", help="do it even though it discards or overwrites data")
         p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
         p.add_argument("--json", action="store_true", help="print the result as JSON")
+        if name == "dirty":
+            p.add_argument("--skip-initial-copy", action="store_true",
+                           help="the other members already hold identical data (e.g. all freshly "
+                                "zeroed): no full copy. Wrong use silently leaves them different")
+
+    p = command("daemon", "run this node's daemon in the foreground (SIGTERM stops it cleanly)", cmd_daemon)
+
+    for name, help in (
+        ("up", "attach VOLUME on this node and connect to its other members"),
+        ("down", "disconnect VOLUME and detach it cleanly (demotes a primary first)"),
+        ("secondary", "make this node secondary for VOLUME (drains and flushes writes first)"),
+    ):
+        p = command(name, help, cmd_volume_op)
+        p.add_argument("volume", metavar="VOLUME")
+    p = command("primary", "make this node primary for VOLUME (needs an uptodate disk)", cmd_volume_op)
+    p.add_argument("volume", metavar="VOLUME")
+    p.add_argument("--force", action="store_true",
+                   help="promote a disk that is not uptodate: it becomes the copy source")
 
     p = command("status", "show roles, disk and link states, out-of-sync bytes", cmd_status)
     p.add_argument("volume", metavar="VOLUME", nargs="?", help="one volume (default: all of this node's)")
@@ -139,7 +167,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def _mark(args: argparse.Namespace, func: Callable[..., admin.MarkResult]) -> int:
     config, node = _load(args)
-    r = func(config, node, args.volume, force=args.force, dry_run=args.dry_run)
+    extra = {"skip_initial_copy": True} if getattr(args, "skip_initial_copy", False) else {}
+    r = func(config, node, args.volume, force=args.force, dry_run=args.dry_run, **extra)
     if args.json:
         _print_json(r.to_json())
         return ExitCode.OK
@@ -148,6 +177,8 @@ def _mark(args: argparse.Namespace, func: Callable[..., admin.MarkResult]) -> in
         print(f"{r.volume}: {prefix} {r.node} the copy source (disk {r.disk_before} -> {r.disk_after})")
         if r.peers_needing_copy:
             print(f"{r.volume}: full copy pending to: {', '.join(r.peers_needing_copy)}")
+        elif getattr(args, "skip_initial_copy", False):
+            print(f"{r.volume}: no initial copy: the other members are taken to be identical")
     else:
         print(f"{r.volume}: {prefix} {r.node} the copy target (disk {r.disk_before} -> {r.disk_after}); "
               "it will receive a full copy from an up-to-date member")
@@ -162,6 +193,51 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return _mark(args, admin.mark_clean)
 
 
+def cmd_daemon(args: argparse.Namespace) -> int:
+    import trio
+
+    from gmd.daemon import run_daemon
+
+    config, node = _load(args)
+    trio.run(run_daemon, config, node)
+    return ExitCode.OK
+
+
+def _daemon_request(config: Config, node: str, req: dict[str, Any]) -> dict[str, Any]:
+    reply = control.request(config.node(node).control, req)
+    if not reply.get("ok"):
+        raise DaemonRefused(reply.get("error", "daemon refused"), reply.get("exit_code", 1))
+    return reply
+
+
+def cmd_volume_op(args: argparse.Namespace) -> int:
+    config, node = _load(args)
+    try:
+        config.volume(args.volume)
+    except ConfigError as e:
+        raise UsageError(e.message) from None
+    req: dict[str, Any] = {"op": args.command, "volume": args.volume}
+    if args.command == "primary":
+        req["force"] = args.force
+    try:
+        _daemon_request(config, node, req)
+    except control.ControlUnavailable as e:
+        raise GmdError(f"{e}; start it with 'gmd daemon --node {node}'") from None
+    print(f"{args.volume}: {args.command} on {node}")
+    return ExitCode.OK
+
+
+def _volume_status(config: Config, node: str, name: str) -> dict[str, Any]:
+    """From the daemon if it runs and has the volume up, else from the state map."""
+    try:
+        reply = _daemon_request(config, node, {"op": "status", "volume": name})
+        if reply.get("up"):
+            return reply["status"]
+    except control.ControlUnavailable:
+        pass
+    return admin.offline_status(config, node, name)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     config, node = _load(args)
     if args.volume:
@@ -172,7 +248,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     failed = False
     for name in names:
         try:
-            results.append(admin.offline_status(config, node, name))
+            results.append(_volume_status(config, node, name))
         except UsageError:
             raise
         except Exception as e:
@@ -213,6 +289,12 @@ def format_status(st: dict[str, Any]) -> str:
         pc = m.get("pending_copy")
         if pc:
             note = f"{pc['kind']} copy pending from {human_bytes(pc['fence'])}"
+        if m.get("lag_bytes"):
+            note = (note + "; " if note else "") + f"lag {human_bytes(m['lag_bytes'])} / {m['lag_seconds']:.1f} s"
+        if m.get("behind"):
+            note = (note + "; " if note else "") + "async queue overflowed: tracking in bitmap"
+        if m.get("reason") and m["link"] in ("standalone", "disconnected"):
+            note = (note + "; " if note else "") + m["reason"]
         rows.append((name, m["disk"], m["link"], m.get("mode") or "", human_bytes(m["out_of_sync_bytes"]), note))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

@@ -745,3 +745,31 @@ def test_load_config_syntax_error_names_file(tmp_path):
         load_config(path)
     assert info.value.file == str(path)
     assert "line 2" in info.value.message
+
+
+def test_listen_addresses_default_to_address_and_may_differ():
+    cfg = parse_config(
+        'secret = "s"\n[nodes.a]\naddress = ["127.0.0.1:9001", "127.0.0.1:9002"]\n'
+        'listen = ["127.0.0.1:8001", "127.0.0.1:8002"]\n[nodes.b]\naddress = "127.0.0.1:9003"\n',
+        file="t.toml", base_dir=Path("/tmp"),
+    )
+    assert [str(a) for a in cfg.node("a").listen_addresses] == ["127.0.0.1:8001", "127.0.0.1:8002"]
+    assert [str(a) for a in cfg.node("b").listen_addresses] == ["127.0.0.1:9003"]
+
+
+def test_listen_needs_one_address_per_path():
+    with pytest.raises(ConfigError) as e:
+        parse_config(
+            'secret = "s"\n[nodes.a]\naddress = ["127.0.0.1:9001", "127.0.0.1:9002"]\nlisten = "127.0.0.1:8001"\n',
+            file="t.toml", base_dir=Path("/tmp"),
+        )
+    assert e.value.key == "nodes.a.listen" and "one per path" in e.value.message
+
+
+def test_async_queue_size():
+    cfg = parse_config(
+        'secret = "s"\n[nodes.a]\naddress = "127.0.0.1:9001"\n[volumes.v]\nsize = "1GiB"\nasync_queue = "8MiB"\n'
+        '[volumes.v.members.a]\ndevice = "d"\nstatemap = "s"\n',
+        file="t.toml", base_dir=Path("/tmp"),
+    )
+    assert cfg.volume("v").async_queue == 8 << 20

@@ -1,0 +1,228 @@
+"""The node daemon: one trio process hosting every volume configured for a node.
+
+Lifecycle is owned by :meth:`NodeDaemon.serve`: the peer listeners and the
+control socket start inside one nursery and report readiness with
+``task_status.started()``; SIGTERM/SIGINT bring every volume down cleanly (flush,
+state maps marked clean, links closed) before the process exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+from typing import Any
+
+import trio
+
+from transport.auth import new_nonce
+from transport.link import LinkRefused, PeerLink, client_handshake, open_peer_stream, server_handshake, set_nodelay
+
+from .config import Address, Config
+from .control import MAX_REQUEST, prepare_socket_path
+from .engine import VolumeEngine
+from .errors import GmdError, exit_code_for
+
+log = logging.getLogger(__name__)
+
+
+class NodeDaemon:
+    """Everything one node runs. Create, then ``await nursery.start(daemon.serve)``."""
+
+    def __init__(self, config: Config, node: str):
+        self.config = config
+        self.node = node
+        self.node_config = config.node(node)
+        self.limiter = trio.CapacityLimiter(16)
+        self.engines: dict[str, VolumeEngine] = {}
+        self.nursery: trio.Nursery | None = None
+        self.listen_addresses: list[tuple[str, int]] = []
+        self._stopping = trio.Event()
+        for vol in config.volumes_for_node(node):
+            self.engines[vol.name] = VolumeEngine(self, vol)
+
+    # ------------------------------------------------------------- serving
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED, control: bool = True) -> None:
+        """Run until :meth:`stop`; readiness once listeners and control socket are up."""
+        async with trio.open_nursery() as n:
+            self.nursery = n
+            for i, addr in enumerate(self.node_config.listen_addresses):
+                bound = await n.start(self._listen, addr, i)
+                self.listen_addresses.append(bound)
+            if control:
+                await n.start(self._serve_control)
+            task_status.started(self)
+            await self._stopping.wait()
+            await self.shutdown()
+            n.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def shutdown(self) -> None:
+        """Bring every volume down cleanly."""
+        with trio.CancelScope(shield=True):
+            for engine in self.engines.values():
+                try:
+                    await engine.down()
+                except Exception as e:
+                    log.error("%s: clean stop failed: %s (recovery will run at next start)", engine.name, e)
+
+    async def _listen(self, addr: Address, path_index: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)
+        bound = listeners[0].socket.getsockname()[:2]
+        log.info("%s: listening for peers on %s:%d", self.node, bound[0], bound[1])
+        task_status.started(bound)
+        await trio.serve_listeners(self._accept, listeners)
+
+    async def _accept(self, stream: trio.SocketStream) -> None:
+        set_nodelay(stream)
+        peer = stream.socket.getpeername()
+        label = f"{self.node}<-{peer[0]}:{peer[1]}"
+        engine_box: list[VolumeEngine] = []
+
+        def reply_to(hello):
+            engine = self.engines.get(hello.volume)
+            if engine is None:
+                return f"node {self.node} has no member of volume {hello.volume}"
+            reason = engine.check_peer_hello(hello)
+            if reason:
+                return reason
+            engine_box.append(engine)
+            return engine.make_hello(new_nonce(), hello.path, hello.session)
+
+        try:
+            link = await server_handshake(stream, self.config.secret, reply_to, label=label)
+        except LinkRefused:
+            return
+        engine = engine_box[0]
+        link.label = f"{engine.name}:{self.node}<-{link.remote.node}#{link.remote.path}"
+        await engine.run_path(link, link.remote, dialled=False)
+
+    async def dial(self, engine: VolumeEngine, addr: Address, path: int, session: str) -> PeerLink:
+        """Connect and authenticate one path of ``engine``'s member at ``addr``."""
+        label = f"{engine.name}:{self.node}->{addr}#{path}"
+        try:
+            stream = await open_peer_stream(addr.host, addr.port)
+        except (OSError, trio.TooSlowError) as e:
+            raise LinkRefused(f"cannot connect to {addr}: {e}") from None
+        return await client_handshake(
+            stream, engine.make_hello(new_nonce(), path, session), self.config.secret,
+            engine.check_peer_hello, label=label,
+        )
+
+    # ------------------------------------------------------------- control
+
+    async def _serve_control(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        path = self.node_config.control
+        prepare_socket_path(path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket is created 0600: control is root's
+        try:
+            await sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        log.info("%s: control socket %s", self.node, path)
+        task_status.started()
+        try:
+            await trio.serve_listeners(self._control_client, [listener])
+        finally:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+
+    async def _control_client(self, stream: trio.SocketStream) -> None:
+        buf = bytearray()
+        try:
+            while b"\n" not in buf:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                buf += chunk
+                if len(buf) > MAX_REQUEST:
+                    await stream.send_all(b'{"ok": false, "error": "request too large", "exit_code": 2}\n')
+                    return
+            line = bytes(buf.split(b"\n", 1)[0])
+            try:
+                req = json.loads(line)
+                if not isinstance(req, dict):
+                    raise ValueError("request is not a JSON object")
+                reply = await self.handle_control(req)
+            except (ValueError, KeyError) as e:
+                reply = {"ok": False, "error": f"bad request: {e}", "exit_code": 2}
+            except Exception as e:  # every failure becomes an answer, never a dead daemon
+                if not isinstance(e, GmdError):
+                    log.exception("control request %r failed", line[:200])
+                reply = {"ok": False, "error": str(e), "exit_code": int(exit_code_for(e))}
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
+
+    def _engine(self, req: dict[str, Any]) -> VolumeEngine:
+        name = req.get("volume")
+        if not isinstance(name, str) or name not in self.engines:
+            known = ", ".join(self.engines) or "none"
+            raise GmdError(f"node {self.node} has no volume {name!r} (volumes here: {known})")
+        return self.engines[name]
+
+    async def handle_control(self, req: dict[str, Any]) -> dict[str, Any]:
+        """One control request; the reply carries ``ok`` and the op's result."""
+        op = req.get("op")
+        if op == "ping":
+            return {"ok": True, "node": self.node, "pid": os.getpid()}
+        if op == "status":
+            if req.get("volume") is None:
+                out = []
+                for e in self.engines.values():
+                    out.append(e.status() if e.is_up else {"volume": e.name, "node": self.node, "daemon": True, "up": False})
+                return {"ok": True, "volumes": out}
+            engine = self._engine(req)
+            if not engine.is_up:
+                return {"ok": True, "status": None, "up": False}
+            return {"ok": True, "status": engine.status(), "up": True}
+        if op == "up":
+            await self._engine(req).up()
+            return {"ok": True}
+        if op == "down":
+            await self._engine(req).down()
+            return {"ok": True}
+        if op == "primary":
+            await self._engine(req).promote(force=bool(req.get("force")))
+            return {"ok": True}
+        if op == "secondary":
+            await self._engine(req).demote()
+            return {"ok": True}
+        if op == "stop":
+            self.stop()
+            return {"ok": True}
+        raise ValueError(f"unknown op {op!r}")
+
+
+async def run_daemon(config: Config, node: str) -> None:
+    """``gmd daemon``: serve until SIGTERM/SIGINT, then stop cleanly."""
+    daemon = NodeDaemon(config, node)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as outer:
+
+            async def watch_signals():
+                async for signum in signals:
+                    log.info("%s: %s received; stopping cleanly", node, signal.Signals(signum).name)
+                    daemon.stop()
+
+            outer.start_soon(watch_signals)
+            async with trio.open_nursery() as n:
+                await n.start(daemon.serve)
+                print(f"ready node={node} control={daemon.node_config.control} "
+                      f"peers={','.join(f'{h}:{p}' for h, p in daemon.listen_addresses)}", flush=True)
+            # serve() returned: every volume is down cleanly.
+            outer.cancel_scope.cancel()
+    log.info("%s: stopped", node)

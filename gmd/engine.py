@@ -1,0 +1,832 @@
+"""The volume engine: one volume on one node, its role, write pipeline and member links.
+
+Write path on the primary (shared/DESIGN.md, "The write path"):
+
+1. bounds: a request that does not fit is refused whole (EINVAL/ENOSPC);
+2. order: a write waits for every in-flight write it overlaps, then gets the
+   next sequence number, so all members apply conflicting writes in one order;
+3. intent (``mwc``/``async``): its extents are hot on disk before data moves;
+4. the local write and the shipments to members run concurrently; ``sync`` and
+   ``mwc`` members are waited for, ``async`` ones are queued;
+5. a member that cannot take the write (away, behind, its session died before
+   the ack) gets the write's regions marked out of sync, durably where the
+   invariant needs it, *before* the write completes;
+6. the write completes. Its intent is released when every member's part is
+   settled (acked, or marked out of sync).
+
+A flush is a barrier: local fdatasync plus a flush on every connected
+``sync``/``mwc`` member, waited for; an ``async`` member gets the flush queued.
+Extents retire only up to the point every connected member acked a flush.
+
+Concurrency rules: sequence numbers are assigned and shipments queued with no
+``await`` in between; a member session's failure settles all its shipments in one
+synchronous sweep; state-map changes happen on the event loop only. Cancelling
+a writer after its shipments were queued leaves them to settle normally.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+from bitarray import bitarray
+
+from quorum import expected_votes, votes_needed
+from quorum.generations import GenerationView, Verdict, compare
+from statemap import DiskState, Role
+from statemap.format import PAGE
+from transport.codec import (
+    Bitmap,
+    Flush,
+    FlushAck,
+    HashReply,
+    HashRequest,
+    Hello,
+    Ping,
+    Pong,
+    Read,
+    ReadReply,
+    State,
+    Write,
+    WriteAck,
+)
+from transport.link import LinkClosed, LinkRefused, PeerLink
+
+from .config import Config, VolumeConfig
+from .disk import check_range
+from .errors import GmdError, UsageError, errno_for
+from .replication import Applier, LinkState, MemberLink, Shipment
+from .volume import LocalVolume
+
+if TYPE_CHECKING:
+    from .daemon import NodeDaemon
+
+log = logging.getLogger(__name__)
+
+PING_INTERVAL = 1.0
+PATH_TIMEOUT = 6.0  # no frame for this long: the path is dead (a blackholed partition)
+BITMAP_CHUNK_BITS = 8 * PAGE * 64  # 256 KiB of bitmap per frame at most
+AUTO_FLUSH_INTERVAL = 2.0  # retire extents even if the application never fsyncs
+
+
+class NotPrimary(GmdError):
+    pass
+
+
+@dataclass(eq=False)
+class _WriteCtx:
+    """Bookkeeping of one write until every member's part is settled."""
+
+    offset: int
+    length: int
+    gseq: int
+    pending: int = 1  # the writer itself, plus one per async shipment
+
+
+class _RangeLocks:
+    """Serializes overlapping in-flight writes (intervals, FIFO per overlap)."""
+
+    def __init__(self):
+        self._held: dict[int, tuple[int, int, trio.Event]] = {}
+        self._next = 0
+
+    async def acquire(self, start: int, end: int) -> int:
+        while True:
+            blockers = [ev for s, e, ev in self._held.values() if s < end and start < e]
+            if not blockers:
+                break
+            await blockers[0].wait()
+        self._next += 1
+        self._held[self._next] = (start, end, trio.Event())
+        return self._next
+
+    def release(self, token: int) -> None:
+        _s, _e, ev = self._held.pop(token)
+        ev.set()
+
+    @property
+    def busy(self) -> int:
+        return len(self._held)
+
+
+class VolumeEngine:
+    """One volume on this node: up/down, role, I/O (primary), member links."""
+
+    def __init__(self, daemon: NodeDaemon, config: VolumeConfig):
+        self.daemon = daemon
+        self.config = config
+        self.node = daemon.node
+        self.local: LocalVolume | None = None
+        self.role = Role.SECONDARY
+        self.members: dict[str, MemberLink] = {
+            name: MemberLink(name, m.mode, queue_limit=config.async_queue)
+            for name, m in config.members.items() if name != self.node
+        }
+        self._nursery: trio.Nursery | None = None
+        self._cancel: trio.CancelScope | None = None
+        self._locks = _RangeLocks()
+        self._gseq = 0
+        self._completed_gseq = 0
+        self._local_flushed_gseq = 0
+        self._inflight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._appliers: dict[str, Applier] = {}
+        self._dirty_since_flush = False
+        self.writes = 0
+        self.bytes_written = 0
+
+    # --------------------------------------------------------------- naming
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def is_up(self) -> bool:
+        return self.local is not None
+
+    @property
+    def statemap(self):
+        return self._require_up().statemap
+
+    def _require_up(self) -> LocalVolume:
+        if self.local is None:
+            raise UsageError(f"volume {self.name} is down on {self.node} (run 'gmd up {self.name}')")
+        return self.local
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def up(self) -> None:
+        """Attach the local member and start connecting to the others."""
+        if self.local is not None:
+            return
+        self.local = await LocalVolume.open(self.config, self.node, self.daemon.limiter)
+        self.role = Role.SECONDARY
+        sm = self.local.statemap
+        if sm.sb.role != Role.SECONDARY:
+            sm.set_role(Role.SECONDARY)  # a daemon always comes up secondary
+            await self.local.writer.sync_all()
+        for name, m in self.members.items():
+            m.peer_disk = sm.sb.peers[name].disk.value if name in sm.sb.peers else None
+        self.daemon.nursery.start_soon(self._run)
+        log.info("%s: up (disk %s)", self.name, sm.sb.disk.value)
+
+    async def _run(self) -> None:
+        with trio.CancelScope() as scope:
+            self._cancel = scope
+            async with trio.open_nursery() as n:
+                self._nursery = n
+                for peer in self.members:
+                    if self.node < peer:  # the lower name dials; the other accepts
+                        n.start_soon(self._dial_loop, peer)
+                n.start_soon(self._auto_flush)
+        self._nursery = None
+
+    async def down(self) -> None:
+        """Demote if primary, close member sessions, close the local member cleanly."""
+        if self.local is None:
+            return
+        if self.role == Role.PRIMARY:
+            await self.demote()
+        for m in self.members.values():
+            s = m.session
+            if s is not None:
+                for p in list(s.paths):
+                    await p.aclose(f"volume {self.name} going down on {self.node}")
+                self._end_session(m, "volume down")
+        if self._cancel is not None:
+            self._cancel.cancel()
+        local, self.local = self.local, None
+        await local.close()
+        for m in self.members.values():
+            m.set_state(LinkState.DISCONNECTED, "volume down")
+        log.info("%s: down", self.name)
+
+    # ---------------------------------------------------------------- roles
+
+    async def promote(self, *, force: bool = False) -> None:
+        local = self._require_up()
+        if self.role == Role.PRIMARY:
+            return
+        other = [m.name for m in self.members.values() if m.connected and m.peer_role == Role.PRIMARY]
+        if other:
+            raise GmdError(f"{self.name}: {', '.join(other)} is primary; demote it first (or use switchover)")
+        sm = local.statemap
+        if sm.sb.disk != DiskState.UPTODATE:
+            if not force:
+                raise GmdError(
+                    f"{self.name}: local disk is {sm.sb.disk.value}, not uptodate; promoting it would "
+                    "serve stale or inconsistent data. 'gmd primary --force' makes this copy the source "
+                    "(other members then get a full copy)")
+            log.warning("%s: forced promotion of a %s disk; it becomes the copy source", self.name, sm.sb.disk.value)
+            sm.make_copy_source()
+            sm.begin_use()
+        self.role = Role.PRIMARY
+        sm.set_role(Role.PRIMARY)
+        await local.writer.sync_all()
+        for m in self.members.values():
+            if m.connected:
+                await self._tell_member_state(m)
+        log.info("%s: primary", self.name)
+
+    async def demote(self) -> None:
+        local = self._require_up()
+        if self.role != Role.PRIMARY:
+            return
+        self.role = Role.SECONDARY  # no new writes from here on
+        await self._idle.wait()
+        await self.flush_barrier()
+        local.statemap.set_role(Role.SECONDARY)
+        await local.writer.sync_all()
+        for m in self.members.values():
+            if m.connected:
+                await self._send_state(m, {"role": Role.SECONDARY.value})
+        log.info("%s: secondary", self.name)
+
+    # ----------------------------------------------------------------- I/O
+
+    def _require_primary(self) -> LocalVolume:
+        local = self._require_up()
+        if self.role != Role.PRIMARY:
+            raise NotPrimary(f"{self.name} is not primary on {self.node}")
+        return local
+
+    async def read(self, offset: int, length: int) -> bytes:
+        local = self._require_primary()
+        return await local.read(offset, length)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        """Write through the mode's completion rule; returns when it is complete."""
+        local = self._require_primary()
+        length = len(data)
+        check_range(offset, length, self.config.size, writing=True)
+        self._inflight += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        token = await self._locks.acquire(offset, offset + length)
+        try:
+            await local.begin_intent(offset, length)
+            await self._fork_generation_if_members_away()
+            self._gseq += 1
+            ctx = _WriteCtx(offset, length, self._gseq)
+            waits: list[tuple[MemberLink, Shipment]] = []
+            away: list[MemberLink] = []
+            # No await from here until every shipment is queued: queue order is gseq order.
+            for m in self.members.values():
+                sh = m.ship_write(ctx.gseq, offset, data, self._settled_callback(m, ctx))
+                if sh is None:
+                    away.append(m)
+                elif m.is_async:
+                    ctx.pending += 1
+                else:
+                    waits.append((m, sh))
+            failed_local: BaseException | None = None
+            try:
+                await local.device.write(offset, data)
+            except Exception as e:
+                failed_local = e
+            for m, sh in waits:
+                await sh.done.wait()
+                if not sh.ok:
+                    away.append(m)
+            for m in away:
+                await self._mark_away(m, offset, length)
+            if failed_local is not None:
+                await self._local_failed(failed_local)
+                raise OSError(errno_for(failed_local), f"local write failed: {failed_local}")
+            self._completed_gseq = max(self._completed_gseq, ctx.gseq)
+            self._dirty_since_flush = True
+            self.writes += 1
+            self.bytes_written += length
+            self._settle_part(ctx)
+        finally:
+            self._locks.release(token)
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    def _settled_callback(self, m: MemberLink, ctx: _WriteCtx) -> Callable[[Shipment], None]:
+        def settled(sh: Shipment) -> None:
+            if not m.is_async:
+                return  # the writer waits for sync shipments itself
+            if sh.ok:
+                self._settle_part(ctx)
+            else:
+                self._nursery_or_daemon().start_soon(self._async_failed, m, ctx)
+        return settled
+
+    async def _async_failed(self, m: MemberLink, ctx: _WriteCtx) -> None:
+        await self._mark_away(m, ctx.offset, ctx.length)
+        self._settle_part(ctx)
+
+    def _settle_part(self, ctx: _WriteCtx) -> None:
+        ctx.pending -= 1
+        if ctx.pending == 0 and self.local is not None:
+            self.local.end_intent(ctx.offset, ctx.length, ctx.gseq)
+
+    async def _mark_away(self, m: MemberLink, offset: int, length: int) -> None:
+        local = self.local
+        if local is None:
+            return
+        sm = local.statemap
+        rec = sm.sb.peers.get(m.name)
+        if rec is not None and rec.disk == DiskState.UPTODATE:
+            sm.set_peer_disk(m.name, DiskState.OUTDATED)
+        await local.mark_out_of_sync(m.name, offset, length)
+        if m.connected and m.peer_disk == DiskState.UPTODATE.value:
+            m.peer_disk = DiskState.OUTDATED.value
+            await self._send_state(m, {"your_disk": DiskState.OUTDATED.value})
+
+    async def _fork_generation_if_members_away(self) -> None:
+        """The first write after losing touch with a member starts a new
+        generation; that member's bitmap is relative to the old one."""
+        sm = self.local.statemap
+        current = sm.sb.generations.current
+        newly_away = [
+            m for m in self.members.values()
+            if not (m.connected and not m.behind)
+            and sm.sb.peers[m.name].bitmap_gen != current
+            and sm.sb.peers[m.name].disk != DiskState.INCONSISTENT
+        ]
+        if not newly_away:
+            return
+        for m in newly_away:
+            sm.set_bitmap_generation(current, member=m.name)
+            if sm.sb.peers[m.name].disk == DiskState.UPTODATE:
+                sm.set_peer_disk(m.name, DiskState.OUTDATED)
+        new = sm.start_new_generation()
+        await self.local.writer.sync_all()
+        log.info("%s: new generation %s (members away: %s)", self.name, new,
+                 ", ".join(m.name for m in newly_away))
+        for m in self.members.values():
+            if m.connected and m.peer_disk == DiskState.UPTODATE.value:
+                await self._send_state(m, {"generation": new})
+
+    async def flush(self) -> None:
+        """The application's fsync: a barrier on the local disk and every member."""
+        self._require_primary()
+        await self.flush_barrier()
+
+    async def flush_barrier(self) -> None:
+        local = self._require_up()
+        point = self._completed_gseq
+        self._dirty_since_flush = False
+        waits = []
+        for m in self.members.values():
+            sh = m.ship_flush(point, on_settled=lambda sh, m=m: self._maybe_retire())
+            if sh is not None and not m.is_async:
+                waits.append((m, sh))
+        await local.device.flush()
+        self._local_flushed_gseq = max(self._local_flushed_gseq, point)
+        for m, sh in waits:
+            await sh.done.wait()
+        self._maybe_retire()
+
+    def _maybe_retire(self) -> None:
+        """Tell the state map how far writes are durable on every member."""
+        if self.local is None:
+            return
+        point = self._local_flushed_gseq
+        for m in self.members.values():
+            if m.connected and not m.behind and m.session is not None:
+                point = min(point, max(m.flushed_gseq, m.session_started_gseq))
+        self.local.note_flushed(point)
+
+    async def _auto_flush(self) -> None:
+        while True:
+            await trio.sleep(AUTO_FLUSH_INTERVAL)
+            if self.role == Role.PRIMARY and self._dirty_since_flush and self.local is not None:
+                try:
+                    await self.flush_barrier()
+                    await self.local.writer.sync_all()
+                except Exception as e:  # keep serving; the error is logged
+                    log.error("%s: background flush failed: %s", self.name, e)
+
+    async def _local_failed(self, exc: BaseException) -> None:
+        log.error("%s: local disk failed: %s", self.name, exc)
+        if self.local is not None:
+            self.local.statemap.set_disk(DiskState.FAILED)
+            try:
+                await self.local.writer.sync_all()
+            except Exception:
+                pass
+
+    def _nursery_or_daemon(self) -> trio.Nursery:
+        return self._nursery or self.daemon.nursery
+
+    # ------------------------------------------------------------ handshake
+
+    def hello_info(self) -> dict[str, Any]:
+        sm = self._require_up().statemap
+        g = sm.sb.generations
+        return {
+            "role": self.role.value,
+            "disk": sm.sb.disk.value,
+            "generation": {
+                "current": g.current,
+                "history": list(g.history),
+                "bitmap_for": {name: p.bitmap_gen for name, p in sm.sb.peers.items()},
+            },
+        }
+
+    def make_hello(self, nonce: bytes, path: int, session: str) -> Hello:
+        return Hello(node=self.node, volume=self.name, size=self.config.size,
+                     region_size=self.config.region_size, extent_size=self.config.extent_size,
+                     nonce=nonce, path=path, session=session, info=self.hello_info())
+
+    def check_peer_hello(self, hello: Hello) -> str | None:
+        """A refusal reason for the peer's hello, or None (used by both ends)."""
+        if self.local is None:
+            return f"volume {self.name} is down on {self.node}"
+        if hello.node not in self.members:
+            return f"node {hello.node} is not a member of volume {self.name}"
+        for field_name in ("size", "region_size", "extent_size"):
+            ours, theirs = getattr(self.config, field_name), getattr(hello, field_name)
+            if ours != theirs:
+                return (f"volume {self.name} {field_name} mismatch: {self.node} has {ours}, "
+                        f"{hello.node} has {theirs}")
+        info = hello.info
+        if info.get("role") == Role.PRIMARY and self.role == Role.PRIMARY:
+            return f"both {self.node} and {hello.node} are primary for {self.name} (split-brain risk)"
+        verdict = self._verdict(hello)
+        if verdict in (Verdict.SPLIT_BRAIN, Verdict.UNRELATED):
+            return (f"{verdict.value}: {self.node} and {hello.node} hold diverging data of {self.name}; "
+                    "nothing is overwritten, the link stays down")
+        if self.role == Role.PRIMARY and verdict in (Verdict.LOCAL_BEHIND, Verdict.LOCAL_NEEDS_FULL):
+            return (f"{hello.node} holds newer data of {self.name} than primary {self.node}; "
+                    "refusing to connect (split-brain risk)")
+        return None
+
+    def _verdict(self, hello: Hello) -> Verdict:
+        g = hello.info.get("generation", {})
+        peer = GenerationView(str(g.get("current", "")), tuple(g.get("history", ())),
+                              dict(g.get("bitmap_for", {})))
+        mine = self.hello_info()["generation"]
+        local = GenerationView(mine["current"], tuple(mine["history"]), mine["bitmap_for"])
+        return compare(self.node, local, hello.node, peer)
+
+    # --------------------------------------------------------------- sessions
+
+    async def _dial_loop(self, peer: str) -> None:
+        """Keep a session to ``peer`` up: dial its addresses with backoff; once one
+        path is in, keep every other path dialled into the same session. The
+        session lives while any path lives."""
+        m = self.members[peer]
+        node = self.daemon.config.node(peer)
+        backoff = 0.1
+        while self.local is not None:
+            session_id = secrets.token_hex(8)
+            if m.state is not LinkState.STANDALONE:
+                m.set_state(LinkState.CONNECTING, m.reason)
+            first: PeerLink | None = None
+            first_index = 0
+            last_error = "no address"
+            for i, addr in enumerate(node.addresses):
+                try:
+                    first = await self.daemon.dial(self, addr, i, session_id)
+                    first_index = i
+                    break
+                except LinkRefused as e:
+                    last_error = str(e)
+            if first is None:
+                refused = "refus" in last_error or "authentication" in last_error
+                m.set_state(LinkState.STANDALONE if refused else LinkState.DISCONNECTED, last_error)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.1
+            async with trio.open_nursery() as n:
+                for i, addr in enumerate(node.addresses):
+                    n.start_soon(self._keep_path, m, i, addr, session_id, first if i == first_index else None)
+
+    def _session_alive(self, m: MemberLink, session_id: str) -> bool:
+        s = m.session
+        return s is not None and s.id == session_id and not s.closed
+
+    async def _keep_path(self, m: MemberLink, index: int, addr, session_id: str, link: PeerLink | None) -> None:
+        """One path of a dialled session: run it, redial it while the session lives."""
+        if link is None:
+            with trio.move_on_after(10):
+                while not self._session_alive(m, session_id):
+                    await trio.sleep(0.05)
+        while True:
+            if link is None:
+                if not self._session_alive(m, session_id):
+                    return
+                try:
+                    link = await self.daemon.dial(self, addr, index, session_id)
+                except LinkRefused:
+                    await trio.sleep(0.5)
+                    continue
+            await self.run_path(link, link.remote, dialled=True)
+            link = None
+            if not self._session_alive(m, session_id):
+                return
+            await trio.sleep(0.2)
+
+    async def run_path(self, link: PeerLink, hello: Hello, *, dialled: bool) -> None:
+        """Run one path (from dial or accept) until it closes."""
+        m = self.members.get(hello.node)
+        if m is None or self.local is None:
+            await link.aclose("not a member here")
+            return
+        sid = hello.session
+        new_session = m.session is None or m.session.id != sid
+        if new_session:
+            if m.session is not None:
+                old = m.session
+                for p in list(old.paths):
+                    await p.aclose("replaced by a new session")
+                self._end_session(m, "replaced by a new session")
+            from .replication import Session
+            m.session = Session(sid, m.name)
+            m.session_started_gseq = self._completed_gseq
+            m.flushed_gseq = self._completed_gseq
+            m.peer_role = hello.info.get("role")
+            m.peer_disk = hello.info.get("disk")
+            m.peer_hello_info = hello.info
+            m.behind = False
+            m.bitmap_done = trio.Event()
+            m.verdict = self._verdict(hello)
+        session = m.session
+        session.paths.append(link)
+        try:
+            async with trio.open_nursery() as n:
+                link.start(n)
+                n.start_soon(self._pinger, link)
+                if new_session:
+                    n.start_soon(self._open_session, m, link)
+                await self._receive_loop(m, link)
+                n.cancel_scope.cancel()
+        finally:
+            if link in session.paths:
+                session.paths.remove(link)
+            with trio.CancelScope(shield=True):
+                await link.aclose(link.close_reason or "path closed", tell_peer=not link.closed)
+            if m.session is session:
+                if not any(not p.closed for p in session.paths):
+                    self._end_session(m, link.close_reason or "connection lost")
+                else:
+                    m.resend_from(link)
+
+    def _end_session(self, m: MemberLink, reason: str) -> None:
+        if m.session is None:
+            return
+        failed = m.end_session(reason)
+        self._appliers.pop(m.name, None)
+        if failed:
+            log.warning("%s: member %s lost with %d shipments unacked: %s", self.name, m.name, len(failed), reason)
+        else:
+            log.info("%s: member %s disconnected: %s", self.name, m.name, reason)
+        self._maybe_retire()
+
+    async def _open_session(self, m: MemberLink, link: PeerLink) -> None:
+        """First path of a session: exchange bitmaps, then the primary tells the
+        member its disk state."""
+        await self._send_bitmap(m, link)
+        with trio.move_on_after(30):
+            await m.bitmap_done.wait()
+        if not m.bitmap_done.is_set():
+            await link.aclose("bitmap exchange timed out")
+            return
+        await self.local.writer.sync_all()  # ORed bits durable before we rely on them
+        m.set_state(LinkState.CONNECTED, None)
+        log.info("%s: member %s connected (%s)", self.name, m.name, m.verdict.value)
+        if self.role == Role.PRIMARY:
+            await self._tell_member_state(m)
+
+    async def _send_bitmap(self, m: MemberLink, link: PeerLink) -> None:
+        bits = self.local.statemap.out_of_sync_regions(m.name)
+        n = len(bits)
+        start = 0
+        while start < n:
+            stop = min(n, start + BITMAP_CHUNK_BITS)
+            chunk = bits[start:stop]
+            if chunk.any():
+                await link.send(Bitmap(start, stop - start, chunk.tobytes()))
+            start = stop
+        await link.send(Bitmap(n, 0, b"", last=True))
+
+    def _receive_bitmap(self, m: MemberLink, ev: Bitmap) -> None:
+        if ev.nbits:
+            chunk = bitarray(endian="little")
+            chunk.frombytes(ev.data)
+            chunk = chunk[: ev.nbits]
+            regions = self.local.statemap.layout.regions
+            for i in chunk.search(1):
+                r = ev.start + i
+                if r < regions:
+                    self.local.statemap.mark_regions_out_of_sync(m.name, range(r, r + 1))
+        if ev.last:
+            m.bitmap_done.set()
+
+    async def _tell_member_state(self, m: MemberLink) -> None:
+        """As primary: decide a newly connected member's disk state and tell it."""
+        sm = self.local.statemap
+        verdict = m.verdict
+        rec = sm.sb.peers[m.name]
+        if verdict == Verdict.PEER_NEEDS_FULL and rec.copy is None:
+            from statemap import CopyKind, Fence
+            sm.set_peer_copy(m.name, Fence(CopyKind.FULL, 0))
+        if rec.copy is not None and rec.copy.fence < self.config.size:
+            disk = DiskState.INCONSISTENT
+        elif sm.out_of_sync_bytes(m.name) > 0 or verdict in (Verdict.PEER_NEEDS_FULL,):
+            disk = DiskState.OUTDATED
+        else:
+            disk = DiskState.UPTODATE
+        sm.set_peer_disk(m.name, disk)
+        if disk == DiskState.UPTODATE:
+            sm.set_bitmap_generation(sm.sb.generations.current, member=m.name)
+        await self.local.writer.sync_all()
+        m.peer_disk = disk.value
+        fields: dict[str, Any] = {"role": self.role.value, "your_disk": disk.value}
+        if disk == DiskState.UPTODATE:
+            fields["generation"] = sm.sb.generations.current
+        await self._send_state(m, fields)
+
+    async def _send_state(self, m: MemberLink, fields: dict[str, Any]) -> None:
+        s = m.session
+        path = s.pick_path() if s else None
+        if path is None:
+            return
+        try:
+            await path.send(State(fields))
+        except LinkClosed:
+            pass
+
+    async def _on_state(self, m: MemberLink, fields: dict[str, Any]) -> None:
+        sm = self.local.statemap
+        if "role" in fields:
+            m.peer_role = fields["role"]
+        if "your_disk" in fields:
+            try:
+                disk = DiskState(fields["your_disk"])
+            except ValueError:
+                log.warning("%s: %s sent unknown disk state %r", self.name, m.name, fields["your_disk"])
+                return
+            sm.set_disk(disk)
+            log.info("%s: %s says our disk is %s", self.name, m.name, disk.value)
+        if "generation" in fields and sm.sb.disk == DiskState.UPTODATE:
+            sm.adopt_generation(str(fields["generation"]))
+        if "disk" in fields:
+            m.peer_disk = fields["disk"]
+        await self.local.writer.sync_all()
+        m._notify()
+
+    async def _pinger(self, link: PeerLink) -> None:
+        token = 0
+        while not link.closed:
+            await trio.sleep(PING_INTERVAL)
+            token += 1
+            try:
+                await link.send(Ping(token))
+            except LinkClosed:
+                return
+
+    async def _receive_loop(self, m: MemberLink, link: PeerLink) -> None:
+        while True:
+            with trio.move_on_after(PATH_TIMEOUT) as timeout:
+                try:
+                    ev = await link.receive()
+                except LinkClosed:
+                    return
+            if timeout.cancelled_caught:
+                log.warning("%s: path %d to %s silent for %.0f s; closing it",
+                            self.name, link.remote.path, m.name, PATH_TIMEOUT)
+                await link.aclose("path timed out", tell_peer=False)
+                return
+            await self._dispatch(m, link, ev)
+
+    async def _dispatch(self, m: MemberLink, link: PeerLink, ev) -> None:
+        match ev:
+            case WriteAck() | FlushAck():
+                m.on_ack(ev)
+            case Write() | Flush():
+                if self.role == Role.PRIMARY:
+                    await link.aclose(f"{m.name} sent a write to primary {self.node}")
+                    return
+                applier = self._appliers.get(m.name)
+                if applier is None or applier.session_id != m.session.id:
+                    applier = Applier(self._nursery_or_daemon(), self._apply_write, self._apply_flush)
+                    applier.session_id = m.session.id
+                    self._appliers[m.name] = applier
+                applier.submit(ev, link)
+            case Bitmap():
+                self._receive_bitmap(m, ev)
+            case State():
+                await self._on_state(m, ev.fields)
+            case Ping():
+                link.send_nowait(Pong(ev.token))
+            case Pong():
+                pass
+            case Read():
+                self._nursery_or_daemon().start_soon(self._answer_read, link, ev)
+            case HashRequest():
+                self._nursery_or_daemon().start_soon(self._answer_hash, link, ev)
+            case _:
+                log.warning("%s: unexpected %s from %s", self.name, type(ev).__name__, m.name)
+
+    async def _apply_write(self, offset: int, data: bytes) -> None:
+        local = self._require_up()
+        await local.write(offset, data)
+
+    async def _apply_flush(self) -> None:
+        local = self._require_up()
+        await local.flush()
+
+    async def _answer_read(self, link: PeerLink, ev: Read) -> None:
+        try:
+            data = await self._require_up().read(ev.offset, ev.length)
+            reply = ReadReply(ev.request, 0, data)
+        except Exception as e:
+            reply = ReadReply(ev.request, errno_for(e))
+        try:
+            await link.send(reply)
+        except LinkClosed:
+            pass
+
+    async def _answer_hash(self, link: PeerLink, ev: HashRequest) -> None:
+        import xxhash
+        try:
+            data = await self._require_up().read(ev.offset, ev.length)
+            hashes = tuple(xxhash.xxh3_64_intdigest(data[i:i + ev.block]) for i in range(0, len(data), ev.block))
+            reply = HashReply(ev.request, 0, hashes)
+        except Exception as e:
+            reply = HashReply(ev.request, errno_for(e))
+        try:
+            await link.send(reply)
+        except LinkClosed:
+            pass
+
+    # ---------------------------------------------------------------- status
+
+    def status(self) -> dict[str, Any]:
+        """``gmd status VOLUME --json`` from the running daemon."""
+        cfg = self.config
+        if self.local is None:
+            raise UsageError(f"volume {self.name} is down on {self.node}")
+        sm = self.local.statemap
+        now = trio.current_time()
+        members: dict[str, Any] = {
+            self.node: {
+                "disk": sm.sb.disk.value, "link": LinkState.LOCAL.value,
+                "mode": cfg.members[self.node].mode,
+                "out_of_sync_bytes": sm.local_out_of_sync_bytes(), "copy": None,
+                "pending_copy": _fence_json(sm.sb.local_copy),
+            }
+        }
+        votes = cfg.members[self.node].votes
+        for name, m in self.members.items():
+            rec = sm.sb.peers.get(name)
+            lag_bytes, lag_s = m.lag(now) if m.is_async else (0, 0.0)
+            disk = m.peer_disk if m.connected else DiskState.UNKNOWN.value
+            if m.connected and self.role == Role.PRIMARY and rec is not None:
+                disk = rec.disk.value
+            elif not m.connected and rec is not None and rec.disk in (DiskState.OUTDATED, DiskState.INCONSISTENT):
+                # Out of sight, but our own map proves it is behind; never claim
+                # uptodate for a member we cannot see.
+                disk = rec.disk.value
+            if m.connected:
+                votes += cfg.members[name].votes
+            members[name] = {
+                "disk": disk or DiskState.UNKNOWN.value,
+                "link": m.state.value,
+                "mode": m.mode,
+                "out_of_sync_bytes": sm.out_of_sync_bytes(name) if rec else cfg.size,
+                "lag_bytes": lag_bytes,
+                "lag_seconds": round(lag_s, 3),
+                "copy": None,
+                "pending_copy": _fence_json(rec.copy if rec else None),
+                "behind": m.behind,
+                "reason": m.reason,
+                "peer_role": m.peer_role if m.connected else None,
+                "paths": len([p for p in m.session.paths if not p.closed]) if m.session else 0,
+            }
+        all_votes = [mm.votes for mm in cfg.members.values()] + [w.votes for w in self.daemon.config.witnesses.values()]
+        expected = expected_votes(all_votes, sm.sb.expected_votes)
+        return {
+            "volume": cfg.name, "node": self.node, "daemon": True, "role": self.role.value,
+            "mode": cfg.members[self.node].mode, "size": cfg.size, "region_size": cfg.region_size,
+            "device": None,
+            "quorum": {"votes": votes, "needed": votes_needed(expected), "expected": expected,
+                       "ok": votes >= votes_needed(expected), "expected_override": sm.sb.expected_votes},
+            "members": members,
+            "state_map": {
+                "path": str(cfg.members[self.node].statemap), "clean": sm.sb.clean,
+                "recovery_needed": False, "hot_extents": len(sm.hot_extents()),
+                "generation": sm.sb.generations.current, "updated": sm.sb.updated,
+                "warnings": list(sm.warnings),
+            },
+            "io": {"writes": self.writes, "bytes_written": self.bytes_written,
+                   "sequence": self._gseq, "in_flight": self._inflight},
+        }
+
+
+def _fence_json(fence) -> dict[str, Any] | None:
+    return None if fence is None else {"kind": fence.kind.value, "fence": fence.fence}

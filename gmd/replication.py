@@ -1,0 +1,332 @@
+"""Shipping writes to members, and applying them on the receiving side.
+
+:class:`MemberLink` is the primary's handle on one remote member: its live paths
+(one :class:`transport.link.PeerLink` each), the shipments in flight to it, and
+for an ``async`` member the byte-bounded queue. Every write and flush shipped
+to a member in one session gets the next *link sequence number*; the receiver
+(:class:`Applier`) issues them in that order, whatever path they came by, so
+overlapping writes land in the primary's order on every member.
+
+Settlement: each shipment ends exactly once, ``ok`` (the member acked it) or not
+(the session died, or the member answered with an error). The engine turns an
+unsuccessful settlement into out-of-sync bits; nothing is ever assumed delivered.
+
+Concurrency rules: link sequence numbers are assigned and frames queued without
+an ``await`` in between, so queue order is sequence order; a session's
+shipments are failed in one synchronous sweep when its last path closes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import trio
+
+from transport.codec import Flush, FlushAck, Write, WriteAck
+from transport.link import LinkClosed, PeerLink
+
+from .errors import errno_for
+
+log = logging.getLogger(__name__)
+
+
+class LinkState(StrEnum):
+    """A member link as operators see it (shared/DESIGN.md)."""
+
+    LOCAL = "local"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    STANDALONE = "standalone"  # refused: mismatch, bad secret, split-brain
+    UNKNOWN = "unknown"
+
+
+@dataclass(eq=False)
+class Shipment:
+    """One write or flush sent to one member."""
+
+    link_seq: int
+    gseq: int  # the volume's sequence number of the write (or flush point)
+    kind: str  # "write" or "flush"
+    offset: int = 0
+    data: bytes = b""
+    queued_at: float = 0.0
+    done: trio.Event = field(default_factory=trio.Event)
+    ok: bool = False
+    status: int = 0
+    path: PeerLink | None = None
+    on_settled: Callable[[Shipment], None] | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.data)
+
+    def settle(self, ok: bool, status: int = 0) -> None:
+        if self.done.is_set():
+            return
+        self.ok = ok
+        self.status = status
+        self.done.set()
+        if self.on_settled is not None:
+            self.on_settled(self)
+
+
+class Session:
+    """One connection lifetime of a member link (one or more paths)."""
+
+    def __init__(self, session_id: str, member: str):
+        self.id = session_id
+        self.member = member
+        self.paths: list[PeerLink] = []
+        self.next_link_seq = 1
+        self.unsettled: dict[int, Shipment] = {}
+        self.closed = False
+        self._rr = 0
+
+    def pick_path(self) -> PeerLink | None:
+        live = [p for p in self.paths if not p.closed]
+        if not live:
+            return None
+        self._rr = (self._rr + 1) % len(live)
+        return live[self._rr]
+
+
+class MemberLink:
+    """The primary's (and the secondary's) state for one remote member."""
+
+    def __init__(self, name: str, mode: str, *, queue_limit: int):
+        self.name = name
+        self.mode = mode
+        self.queue_limit = queue_limit
+        self.state = LinkState.DISCONNECTED
+        self.reason: str | None = None  # why standalone/disconnected, for status
+        self.session: Session | None = None
+        self.peer_role: str | None = None
+        self.peer_disk: str | None = None
+        self.peer_hello_info: dict = {}
+        self.queued_bytes = 0  # async: bytes shipped, not yet acked
+        self.behind = False  # async overflow: falls back to bitmap tracking
+        self.flushed_gseq = 0  # highest flush point the member acked
+        self.changed = trio.Event()  # set on every state change (status --watch, tests)
+        self.bytes_shipped = 0
+        self.session_started_gseq = 0  # writes before this were settled by the last session
+        self.bitmap_done = trio.Event()  # the peer's bitmap arrived in this session
+        self.verdict = None  # generation comparison of this session
+
+    @property
+    def connected(self) -> bool:
+        return self.state is LinkState.CONNECTED and self.session is not None and not self.session.closed
+
+    @property
+    def is_async(self) -> bool:
+        return self.mode == "async"
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def set_state(self, state: LinkState, reason: str | None = None) -> None:
+        if state != self.state or reason != self.reason:
+            self.state = state
+            self.reason = reason
+            self._notify()
+
+    def lag(self, now: float) -> tuple[int, float]:
+        """(bytes, seconds) an async member trails the primary by."""
+        s = self.session
+        if s is None or not s.unsettled:
+            return 0, 0.0
+        oldest = min(sh.queued_at for sh in s.unsettled.values())
+        return self.queued_bytes, max(0.0, now - oldest)
+
+    # -------------------------------------------------------------- shipping
+
+    def ship_write(self, gseq: int, offset: int, data: bytes, on_settled: Callable[[Shipment], None]) -> Shipment | None:
+        """Queue a write to this member; None if it cannot take it (not connected,
+        behind, or the async queue is full — the caller marks it out of sync).
+        Synchronous: queue order is sequence order."""
+        s = self.session
+        if not self.connected or s is None or self.behind:
+            return None
+        if self.is_async and self.queued_bytes + len(data) > self.queue_limit:
+            log.warning("%s: async queue full (%d bytes); falling back to bitmap tracking",
+                        self.name, self.queued_bytes)
+            self.behind = True
+            self._notify()
+            return None
+        path = s.pick_path()
+        if path is None:
+            return None
+        sh = Shipment(s.next_link_seq, gseq, "write", offset, data, trio.current_time(), on_settled=on_settled)
+        s.next_link_seq += 1
+        s.unsettled[sh.link_seq] = sh
+        self.queued_bytes += len(data)
+        self._send(path, sh)
+        return sh
+
+    def ship_flush(self, gseq: int, on_settled: Callable[[Shipment], None] | None = None) -> Shipment | None:
+        s = self.session
+        if not self.connected or s is None:
+            return None
+        path = s.pick_path()
+        if path is None:
+            return None
+        sh = Shipment(s.next_link_seq, gseq, "flush", queued_at=trio.current_time(), on_settled=on_settled)
+        s.next_link_seq += 1
+        s.unsettled[sh.link_seq] = sh
+        self._send(path, sh)
+        return sh
+
+    def _send(self, path: PeerLink, sh: Shipment) -> None:
+        sh.path = path
+        event = Write(sh.link_seq, sh.offset, sh.data) if sh.kind == "write" else Flush(sh.link_seq)
+        try:
+            path.send_nowait(event)
+            self.bytes_shipped += len(sh.data)
+        except LinkClosed:
+            self.resend_from(path)
+
+    def resend_from(self, dead: PeerLink) -> None:
+        """A path died: re-send what it carried and was not acked on another path.
+        The receiver acks duplicates it already applied."""
+        s = self.session
+        if s is None:
+            return
+        for sh in sorted(s.unsettled.values(), key=lambda x: x.link_seq):
+            if sh.path is dead:
+                path = s.pick_path()
+                if path is None:
+                    return  # no path left: the session ends and settles everything
+                self._send(path, sh)
+
+    def on_ack(self, ack: WriteAck | FlushAck) -> None:
+        s = self.session
+        if s is None:
+            return
+        sh = s.unsettled.pop(ack.seq, None)
+        if sh is None:
+            return  # a duplicate ack for a resent shipment
+        if sh.kind == "write":
+            self.queued_bytes -= sh.length
+        elif ack.status == 0:
+            self.flushed_gseq = max(self.flushed_gseq, sh.gseq)
+        sh.settle(ack.status == 0, ack.status)
+
+    def end_session(self, reason: str) -> list[Shipment]:
+        """The last path closed: fail every unsettled shipment (the caller marks
+        their regions out of sync). Returns them."""
+        s = self.session
+        failed: list[Shipment] = []
+        if s is not None:
+            s.closed = True
+            failed = sorted(s.unsettled.values(), key=lambda x: x.link_seq)
+            s.unsettled.clear()
+            self.queued_bytes = 0
+            self.session = None
+            for sh in failed:
+                sh.settle(False, errno.ECONNRESET)
+        self.set_state(LinkState.DISCONNECTED, reason)
+        return failed
+
+
+class Applier:
+    """Applies a session's writes and flushes in link sequence order (receiver side).
+
+    ``write(offset, data)`` and ``flush()`` are the local volume's; ``reply``
+    sends an ack on the path the item came by. Writes are issued in order; a
+    write that overlaps one still in flight waits for it; a flush waits for
+    every write issued before it.
+    """
+
+    def __init__(self, nursery: trio.Nursery, write, flush, *, on_applied=None):
+        self._nursery = nursery
+        self._write = write
+        self._flush = flush
+        self._on_applied = on_applied
+        self.next_seq = 1
+        self._waiting: dict[int, tuple[Write | Flush, PeerLink]] = {}
+        self._inflight: dict[int, tuple[int, int, trio.Event]] = {}  # seq -> (start, end, done)
+        self._pump_running = False
+        self.session_id: str | None = None
+
+    def submit(self, item: Write | Flush, path: PeerLink) -> None:
+        if item.seq < self.next_seq:
+            self._nursery.start_soon(self._ack_duplicate, item, path)
+            return
+        self._waiting[item.seq] = (item, path)
+        if not self._pump_running:
+            self._pump_running = True
+            self._nursery.start_soon(self._pump)
+
+    async def _ack_duplicate(self, item: Write | Flush, path: PeerLink) -> None:
+        if isinstance(item, Flush):
+            await self._wait_all_before(item.seq)
+            await self._flush()
+            await _reply(path, FlushAck(item.seq))
+        else:
+            # Everything below next_seq was issued; wait for this one if in flight.
+            entry = self._inflight.get(item.seq)
+            if entry:
+                await entry[2].wait()
+            await _reply(path, WriteAck(item.seq))
+
+    async def _pump(self) -> None:
+        try:
+            while self.next_seq in self._waiting:
+                item, path = self._waiting.pop(self.next_seq)
+                seq = self.next_seq
+                if isinstance(item, Write):
+                    start, end = item.offset, item.offset + len(item.data)
+                    for s2, e2, done in list(self._inflight.values()):
+                        if s2 < end and start < e2:
+                            await done.wait()
+                    done = trio.Event()
+                    self._inflight[seq] = (start, end, done)
+                    self.next_seq += 1
+                    self._nursery.start_soon(self._apply_write, item, path, done)
+                else:
+                    self.next_seq += 1
+                    self._nursery.start_soon(self._apply_flush, item, path, seq)
+        finally:
+            self._pump_running = False
+
+    async def _wait_all_before(self, seq: int) -> None:
+        for s, (_a, _b, done) in list(self._inflight.items()):
+            if s < seq:
+                await done.wait()
+
+    async def _apply_write(self, item: Write, path: PeerLink, done: trio.Event) -> None:
+        status = 0
+        try:
+            await self._write(item.offset, item.data)
+        except Exception as e:  # a data-path fault answers with an errno, never kills the daemon
+            status = errno_for(e)
+            log.error("applying write seq %d at %d failed: %s", item.seq, item.offset, e)
+        finally:
+            self._inflight.pop(item.seq, None)
+            done.set()
+        if self._on_applied is not None and status == 0:
+            self._on_applied(item)
+        await _reply(path, WriteAck(item.seq, status))
+
+    async def _apply_flush(self, item: Flush, path: PeerLink, seq: int) -> None:
+        await self._wait_all_before(seq)
+        status = 0
+        try:
+            await self._flush()
+        except Exception as e:
+            status = errno_for(e)
+            log.error("flush seq %d failed: %s", item.seq, e)
+        await _reply(path, FlushAck(item.seq, status))
+
+
+async def _reply(path: PeerLink, event) -> None:
+    try:
+        await path.send(event)
+    except LinkClosed:
+        pass  # the primary settles it as failed when the session ends
+

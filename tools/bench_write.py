@@ -1,0 +1,224 @@
+"""Write-path benchmark: the volume engine with one member on loopback.
+
+Runs, for each setup (local-only, sync, mwc, async), two workloads against the
+primary's engine, the way the FUSE front will drive it:
+
+* ``seq``:  1 MiB sequential writes, 4 in flight (fio's seqwrite job), MB/s
+* ``rand``: 4 KiB random writes, 16 in flight (fio's randwrite job), IOPS
+
+The primary runs in this process (its engine is the thing measured); the member
+is a real ``gmd daemon`` subprocess over TCP on 127.0.0.1. Setups are
+interleaved per repetition so they see the same machine state; the table shows
+medians. Not a test: nothing here asserts a speed.
+
+    .venv/bin/python -m tools.bench_write [--seconds 5] [--repeats 3] [--size 1GiB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from gmd import admin
+from gmd.config import load_config, parse_size
+from gmd.daemon import NodeDaemon
+
+MiB = 1 << 20
+SETUPS = ("local", "sync", "mwc", "async")
+
+
+def _free_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def write_config(directory: Path, setup: str, size: int) -> Path:
+    nodes = ["bench1"] if setup == "local" else ["bench1", "bench2"]
+    mode = "mwc" if setup == "local" else setup
+    text = ['secret = "bench"\n']
+    for n in nodes:
+        text.append(f'[nodes.{n}]\naddress = "127.0.0.1:{_free_port()}"\ncontrol = "run/{n}.sock"\nmount = "run/{n}"\n')
+    text.append(f'[volumes.vol]\nsize = {size}\nmode = "{mode}"\nasync_queue = "256MiB"\n')
+    for n in nodes:
+        text.append(f'[volumes.vol.members.{n}]\ndevice = "data/{n}.img"\nstatemap = "data/{n}.sm"\n')
+    path = directory / "gmd.toml"
+    path.write_text("".join(text))
+    cfg = load_config(path)
+    for n in nodes:
+        admin.init_volume(cfg, n, "vol")
+        with open(cfg.member("vol", n).device, "r+b") as f:  # allocate: no sparse-hole effects
+            os.posix_fallocate(f.fileno(), 0, size)
+    admin.mark_dirty(cfg, "bench1", "vol", skip_initial_copy=True)
+    return path
+
+
+def start_member(config: Path, log: Path) -> subprocess.Popen:
+    gmd = str(Path(sys.executable).parent / "gmd")
+    proc = subprocess.Popen([gmd, "daemon", "--config", str(config), "--node", "bench2"],
+                            stdout=subprocess.PIPE, stderr=open(log, "ab"), stdin=subprocess.DEVNULL)
+    line = proc.stdout.readline()
+    if not line.startswith(b"ready"):
+        proc.kill()
+        raise RuntimeError(f"member daemon did not start: {line!r}; see {log}")
+    from gmd import control
+
+    reply = control.request(load_config(config).node("bench2").control, {"op": "up", "volume": "vol"})
+    if not reply.get("ok"):
+        raise RuntimeError(f"member up failed: {reply}")
+    return proc
+
+
+async def run_workload(engine, kind: str, seconds: float, size: int) -> float:
+    """Returns MB/s for seq, IOPS for rand."""
+    block = MiB if kind == "seq" else 4096
+    depth = 4 if kind == "seq" else 16
+    payload = os.urandom(block)
+    done = 0
+    pos = [0]
+    rng = random.Random(1)
+    deadline = trio.current_time() + seconds
+
+    async def worker():
+        nonlocal done
+        while trio.current_time() < deadline:
+            if kind == "seq":
+                offset = pos[0]
+                pos[0] = (pos[0] + block) % size
+            else:
+                offset = rng.randrange(0, size // block) * block
+            await engine.write(offset, payload)
+            done += 1
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as n:
+        for _ in range(depth):
+            n.start_soon(worker)
+    await engine.flush()
+    elapsed = time.perf_counter() - t0
+    return done * block / elapsed / 1e6 if kind == "seq" else done / elapsed
+
+
+async def bench_setup(setup: str, seconds: float, size: int, workdir: Path) -> dict[str, float]:
+    d = Path(tempfile.mkdtemp(prefix=f"gmd-bench-{setup}-", dir=workdir))
+    config = write_config(d, setup, size)
+    member = None
+    try:
+        if setup != "local":
+            member = await trio.to_thread.run_sync(start_member, config, d / "bench2.log")
+        daemon = NodeDaemon(load_config(config), "bench1")
+        async with trio.open_nursery() as n:
+            await n.start(daemon.serve)
+            engine = daemon.engines["vol"]
+            await engine.up()
+            if setup != "local":
+                with trio.fail_after(30):
+                    while not engine.members["bench2"].connected:
+                        await trio.sleep(0.02)
+            await engine.promote()
+            result = {
+                "seq_MBps": await run_workload(engine, "seq", seconds, size),
+                "rand_iops": await run_workload(engine, "rand", seconds, size),
+            }
+            if setup == "async":
+                with trio.fail_after(120):  # let the member catch up before teardown
+                    while engine.members["bench2"].queued_bytes:
+                        await trio.sleep(0.05)
+            daemon.stop()
+        return result
+    finally:
+        if member is not None and member.poll() is None:
+            os.kill(member.pid, signal.SIGTERM)
+            try:
+                member.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.kill(member.pid, signal.SIGKILL)
+                member.wait()
+        subprocess.run(["rm", "-rf", str(d)], check=False)
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.node()}: {os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}"
+
+
+async def main_async(args) -> dict:
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict[str, float]]] = {s: [] for s in args.setups}
+    for rep in range(args.repeats):
+        for setup in args.setups:
+            r = await bench_setup(setup, args.seconds, args.size, workdir)
+            runs[setup].append(r)
+            print(f"rep {rep + 1} {setup:6s} seq {r['seq_MBps']:8.1f} MB/s   rand {r['rand_iops']:8.0f} IOPS",
+                  file=sys.stderr, flush=True)
+    med = {s: {k: statistics.median(r[k] for r in runs[s]) for k in ("seq_MBps", "rand_iops")} for s in runs}
+    return {"machine": machine(), "seconds": args.seconds, "repeats": args.repeats, "size": args.size,
+            "median": med, "runs": runs}
+
+
+def markdown(result: dict) -> str:
+    med = result["median"]
+    base = med.get("local")
+    lines = [f"Machine: {result['machine']}; {result['repeats']} interleaved repetitions of "
+             f"{result['seconds']:.0f} s per workload, medians; volume {result['size'] // MiB} MiB.", "",
+             "| setup | 1 MiB seq write MB/s | 4 KiB rand write IOPS | seq vs local | rand vs local |",
+             "|---|---:|---:|---:|---:|"]
+    for s, m in med.items():
+        rs = f"{m['seq_MBps'] / base['seq_MBps']:.2f}" if base else "-"
+        rr = f"{m['rand_iops'] / base['rand_iops']:.2f}" if base else "-"
+        lines.append(f"| {s} | {m['seq_MBps']:.0f} | {m['rand_iops']:.0f} | {rs} | {rr} |")
+    if "sync" in med and "mwc" in med:
+        lines.append("")
+        lines.append(f"mwc / sync: seq {med['mwc']['seq_MBps'] / med['sync']['seq_MBps']:.2f}, "
+                     f"rand {med['mwc']['rand_iops'] / med['sync']['rand_iops']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench_write", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=5.0, help="per workload (default 5)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (default 3)")
+    p.add_argument("--size", default="1GiB", help="volume size (default 1GiB)")
+    p.add_argument("--setups", default=",".join(SETUPS), help="comma list of " + ",".join(SETUPS))
+    p.add_argument("--workdir", default="/var/tmp/gmd-bench", help="on the local disk")
+    p.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
+    args = p.parse_args(argv)
+    args.size = parse_size(args.size, file="--size", key="size")
+    args.setups = [s for s in args.setups.split(",") if s]
+    bad = [s for s in args.setups if s not in SETUPS]
+    if bad:
+        p.error(f"unknown setup(s) {bad}; choose from {', '.join(SETUPS)}")
+    result = trio.run(main_async, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

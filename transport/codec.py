@@ -1,0 +1,571 @@
+"""The peer wire protocol as a sans-IO codec: bytes in, events out.
+
+No sockets here (h11's shape): :meth:`Connection.receive_data` takes bytes,
+:meth:`Connection.next_event` returns the next complete event (or
+:data:`NEED_DATA`), :meth:`Connection.send` turns an event into bytes. A
+violation by the peer raises :class:`RemoteProtocolError`, one by our own code
+:class:`LocalProtocolError`; either way the link is closed with the reason
+logged, and nothing from a bad frame ever reaches a disk.
+
+Frame (all integers little-endian)::
+
+    offset  size  field
+    0       2     magic b"GM"
+    2       1     frame type (FrameType)
+    3       1     flags, zero in version 1
+    4       4     payload length (at most the connection's max_payload)
+    8       8     xxh3_64 of bytes 0..7 and the payload
+    16      ...   payload
+
+The length is checked before a byte of the payload is buffered, so a peer can
+never make us allocate more than ``max_payload``. Payloads of the hot-path
+frames (write, ack, read, hash) are fixed structs followed by raw bytes; the
+rare ones (hello, state, error) are JSON objects.
+
+Handshake (per connection, i.e. per path): both sides send HELLO (protocol
+range, identity, geometry, a random nonce); then both send AUTH (an HMAC over
+the transcript, :mod:`transport.auth`); then the link is ESTABLISHED. An ERROR
+frame may be sent in any state and closes the connection after it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+from typing import Any
+
+import xxhash
+
+MAGIC = b"GM"
+PROTOCOL_MIN = 1
+PROTOCOL_MAX = 1
+HEADER = struct.Struct("<2sBBIQ")
+HEADER_SIZE = HEADER.size  # 16
+DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024 + 4096  # largest write/read/bitmap chunk + header
+
+
+class ProtocolError(Exception):
+    """The protocol was violated; the connection must be closed."""
+
+
+class LocalProtocolError(ProtocolError):
+    """Our side tried to send something the protocol does not allow now."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something malformed or out of place."""
+
+
+class FrameType(IntEnum):
+    HELLO = 1
+    AUTH = 2
+    ERROR = 3
+    WRITE = 16
+    WRITE_ACK = 17
+    FLUSH = 18
+    FLUSH_ACK = 19
+    READ = 20
+    READ_REPLY = 21
+    HASH = 22
+    HASH_REPLY = 23
+    BITMAP = 24
+    STATE = 25
+    PING = 26
+    PONG = 27
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Hello:
+    """First frame each way: who we are and what we carry."""
+
+    node: str
+    volume: str
+    size: int
+    region_size: int
+    extent_size: int
+    nonce: bytes
+    path: int = 0  # which of the member's paths this connection is
+    session: str = ""  # identifies one member link across its paths
+    protocol_min: int = PROTOCOL_MIN
+    protocol_max: int = PROTOCOL_MAX
+    info: dict[str, Any] = field(default_factory=dict)  # role, disk, generations...
+
+
+@dataclass(frozen=True)
+class Auth:
+    mac: bytes
+
+
+@dataclass(frozen=True)
+class Error:
+    """The sender is closing the connection, and says why."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Write:
+    seq: int
+    offset: int
+    data: bytes
+    flags: int = 0
+
+
+@dataclass(frozen=True)
+class WriteAck:
+    seq: int
+    status: int = 0  # 0 or an errno
+
+
+@dataclass(frozen=True)
+class Flush:
+    seq: int  # barrier: every write with a lower sequence must be durable first
+
+
+@dataclass(frozen=True)
+class FlushAck:
+    seq: int
+    status: int = 0
+
+
+@dataclass(frozen=True)
+class Read:
+    request: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class ReadReply:
+    request: int
+    status: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True)
+class HashRequest:
+    """xxh3_64 of each ``block``-sized piece of [offset, offset+length)."""
+
+    request: int
+    offset: int
+    length: int
+    block: int
+
+
+@dataclass(frozen=True)
+class HashReply:
+    request: int
+    status: int
+    hashes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Bitmap:
+    """A piece of an out-of-sync bitmap: bits [start, start+nbits) as little-endian
+    bytes; ``last`` marks the final piece of one transfer."""
+
+    start: int
+    nbits: int
+    data: bytes
+    last: bool = False
+
+
+@dataclass(frozen=True)
+class State:
+    """A change of role, disk state, generation or anything else worth telling."""
+
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Ping:
+    token: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    token: int
+
+
+Event = Hello | Auth | Error | Write | WriteAck | Flush | FlushAck | Read | ReadReply | HashRequest | HashReply | Bitmap | State | Ping | Pong
+
+
+class _Sentinel(Enum):
+    NEED_DATA = "need data"
+    CLOSED = "closed"
+
+
+NEED_DATA = _Sentinel.NEED_DATA
+CLOSED = _Sentinel.CLOSED
+
+# ------------------------------------------------------------ payload codecs
+
+_WRITE = struct.Struct("<QQI")
+_SEQ_STATUS = struct.Struct("<Qi")
+_SEQ = struct.Struct("<Q")
+_READ = struct.Struct("<QQI")
+_READ_REPLY = struct.Struct("<Qi")
+_HASH = struct.Struct("<QQII")
+_BITMAP = struct.Struct("<QIB")
+_HASH_VALUE = struct.Struct("<Q")
+
+
+def _json(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _encode(event: Event) -> tuple[FrameType, bytes]:
+    match event:
+        case Hello():
+            return FrameType.HELLO, _json({
+                "node": event.node, "volume": event.volume, "size": event.size,
+                "region_size": event.region_size, "extent_size": event.extent_size,
+                "nonce": event.nonce.hex(), "path": event.path, "session": event.session,
+                "protocol_min": event.protocol_min, "protocol_max": event.protocol_max,
+                "info": event.info,
+            })
+        case Auth():
+            return FrameType.AUTH, bytes(event.mac)
+        case Error():
+            return FrameType.ERROR, _json({"reason": event.reason})
+        case Write():
+            return FrameType.WRITE, _WRITE.pack(event.seq, event.offset, event.flags) + event.data
+        case WriteAck():
+            return FrameType.WRITE_ACK, _SEQ_STATUS.pack(event.seq, event.status)
+        case Flush():
+            return FrameType.FLUSH, _SEQ.pack(event.seq)
+        case FlushAck():
+            return FrameType.FLUSH_ACK, _SEQ_STATUS.pack(event.seq, event.status)
+        case Read():
+            return FrameType.READ, _READ.pack(event.request, event.offset, event.length)
+        case ReadReply():
+            return FrameType.READ_REPLY, _READ_REPLY.pack(event.request, event.status) + event.data
+        case HashRequest():
+            return FrameType.HASH, _HASH.pack(event.request, event.offset, event.length, event.block)
+        case HashReply():
+            return FrameType.HASH_REPLY, _READ_REPLY.pack(event.request, event.status) + b"".join(
+                _HASH_VALUE.pack(h) for h in event.hashes)
+        case Bitmap():
+            return FrameType.BITMAP, _BITMAP.pack(event.start, event.nbits, 1 if event.last else 0) + event.data
+        case State():
+            return FrameType.STATE, _json(event.fields)
+        case Ping():
+            return FrameType.PING, _SEQ.pack(event.token)
+        case Pong():
+            return FrameType.PONG, _SEQ.pack(event.token)
+    raise LocalProtocolError(f"not a protocol event: {event!r}")
+
+
+def _need(payload: bytes, n: int, what: str) -> None:
+    if len(payload) < n:
+        raise RemoteProtocolError(f"{what} frame of {len(payload)} bytes is shorter than its {n}-byte header")
+
+
+def _exact(payload: bytes, n: int, what: str) -> None:
+    if len(payload) != n:
+        raise RemoteProtocolError(f"{what} frame is {len(payload)} bytes, expected {n}")
+
+
+def _load_json(payload: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise RemoteProtocolError(f"{what} frame is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RemoteProtocolError(f"{what} frame nests JSON too deeply") from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError(f"{what} frame is not a JSON object")
+    return obj
+
+
+def _field(obj: dict[str, Any], key: str, typ: type | tuple[type, ...], what: str) -> Any:
+    v = obj.get(key)
+    if not isinstance(v, typ) or isinstance(v, bool) and typ is not bool:
+        raise RemoteProtocolError(f"{what} field {key!r} is missing or has the wrong type")
+    return v
+
+
+def _decode(ftype: FrameType, payload: bytes) -> Event:
+    match ftype:
+        case FrameType.HELLO:
+            o = _load_json(payload, "hello")
+            try:
+                nonce = bytes.fromhex(_field(o, "nonce", str, "hello"))
+            except ValueError:
+                raise RemoteProtocolError("hello field 'nonce' is not hex") from None
+            info = o.get("info", {})
+            if not isinstance(info, dict):
+                raise RemoteProtocolError("hello field 'info' is not an object")
+            ints = {k: _field(o, k, int, "hello") for k in
+                    ("size", "region_size", "extent_size", "path", "protocol_min", "protocol_max")}
+            if any(v < 0 for v in ints.values()):
+                raise RemoteProtocolError("hello has a negative number")
+            return Hello(node=_field(o, "node", str, "hello"), volume=_field(o, "volume", str, "hello"),
+                         nonce=nonce, session=_field(o, "session", str, "hello"), info=info, **ints)
+        case FrameType.AUTH:
+            if not 16 <= len(payload) <= 64:
+                raise RemoteProtocolError(f"auth frame of {len(payload)} bytes")
+            return Auth(payload)
+        case FrameType.ERROR:
+            o = _load_json(payload, "error")
+            return Error(str(o.get("reason", "no reason given"))[:1000])
+        case FrameType.WRITE:
+            _need(payload, _WRITE.size, "write")
+            seq, offset, flags = _WRITE.unpack_from(payload)
+            return Write(seq, offset, bytes(payload[_WRITE.size:]), flags)
+        case FrameType.WRITE_ACK:
+            _exact(payload, _SEQ_STATUS.size, "write ack")
+            return WriteAck(*_SEQ_STATUS.unpack(payload))
+        case FrameType.FLUSH:
+            _exact(payload, _SEQ.size, "flush")
+            return Flush(*_SEQ.unpack(payload))
+        case FrameType.FLUSH_ACK:
+            _exact(payload, _SEQ_STATUS.size, "flush ack")
+            return FlushAck(*_SEQ_STATUS.unpack(payload))
+        case FrameType.READ:
+            _exact(payload, _READ.size, "read")
+            return Read(*_READ.unpack(payload))
+        case FrameType.READ_REPLY:
+            _need(payload, _READ_REPLY.size, "read reply")
+            req, status = _READ_REPLY.unpack_from(payload)
+            return ReadReply(req, status, bytes(payload[_READ_REPLY.size:]))
+        case FrameType.HASH:
+            _exact(payload, _HASH.size, "hash")
+            req, offset, length, block = _HASH.unpack(payload)
+            if block == 0:
+                raise RemoteProtocolError("hash request with block size 0")
+            return HashRequest(req, offset, length, block)
+        case FrameType.HASH_REPLY:
+            _need(payload, _READ_REPLY.size, "hash reply")
+            req, status = _READ_REPLY.unpack_from(payload)
+            rest = payload[_READ_REPLY.size:]
+            if len(rest) % 8:
+                raise RemoteProtocolError("hash reply length is not a whole number of hashes")
+            return HashReply(req, status, tuple(h for (h,) in _HASH_VALUE.iter_unpack(rest)))
+        case FrameType.BITMAP:
+            _need(payload, _BITMAP.size, "bitmap")
+            start, nbits, last = _BITMAP.unpack_from(payload)
+            data = bytes(payload[_BITMAP.size:])
+            if last > 1:
+                raise RemoteProtocolError(f"bitmap frame 'last' flag is {last}, not 0 or 1")
+            if len(data) != (nbits + 7) // 8:
+                raise RemoteProtocolError(f"bitmap frame carries {len(data)} bytes for {nbits} bits")
+            return Bitmap(start, nbits, data, bool(last))
+        case FrameType.STATE:
+            return State(_load_json(payload, "state"))
+        case FrameType.PING:
+            _exact(payload, _SEQ.size, "ping")
+            return Ping(*_SEQ.unpack(payload))
+        case FrameType.PONG:
+            _exact(payload, _SEQ.size, "pong")
+            return Pong(*_SEQ.unpack(payload))
+    raise RemoteProtocolError(f"frame type {ftype} has no decoder")  # pragma: no cover
+
+
+# ------------------------------------------------------------ state machine
+
+
+class ConnState(Enum):
+    HELLO = "hello"  # exchanging hellos
+    AUTH = "auth"  # exchanging MACs
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+_DATA_FRAMES = frozenset({
+    FrameType.WRITE, FrameType.WRITE_ACK, FrameType.FLUSH, FrameType.FLUSH_ACK, FrameType.READ,
+    FrameType.READ_REPLY, FrameType.HASH, FrameType.HASH_REPLY, FrameType.BITMAP, FrameType.STATE,
+    FrameType.PING, FrameType.PONG,
+})
+
+# Which frames may travel in each state (either way). ERROR is allowed in all
+# states but CLOSED; HELLO and AUTH may each be sent and received once.
+ALLOWED: dict[ConnState, frozenset[FrameType]] = {
+    ConnState.HELLO: frozenset({FrameType.HELLO, FrameType.ERROR}),
+    ConnState.AUTH: frozenset({FrameType.AUTH, FrameType.ERROR}),
+    ConnState.ESTABLISHED: _DATA_FRAMES | {FrameType.ERROR},
+    ConnState.CLOSED: frozenset(),
+}
+
+
+class Connection:
+    """Protocol state of one connection (one path), both directions."""
+
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD):
+        self.max_payload = max_payload
+        self._buf = bytearray()
+        self._eof = False
+        self.sent: set[FrameType] = set()
+        self.received: set[FrameType] = set()
+        self.state = ConnState.HELLO
+        self.closed_reason: str | None = None
+        self.last_frame = b""  # raw bytes of the last frame received (auth transcript)
+
+    # -- transitions
+
+    def _advance(self) -> None:
+        if self.state is ConnState.HELLO and {FrameType.HELLO} <= self.sent & self.received:
+            self.state = ConnState.AUTH
+        if self.state is ConnState.AUTH and {FrameType.AUTH} <= self.sent & self.received:
+            self.state = ConnState.ESTABLISHED
+
+    def _check(self, ftype: FrameType, direction: set[FrameType], error: type[ProtocolError], verb: str) -> None:
+        if ftype not in ALLOWED[self.state]:
+            raise error(f"{ftype.name} frame {verb} in state {self.state.value}")
+        if ftype in (FrameType.HELLO, FrameType.AUTH) and ftype in direction:
+            raise error(f"second {ftype.name} frame {verb}")
+        if ftype is FrameType.AUTH and FrameType.HELLO not in direction:
+            raise error(f"AUTH frame {verb} before HELLO")
+        if ftype in _DATA_FRAMES and FrameType.AUTH not in direction:
+            raise error(f"{ftype.name} frame {verb} before authentication")
+
+    # -- sending
+
+    def send(self, event: Event) -> bytes:
+        """The bytes of ``event``; raises LocalProtocolError if not allowed now or
+        if the peer would have to refuse it."""
+        try:
+            _validate(event)
+            ftype, payload = _encode(event)
+        except (struct.error, OverflowError, TypeError, ValueError, AttributeError) as e:
+            raise LocalProtocolError(f"cannot encode {type(event).__name__}: {e}") from None
+        if len(payload) > self.max_payload:
+            raise LocalProtocolError(f"{ftype.name} payload of {len(payload)} bytes exceeds {self.max_payload}")
+        self._check(ftype, self.sent, LocalProtocolError, "sent")
+        self.sent.add(ftype)
+        self._advance()
+        if ftype is FrameType.ERROR:
+            self.state = ConnState.CLOSED
+            self.closed_reason = f"we closed: {event.reason}"  # type: ignore[union-attr]
+        return frame_bytes(ftype, payload)
+
+    # -- receiving
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the peer; ``b""`` means the peer closed its side.
+        Bytes arriving after the connection closed are dropped unbuffered."""
+        if self.state is ConnState.CLOSED:
+            return
+        if self._eof and data:
+            raise RemoteProtocolError("data after end of stream")
+        if not data:
+            self._eof = True
+        else:
+            self._buf += data
+
+    def next_event(self) -> Event | _Sentinel:
+        """The next complete event, NEED_DATA, or CLOSED (after EOF or ERROR).
+
+        After a :class:`RemoteProtocolError` the connection is CLOSED: nothing
+        that follows a bad frame is ever delivered."""
+        if self.state is ConnState.CLOSED:
+            return CLOSED
+        try:
+            return self._next_event()
+        except RemoteProtocolError as e:
+            self.state = ConnState.CLOSED
+            self.closed_reason = f"protocol error: {e}"
+            raise
+
+    def _next_event(self) -> Event | _Sentinel:
+        if len(self._buf) < HEADER_SIZE:
+            return self._at_end(partial=bool(self._buf))
+        magic, ftype_raw, flags, length, checksum = HEADER.unpack_from(self._buf)
+        if magic != MAGIC:
+            raise RemoteProtocolError(f"bad frame magic {bytes(magic)!r}")
+        try:
+            ftype = FrameType(ftype_raw)
+        except ValueError:
+            raise RemoteProtocolError(f"unknown frame type {ftype_raw}") from None
+        if flags:
+            raise RemoteProtocolError(f"frame flags {flags:#x} not defined in protocol version 1")
+        if length > self.max_payload:
+            raise RemoteProtocolError(f"{ftype.name} frame length {length} exceeds the bound {self.max_payload}")
+        if len(self._buf) < HEADER_SIZE + length:
+            return self._at_end(partial=True)
+        payload = bytes(self._buf[HEADER_SIZE:HEADER_SIZE + length])
+        if _checksum(bytes(self._buf[:8]), payload) != checksum:
+            raise RemoteProtocolError(f"{ftype.name} frame checksum mismatch")
+        if ftype in (FrameType.HELLO, FrameType.AUTH):
+            self.last_frame = bytes(self._buf[:HEADER_SIZE + length])
+        del self._buf[:HEADER_SIZE + length]
+        self._check(ftype, self.received, RemoteProtocolError, "received")
+        event = _decode(ftype, payload)
+        self.received.add(ftype)
+        self._advance()
+        if isinstance(event, Error):
+            self.state = ConnState.CLOSED
+            self.closed_reason = f"peer closed: {event.reason}"
+        return event
+
+    def _at_end(self, *, partial: bool) -> _Sentinel:
+        if not self._eof:
+            return NEED_DATA
+        if partial:
+            raise RemoteProtocolError("connection closed in the middle of a frame")
+        self.state = ConnState.CLOSED
+        self.closed_reason = self.closed_reason or "peer closed the connection"
+        return CLOSED
+
+
+_U64 = 1 << 64
+
+
+def _validate(event: Event) -> None:
+    """Refuse, on our side, what the peer's decoder would refuse (our own bug
+    must not surface as the peer's protocol error)."""
+    def bad(why: str) -> None:
+        raise LocalProtocolError(f"{type(event).__name__}: {why}")
+
+    match event:
+        case Hello():
+            for name in ("size", "region_size", "extent_size", "path", "protocol_min", "protocol_max"):
+                v = getattr(event, name)
+                if not isinstance(v, int) or isinstance(v, bool):
+                    bad(f"{name} is not an integer")
+                if v < 0:
+                    bad(f"{name} is negative")
+            for name in ("node", "volume", "session"):
+                if not isinstance(getattr(event, name), str):
+                    bad(f"{name} is not a string")
+            if not isinstance(event.nonce, (bytes, bytearray)):
+                bad("nonce is not bytes")
+            if not isinstance(event.info, dict):
+                bad("info is not a dict")
+        case State():
+            if not isinstance(event.fields, dict):
+                bad("fields is not a dict")
+        case Error():
+            if not isinstance(event.reason, str):
+                bad("reason is not a string")
+        case Auth():
+            if not 16 <= len(event.mac) <= 64:
+                bad(f"MAC of {len(event.mac)} bytes (16..64 allowed)")
+        case Bitmap():
+            if len(event.data) != (event.nbits + 7) // 8:
+                bad(f"{len(event.data)} bytes for {event.nbits} bits")
+        case HashRequest():
+            if event.block <= 0:
+                bad("block size must be positive")
+    for name in ("seq", "offset", "request", "token", "start"):
+        v = getattr(event, name, None)
+        if v is not None and not 0 <= v < _U64:
+            bad(f"{name} {v} outside 0..2**64-1")
+
+
+def _checksum(header8: bytes, payload: bytes) -> int:
+    h = xxhash.xxh3_64()
+    h.update(header8)
+    h.update(payload)
+    return h.intdigest()
+
+
+def frame_bytes(ftype: FrameType, payload: bytes) -> bytes:
+    """One complete frame (header + payload); no state checks (tests use it)."""
+    head8 = struct.pack("<2sBBI", MAGIC, int(ftype), 0, len(payload))
+    return head8 + struct.pack("<Q", _checksum(head8, payload)) + payload

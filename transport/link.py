@@ -1,0 +1,340 @@
+"""Peer connections over trio TCP streams: handshake, authentication, framing.
+
+The codec (:mod:`transport.codec`) decides what is valid; this module only pumps
+bytes. One :class:`PeerLink` is one TCP connection (one path). Every socket gets
+TCP_NODELAY, and frames queued while a send is in progress are coalesced into
+the next ``send_all``, so small acks do not each wait for Nagle's 40 ms.
+
+Cancellation: a :class:`PeerLink` owns a sender task started with
+:meth:`PeerLink.start`; cancelling the nursery it runs in closes the link. A
+caller cancelled inside :meth:`PeerLink.send` leaves its frame queued (it is
+either sent whole or the link is closed); a caller cancelled inside
+:meth:`PeerLink.receive` loses nothing (partial frames stay buffered).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from .auth import auth_mac, verify_mac
+from .codec import (
+    CLOSED,
+    NEED_DATA,
+    Auth,
+    Connection,
+    Error,
+    Event,
+    Hello,
+    ProtocolError,
+    RemoteProtocolError,
+)
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+RECEIVE_CHUNK = 256 * 1024
+SEND_HIGH_WATER = 16 * 1024 * 1024  # queued bytes above which senders wait
+
+
+class LinkClosed(Exception):
+    """The connection is gone; ``reason`` says why (peer's ERROR, EOF, I/O error)."""
+
+
+class LinkRefused(LinkClosed):
+    """The handshake failed: a mismatch, a bad secret, or the peer said no."""
+
+
+def set_nodelay(stream: trio.SocketStream) -> None:
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class PeerLink:
+    """One established, authenticated connection to a peer."""
+
+    def __init__(self, stream: trio.abc.Stream, conn: Connection, remote: Hello, *, label: str):
+        self.stream = stream
+        self.conn = conn
+        self.remote = remote
+        self.label = label
+        self._out = bytearray()
+        self._wake = trio.Event()
+        self._drained = trio.Event()
+        self._idle = trio.Event()  # set when the sender has nothing left to send
+        self._started = False
+        self._sending = False
+        self._closed: str | None = None
+        self._closed_event = trio.Event()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    @property
+    def close_reason(self) -> str | None:
+        return self._closed
+
+    async def wait_closed(self) -> None:
+        await self._closed_event.wait()
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self._started = True
+        nursery.start_soon(self._sender)
+
+    def _mark_closed(self, reason: str) -> None:
+        if self._closed is None:
+            self._closed = reason
+            self._closed_event.set()
+            self._wake.set()
+            self._drained.set()
+            self._idle.set()
+
+    async def aclose(self, reason: str = "closed", *, tell_peer: bool = True) -> None:
+        """Close the link; with ``tell_peer`` the sender first flushes an ERROR
+        frame carrying the reason (for at most a second)."""
+        if self._closed is None and tell_peer:
+            try:
+                self._out += self.conn.send(Error(reason))
+            except ProtocolError:
+                pass
+            self._wake.set()
+            if self._started:
+                with trio.move_on_after(1):
+                    while (self._out or self._sending) and self._closed is None:
+                        self._idle = trio.Event()
+                        await self._idle.wait()
+            else:
+                with trio.move_on_after(1):
+                    try:
+                        await self.stream.send_all(bytes(self._out))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+        self._mark_closed(reason)
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self.stream)
+
+    # --------------------------------------------------------------- sending
+
+    def send_nowait(self, event: Event) -> None:
+        """Queue ``event`` without waiting (callers bound their own queues)."""
+        if self._closed is not None:
+            raise LinkClosed(self._closed)
+        self._out += self.conn.send(event)
+        self._wake.set()
+
+    async def send(self, event: Event) -> None:
+        """Queue ``event`` for the sender task; waits only when much is queued."""
+        if self._closed is not None:
+            raise LinkClosed(self._closed)
+        self._out += self.conn.send(event)
+        self._wake.set()
+        while len(self._out) > SEND_HIGH_WATER and self._closed is None:
+            self._drained = trio.Event()
+            await self._drained.wait()
+        if self._closed is not None:
+            raise LinkClosed(self._closed)
+
+    async def _sender(self) -> None:
+        try:
+            while True:
+                if not self._out:
+                    self._idle.set()
+                    if self._closed is not None:
+                        break
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                    continue
+                chunk = bytes(self._out)
+                self._out.clear()
+                self._drained.set()
+                self._sending = True
+                try:
+                    await self.stream.send_all(chunk)
+                finally:
+                    self._sending = False
+                self.bytes_sent += len(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self._mark_closed(f"send failed: {e!r}")
+        finally:
+            if self._closed is None:
+                self._mark_closed("sender stopped")
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
+
+    # ------------------------------------------------------------- receiving
+
+    async def receive(self) -> Event:
+        """The next event from the peer; raises :class:`LinkClosed` at the end."""
+        while True:
+            if self._closed is not None:
+                raise LinkClosed(self._closed)
+            try:
+                event = self.conn.next_event()
+            except RemoteProtocolError as e:
+                log.warning("%s: closing link: protocol error from peer: %s", self.label, e)
+                await self.aclose(f"protocol error: {e}")
+                raise LinkClosed(f"protocol error: {e}") from None
+            if event is CLOSED:
+                reason = self.conn.closed_reason or "closed"
+                self._mark_closed(reason)
+                raise LinkClosed(reason)
+            if event is NEED_DATA:
+                try:
+                    data = await self.stream.receive_some(RECEIVE_CHUNK)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                    self._mark_closed(f"receive failed: {e!r}")
+                    raise LinkClosed(self._closed) from None
+                self.bytes_received += len(data)
+                self.conn.receive_data(data)
+                continue
+            if isinstance(event, Error):
+                log.warning("%s: peer closed the link: %s", self.label, event.reason)
+                self._mark_closed(f"peer: {event.reason}")
+                raise LinkClosed(f"peer: {event.reason}")
+            return event
+
+
+# ---------------------------------------------------------------- handshake
+
+
+async def _next_event(stream: trio.abc.Stream, conn: Connection) -> Event:
+    while True:
+        ev = conn.next_event()
+        if ev is NEED_DATA:
+            data = await stream.receive_some(RECEIVE_CHUNK)
+            conn.receive_data(data)
+            continue
+        if ev is CLOSED:
+            raise LinkRefused(conn.closed_reason or "connection closed during handshake")
+        return ev
+
+
+async def _refuse(stream: trio.abc.Stream, conn: Connection, reason: str) -> None:
+    try:
+        with trio.move_on_after(1):
+            await stream.send_all(conn.send(Error(reason)))
+    except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    await trio.aclose_forcefully(stream)
+
+
+@dataclass
+class HandshakeResult:
+    link: PeerLink
+    remote: Hello
+
+
+async def client_handshake(
+    stream: trio.abc.Stream,
+    hello: Hello,
+    secret: str,
+    check_remote: Callable[[Hello], str | None],
+    *,
+    label: str,
+    max_payload: int | None = None,
+) -> PeerLink:
+    """Run the client side of the handshake on a connected stream.
+
+    ``check_remote`` returns a refusal reason for an unacceptable peer hello, or
+    None. Raises :class:`LinkRefused` (logged) on any failure; the stream is
+    closed then.
+    """
+    conn = Connection() if max_payload is None else Connection(max_payload)
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            mine = conn.send(hello)
+            await stream.send_all(mine)
+            remote = await _next_event(stream, conn)
+            if isinstance(remote, Error):
+                raise LinkRefused(f"refused by peer: {remote.reason}")
+            if not isinstance(remote, Hello):
+                raise RemoteProtocolError(f"expected HELLO, got {type(remote).__name__}")
+            theirs = conn.last_frame
+            reason = check_remote(remote)
+            if reason:
+                await _refuse(stream, conn, reason)
+                raise LinkRefused(f"refusing peer {remote.node}: {reason}")
+            await stream.send_all(conn.send(Auth(auth_mac(secret, "client", mine, theirs))))
+            auth = await _next_event(stream, conn)
+            if isinstance(auth, Error):
+                raise LinkRefused(f"refused by peer {remote.node}: {auth.reason}")
+            if not isinstance(auth, Auth) or not verify_mac(secret, "server", mine, theirs, auth.mac):
+                await _refuse(stream, conn, "authentication failed: server's proof is wrong (check the secret)")
+                raise LinkRefused(f"peer {remote.node} failed authentication (wrong secret?)")
+    except LinkRefused as e:
+        log.warning("%s: %s", label, e)
+        await trio.aclose_forcefully(stream)
+        raise
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(stream)
+        log.warning("%s: handshake timed out", label)
+        raise LinkRefused("handshake timed out") from None
+    except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+        await trio.aclose_forcefully(stream)
+        log.warning("%s: handshake failed: %s", label, e)
+        raise LinkRefused(f"handshake failed: {e}") from None
+    return PeerLink(stream, conn, remote, label=label)
+
+
+async def server_handshake(
+    stream: trio.abc.Stream,
+    secret: str,
+    reply_to: Callable[[Hello], Hello | str],
+    *,
+    label: str,
+    max_payload: int | None = None,
+) -> PeerLink:
+    """Run the server side of the handshake on an accepted stream.
+
+    ``reply_to`` turns the client's hello into ours, or returns a refusal reason
+    (unknown volume, geometry mismatch...). Raises :class:`LinkRefused` (logged).
+    """
+    conn = Connection() if max_payload is None else Connection(max_payload)
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            remote = await _next_event(stream, conn)
+            if not isinstance(remote, Hello):
+                raise RemoteProtocolError(f"expected HELLO, got {type(remote).__name__}")
+            theirs = conn.last_frame
+            reply = reply_to(remote)
+            if isinstance(reply, str):
+                await _refuse(stream, conn, reply)
+                raise LinkRefused(f"refusing peer {remote.node}: {reply}")
+            mine = conn.send(reply)
+            await stream.send_all(mine)
+            auth = await _next_event(stream, conn)
+            if isinstance(auth, Error):
+                raise LinkRefused(f"peer {remote.node} gave up: {auth.reason}")
+            if not isinstance(auth, Auth) or not verify_mac(secret, "client", theirs, mine, auth.mac):
+                await _refuse(stream, conn, "authentication failed: wrong secret")
+                raise LinkRefused(f"refusing peer {remote.node}: authentication failed (wrong secret)")
+            await stream.send_all(conn.send(Auth(auth_mac(secret, "server", theirs, mine))))
+    except LinkRefused as e:
+        log.warning("%s: %s", label, e)
+        await trio.aclose_forcefully(stream)
+        raise
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(stream)
+        log.warning("%s: handshake timed out", label)
+        raise LinkRefused("handshake timed out") from None
+    except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+        await trio.aclose_forcefully(stream)
+        log.warning("%s: handshake failed: %s", label, e)
+        raise LinkRefused(f"handshake failed: {e}") from None
+    return PeerLink(stream, conn, remote, label=label)
+
+
+async def open_peer_stream(host: str, port: int, *, timeout: float = 5.0) -> trio.SocketStream:
+    """Connect to a peer address with a deadline and TCP_NODELAY set."""
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream(host, port)
+    set_nodelay(stream)
+    return stream
