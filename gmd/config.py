@@ -273,6 +273,16 @@ class VolumeConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS for peer links: this node's certificate and key, and the CA that signed
+    every peer's certificate (verified both ways)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole cluster configuration, validated. Dicts keep the file's order."""
 
@@ -281,6 +291,7 @@ class Config:
     nodes: dict[str, Node]
     witnesses: dict[str, Witness]
     volumes: dict[str, VolumeConfig]
+    tls: TlsConfig | None = None
 
     def node(self, name: str) -> Node:
         """The node called ``name``; ConfigError listing the configured nodes if none."""
@@ -584,8 +595,20 @@ class _Parser:
 
     # -- sections
 
+    def tls(self, value: object) -> TlsConfig | None:
+        """The optional ``[tls]`` table: cert, key and ca, all required."""
+        if value is None:
+            return None
+        table = self.table(value, "tls")
+        self.check_keys(table, "tls", ("cert", "key", "ca"))
+        paths = {}
+        for k, what in (("cert", "this node's certificate (PEM)"), ("key", "its private key (PEM)"),
+                        ("ca", "the CA certificate that signed every node's certificate (PEM)")):
+            paths[k] = self.path(self.require(table, "tls", k, f"the path of {what}"), _join("tls", k))
+        return TlsConfig(**paths)
+
     def document(self, doc: dict[str, Any]) -> tuple[str, dict, dict, dict]:
-        self.check_keys(doc, "", ("secret", "nodes", "witnesses", "volumes"))
+        self.check_keys(doc, "", ("secret", "nodes", "witnesses", "volumes", "tls"))
         secret = self.string(
             self.require(doc, "", "secret", "a non-empty string shared by all nodes"),
             "secret",
@@ -808,8 +831,9 @@ def parse_config(text: str, *, file: str, base_dir: Path) -> Config:
     base_dir = Path(base_dir)
     if not base_dir.is_absolute():
         base_dir = base_dir.absolute()
-    secret, nodes, witnesses, volumes = _Parser(file, base_dir).document(doc)
-    return Config(Path(file), secret, nodes, witnesses, volumes)
+    parser = _Parser(file, base_dir)
+    secret, nodes, witnesses, volumes = parser.document(doc)
+    return Config(Path(file), secret, nodes, witnesses, volumes, parser.tls(doc.get("tls")))
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -13,12 +13,22 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from typing import Any
 
 import trio
 
 from transport.auth import new_nonce
-from transport.link import LinkRefused, PeerLink, client_handshake, open_peer_stream, server_handshake, set_nodelay
+from transport.link import (
+    HANDSHAKE_TIMEOUT,
+    LinkRefused,
+    PeerLink,
+    client_handshake,
+    open_peer_stream,
+    server_handshake,
+    set_nodelay,
+)
+from transport.tls import TlsContexts, make_contexts, wrap
 
 from .config import Address, Config
 from .control import MAX_REQUEST, prepare_socket_path
@@ -40,6 +50,12 @@ class NodeDaemon:
         self.nursery: trio.Nursery | None = None
         self.listen_addresses: list[tuple[str, int]] = []
         self._stopping = trio.Event()
+        self.tls: TlsContexts | None = None
+        if config.tls is not None:
+            try:
+                self.tls = make_contexts(config.tls.cert, config.tls.key, config.tls.ca)
+            except (OSError, ssl.SSLError) as e:
+                raise GmdError(f"{config.path}: tls: cannot load certificate, key or CA: {e}") from None
         for vol in config.volumes_for_node(node):
             self.engines[vol.name] = VolumeEngine(self, vol)
 
@@ -82,6 +98,14 @@ class NodeDaemon:
         set_nodelay(stream)
         peer = stream.socket.getpeername()
         label = f"{self.node}<-{peer[0]}:{peer[1]}"
+        if self.tls is not None:
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    stream = await wrap(stream, self.tls.server, server_side=True)
+            except (trio.BrokenResourceError, trio.TooSlowError, OSError) as e:
+                log.warning("%s: refusing peer: TLS handshake failed: %s", label, _tls_reason(e))
+                await trio.aclose_forcefully(stream)
+                return
         engine_box: list[VolumeEngine] = []
 
         def reply_to(hello):
@@ -109,6 +133,14 @@ class NodeDaemon:
             stream = await open_peer_stream(addr.host, addr.port)
         except (OSError, trio.TooSlowError) as e:
             raise LinkRefused(f"cannot connect to {addr}: {e}") from None
+        if self.tls is not None:
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    stream = await wrap(stream, self.tls.client, server_side=False)
+            except (trio.BrokenResourceError, trio.TooSlowError, OSError) as e:
+                await trio.aclose_forcefully(stream)
+                log.warning("%s: TLS handshake failed: %s", label, _tls_reason(e))
+                raise LinkRefused(f"TLS handshake with {addr} refused: {_tls_reason(e)}") from None
         return await client_handshake(
             stream, engine.make_hello(new_nonce(), path, session), self.config.secret,
             engine.check_peer_hello, label=label,
@@ -205,6 +237,11 @@ class NodeDaemon:
             self.stop()
             return {"ok": True}
         raise ValueError(f"unknown op {op!r}")
+
+
+def _tls_reason(e: BaseException) -> str:
+    cause = e.__cause__ or e.__context__
+    return f"{cause}" if cause is not None else (str(e) or type(e).__name__)
 
 
 async def run_daemon(config: Config, node: str) -> None:

@@ -115,7 +115,9 @@ async def run_workload(engine, kind: str, seconds: float, size: int) -> float:
     return done * block / elapsed / 1e6 if kind == "seq" else done / elapsed
 
 
-async def bench_setup(setup: str, seconds: float, size: int, workdir: Path) -> dict[str, float]:
+async def bench_setup(setup: str, kind: str, seconds: float, size: int, workdir: Path) -> dict[str, float]:
+    """One workload on a fresh cluster of ``setup``: its rate, and the share of
+    written bytes the member received (below 1: it fell behind, async only)."""
     d = Path(tempfile.mkdtemp(prefix=f"gmd-bench-{setup}-", dir=workdir))
     config = write_config(d, setup, size)
     member = None
@@ -127,21 +129,20 @@ async def bench_setup(setup: str, seconds: float, size: int, workdir: Path) -> d
             await n.start(daemon.serve)
             engine = daemon.engines["vol"]
             await engine.up()
-            if setup != "local":
+            m = engine.members.get("bench2")
+            if m is not None:
                 with trio.fail_after(30):
-                    while not engine.members["bench2"].connected:
+                    while not m.connected:
                         await trio.sleep(0.02)
             await engine.promote()
-            result = {
-                "seq_MBps": await run_workload(engine, "seq", seconds, size),
-                "rand_iops": await run_workload(engine, "rand", seconds, size),
-            }
-            if setup == "async":
+            rate = await run_workload(engine, kind, seconds, size)
+            shipped = m.bytes_shipped / max(1, engine.bytes_written) if m is not None else 1.0
+            if setup == "async" and m is not None:
                 with trio.fail_after(120):  # let the member catch up before teardown
-                    while engine.members["bench2"].queued_bytes:
+                    while m.queued_bytes and m.connected:
                         await trio.sleep(0.05)
             daemon.stop()
-        return result
+        return {"rate": rate, "shipped": shipped}
     finally:
         if member is not None and member.poll() is None:
             os.kill(member.pid, signal.SIGTERM)
@@ -171,11 +172,15 @@ async def main_async(args) -> dict:
     runs: dict[str, list[dict[str, float]]] = {s: [] for s in args.setups}
     for rep in range(args.repeats):
         for setup in args.setups:
-            r = await bench_setup(setup, args.seconds, args.size, workdir)
+            seq = await bench_setup(setup, "seq", args.seconds, args.size, workdir)
+            rand = await bench_setup(setup, "rand", args.seconds, args.size, workdir)
+            r = {"seq_MBps": seq["rate"], "rand_iops": rand["rate"],
+                 "seq_shipped": seq["shipped"], "rand_shipped": rand["shipped"]}
             runs[setup].append(r)
-            print(f"rep {rep + 1} {setup:6s} seq {r['seq_MBps']:8.1f} MB/s   rand {r['rand_iops']:8.0f} IOPS",
-                  file=sys.stderr, flush=True)
-    med = {s: {k: statistics.median(r[k] for r in runs[s]) for k in ("seq_MBps", "rand_iops")} for s in runs}
+            print(f"rep {rep + 1} {setup:6s} seq {r['seq_MBps']:8.1f} MB/s   rand {r['rand_iops']:8.0f} IOPS"
+                  f"   shipped {r['seq_shipped']:.2f}/{r['rand_shipped']:.2f}", file=sys.stderr, flush=True)
+    med = {s: {k: statistics.median(r[k] for r in runs[s])
+               for k in ("seq_MBps", "rand_iops", "seq_shipped", "rand_shipped")} for s in runs}
     return {"machine": machine(), "seconds": args.seconds, "repeats": args.repeats, "size": args.size,
             "median": med, "runs": runs}
 
@@ -185,12 +190,14 @@ def markdown(result: dict) -> str:
     base = med.get("local")
     lines = [f"Machine: {result['machine']}; {result['repeats']} interleaved repetitions of "
              f"{result['seconds']:.0f} s per workload, medians; volume {result['size'] // MiB} MiB.", "",
-             "| setup | 1 MiB seq write MB/s | 4 KiB rand write IOPS | seq vs local | rand vs local |",
-             "|---|---:|---:|---:|---:|"]
+             "| setup | 1 MiB seq write MB/s | 4 KiB rand write IOPS | seq vs local | rand vs local "
+             "| share shipped to member (seq / rand) |",
+             "|---|---:|---:|---:|---:|---:|"]
     for s, m in med.items():
         rs = f"{m['seq_MBps'] / base['seq_MBps']:.2f}" if base else "-"
         rr = f"{m['rand_iops'] / base['rand_iops']:.2f}" if base else "-"
-        lines.append(f"| {s} | {m['seq_MBps']:.0f} | {m['rand_iops']:.0f} | {rs} | {rr} |")
+        shipped = "-" if s == "local" else f"{m['seq_shipped']:.2f} / {m['rand_shipped']:.2f}"
+        lines.append(f"| {s} | {m['seq_MBps']:.0f} | {m['rand_iops']:.0f} | {rs} | {rr} | {shipped} |")
     if "sync" in med and "mwc" in med:
         lines.append("")
         lines.append(f"mwc / sync: seq {med['mwc']['seq_MBps'] / med['sync']['seq_MBps']:.2f}, "

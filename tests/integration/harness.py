@@ -53,7 +53,8 @@ class NodeSpec:
 
 
 def write_config(directory: Path, nodes: list[NodeSpec], *, size: str = "64MiB", mode: str = "mwc",
-                 secret: str = "test-secret", extra_volume: str = "", name: str = "gmd.toml") -> Path:
+                 secret: str = "test-secret", extra_volume: str = "", name: str = "gmd.toml",
+                 extra_tables: str = "") -> Path:
     """A cluster config with volume ``appslv`` on every node; ports come from
     each spec's ``address``/``listen`` (filled with free ports when empty)."""
     parts = [f'secret = "{secret}"\n']
@@ -66,6 +67,7 @@ def write_config(directory: Path, nodes: list[NodeSpec], *, size: str = "64MiB",
             listen = "listen = [" + ", ".join(f'"127.0.0.1:{p}"' for p in spec.listen) + "]\n"
         parts.append(f"\n[nodes.{spec.name}]\naddress = [{addr}]\n{listen}"
                      f'control = "run/{spec.name}.sock"\nmount = "run/{spec.name}"\n')
+    parts.append(extra_tables)
     parts.append(f'\n[volumes.appslv]\nsize = "{size}"\nmode = "{mode}"\n{extra_volume}\n')
     for spec in nodes:
         parts.append(f'\n[volumes.appslv.members.{spec.name}]\ndevice = "data/{spec.name}/appslv.img"\n'

@@ -773,3 +773,13 @@ def test_async_queue_size():
         file="t.toml", base_dir=Path("/tmp"),
     )
     assert cfg.volume("v").async_queue == 8 << 20
+
+
+def test_tls_table_needs_cert_key_and_ca():
+    base = 'secret = "s"\n[nodes.a]\naddress = "127.0.0.1:9001"\n'
+    cfg = parse_config(base + '[tls]\ncert = "c.pem"\nkey = "k.pem"\nca = "ca.pem"\n', file="t.toml", base_dir=Path("/etc/gmd"))
+    assert cfg.tls.cert == Path("/etc/gmd/c.pem") and cfg.tls.ca == Path("/etc/gmd/ca.pem")
+    with pytest.raises(ConfigError) as e:
+        parse_config(base + '[tls]\ncert = "c.pem"\nca = "ca.pem"\n', file="t.toml", base_dir=Path("/etc/gmd"))
+    assert e.value.key == "tls.key" and "private key" in e.value.message
+    assert parse_config(base, file="t.toml", base_dir=Path("/etc")).tls is None
