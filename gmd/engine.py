@@ -262,8 +262,9 @@ class VolumeEngine:
         local = self._require_primary()
         return await local.read(offset, length)
 
-    async def write(self, offset: int, data: bytes) -> None:
-        """Write through the mode's completion rule; returns when it is complete."""
+    async def write(self, offset: int, data: bytes) -> int:
+        """Write through the mode's completion rule; returns its sequence number
+        once it is complete."""
         local = self._require_primary()
         length = len(data)
         check_range(offset, length, self.config.size, writing=True)
@@ -305,6 +306,7 @@ class VolumeEngine:
             self.writes += 1
             self.bytes_written += length
             self._settle_part(ctx)
+            return ctx.gseq
         finally:
             self._locks.release(token)
             self._inflight -= 1
@@ -578,6 +580,16 @@ class VolumeEngine:
     def _end_session(self, m: MemberLink, reason: str) -> None:
         if m.session is None:
             return
+        # Before anything can retire: what the member acked but never flushed
+        # may be gone with it. Marked in memory now (no await), committed lazily:
+        # those extents are still hot, because retirement waits for its flush.
+        unflushed, m.acked_unflushed = m.acked_unflushed, []
+        if unflushed and self.local is not None:
+            for _gseq, offset, length in unflushed:
+                self.local.statemap.mark_out_of_sync(m.name, offset, length)
+            rec = self.local.statemap.sb.peers.get(m.name)
+            if rec is not None and rec.disk == DiskState.UPTODATE:
+                self.local.statemap.set_peer_disk(m.name, DiskState.OUTDATED)
         failed = m.end_session(reason)
         self._appliers.pop(m.name, None)
         if failed:
@@ -733,8 +745,10 @@ class VolumeEngine:
                 log.warning("%s: unexpected %s from %s", self.name, type(ev).__name__, m.name)
 
     async def _apply_write(self, offset: int, data: bytes) -> None:
+        # No intent here: the primary's map covers this write until we ack a
+        # flush for it (see MemberLink.acked_unflushed).
         local = self._require_up()
-        await local.write(offset, data)
+        await local.apply(offset, data)
 
     async def _apply_flush(self) -> None:
         local = self._require_up()

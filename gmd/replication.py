@@ -114,6 +114,10 @@ class MemberLink:
         self.changed = trio.Event()  # set on every state change (status --watch, tests)
         self.bytes_shipped = 0
         self.session_started_gseq = 0  # writes before this were settled by the last session
+        # Writes the member acked but has not yet made durable with a flush it
+        # acked: (gseq, offset, length). If the member is lost, these are what
+        # its own crash could have dropped, so they become out-of-sync regions.
+        self.acked_unflushed: list[tuple[int, int, int]] = []
         self.bitmap_done = trio.Event()  # the peer's bitmap arrived in this session
         self.verdict = None  # generation comparison of this session
 
@@ -212,8 +216,11 @@ class MemberLink:
             return  # a duplicate ack for a resent shipment
         if sh.kind == "write":
             self.queued_bytes -= sh.length
+            if ack.status == 0:
+                self.acked_unflushed.append((sh.gseq, sh.offset, sh.length))
         elif ack.status == 0:
             self.flushed_gseq = max(self.flushed_gseq, sh.gseq)
+            self.acked_unflushed = [w for w in self.acked_unflushed if w[0] > sh.gseq]
         sh.settle(ack.status == 0, ack.status)
 
     def end_session(self, reason: str) -> list[Shipment]:

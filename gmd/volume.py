@@ -171,6 +171,12 @@ class LocalVolume:
             self.end_intent(offset, len(data), seq)
         return seq
 
+    async def apply(self, offset: int, data: bytes) -> None:
+        """Apply a primary's write as a member: bounds checked, no intent of our
+        own (the primary's map covers it until we acknowledge a flush)."""
+        check_range(offset, len(data), self.size, writing=True)
+        await self.device.write(offset, data)
+
     async def flush(self) -> None:
         """Local barrier: every completed write is durable; idle extents may retire."""
         done = self._completed_seq

@@ -210,10 +210,15 @@ class StateMap:
         pages are written; the bitmaps are holes in a sparse file.
         """
         sb = cls.new_superblock(**kw)
+        lay = sb.layout
         write_new_file(
             Path(path),
-            sb.layout.file_size,
+            lay.file_size,
             [(0, encode_slot(sb, 2)), (SLOT_SIZE, encode_slot(sb, 1))],
+            # The superblocks and the intent bitmap are rewritten on the write
+            # path; allocating them now (32 KiB for 1 TiB) keeps those commits
+            # plain overwrites. The out-of-sync bitmaps stay sparse.
+            allocate=lay.intent_offset + lay.intent_bytes,
         )
         return cls.open(path)
 

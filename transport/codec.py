@@ -220,6 +220,23 @@ def _json(obj: dict[str, Any]) -> bytes:
 
 
 def _encode(event: Event) -> tuple[FrameType, bytes]:
+    ftype, parts = _encode_parts(event)
+    return ftype, b"".join(parts)
+
+
+def _encode_parts(event: Event) -> tuple[FrameType, list]:
+    """The payload as a list of byte strings, so a large write's data is never
+    copied here: it is joined once, with whatever else is queued, at send time."""
+    match event:
+        case Write():
+            return FrameType.WRITE, [_WRITE.pack(event.seq, event.offset, event.flags), event.data]
+        case ReadReply():
+            return FrameType.READ_REPLY, [_READ_REPLY.pack(event.request, event.status), event.data]
+    ftype, payload = _encode_single(event)
+    return ftype, [payload]
+
+
+def _encode_single(event: Event) -> tuple[FrameType, bytes]:
     match event:
         case Hello():
             return FrameType.HELLO, _json({
@@ -317,7 +334,8 @@ def _decode(ftype: FrameType, payload: bytes) -> Event:
         case FrameType.WRITE:
             _need(payload, _WRITE.size, "write")
             seq, offset, flags = _WRITE.unpack_from(payload)
-            return Write(seq, offset, bytes(payload[_WRITE.size:]), flags)
+            # A read-only view of the (immutable) payload: the data is not copied again.
+            return Write(seq, offset, memoryview(payload)[_WRITE.size:], flags)
         case FrameType.WRITE_ACK:
             _exact(payload, _SEQ_STATUS.size, "write ack")
             return WriteAck(*_SEQ_STATUS.unpack(payload))
@@ -429,20 +447,31 @@ class Connection:
     def send(self, event: Event) -> bytes:
         """The bytes of ``event``; raises LocalProtocolError if not allowed now or
         if the peer would have to refuse it."""
+        return b"".join(self.send_parts(event))
+
+    def send_parts(self, event: Event) -> list:
+        """Like :meth:`send`, but the frame as a list of byte strings (header
+        first) that are sent in order; a write's data is not copied."""
         try:
             _validate(event)
-            ftype, payload = _encode(event)
+            ftype, parts = _encode_parts(event)
         except (struct.error, OverflowError, TypeError, ValueError, AttributeError) as e:
             raise LocalProtocolError(f"cannot encode {type(event).__name__}: {e}") from None
-        if len(payload) > self.max_payload:
-            raise LocalProtocolError(f"{ftype.name} payload of {len(payload)} bytes exceeds {self.max_payload}")
+        length = sum(len(p) for p in parts)
+        if length > self.max_payload:
+            raise LocalProtocolError(f"{ftype.name} payload of {length} bytes exceeds {self.max_payload}")
         self._check(ftype, self.sent, LocalProtocolError, "sent")
         self.sent.add(ftype)
         self._advance()
         if ftype is FrameType.ERROR:
             self.state = ConnState.CLOSED
             self.closed_reason = f"we closed: {event.reason}"  # type: ignore[union-attr]
-        return frame_bytes(ftype, payload)
+        head8 = struct.pack("<2sBBI", MAGIC, int(ftype), 0, length)
+        h = xxhash.xxh3_64()
+        h.update(head8)
+        for p in parts:
+            h.update(p)
+        return [head8 + struct.pack("<Q", h.intdigest()), *parts]
 
     # -- receiving
 
@@ -488,11 +517,13 @@ class Connection:
             raise RemoteProtocolError(f"{ftype.name} frame length {length} exceeds the bound {self.max_payload}")
         if len(self._buf) < HEADER_SIZE + length:
             return self._at_end(partial=True)
-        payload = bytes(self._buf[HEADER_SIZE:HEADER_SIZE + length])
-        if _checksum(bytes(self._buf[:8]), payload) != checksum:
+        with memoryview(self._buf) as mv:  # one copy of the payload, no more
+            payload = bytes(mv[HEADER_SIZE:HEADER_SIZE + length])
+            head8 = bytes(mv[:8])
+        if _checksum(head8, payload) != checksum:
             raise RemoteProtocolError(f"{ftype.name} frame checksum mismatch")
         if ftype in (FrameType.HELLO, FrameType.AUTH):
-            self.last_frame = bytes(self._buf[:HEADER_SIZE + length])
+            self.last_frame = head8 + bytes(self._buf[8:HEADER_SIZE]) + payload
         del self._buf[:HEADER_SIZE + length]
         self._check(ftype, self.received, RemoteProtocolError, "received")
         event = _decode(ftype, payload)

@@ -37,7 +37,7 @@ from .codec import (
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
-RECEIVE_CHUNK = 256 * 1024
+RECEIVE_CHUNK = 1024 * 1024
 SEND_HIGH_WATER = 16 * 1024 * 1024  # queued bytes above which senders wait
 
 
@@ -61,7 +61,8 @@ class PeerLink:
         self.conn = conn
         self.remote = remote
         self.label = label
-        self._out = bytearray()
+        self._out: list = []  # frames' parts, in order; joined once per send_all
+        self._out_bytes = 0
         self._wake = trio.Event()
         self._drained = trio.Event()
         self._idle = trio.Event()  # set when the sender has nothing left to send
@@ -102,7 +103,7 @@ class PeerLink:
         frame carrying the reason (for at most a second)."""
         if self._closed is None and tell_peer:
             try:
-                self._out += self.conn.send(Error(reason))
+                self._queue(self.conn.send_parts(Error(reason)))
             except ProtocolError:
                 pass
             self._wake.set()
@@ -114,7 +115,7 @@ class PeerLink:
             else:
                 with trio.move_on_after(1):
                     try:
-                        await self.stream.send_all(bytes(self._out))
+                        await self.stream.send_all(b"".join(self._out))
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         pass
         self._mark_closed(reason)
@@ -123,20 +124,23 @@ class PeerLink:
 
     # --------------------------------------------------------------- sending
 
+    def _queue(self, parts: list) -> None:
+        self._out.extend(parts)
+        self._out_bytes += sum(len(p) for p in parts)
+        self._wake.set()
+
     def send_nowait(self, event: Event) -> None:
         """Queue ``event`` without waiting (callers bound their own queues)."""
         if self._closed is not None:
             raise LinkClosed(self._closed)
-        self._out += self.conn.send(event)
-        self._wake.set()
+        self._queue(self.conn.send_parts(event))
 
     async def send(self, event: Event) -> None:
         """Queue ``event`` for the sender task; waits only when much is queued."""
         if self._closed is not None:
             raise LinkClosed(self._closed)
-        self._out += self.conn.send(event)
-        self._wake.set()
-        while len(self._out) > SEND_HIGH_WATER and self._closed is None:
+        self._queue(self.conn.send_parts(event))
+        while self._out_bytes > SEND_HIGH_WATER and self._closed is None:
             self._drained = trio.Event()
             await self._drained.wait()
         if self._closed is not None:
@@ -152,8 +156,9 @@ class PeerLink:
                     self._wake = trio.Event()
                     await self._wake.wait()
                     continue
-                chunk = bytes(self._out)
+                chunk = b"".join(self._out)
                 self._out.clear()
+                self._out_bytes = 0
                 self._drained.set()
                 self._sending = True
                 try:
