@@ -31,6 +31,7 @@ from .disk import BackingDevice, check_range
 log = logging.getLogger(__name__)
 
 INTENT_MODES = ("mwc", "async")
+INTENT_LOOKAHEAD = 3  # extents made hot ahead of a sequential stream
 
 
 class MapWriter:
@@ -190,8 +191,17 @@ class LocalVolume:
         (``mwc``/``async``; a no-op in ``sync`` mode, which logs no intent)."""
         if not self.uses_intent:
             return
-        need = self.statemap.intent_acquire(offset, length)
+        sm = self.statemap
+        need = sm.intent_acquire(offset, length)
         if need:
+            # A write that opens an extent of a sequential stream (it starts at the
+            # extent's first byte, or the extent before is hot) takes the next
+            # few extents along in the same commit, so the stream does not stall
+            # on an intent commit every extent.
+            es = self.config.extent_size
+            first, last = offset // es, (offset + length - 1) // es
+            if offset % es == 0 or sm.is_hot(first - 1):
+                need = max(need, sm.intent_prefetch(range(last + 1, last + 1 + INTENT_LOOKAHEAD)))
             await self.writer.sync_to(need)
 
     def end_intent(self, offset: int, length: int, seq: int) -> None:

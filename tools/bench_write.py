@@ -69,10 +69,17 @@ def write_config(directory: Path, setup: str, size: int) -> Path:
     return path
 
 
+def _die_with_parent() -> None:
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphan daemons
+
+
 def start_member(config: Path, log: Path) -> subprocess.Popen:
     gmd = str(Path(sys.executable).parent / "gmd")
     proc = subprocess.Popen([gmd, "daemon", "--config", str(config), "--node", "bench2"],
-                            stdout=subprocess.PIPE, stderr=open(log, "ab"), stdin=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=open(log, "ab"), stdin=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent)
     line = proc.stdout.readline()
     if not line.startswith(b"ready"):
         proc.kill()

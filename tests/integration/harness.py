@@ -102,7 +102,7 @@ class DaemonProcess:
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [GMD, "daemon", "--config", str(self.config), "--node", self.node, "--debug"],
-            stdout=subprocess.PIPE, stderr=logf, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=logf, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )
         logf.close()
         line = _readline_with_deadline(self.proc, timeout)
@@ -141,6 +141,15 @@ class DaemonProcess:
             return self.log_path.read_text(errors="replace")[-4000:]
         except FileNotFoundError:
             return ""
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL if the test process dies first (even by
+    SIGKILL), so no daemon outlives a killed test run."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _readline_with_deadline(proc: subprocess.Popen, timeout: float) -> bytes:

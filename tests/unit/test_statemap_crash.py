@@ -87,6 +87,12 @@ class StateMapCrashMachine(RuleBasedStateMachine):
         self.in_flight[extent] = self.in_flight.get(extent, 0) + 1
         self.cur_intent = set(self.sm.hot_extents())
 
+    @rule(extent=st.integers(0, EXTENTS - 1), count=st.integers(1, 3))
+    def prefetch(self, extent, count):
+        need = self.sm.intent_prefetch(range(extent, extent + count))
+        self.pending_need = max(self.pending_need, need)
+        self.cur_intent = set(self.sm.hot_extents())
+
     @precondition(lambda self: self.in_flight)
     @rule(data=st.data())
     def release(self, data):

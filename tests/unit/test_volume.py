@@ -77,7 +77,7 @@ async def test_out_of_range_writes_are_refused_whole(tmp_path, limiter, offset, 
 async def test_mwc_intent_is_on_disk_before_data_and_recovered_after_a_crash(tmp_path, limiter):
     cfg = init(tmp_path, mode="mwc")
     vol = await LocalVolume.open(cfg.volume("appslv"), "labor1", limiter)
-    await vol.write(9 * 4 * MiB, b"a" * 4096)  # extent 9
+    await vol.write(9 * 4 * MiB + 8192, b"a" * 4096)  # extent 9, not a sequential stream
     # Without close (the process "dies" here), the map on disk shows the extent hot.
     sm = open_map(cfg)
     assert not sm.sb.clean and sm.intent[9]
@@ -183,3 +183,20 @@ async def test_block_device_backing(tmp_path, limiter, loop_device):
     with open(loop_device, "rb") as f:
         f.seek(1 * MiB)
         assert f.read(65536) == data
+
+
+async def test_sequential_stream_commits_intent_once_per_few_extents(tmp_path, limiter):
+    cfg = init(tmp_path, mode="mwc")
+    vol = await LocalVolume.open(cfg.volume("appslv"), "labor1", limiter)
+    before = vol.writer.commits
+    for i in range(16):  # 16 MiB in 1 MiB writes: 4 extents
+        await vol.write(i * MiB, b"s" * MiB)
+    assert vol.writer.commits - before == 1  # extents 1..3 came along with extent 0
+    sm = open_map(cfg)
+    assert [e for e in range(8) if sm.intent[e]] == [0, 1, 2, 3]
+    sm.close()
+    # A random write far away opens its own extent and prefetches nothing.
+    await vol.write(40 * MiB + 4096, b"r" * 4096)
+    assert vol.writer.commits - before == 2
+    assert sorted(vol.statemap.hot_extents()) == [0, 1, 2, 3, 10]
+    await vol.close()
