@@ -41,8 +41,10 @@ log = logging.getLogger(__name__)
 class NodeDaemon:
     """Everything one node runs. Create, then ``await nursery.start(daemon.serve)``."""
 
-    def __init__(self, config: Config, node: str):
+    def __init__(self, config: Config, node: str, *, mount: bool = True):
         self.config = config
+        self.mount = mount  # serve the FUSE mount (one per process: pyfuse3 is global)
+        self.fs = None
         self.node = node
         self.node_config = config.node(node)
         self.limiter = trio.CapacityLimiter(16)
@@ -68,6 +70,11 @@ class NodeDaemon:
             for i, addr in enumerate(self.node_config.listen_addresses):
                 bound = await n.start(self._listen, addr, i)
                 self.listen_addresses.append(bound)
+            if self.mount:
+                from .fuse import VolumeFS, serve_fuse
+
+                self.fs = VolumeFS(self)
+                await n.start(serve_fuse, self, self.fs)
             if control:
                 await n.start(self._serve_control)
             task_status.started(self)

@@ -139,6 +139,7 @@ class VolumeEngine:
         self._idle.set()
         self._appliers: dict[str, Applier] = {}
         self._dirty_since_flush = False
+        self.role_epoch = 0  # bumped on every role change: FUSE handles of an older epoch get EIO
         self.writes = 0
         self.bytes_written = 0
 
@@ -229,8 +230,10 @@ class VolumeEngine:
             sm.make_copy_source()
             sm.begin_use()
         self.role = Role.PRIMARY
+        self.role_epoch += 1
         sm.set_role(Role.PRIMARY)
         await local.writer.sync_all()
+        self._role_changed()
         for m in self.members.values():
             if m.connected:
                 await self._tell_member_state(m)
@@ -241,6 +244,8 @@ class VolumeEngine:
         if self.role != Role.PRIMARY:
             return
         self.role = Role.SECONDARY  # no new writes from here on
+        self.role_epoch += 1
+        self._role_changed()
         await self._idle.wait()
         await self.flush_barrier()
         local.statemap.set_role(Role.SECONDARY)
@@ -249,6 +254,17 @@ class VolumeEngine:
             if m.connected:
                 await self._send_state(m, {"role": Role.SECONDARY.value})
         log.info("%s: secondary", self.name)
+
+    def _role_changed(self) -> None:
+        if self.daemon.fs is not None:
+            self.daemon.fs.role_changed(self)
+
+    @property
+    def device_path(self) -> str | None:
+        """The volume's file in the node's mount, while this node is primary."""
+        if self.role == Role.PRIMARY and self.daemon.fs is not None:
+            return str(self.daemon.node_config.mount / self.name)
+        return None
 
     # ----------------------------------------------------------------- I/O
 
@@ -827,7 +843,7 @@ class VolumeEngine:
         return {
             "volume": cfg.name, "node": self.node, "daemon": True, "role": self.role.value,
             "mode": cfg.members[self.node].mode, "size": cfg.size, "region_size": cfg.region_size,
-            "device": None,
+            "device": self.device_path,
             "quorum": {"votes": votes, "needed": votes_needed(expected), "expected": expected,
                        "ok": votes >= votes_needed(expected), "expected_override": sm.sb.expected_votes},
             "members": members,

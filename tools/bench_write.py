@@ -132,7 +132,7 @@ async def bench_setup(setup: str, kind: str, seconds: float, size: int, workdir:
     try:
         if setup != "local":
             member = await trio.to_thread.run_sync(start_member, config, d / "bench2.log")
-        daemon = NodeDaemon(load_config(config), "bench1")
+        daemon = NodeDaemon(load_config(config), "bench1", mount=False)
         async with trio.open_nursery() as n:
             await n.start(daemon.serve)
             engine = daemon.engines["vol"]

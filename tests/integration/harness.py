@@ -124,6 +124,13 @@ class DaemonProcess:
             os.kill(self.proc.pid, sig)
             self.proc.wait(timeout=30)
 
+    def remove_dead_mount(self) -> None:
+        """A daemon killed with SIGKILL leaves its FUSE mount; tests clean up."""
+        mount = os.path.realpath(load_config(self.config).node(self.node).mount)
+        with open("/proc/self/mounts") as f:
+            if any(line.split()[1] == mount for line in f if len(line.split()) > 1):
+                subprocess.run(["fusermount3", "-u", "-z", mount], capture_output=True)
+
     def stop(self) -> int:
         """SIGTERM and wait; SIGKILL if it does not stop in time. Returns the exit code."""
         if self.proc is None:
@@ -175,13 +182,15 @@ def daemon_processes(config: Path, nodes: list[str], log_dir: Path):
     finally:
         for p in procs.values():
             p.stop()
+            p.remove_dead_mount()
 
 
 @asynccontextmanager
-async def in_process_daemon(config_path: Path, node: str):
-    """A node daemon inside the test's trio loop (the engine's API is reachable)."""
+async def in_process_daemon(config_path: Path, node: str, *, mount: bool = False):
+    """A node daemon inside the test's trio loop (the engine's API is reachable).
+    No FUSE mount unless asked: pyfuse3 allows one per process."""
     cfg = load_config(config_path)
-    daemon = NodeDaemon(cfg, node)
+    daemon = NodeDaemon(cfg, node, mount=mount)
     async with trio.open_nursery() as n:
         await n.start(daemon.serve)
         try:

@@ -1,0 +1,307 @@
+"""The FUSE front: each volume this node is primary for appears as one file.
+
+One mount per node daemon (pyfuse3 inside the daemon's trio loop). The file
+``<mount>/<volume>`` has the volume's exact size; reads and writes go through
+the volume engine, so a write that returns has passed the mode's completion
+rule (``direct_io``: no kernel page cache, and no writeback cache, between the
+application and the engine). ``fsync`` and ``flush`` are barriers on every
+member. Nothing may change the file's size or the directory: truncate, create,
+unlink, rename and their kin fail with EPERM.
+
+Only errnos cross this edge (:func:`_errnos`). When the node stops being
+primary the file disappears, and a handle opened before that gets EIO, never
+data from a copy that may be stale.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyfuse3
+import trio
+
+from .errors import errno_for
+
+if TYPE_CHECKING:
+    from .daemon import NodeDaemon
+    from .engine import VolumeEngine
+
+log = logging.getLogger(__name__)
+
+BLOCK = 4096
+ENTRY_TIMEOUT = 1.0  # files come and go with the role; keep the kernel's memory short
+
+
+def _errnos(op):
+    """Only FUSEError leaves a handler: domain errors become their errno, and an
+    unexpected fault becomes EIO (logged), never a dead daemon."""
+
+    @functools.wraps(op)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await op(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:
+            code = errno_for(e)
+            if code == errno.EIO:
+                log.error("FUSE %s failed: %s", op.__name__, e)
+            raise pyfuse3.FUSEError(code) from None
+
+    return wrapper
+
+
+class VolumeFS(pyfuse3.Operations):
+    """The node's mount: a flat directory of volume files."""
+
+    enable_writeback_cache = False
+    supports_dot_lookup = False
+
+    def __init__(self, daemon: NodeDaemon):
+        super().__init__()
+        self.daemon = daemon
+        self.inode_of: dict[str, int] = {}
+        self.engine_of: dict[int, VolumeEngine] = {}
+        for i, (name, engine) in enumerate(daemon.engines.items()):
+            ino = pyfuse3.ROOT_INODE + 1 + i
+            self.inode_of[name] = ino
+            self.engine_of[ino] = engine
+        self._handles: dict[int, tuple[VolumeEngine, int]] = {}
+        self._next_fh = 1
+
+    # ----------------------------------------------------------- visibility
+
+    @staticmethod
+    def visible(engine: VolumeEngine) -> bool:
+        return engine.is_up and engine.role.value == "primary"
+
+    def _engine(self, inode: int) -> VolumeEngine:
+        engine = self.engine_of.get(inode)
+        if engine is None or not self.visible(engine):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return engine
+
+    def role_changed(self, engine: VolumeEngine) -> None:
+        """Tell the kernel to forget the entry (called on promote/demote/down)."""
+        try:
+            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, engine.name.encode())
+        except Exception as e:  # not mounted yet, or already gone
+            log.debug("invalidate %s: %s", engine.name, e)
+
+    # ----------------------------------------------------------- attributes
+
+    def _root_attr(self) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = pyfuse3.ROOT_INODE
+        e.st_mode = stat.S_IFDIR | 0o755
+        e.st_nlink = 2
+        e.st_size = 0
+        e.st_blksize = BLOCK
+        e.attr_timeout = ENTRY_TIMEOUT
+        e.entry_timeout = ENTRY_TIMEOUT
+        return e
+
+    def _file_attr(self, inode: int, engine: VolumeEngine) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = inode
+        e.st_mode = stat.S_IFREG | 0o600
+        e.st_nlink = 1
+        e.st_size = engine.config.size
+        e.st_blksize = BLOCK
+        e.st_blocks = engine.config.size // 512
+        e.st_uid = os.getuid()
+        e.st_gid = os.getgid()
+        e.attr_timeout = ENTRY_TIMEOUT
+        e.entry_timeout = ENTRY_TIMEOUT
+        e.generation = engine.role_epoch
+        return e
+
+    @_errnos
+    async def getattr(self, inode, ctx=None):
+        if inode == pyfuse3.ROOT_INODE:
+            return self._root_attr()
+        return self._file_attr(inode, self._engine(inode))
+
+    @_errnos
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        ino = self.inode_of.get(name.decode(errors="replace"))
+        if ino is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._file_attr(ino, self._engine(ino))
+
+    @_errnos
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        engine = self._engine(inode)
+        if fields.update_size and attr.st_size != engine.config.size:
+            raise pyfuse3.FUSEError(errno.EPERM)  # a volume's size is its config's
+        # Mode, owner and times are not stored; accept and report the fixed ones.
+        return self._file_attr(inode, engine)
+
+    # ------------------------------------------------------------ directory
+
+    async def opendir(self, inode, ctx):
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_errnos
+    async def readdir(self, fh, start_id, token):
+        entries = [(name, ino) for name, ino in self.inode_of.items() if self.visible(self.engine_of[ino])]
+        for i, (name, ino) in enumerate(entries):
+            if i < start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, name.encode(), self._file_attr(ino, self.engine_of[ino]), i + 1):
+                break
+
+    async def releasedir(self, fh):
+        pass
+
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = BLOCK
+        total = sum(e.config.size for e in self.engine_of.values()) // BLOCK
+        s.f_blocks = total
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self.engine_of) + 1
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # Nothing may change the directory or a file's identity.
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def unlink(self, parent_inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    # -------------------------------------------------------------------- I/O
+
+    @_errnos
+    async def open(self, inode, flags, ctx):
+        engine = self._engine(inode)
+        if flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = (engine, engine.role_epoch)
+        fi = pyfuse3.FileInfo(fh=fh)
+        fi.direct_io = True  # every request reaches the engine; no stale page cache
+        fi.keep_cache = False
+        return fi
+
+    def _handle(self, fh: int) -> VolumeEngine:
+        entry = self._handles.get(fh)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        engine, epoch = entry
+        if engine.role_epoch != epoch or not self.visible(engine):
+            # The node stopped being primary since this handle was opened.
+            raise pyfuse3.FUSEError(errno.EIO)
+        return engine
+
+    @_errnos
+    async def read(self, fh, off, size):
+        engine = self._handle(fh)
+        vsize = engine.config.size
+        if off >= vsize or size <= 0:
+            return b""
+        return await engine.read(off, min(size, vsize - off))
+
+    @_errnos
+    async def write(self, fh, off, buf):
+        engine = self._handle(fh)
+        await engine.write(off, bytes(buf))
+        return len(buf)
+
+    @_errnos
+    async def fsync(self, fh, datasync):
+        await self._handle(fh).flush()
+
+    @_errnos
+    async def flush(self, fh):
+        entry = self._handles.get(fh)
+        if entry is not None and entry[0].role_epoch == entry[1] and self.visible(entry[0]):
+            await entry[0].flush()
+
+    async def release(self, fh):
+        self._handles.pop(fh, None)
+
+
+def clean_stale_mount(mount: Path) -> bool:
+    """Unmount a mount left at ``mount`` by a killed daemon. Returns True if one
+    was found. Only a FUSE mount of ours (fsname ``gmd``) is touched."""
+    target = os.path.realpath(mount)
+    found = False
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[1].replace("\\040", " ") == target:
+                    if parts[0] != "gmd" or not parts[2].startswith("fuse"):
+                        raise RuntimeError(
+                            f"{mount} is already a mount point of something else ({parts[0]} {parts[2]}); "
+                            "refusing to mount over it")
+                    found = True
+    except FileNotFoundError:
+        return False
+    if found:
+        log.warning("%s: stale gmd mount from a previous daemon found; unmounting it", mount)
+        r = subprocess.run(["fusermount3", "-u", "-z", target], capture_output=True, text=True)
+        if r.returncode != 0:
+            r = subprocess.run(["umount", "-l", target], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"cannot remove stale mount {mount}: {r.stderr.strip()}")
+    return found
+
+
+def is_mounted(mount: Path) -> bool:
+    target = os.path.realpath(mount)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == target for line in f if len(line.split()) > 1)
+
+
+async def serve_fuse(daemon: NodeDaemon, fs: VolumeFS, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Mount ``fs`` at the node's mount point and serve it until cancelled; the
+    mount is removed on the way out, whatever ended it."""
+    mount = Path(daemon.node_config.mount)
+    clean_stale_mount(mount)  # first: a dead FUSE mount fails even a stat (ENOTCONN)
+    mount.mkdir(parents=True, exist_ok=True)
+    opts = set(pyfuse3.default_options)
+    opts.add("fsname=gmd")
+    opts.add("subtype=gmd")
+    pyfuse3.init(fs, str(mount), opts)
+    log.info("%s: volumes appear under %s", daemon.node, mount)
+    try:
+        task_status.started()
+        await pyfuse3.main()
+    finally:
+        with trio.CancelScope(shield=True):
+            pyfuse3.close(unmount=True)
+            log.info("%s: unmounted %s", daemon.node, mount)
