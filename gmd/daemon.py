@@ -229,14 +229,15 @@ class NodeDaemon:
                 return {"ok": True, "status": None, "up": False}
             return {"ok": True, "status": engine.status(), "up": True}
         if op == "up":
-            await self._engine(req).up()
+            await self._engine(req).up(loop=bool(req.get("loop")))
             return {"ok": True}
         if op == "down":
             await self._engine(req).down()
             return {"ok": True}
         if op == "primary":
-            await self._engine(req).promote(force=bool(req.get("force")))
-            return {"ok": True}
+            engine = self._engine(req)
+            await engine.promote(force=bool(req.get("force")))
+            return {"ok": True, "device": engine.device_path, "loop": engine.loop_device}
         if op == "secondary":
             await self._engine(req).demote()
             return {"ok": True}

@@ -140,6 +140,8 @@ class VolumeEngine:
         self._appliers: dict[str, Applier] = {}
         self._dirty_since_flush = False
         self.role_epoch = 0  # bumped on every role change: FUSE handles of an older epoch get EIO
+        self.want_loop = False
+        self.loop_device: str | None = None
         self.writes = 0
         self.bytes_written = 0
 
@@ -164,8 +166,11 @@ class VolumeEngine:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def up(self) -> None:
-        """Attach the local member and start connecting to the others."""
+    async def up(self, *, loop: bool = False) -> None:
+        """Attach the local member and start connecting to the others. With
+        ``loop``, a loop device is attached to the volume's file whenever this
+        node is primary (and detached when it stops being primary)."""
+        self.want_loop = self.want_loop or loop
         if self.local is not None:
             return
         self.local = await LocalVolume.open(self.config, self.node, self.daemon.limiter)
@@ -234,6 +239,9 @@ class VolumeEngine:
         sm.set_role(Role.PRIMARY)
         await local.writer.sync_all()
         self._role_changed()
+        if self.want_loop and self.device_path is not None:
+            self.loop_device = await trio.to_thread.run_sync(_losetup_attach, self.device_path)
+            log.info("%s: loop device %s", self.name, self.loop_device)
         for m in self.members.values():
             if m.connected:
                 await self._tell_member_state(m)
@@ -243,6 +251,10 @@ class VolumeEngine:
         local = self._require_up()
         if self.role != Role.PRIMARY:
             return
+        if self.loop_device is not None:
+            # Detach first: the loop driver flushes through us while we are primary.
+            await trio.to_thread.run_sync(_losetup_detach, self.loop_device)
+            self.loop_device = None
         self.role = Role.SECONDARY  # no new writes from here on
         self.role_epoch += 1
         self._role_changed()
@@ -844,6 +856,7 @@ class VolumeEngine:
             "volume": cfg.name, "node": self.node, "daemon": True, "role": self.role.value,
             "mode": cfg.members[self.node].mode, "size": cfg.size, "region_size": cfg.region_size,
             "device": self.device_path,
+            "loop": self.loop_device,
             "quorum": {"votes": votes, "needed": votes_needed(expected), "expected": expected,
                        "ok": votes >= votes_needed(expected), "expected_override": sm.sb.expected_votes},
             "members": members,
@@ -856,6 +869,23 @@ class VolumeEngine:
             "io": {"writes": self.writes, "bytes_written": self.bytes_written,
                    "sequence": self._gseq, "in_flight": self._inflight},
         }
+
+
+def _losetup_attach(path: str) -> str:
+    import subprocess
+
+    r = subprocess.run(["losetup", "--find", "--show", path], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise GmdError(f"losetup could not attach {path}: {r.stderr.strip()}")
+    return r.stdout.strip()
+
+
+def _losetup_detach(dev: str) -> None:
+    import subprocess
+
+    r = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
+    if r.returncode != 0:
+        log.warning("losetup -d %s: %s", dev, r.stderr.strip())
 
 
 def _fence_json(fence) -> dict[str, Any] | None:

@@ -97,8 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("daemon", "run this node's daemon in the foreground (SIGTERM stops it cleanly)", cmd_daemon)
 
+    p = command("up", "attach VOLUME on this node and connect to its other members", cmd_volume_op)
+    p.add_argument("volume", metavar="VOLUME")
+    p.add_argument("--loop", action="store_true",
+                   help="attach a loop device to the volume's file whenever this node is primary")
     for name, help in (
-        ("up", "attach VOLUME on this node and connect to its other members"),
         ("down", "disconnect VOLUME and detach it cleanly (demotes a primary first)"),
         ("secondary", "make this node secondary for VOLUME (drains and flushes writes first)"),
     ):
@@ -219,11 +222,19 @@ def cmd_volume_op(args: argparse.Namespace) -> int:
     req: dict[str, Any] = {"op": args.command, "volume": args.volume}
     if args.command == "primary":
         req["force"] = args.force
+    if args.command == "up":
+        req["loop"] = args.loop
     try:
-        _daemon_request(config, node, req)
+        reply = _daemon_request(config, node, req)
     except control.ControlUnavailable as e:
         raise GmdError(f"{e}; start it with 'gmd daemon --node {node}'") from None
     print(f"{args.volume}: {args.command} on {node}")
+    if args.command == "up" and args.loop:
+        print(f"{args.volume}: a loop device is attached whenever {node} is primary")
+    if reply.get("device"):
+        print(f"{args.volume}: device {reply['device']}")
+    if reply.get("loop"):
+        print(f"{args.volume}: loop device {reply['loop']}")
     return ExitCode.OK
 
 

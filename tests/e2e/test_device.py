@@ -268,3 +268,34 @@ def test_killed_daemon_leaves_no_stale_mount_and_a_map_marked_for_recovery(clust
         assert sum(1 for line in f if line.split()[1] == os.path.realpath(mount)) == 1
     procs["labor1"].request(op="up", volume="appslv")
     assert "unclean stop" in procs["labor1"].log()
+
+
+def test_up_with_loop_attaches_a_loop_device_while_primary(tmp_path):
+    cfg = write_config(tmp_path, [NodeSpec("labor1"), NodeSpec("labor2")], mode="sync", size="64MiB")
+    init_in_sync(cfg, "labor1", ["labor2"])
+    with daemon_processes(cfg, ["labor1", "labor2"], tmp_path) as procs:
+        procs["labor2"].request(op="up", volume="appslv")
+        procs["labor1"].request(op="up", volume="appslv", loop=True)
+        _wait(lambda: procs["labor1"].status()["members"]["labor2"]["link"] == "connected")
+        reply = procs["labor1"].request(op="primary", volume="appslv")
+        dev = reply["loop"]
+        try:
+            assert dev and dev.startswith("/dev/loop") and procs["labor1"].status()["loop"] == dev
+            listing = run("losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE").stdout
+            assert any(line.split()[0] == dev and line.split()[1] == reply["device"] for line in listing.splitlines())
+            data = os.urandom(1 * MiB)
+            fd = os.open(dev, os.O_RDWR)
+            try:
+                os.pwrite(fd, data, 8 * MiB)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            for node in ("labor1", "labor2"):
+                with open(backing(tmp_path, node), "rb") as f:
+                    f.seek(8 * MiB)
+                    assert f.read(MiB) == data
+            procs["labor1"].request(op="down", volume="appslv")
+            listing = run("losetup", "--list", "--noheadings", "--output", "NAME").stdout.split()
+            assert dev not in listing
+        finally:
+            run("losetup", "-d", dev, check=False) if dev else None
