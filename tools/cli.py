@@ -37,6 +37,7 @@ environment:
   GMD_NODE     this node's name in the config; --node wins (else the host name)
 
 examples:
+  gmd demo                        a whole local cluster end to end (root)
   gmd init appslv                 create this node's state map (and backing file)
   gmd dirty appslv                this copy is the source: others get a full copy
   gmd clean appslv                this copy is the target of a full copy
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("volume", metavar="VOLUME")
     p.add_argument("--force", action="store_true",
                    help="promote a disk that is not uptodate: it becomes the copy source")
+
+    p = command("demo", "run a whole local cluster end to end: two daemons, FUSE, loop + ext4, "
+                        "and prove the mirror identical (needs root)", cmd_demo)
+    p.add_argument("--keep", action="store_true", help="keep the working directory (logs, config, images)")
 
     p = command("status", "show roles, disk and link states, out-of-sync bytes", cmd_status)
     p.add_argument("volume", metavar="VOLUME", nargs="?", help="one volume (default: all of this node's)")
@@ -194,6 +199,12 @@ def cmd_dirty(args: argparse.Namespace) -> int:
 
 def cmd_clean(args: argparse.Namespace) -> int:
     return _mark(args, admin.mark_clean)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tools.demo import run_demo
+
+    return run_demo(keep=args.keep)
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
@@ -287,11 +298,14 @@ def format_status(st: dict[str, Any]) -> str:
     lines = [
         f"{st['volume']} on {st['node']}: {st['role']}, mode {st['mode']}, "
         f"{human_bytes(st['size'])} ({source})",
-        f"  state map {sm['path']}: {'clean' if sm['clean'] else 'NOT clean (recovery at next start)'}, "
+        f"  state map {sm['path']}: "
+        f"{'in use' if st.get('daemon') else ('clean' if sm['clean'] else 'NOT clean (recovery at next start)')}, "
         f"generation {sm['generation']}, updated {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(sm['updated']))}",
         f"  quorum: {q['needed']} of {q['expected']} expected votes needed"
         + (f" (operator override {q['expected_override']})" if q.get("expected_override") else ""),
     ]
+    if st.get("device"):
+        lines.append(f"  device {st['device']}" + (f", loop device {st['loop']}" if st.get("loop") else ""))
     for w in sm.get("warnings", []):
         lines.append(f"  warning: {w}")
     rows = [("member", "disk", "link", "mode", "out of sync", "note")]

@@ -299,3 +299,18 @@ def test_up_with_loop_attaches_a_loop_device_while_primary(tmp_path):
             assert dev not in listing
         finally:
             run("losetup", "-d", dev, check=False) if dev else None
+
+
+def test_gmd_demo_runs_end_to_end_and_leaves_nothing_behind():
+    import sys
+
+    before_loops = run("losetup", "-a").stdout
+    p = subprocess.run([str(Path(sys.executable).parent / "gmd"), "demo"], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "byte-identical" in p.stdout and "every file reads back intact" in p.stdout
+    workdir = next(line.split()[-1] for line in p.stdout.splitlines() if "working directory" in line)
+    assert not Path(workdir).exists()
+    assert run("losetup", "-a").stdout == before_loops
+    with open("/proc/self/mounts") as f:
+        assert workdir not in f.read()
