@@ -73,6 +73,7 @@ PING_INTERVAL = 1.0
 PATH_TIMEOUT = 6.0  # no frame for this long: the path is dead (a blackholed partition)
 BITMAP_CHUNK_BITS = 8 * PAGE * 64  # 256 KiB of bitmap per frame at most
 AUTO_FLUSH_INTERVAL = 2.0  # retire extents even if the application never fsyncs
+MAX_REMOTE_READ = 4 * 1024 * 1024  # per Read frame when a read goes to a member
 
 
 class NotPrimary(GmdError):
@@ -287,8 +288,30 @@ class VolumeEngine:
         return local
 
     async def read(self, offset: int, length: int) -> bytes:
+        """Read from the local disk when it holds current data for the range;
+        otherwise from an up-to-date member over the link, never stale bytes."""
         local = self._require_primary()
-        return await local.read(offset, length)
+        check_range(offset, length, self.config.size, writing=False)
+        if self._local_current(offset, length):
+            return await local.read(offset, length)
+        for m in self.members.values():
+            if m.connected and m.peer_disk == DiskState.UPTODATE.value:
+                try:
+                    data = b""
+                    for start in range(offset, offset + length, MAX_REMOTE_READ):
+                        data += await m.read(start, min(MAX_REMOTE_READ, offset + length - start))
+                    return data
+                except LinkClosed:
+                    continue
+        raise OSError(errno.EIO, f"{self.name}: local copy is {local.statemap.sb.disk.value} and no "
+                                 "up-to-date member is reachable for this read")
+
+    def _local_current(self, offset: int, length: int) -> bool:
+        sm = self.local.statemap
+        if sm.sb.disk == DiskState.UPTODATE:
+            return True
+        fence = sm.sb.local_copy
+        return fence is not None and sm.sb.disk == DiskState.COPYING and offset + length <= fence.fence
 
     async def write(self, offset: int, data: bytes) -> int:
         """Write through the mode's completion rule; returns its sequence number
@@ -767,6 +790,8 @@ class VolumeEngine:
                 pass
             case Read():
                 self._nursery_or_daemon().start_soon(self._answer_read, link, ev)
+            case ReadReply():
+                m.on_read_reply(ev)
             case HashRequest():
                 self._nursery_or_daemon().start_soon(self._answer_hash, link, ev)
             case _:

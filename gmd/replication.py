@@ -113,6 +113,8 @@ class MemberLink:
         self.flushed_gseq = 0  # highest flush point the member acked
         self.changed = trio.Event()  # set on every state change (status --watch, tests)
         self.bytes_shipped = 0
+        self.reads: dict[int, trio.MemorySendChannel] = {}  # request id -> waiting reader
+        self._next_request = 1
         self.session_started_gseq = 0  # writes before this were settled by the last session
         # Writes the member acked but has not yet made durable with a flush it
         # acked: (gseq, offset, length). If the member is lost, these are what
@@ -223,6 +225,36 @@ class MemberLink:
             self.acked_unflushed = [w for w in self.acked_unflushed if w[0] > sh.gseq]
         sh.settle(ack.status == 0, ack.status)
 
+    async def read(self, offset: int, length: int) -> bytes:
+        """Read bytes from this member's disk over the link (any live path)."""
+        from transport.codec import Read
+
+        s = self.session
+        path = s.pick_path() if s is not None and self.connected else None
+        if path is None:
+            raise LinkClosed(f"{self.name} is not connected")
+        request = self._next_request
+        self._next_request += 1
+        send, recv = trio.open_memory_channel(1)
+        self.reads[request] = send
+        try:
+            path.send_nowait(Read(request, offset, length))
+            reply = await recv.receive()
+        except trio.EndOfChannel:
+            raise LinkClosed(f"{self.name} went away during a read") from None
+        finally:
+            self.reads.pop(request, None)
+        if reply.status:
+            raise OSError(reply.status, f"read from {self.name} failed")
+        if len(reply.data) != length:
+            raise OSError(errno.EIO, f"{self.name} returned {len(reply.data)} of {length} bytes")
+        return bytes(reply.data)
+
+    def on_read_reply(self, reply) -> None:
+        send = self.reads.pop(reply.request, None)
+        if send is not None:
+            send.send_nowait(reply)
+
     def end_session(self, reason: str) -> list[Shipment]:
         """The last path closed: fail every unsettled shipment (the caller marks
         their regions out of sync). Returns them."""
@@ -233,6 +265,9 @@ class MemberLink:
             failed = sorted(s.unsettled.values(), key=lambda x: x.link_seq)
             s.unsettled.clear()
             self.queued_bytes = 0
+            for send in self.reads.values():
+                send.close()  # waiting readers see EndOfChannel and try elsewhere
+            self.reads.clear()
             self.session = None
             for sh in failed:
                 sh.settle(False, errno.ECONNRESET)

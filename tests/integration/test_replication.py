@@ -287,3 +287,28 @@ async def test_async_queue_overflow_falls_back_to_bitmap_with_bounded_memory(tmp
                         f.seek(i * REGION)
                         assert f.read(REGION) == bytes([i]) * REGION
         pn.cancel_scope.cancel()
+
+
+async def test_primary_with_a_failed_disk_reads_from_an_uptodate_member(tmp_path):
+    import errno
+
+    from statemap import DiskState
+
+    cfg = write_config(tmp_path, [NodeSpec("labor1"), NodeSpec("labor2")], mode="mwc")
+    init_in_sync(cfg, "labor1", ["labor2"])
+    with daemon_processes(cfg, ["labor2"], tmp_path) as procs:
+        async with in_process_daemon(cfg, "labor1") as d:
+            eng = await start_primary(d, procs)
+            data = random.Random(9).randbytes(6 * MiB)  # more than one remote read frame
+            await eng.write(3 * MiB, data)
+            await eng.flush()
+            eng.statemap.set_disk(DiskState.FAILED)  # as a failed local write leaves it
+            with open(backing(tmp_path, "labor1"), "r+b") as f:  # a local read would see this
+                f.seek(3 * MiB)
+                f.write(bytes(len(data)))
+            assert await eng.read(3 * MiB, len(data)) == data
+            await trio.to_thread.run_sync(procs["labor2"].kill)
+            await wait_for(lambda: not eng.members["labor2"].connected, what="member gone")
+            with pytest.raises(OSError) as e:
+                await eng.read(3 * MiB, 4096)
+            assert e.value.errno == errno.EIO
