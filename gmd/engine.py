@@ -29,7 +29,6 @@ from __future__ import annotations
 import errno
 import logging
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -58,7 +57,7 @@ from transport.codec import (
 )
 from transport.link import LinkClosed, LinkRefused, PeerLink
 
-from .config import Config, VolumeConfig
+from .config import VolumeConfig
 from .disk import check_range
 from .errors import GmdError, UsageError, errno_for
 from .replication import Applier, LinkState, MemberLink, Shipment

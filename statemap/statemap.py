@@ -52,7 +52,6 @@ from .format import (
     PAGE,
     SLOT_SIZE,
     Fence,
-    Generations,
     Layout,
     PeerRecord,
     Superblock,

@@ -19,7 +19,6 @@ import json
 import os
 import random
 import select
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,8 @@ from pathlib import Path
 
 from gmd import control
 from gmd.config import load_config, parse_size
-from tools.bench_write import _die_with_parent, machine, write_config
+from tools.bench_write import machine, write_config
+from tools.procs import die_with_parent, is_mounted, stop_process, unmount_fuse
 
 MiB = 1 << 20
 SETUPS = ("passthrough", "local", "sync", "mwc", "async")
@@ -39,7 +39,7 @@ PASSTHROUGH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "fuse_p
 
 def _start(cmd: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "ab"), stdin=subprocess.DEVNULL,
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=die_with_parent)
 
 
 def _wait_ready(proc: subprocess.Popen, what: str) -> None:
@@ -47,22 +47,6 @@ def _wait_ready(proc: subprocess.Popen, what: str) -> None:
     line = proc.stdout.readline() if ready else b""
     if not line.startswith(b"ready"):
         raise RuntimeError(f"{what} did not start: {line!r}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == target for line in f if len(line.split()) > 1)
 
 
 def workload(path: str, kind: str, seconds: float, size: int) -> float:
@@ -116,7 +100,7 @@ def bench_setup(setup: str, kind: str, seconds: float, size: int, workdir: Path)
             procs.append(p)
             mounts.append(mnt)
             end = time.monotonic() + 30
-            while not _is_mounted(mnt):
+            while not is_mounted(mnt):
                 if time.monotonic() > end or p.poll() is not None:
                     raise RuntimeError(f"passthrough did not mount; see {d / 'pt.log'}")
                 time.sleep(0.02)
@@ -145,10 +129,9 @@ def bench_setup(setup: str, kind: str, seconds: float, size: int, workdir: Path)
         return workload(path, kind, seconds, size)
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop_process(p)
         for m in mounts:
-            if _is_mounted(m):
-                subprocess.run(["fusermount3", "-u", "-z", str(m)], capture_output=True)
+            unmount_fuse(m)
         subprocess.run(["rm", "-rf", str(d)], check=False)
 
 

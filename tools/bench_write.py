@@ -35,19 +35,10 @@ import trio
 from gmd import admin
 from gmd.config import load_config, parse_size
 from gmd.daemon import NodeDaemon
+from tools.procs import die_with_parent, free_port, stop_process
 
 MiB = 1 << 20
 SETUPS = ("local", "sync", "mwc", "async")
-
-
-def _free_port() -> int:
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def write_config(directory: Path, setup: str, size: int) -> Path:
@@ -55,7 +46,7 @@ def write_config(directory: Path, setup: str, size: int) -> Path:
     mode = "mwc" if setup == "local" else setup
     text = ['secret = "bench"\n']
     for n in nodes:
-        text.append(f'[nodes.{n}]\naddress = "127.0.0.1:{_free_port()}"\ncontrol = "run/{n}.sock"\nmount = "run/{n}"\n')
+        text.append(f'[nodes.{n}]\naddress = "127.0.0.1:{free_port()}"\ncontrol = "run/{n}.sock"\nmount = "run/{n}"\n')
     text.append(f'[volumes.vol]\nsize = {size}\nmode = "{mode}"\nasync_queue = "256MiB"\n')
     for n in nodes:
         text.append(f'[volumes.vol.members.{n}]\ndevice = "data/{n}.img"\nstatemap = "data/{n}.sm"\n')
@@ -80,7 +71,7 @@ def start_member(config: Path, log: Path) -> subprocess.Popen:
     gmd = str(Path(sys.executable).parent / "gmd")
     proc = subprocess.Popen([gmd, "daemon", "--config", str(config), "--node", "bench2"],
                             stdout=subprocess.PIPE, stderr=open(log, "ab"), stdin=subprocess.DEVNULL,
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=die_with_parent)
     line = proc.stdout.readline()
     if not line.startswith(b"ready"):
         proc.kill()
@@ -152,13 +143,8 @@ async def bench_setup(setup: str, kind: str, seconds: float, size: int, workdir:
             daemon.stop()
         return {"rate": rate, "shipped": shipped}
     finally:
-        if member is not None and member.poll() is None:
-            os.kill(member.pid, signal.SIGTERM)
-            try:
-                member.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.kill(member.pid, signal.SIGKILL)
-                member.wait()
+        if member is not None:
+            stop_process(member)
         subprocess.run(["rm", "-rf", str(d)], check=False)
 
 

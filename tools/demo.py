@@ -13,8 +13,6 @@ import os
 import random
 import select
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +24,7 @@ import xxhash
 
 from gmd import admin, control
 from gmd.config import load_config
+from tools.procs import die_with_parent, free_port, stop_process, unmount_fuse
 
 NODES = ("labor1", "labor2")
 SIZE = "256MiB"
@@ -33,14 +32,6 @@ SIZE = "256MiB"
 
 def say(msg: str) -> None:
     print(f"demo: {msg}", flush=True)
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _run(*cmd) -> str:
@@ -81,7 +72,7 @@ class Demo:
     def write_config(self) -> None:
         text = ['secret = "demo-secret"\n']
         for n in NODES:
-            text.append(f'\n[nodes.{n}]\naddress = "127.0.0.1:{_free_port()}"\n'
+            text.append(f'\n[nodes.{n}]\naddress = "127.0.0.1:{free_port()}"\n'
                         f'control = "run/{n}.sock"\nmount = "run/{n}"\n')
         text.append(f'\n[volumes.appslv]\nsize = "{SIZE}"\nmode = "mwc"\n')
         for n in NODES:
@@ -94,7 +85,7 @@ class Demo:
         log = open(self.dir / f"{node}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "gmd", "daemon", "--config", str(self.config_path), "--node", node],
-            stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )
         log.close()
         self.procs[node] = proc
@@ -200,18 +191,9 @@ class Demo:
             except Exception as e:
                 say(f"{n}: clean down failed ({e}); stopping the daemon anyway")
         for n, proc in self.procs.items():
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            mount = os.path.realpath(self.config.node(n).mount) if self.config else None
-            if mount:
-                with open("/proc/self/mounts") as f:
-                    if any(line.split()[1] == mount for line in f if len(line.split()) > 1):
-                        subprocess.run(["fusermount3", "-u", "-z", mount], capture_output=True)
+            stop_process(proc, timeout=30)
+            if self.config is not None:
+                unmount_fuse(self.config.node(n).mount)
         if self.keep:
             say(f"kept {self.dir} (logs, config, backing files)")
         else:

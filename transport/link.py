@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import trio
 
@@ -231,10 +230,21 @@ async def _refuse(stream: trio.abc.Stream, conn: Connection, reason: str) -> Non
     await trio.aclose_forcefully(stream)
 
 
-@dataclass
-class HandshakeResult:
-    link: PeerLink
-    remote: Hello
+async def _handshake_failed(stream: trio.abc.Stream, label: str, exc: BaseException) -> None:
+    """Close the stream, log why, and raise :class:`LinkRefused` (or re-raise
+    what is not a handshake failure, such as a cancellation)."""
+    with trio.CancelScope(shield=True):
+        await trio.aclose_forcefully(stream)
+    if isinstance(exc, LinkRefused):
+        log.warning("%s: %s", label, exc)
+        raise exc
+    if isinstance(exc, trio.TooSlowError):
+        log.warning("%s: handshake timed out", label)
+        raise LinkRefused("handshake timed out") from None
+    if isinstance(exc, (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+        log.warning("%s: handshake failed: %s", label, exc)
+        raise LinkRefused(f"handshake failed: {exc}") from None
+    raise exc
 
 
 async def client_handshake(
@@ -274,18 +284,9 @@ async def client_handshake(
             if not isinstance(auth, Auth) or not verify_mac(secret, "server", mine, theirs, auth.mac):
                 await _refuse(stream, conn, "authentication failed: server's proof is wrong (check the secret)")
                 raise LinkRefused(f"peer {remote.node} failed authentication (wrong secret?)")
-    except LinkRefused as e:
-        log.warning("%s: %s", label, e)
-        await trio.aclose_forcefully(stream)
-        raise
-    except trio.TooSlowError:
-        await trio.aclose_forcefully(stream)
-        log.warning("%s: handshake timed out", label)
-        raise LinkRefused("handshake timed out") from None
-    except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-        await trio.aclose_forcefully(stream)
-        log.warning("%s: handshake failed: %s", label, e)
-        raise LinkRefused(f"handshake failed: {e}") from None
+    except BaseException as e:
+        await _handshake_failed(stream, label, e)
+        raise AssertionError("unreachable")  # _handshake_failed always raises
     return PeerLink(stream, conn, remote, label=label)
 
 
@@ -322,18 +323,9 @@ async def server_handshake(
                 await _refuse(stream, conn, "authentication failed: wrong secret")
                 raise LinkRefused(f"refusing peer {remote.node}: authentication failed (wrong secret)")
             await stream.send_all(conn.send(Auth(auth_mac(secret, "server", theirs, mine))))
-    except LinkRefused as e:
-        log.warning("%s: %s", label, e)
-        await trio.aclose_forcefully(stream)
-        raise
-    except trio.TooSlowError:
-        await trio.aclose_forcefully(stream)
-        log.warning("%s: handshake timed out", label)
-        raise LinkRefused("handshake timed out") from None
-    except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-        await trio.aclose_forcefully(stream)
-        log.warning("%s: handshake failed: %s", label, e)
-        raise LinkRefused(f"handshake failed: {e}") from None
+    except BaseException as e:
+        await _handshake_failed(stream, label, e)
+        raise AssertionError("unreachable")  # _handshake_failed always raises
     return PeerLink(stream, conn, remote, label=label)
 
 

@@ -9,7 +9,6 @@ and FUSE mounts unmounted, daemons stopped by PID.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import shutil

@@ -7,13 +7,11 @@ SIGKILL) in a ``finally``, whatever the test did; readiness is the daemon's own
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import textwrap
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
