@@ -400,19 +400,23 @@ class VolumeEngine:
         generation; that member's bitmap is relative to the old one."""
         sm = self.local.statemap
         current = sm.sb.generations.current
+        # A member in sync has its bitmap generation equal to the current one
+        # (set when it was last found uptodate, and moved along with every fork
+        # it stays in sync for). Away and still equal: not forked for yet. After
+        # the fork they differ, so a member that stays away costs one fork.
         newly_away = [
             m for m in self.members.values()
             if not (m.connected and not m.behind)
-            and sm.sb.peers[m.name].bitmap_gen != current
-            and sm.sb.peers[m.name].disk != DiskState.INCONSISTENT
+            and sm.sb.peers[m.name].bitmap_gen == current
         ]
         if not newly_away:
             return
         for m in newly_away:
-            sm.set_bitmap_generation(current, member=m.name)
-            if sm.sb.peers[m.name].disk == DiskState.UPTODATE:
-                sm.set_peer_disk(m.name, DiskState.OUTDATED)
+            sm.set_peer_disk(m.name, DiskState.OUTDATED)
         new = sm.start_new_generation()
+        for m in self.members.values():
+            if m.connected and not m.behind and sm.sb.peers[m.name].bitmap_gen == current:
+                sm.set_bitmap_generation(new, member=m.name)  # still in sync: it moves along
         await self.local.writer.sync_all()
         log.info("%s: new generation %s (members away: %s)", self.name, new,
                  ", ".join(m.name for m in newly_away))

@@ -102,6 +102,8 @@ async def test_killed_secondary_comes_back_outdated_with_exact_out_of_sync_regio
             log: list = []
             stop = trio.Event()
             kill_t = lost_t = flushed_at_kill = None
+            gens: list[str] = []
+            gen_before = eng.statemap.sb.generations.current
 
             async def killer():
                 nonlocal kill_t, lost_t, flushed_at_kill
@@ -112,6 +114,10 @@ async def test_killed_secondary_comes_back_outdated_with_exact_out_of_sync_regio
                 lost_t = trio.current_time()
                 flushed_at_kill = member.flushed_gseq  # no ack arrives after the loss
                 await wait_for(lambda: len([w for w in log if w[0] > lost_t]) >= 50, what="writes after loss")
+                gens.append(eng.statemap.sb.generations.current)
+                n_now = len(log)
+                await wait_for(lambda: len(log) >= n_now + 50, what="more writes")
+                gens.append(eng.statemap.sb.generations.current)
                 stop.set()
 
             async with trio.open_nursery() as n:
@@ -128,6 +134,9 @@ async def test_killed_secondary_comes_back_outdated_with_exact_out_of_sync_regio
             may = set().union(*(regions(o, n) for _t0, t1, o, n, g in log if t1 > kill_t or g > flushed_at_kill))
             assert must and must <= bits <= may
             assert unflushed <= bits
+            # Losing the member started one new generation, not one per write.
+            assert gens[0] == gens[1] != gen_before
+            assert eng.statemap.sb.peers["labor2"].bitmap_gen == gen_before
             st = eng.status()["members"]["labor2"]
             assert st["disk"] == "outdated" and st["link"] != "connected"
 
