@@ -252,9 +252,9 @@ def _tls_reason(e: BaseException) -> str:
     return f"{cause}" if cause is not None else (str(e) or type(e).__name__)
 
 
-async def run_daemon(config: Config, node: str) -> None:
+async def run_daemon(config: Config, node: str, mount: bool = True) -> None:
     """``gmd daemon``: serve until SIGTERM/SIGINT, then stop cleanly."""
-    daemon = NodeDaemon(config, node)
+    daemon = NodeDaemon(config, node, mount=mount)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as outer:
 

@@ -69,7 +69,7 @@ def _die_with_parent() -> None:
 
 def start_member(config: Path, log: Path) -> subprocess.Popen:
     gmd = str(Path(sys.executable).parent / "gmd")
-    proc = subprocess.Popen([gmd, "daemon", "--config", str(config), "--node", "bench2"],
+    proc = subprocess.Popen([gmd, "daemon", "--config", str(config), "--node", "bench2", "--no-mount"],
                             stdout=subprocess.PIPE, stderr=open(log, "ab"), stdin=subprocess.DEVNULL,
                             preexec_fn=die_with_parent)
     line = proc.stdout.readline()

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "zeroed): no full copy. Wrong use silently leaves them different")
 
     p = command("daemon", "run this node's daemon in the foreground (SIGTERM stops it cleanly)", cmd_daemon)
+    p.add_argument("--no-mount", action="store_true",
+                   help="serve no FUSE mount (this node will not expose volumes as files)")
 
     p = command("up", "attach VOLUME on this node and connect to its other members", cmd_volume_op)
     p.add_argument("volume", metavar="VOLUME")
@@ -213,7 +215,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from gmd.daemon import run_daemon
 
     config, node = _load(args)
-    trio.run(run_daemon, config, node)
+    trio.run(run_daemon, config, node, not args.no_mount)
     return ExitCode.OK
 
 
