@@ -18,6 +18,13 @@ NONCE_BYTES = 32
 LABEL = b"gmd-peer-auth-v1"
 
 
+def _key(secret: str | bytes) -> bytes:
+    """The HMAC key: a hash of the secret, so secrets that HMAC's zero padding
+    would make equal ("k" and "k\\0") stay different, and every key is 32 bytes."""
+    raw = secret.encode() if isinstance(secret, str) else bytes(secret)
+    return hashlib.sha256(b"gmd-peer-secret-v1|" + raw).digest()
+
+
 def new_nonce() -> bytes:
     return os.urandom(NONCE_BYTES)
 
@@ -30,7 +37,7 @@ def auth_mac(secret: str | bytes, role: str, client_hello: bytes, server_hello: 
     """
     if role not in ("client", "server"):
         raise ValueError(f"role must be client or server, not {role!r}")
-    key = secret.encode() if isinstance(secret, str) else secret
+    key = _key(secret)
     msg = b"|".join([LABEL, role.encode(), hashlib.sha256(client_hello).digest(),
                      hashlib.sha256(server_hello).digest()])
     return hmac.new(key, msg, hashlib.sha256).digest()

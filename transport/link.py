@@ -20,9 +20,11 @@ from collections.abc import Callable
 
 import trio
 
-from .auth import auth_mac, verify_mac
+from .auth import NONCE_BYTES, auth_mac, verify_mac
 from .codec import (
     CLOSED,
+    PROTOCOL_MAX,
+    PROTOCOL_MIN,
     NEED_DATA,
     Auth,
     Connection,
@@ -221,6 +223,19 @@ async def _next_event(stream: trio.abc.Stream, conn: Connection) -> Event:
         return ev
 
 
+def hello_problem(hello: Hello) -> str | None:
+    """What makes a peer's hello unusable before any volume is looked at: no
+    protocol version in common, or a nonce that is not a fresh 32 bytes."""
+    if hello.protocol_min > hello.protocol_max:
+        return f"protocol range {hello.protocol_min}..{hello.protocol_max} is empty"
+    if hello.protocol_max < PROTOCOL_MIN or hello.protocol_min > PROTOCOL_MAX:
+        return (f"no common protocol version: peer speaks {hello.protocol_min}..{hello.protocol_max}, "
+                f"this side {PROTOCOL_MIN}..{PROTOCOL_MAX}")
+    if len(hello.nonce) != NONCE_BYTES:
+        return f"hello nonce of {len(hello.nonce)} bytes, expected {NONCE_BYTES}"
+    return None
+
+
 async def _refuse(stream: trio.abc.Stream, conn: Connection, reason: str) -> None:
     try:
         with trio.move_on_after(1):
@@ -273,7 +288,7 @@ async def client_handshake(
             if not isinstance(remote, Hello):
                 raise RemoteProtocolError(f"expected HELLO, got {type(remote).__name__}")
             theirs = conn.last_frame
-            reason = check_remote(remote)
+            reason = hello_problem(remote) or check_remote(remote)
             if reason:
                 await _refuse(stream, conn, reason)
                 raise LinkRefused(f"refusing peer {remote.node}: {reason}")
@@ -310,7 +325,7 @@ async def server_handshake(
             if not isinstance(remote, Hello):
                 raise RemoteProtocolError(f"expected HELLO, got {type(remote).__name__}")
             theirs = conn.last_frame
-            reply = reply_to(remote)
+            reply = hello_problem(remote) or reply_to(remote)
             if isinstance(reply, str):
                 await _refuse(stream, conn, reply)
                 raise LinkRefused(f"refusing peer {remote.node}: {reply}")

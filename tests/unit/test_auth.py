@@ -43,7 +43,8 @@ def test_mac_is_a_sha256_hmac_and_deterministic():
     assert isinstance(mac, bytes) and len(mac) == 32
     assert auth_mac(SECRET, "client", CH, SH) == mac
     assert auth_mac(SECRET.encode(), "client", CH, SH) == mac  # str and bytes secrets agree
-    expected = hmac.new(SECRET.encode(), b"|".join(
+    key = hashlib.sha256(b"gmd-peer-secret-v1|" + SECRET.encode()).digest()
+    expected = hmac.new(key, b"|".join(
         [LABEL, b"client", hashlib.sha256(CH).digest(), hashlib.sha256(SH).digest()]), hashlib.sha256).digest()
     assert mac == expected
 
@@ -53,7 +54,9 @@ def test_mac_differs_by_role():
 
 
 def test_mac_differs_by_secret():
-    # (HMAC zero-pads short keys, so "k" and "k\0" are the same key; not tested as different.)
+    # The key is a hash of the secret, so even secrets HMAC's zero padding would
+    # equate stay different.
+    assert auth_mac("k", "client", CH, SH) != auth_mac("k\0", "client", CH, SH)
     macs = {auth_mac(s, "client", CH, SH) for s in (SECRET, "change-mE", "change-me ", "", b"\xff" * 100)}
     assert len(macs) == 5
 

@@ -1,0 +1,88 @@
+"""Handshakes over in-memory streams: both ends, every refusal named on both."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from transport.auth import new_nonce
+from transport.codec import Hello, Ping, Pong
+from transport.link import LinkRefused, client_handshake, server_handshake
+
+
+def hello(node, **kw):
+    args = dict(node=node, volume="appslv", size=1 << 30, region_size=65536, extent_size=4 << 20,
+                nonce=new_nonce(), session="s1")
+    args.update(kw)
+    return Hello(**args)
+
+
+async def handshake(client_hello, server_hello, *, client_secret="s", server_secret="s"):
+    """Run both ends; returns (client result, server result): a link or the exception."""
+    a, b = trio.testing.memory_stream_pair()
+    results = {}
+
+    async def run(name, fn):
+        try:
+            results[name] = await fn()
+        except LinkRefused as e:
+            results[name] = e
+
+    async with trio.open_nursery() as n:
+        n.start_soon(run, "client", lambda: client_handshake(a, client_hello, client_secret, lambda h: None,
+                                                            label="client"))
+        n.start_soon(run, "server", lambda: server_handshake(b, server_secret, lambda h: server_hello,
+                                                            label="server"))
+    return results["client"], results["server"]
+
+
+async def test_matching_peers_get_links_that_carry_frames():
+    client, server = await handshake(hello("labor1"), hello("labor2"))
+    assert client.remote.node == "labor2" and server.remote.node == "labor1"
+    async with trio.open_nursery() as n:
+        client.start(n)
+        server.start(n)
+        await client.send(Ping(7))
+        assert await server.receive() == Ping(7)
+        await server.send(Pong(7))
+        assert await client.receive() == Pong(7)
+        await client.aclose("done")
+        await server.aclose("done")
+
+
+async def test_wrong_secret_is_refused_on_both_ends(caplog):
+    client, server = await handshake(hello("labor1"), hello("labor2"), server_secret="other")
+    assert isinstance(client, LinkRefused) and isinstance(server, LinkRefused)
+    assert "authentication" in str(server) and "authentication" in str(client)
+
+
+@pytest.mark.parametrize("kw,why", [
+    (dict(protocol_min=2, protocol_max=3), "no common protocol version: peer speaks 2..3"),
+    (dict(protocol_min=1, protocol_max=0), "protocol range 1..0 is empty"),
+    (dict(nonce=b"short"), "nonce of 5 bytes"),
+])
+async def test_unusable_hello_is_refused_with_the_reason(kw, why):
+    client, server = await handshake(hello("labor1", **kw), hello("labor2"))
+    assert isinstance(server, LinkRefused) and why in str(server)
+    assert isinstance(client, LinkRefused) and why in str(client)  # the peer was told why
+
+
+async def test_server_refusal_reason_reaches_the_client():
+    a, b = trio.testing.memory_stream_pair()
+    out = {}
+
+    async def client():
+        try:
+            await client_handshake(a, hello("labor1"), "s", lambda h: None, label="c")
+        except LinkRefused as e:
+            out["client"] = str(e)
+
+    async def server():
+        with pytest.raises(LinkRefused):
+            await server_handshake(b, "s", lambda h: "volume appslv is down on labor2", label="s")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(client)
+        n.start_soon(server)
+    assert "volume appslv is down on labor2" in out["client"]
