@@ -24,6 +24,7 @@ from transport.link import (
     LinkRefused,
     PeerLink,
     client_handshake,
+    log_refusal,
     open_peer_stream,
     server_handshake,
     set_nodelay,
@@ -110,7 +111,7 @@ class NodeDaemon:
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
                     stream = await wrap(stream, self.tls.server, server_side=True)
             except (trio.BrokenResourceError, trio.TooSlowError, OSError) as e:
-                log.warning("%s: refusing peer: TLS handshake failed: %s", label, _tls_reason(e))
+                log_refusal(label, f"refusing peer: TLS handshake failed: {_tls_reason(e)}")
                 await trio.aclose_forcefully(stream)
                 return
         engine_box: list[VolumeEngine] = []
@@ -146,7 +147,7 @@ class NodeDaemon:
                     stream = await wrap(stream, self.tls.client, server_side=False)
             except (trio.BrokenResourceError, trio.TooSlowError, OSError) as e:
                 await trio.aclose_forcefully(stream)
-                log.warning("%s: TLS handshake failed: %s", label, _tls_reason(e))
+                log_refusal(label, f"TLS handshake failed: {_tls_reason(e)}")
                 raise LinkRefused(f"TLS handshake with {addr} refused: {_tls_reason(e)}") from None
         return await client_handshake(
             stream, engine.make_hello(new_nonce(), path, session), self.config.secret,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Callable
 
 import trio
@@ -245,19 +246,37 @@ async def _refuse(stream: trio.abc.Stream, conn: Connection, reason: str) -> Non
     await trio.aclose_forcefully(stream)
 
 
+_last_refusal: dict[str, tuple[str, float]] = {}
+REPEAT_LOG_INTERVAL = 60.0
+
+
+def log_refusal(label: str, message: str) -> None:
+    """Log a failed or refused connection at WARNING the first time, when the
+    reason changes, and once a minute while it repeats; at DEBUG otherwise, so a
+    peer that stays down does not flood the log with one line per retry."""
+    key = label.rsplit(":", 1)[0] if "<-" in label else label  # an acceptor's label carries the peer's port
+    now = time.monotonic()
+    last = _last_refusal.get(key)
+    if last is None or last[0] != message or now - last[1] >= REPEAT_LOG_INTERVAL:
+        _last_refusal[key] = (message, now)
+        log.warning("%s: %s", label, message)
+    else:
+        log.debug("%s: %s (repeated)", label, message)
+
+
 async def _handshake_failed(stream: trio.abc.Stream, label: str, exc: BaseException) -> None:
     """Close the stream, log why, and raise :class:`LinkRefused` (or re-raise
     what is not a handshake failure, such as a cancellation)."""
     with trio.CancelScope(shield=True):
         await trio.aclose_forcefully(stream)
     if isinstance(exc, LinkRefused):
-        log.warning("%s: %s", label, exc)
+        log_refusal(label, str(exc))
         raise exc
     if isinstance(exc, trio.TooSlowError):
-        log.warning("%s: handshake timed out", label)
+        log_refusal(label, "handshake timed out")
         raise LinkRefused("handshake timed out") from None
     if isinstance(exc, (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
-        log.warning("%s: handshake failed: %s", label, exc)
+        log_refusal(label, f"handshake failed: {exc}")
         raise LinkRefused(f"handshake failed: {exc}") from None
     raise exc
 

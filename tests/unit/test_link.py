@@ -86,3 +86,18 @@ async def test_server_refusal_reason_reaches_the_client():
         n.start_soon(client)
         n.start_soon(server)
     assert "volume appslv is down on labor2" in out["client"]
+
+
+def test_a_repeated_refusal_is_logged_once_then_at_debug(caplog):
+    import logging
+
+    from transport import link
+
+    link._last_refusal.clear()
+    caplog.set_level(logging.DEBUG, logger="transport.link")
+    for port in (40001, 40002, 40003):  # an acceptor's label changes with the peer's port
+        link.log_refusal(f"labor2<-127.0.0.1:{port}", "refusing peer labor1: volume appslv is down")
+    link.log_refusal("labor2<-127.0.0.1:40004", "refusing peer labor1: authentication failed")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "down" in warnings[0] and "authentication" in warnings[1]
+    assert sum(1 for r in caplog.records if r.levelno == logging.DEBUG) == 2
