@@ -91,7 +91,7 @@ class NodeDaemon:
         with trio.CancelScope(shield=True):
             for engine in self.engines.values():
                 try:
-                    await engine.down()
+                    await engine.down(force=True)  # the operator stopped the node
                 except Exception as e:
                     log.error("%s: clean stop failed: %s (recovery will run at next start)", engine.name, e)
 
@@ -233,14 +233,14 @@ class NodeDaemon:
             await self._engine(req).up(loop=bool(req.get("loop")))
             return {"ok": True}
         if op == "down":
-            await self._engine(req).down()
+            await self._engine(req).down(force=bool(req.get("force")))
             return {"ok": True}
         if op == "primary":
             engine = self._engine(req)
             await engine.promote(force=bool(req.get("force")))
             return {"ok": True, "device": engine.device_path, "loop": engine.loop_device}
         if op == "secondary":
-            await self._engine(req).demote()
+            await self._engine(req).demote(force=bool(req.get("force")))
             return {"ok": True}
         if op == "stop":
             self.stop()

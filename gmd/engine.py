@@ -195,12 +195,12 @@ class VolumeEngine:
                 n.start_soon(self._auto_flush)
         self._nursery = None
 
-    async def down(self) -> None:
+    async def down(self, *, force: bool = False) -> None:
         """Demote if primary, close member sessions, close the local member cleanly."""
         if self.local is None:
             return
         if self.role == Role.PRIMARY:
-            await self.demote()
+            await self.demote(force=force)
         for m in self.members.values():
             s = m.session
             if s is not None:
@@ -247,10 +247,39 @@ class VolumeEngine:
                 await self._tell_member_state(m)
         log.info("%s: primary", self.name)
 
-    async def demote(self) -> None:
+    def device_holders(self) -> list[str]:
+        """Who keeps the device in use: open handles of the volume file (other than
+        our own loop device's) and mounts of the loop device."""
+        holders = []
+        fs = self.daemon.fs
+        if fs is not None:
+            n = fs.open_handles(self) - (1 if self.loop_device else 0)
+            if n > 0:
+                holders.append(f"{n} open handle(s) of {self.device_path}")
+        if self.loop_device is not None:
+            try:
+                with open("/proc/self/mounts") as f:
+                    for line in f:
+                        parts = line.split()
+                        if parts and parts[0] == self.loop_device:
+                            holders.append(f"{self.loop_device} mounted on {parts[1]}")
+            except OSError:
+                pass
+        return holders
+
+    async def demote(self, *, force: bool = False) -> None:
+        """Become secondary: drain and flush writes everywhere. Refuses while the
+        device is in use (a mounted file system, an open file) unless ``force``:
+        taking it away would turn that user's I/O into errors."""
         local = self._require_up()
         if self.role != Role.PRIMARY:
             return
+        holders = self.device_holders()
+        if holders and not force:
+            raise GmdError(f"{self.name}: device in use ({'; '.join(holders)}); unmount or close it first, "
+                           "or add --force to demote anyway (its users then get I/O errors)")
+        if holders:
+            log.warning("%s: demoting with the device in use (%s)", self.name, "; ".join(holders))
         if self.loop_device is not None:
             # Detach first: the loop driver flushes through us while we are primary.
             await trio.to_thread.run_sync(_losetup_detach, self.loop_device)

@@ -88,6 +88,10 @@ class VolumeFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return engine
 
+    def open_handles(self, engine: VolumeEngine) -> int:
+        """Handles of ``engine``'s file opened in its current role epoch."""
+        return sum(1 for e, epoch in self._handles.values() if e is engine and epoch == engine.role_epoch)
+
     def role_changed(self, engine: VolumeEngine) -> None:
         """Tell the kernel to forget the entry (called on promote/demote/down)."""
         try:

@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = command(name, help, cmd_volume_op)
         p.add_argument("volume", metavar="VOLUME")
+        p.add_argument("--force", action="store_true",
+                       help="demote even while the device is mounted or open (its users get I/O errors)")
     p = command("primary", "make this node primary for VOLUME (needs an uptodate disk)", cmd_volume_op)
     p.add_argument("volume", metavar="VOLUME")
     p.add_argument("--force", action="store_true",
@@ -233,7 +235,7 @@ def cmd_volume_op(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise UsageError(e.message) from None
     req: dict[str, Any] = {"op": args.command, "volume": args.volume}
-    if args.command == "primary":
+    if args.command in ("primary", "down", "secondary"):
         req["force"] = args.force
     if args.command == "up":
         req["loop"] = args.loop

@@ -210,7 +210,11 @@ def test_the_file_goes_away_on_demotion_and_old_handles_get_eio(cluster):
     fd = os.open(device, os.O_RDWR)
     try:
         os.pwrite(fd, b"a" * 4096, 0)
-        procs["labor1"].request(op="secondary", volume="appslv")
+        with pytest.raises(RuntimeError, match="device in use.*open handle"):
+            procs["labor1"].request(op="secondary", volume="appslv")
+        assert procs["labor1"].status()["role"] == "primary"  # refused: nothing changed
+        os.pwrite(fd, b"b" * 4096, 0)
+        procs["labor1"].request(op="secondary", volume="appslv", force=True)
         with pytest.raises(OSError) as e:
             os.pwrite(fd, b"b" * 4096, 0)
         assert e.value.errno == errno.EIO
@@ -293,6 +297,11 @@ def test_up_with_loop_attaches_a_loop_device_while_primary(tmp_path):
                 with open(backing(tmp_path, node), "rb") as f:
                     f.seek(8 * MiB)
                     assert f.read(MiB) == data
+            run("mkfs.ext4", "-q", "-F", dev)
+            with mounted(dev, tmp_path / "fs") as fs:
+                with pytest.raises(RuntimeError, match=f"{dev} mounted on {fs}"):
+                    procs["labor1"].request(op="down", volume="appslv")
+                assert procs["labor1"].status()["loop"] == dev  # refused: still attached
             procs["labor1"].request(op="down", volume="appslv")
             listing = run("losetup", "--list", "--noheadings", "--output", "NAME").stdout.split()
             assert dev not in listing
