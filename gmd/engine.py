@@ -142,6 +142,10 @@ class VolumeEngine:
         self.role_epoch = 0  # bumped on every role change: FUSE handles of an older epoch get EIO
         self.want_loop = False
         self.loop_device: str | None = None
+        self.copies: dict[str, Any] = {}  # member -> CopyProgress of a running copy
+        self.copy_bytes_sent = 0  # bytes the copy engine shipped (after hash compare)
+        self.copy_history: list[tuple[str, Any]] = []  # (member, CopyProgress) of every pass started
+        self._copying: set[str] = set()
         self.writes = 0
         self.bytes_written = 0
 
@@ -721,6 +725,53 @@ class VolumeEngine:
         if ev.last:
             m.bitmap_done.set()
 
+    # ------------------------------------------------------------ copy engine
+
+    async def lock_range(self, start: int, end: int) -> int:
+        return await self._locks.acquire(start, end)
+
+    def unlock_range(self, token: int) -> None:
+        self._locks.release(token)
+
+    @property
+    def completed_sequence(self) -> int:
+        return self._completed_gseq
+
+    async def tell_member(self, m: MemberLink, fields: dict[str, Any]) -> None:
+        await self._send_state(m, fields)
+
+    def _start_copy(self, m: MemberLink) -> None:
+        if m.name not in self._copying:
+            self._copying.add(m.name)
+            self._nursery_or_daemon().start_soon(self._copy_loop, m)
+
+    async def _copy_loop(self, m: MemberLink) -> None:
+        from .copy import CopyAborted, copy_member
+
+        try:
+            while self.role == Role.PRIMARY and self.local is not None and m.connected and not m.behind:
+                try:
+                    await copy_member(self, m)
+                    return
+                except CopyAborted as e:
+                    log.info("%s: copy to %s stopped: %s", self.name, m.name, e)
+                    await trio.sleep(0.1)
+        finally:
+            self._copying.discard(m.name)
+            self.copies.pop(m.name, None)
+
+    async def member_caught_up(self, m: MemberLink) -> None:
+        """The copy engine brought ``m`` level with us: it is uptodate again."""
+        sm = self.local.statemap
+        if sm.sb.peers[m.name].copy is not None:
+            sm.set_peer_copy(m.name, None)
+        sm.set_peer_disk(m.name, DiskState.UPTODATE)
+        sm.set_bitmap_generation(sm.sb.generations.current, member=m.name)
+        await self.local.writer.sync_all()
+        m.peer_disk = DiskState.UPTODATE.value
+        log.info("%s: member %s is uptodate", self.name, m.name)
+        await self._send_state(m, {"your_disk": DiskState.UPTODATE.value, "generation": sm.sb.generations.current})
+
     async def _tell_member_state(self, m: MemberLink) -> None:
         """As primary: decide a newly connected member's disk state and tell it."""
         sm = self.local.statemap
@@ -744,6 +795,8 @@ class VolumeEngine:
         if disk == DiskState.UPTODATE:
             fields["generation"] = sm.sb.generations.current
         await self._send_state(m, fields)
+        if disk != DiskState.UPTODATE and self.role == Role.PRIMARY:
+            self._start_copy(m)
 
     async def _send_state(self, m: MemberLink, fields: dict[str, Any]) -> None:
         s = m.session
@@ -766,6 +819,8 @@ class VolumeEngine:
                 log.warning("%s: %s sent unknown disk state %r", self.name, m.name, fields["your_disk"])
                 return
             sm.set_disk(disk)
+            if disk == DiskState.UPTODATE and sm.sb.local_copy is not None:
+                sm.set_local_copy(None)  # the copy we were waiting for is done
             log.info("%s: %s says our disk is %s", self.name, m.name, disk.value)
         if "generation" in fields and sm.sb.disk == DiskState.UPTODATE:
             sm.adopt_generation(str(fields["generation"]))
@@ -822,7 +877,7 @@ class VolumeEngine:
                 pass
             case Read():
                 self._nursery_or_daemon().start_soon(self._answer_read, link, ev)
-            case ReadReply():
+            case ReadReply() | HashReply():
                 m.on_read_reply(ev)
             case HashRequest():
                 self._nursery_or_daemon().start_soon(self._answer_hash, link, ev)
@@ -900,7 +955,7 @@ class VolumeEngine:
                 "out_of_sync_bytes": sm.out_of_sync_bytes(name) if rec else cfg.size,
                 "lag_bytes": lag_bytes,
                 "lag_seconds": round(lag_s, 3),
-                "copy": None,
+                "copy": self.copies[name].to_json() if name in self.copies else None,
                 "pending_copy": _fence_json(rec.copy if rec else None),
                 "behind": m.behind,
                 "reason": m.reason,

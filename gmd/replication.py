@@ -225,10 +225,9 @@ class MemberLink:
             self.acked_unflushed = [w for w in self.acked_unflushed if w[0] > sh.gseq]
         sh.settle(ack.status == 0, ack.status)
 
-    async def read(self, offset: int, length: int) -> bytes:
-        """Read bytes from this member's disk over the link (any live path)."""
-        from transport.codec import Read
-
+    async def _request(self, make_event):
+        """Send a request frame built by ``make_event(request_id)`` and wait for
+        the reply with that id (a read or hash reply)."""
         s = self.session
         path = s.pick_path() if s is not None and self.connected else None
         if path is None:
@@ -238,17 +237,34 @@ class MemberLink:
         send, recv = trio.open_memory_channel(1)
         self.reads[request] = send
         try:
-            path.send_nowait(Read(request, offset, length))
-            reply = await recv.receive()
+            path.send_nowait(make_event(request))
+            return await recv.receive()
         except trio.EndOfChannel:
-            raise LinkClosed(f"{self.name} went away during a read") from None
+            raise LinkClosed(f"{self.name} went away during a request") from None
         finally:
             self.reads.pop(request, None)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Read bytes from this member's disk over the link (any live path)."""
+        from transport.codec import Read
+
+        reply = await self._request(lambda r: Read(r, offset, length))
         if reply.status:
             raise OSError(reply.status, f"read from {self.name} failed")
         if len(reply.data) != length:
             raise OSError(errno.EIO, f"{self.name} returned {len(reply.data)} of {length} bytes")
         return bytes(reply.data)
+
+    async def region_hashes(self, offset: int, length: int, block: int) -> tuple[int, ...]:
+        """xxh3_64 of each ``block`` of [offset, offset+length) on this member's disk."""
+        from transport.codec import HashRequest
+
+        reply = await self._request(lambda r: HashRequest(r, offset, length, block))
+        if reply.status:
+            raise OSError(reply.status, f"hashing on {self.name} failed")
+        if len(reply.hashes) != (length + block - 1) // block:
+            raise OSError(errno.EIO, f"{self.name} returned {len(reply.hashes)} hashes")
+        return reply.hashes
 
     def on_read_reply(self, reply) -> None:
         send = self.reads.pop(reply.request, None)

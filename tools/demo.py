@@ -3,8 +3,8 @@
 Two node daemons on loopback, a 256 MiB ``mwc`` volume, HAGEO-style
 dirty/clean, the primary's volume as a loop device with ext4 on it, files
 written and synced, and then the proof: the member's backing file is byte for
-byte the primary's. Everything is torn down at the end, also on Ctrl-C or a
-failure. Talks to the daemons only through their control sockets.
+byte the primary's, with the member uptodate after the initial full copy.
+Everything is torn down at the end, also on Ctrl-C or a failure. Talks to the daemons only through their control sockets.
 """
 
 from __future__ import annotations
@@ -133,8 +133,10 @@ class Demo:
         reply = self.ask("labor1", op="primary", volume="appslv")
         dev, loop = reply["device"], reply["loop"]
         say(f"labor1 is primary: volume file {dev}, loop device {loop}")
-        say("initial full copy to labor2: pending (the copy engine arrives with the copy issue); "
-            "both backing files start as zeros, and every write from now on is mirrored")
+        self.wait("the initial full copy to labor2",
+                  lambda: self.status("labor1")["members"]["labor2"]["disk"] == "uptodate", timeout=300)
+        say("initial full copy to labor2 done: regions compared by hash, only differing ones sent "
+            "(both backing files started as zeros, so nothing had to move); labor2 is uptodate")
 
         _run("mkfs.ext4", "-q", "-F", "-L", "appslv", loop)
         self.fs_mount = self.dir / "mnt"
@@ -170,6 +172,7 @@ class Demo:
             os.close(fd)
         h1 = _hash(self.config.member("appslv", "labor1").device)
         h2 = _hash(self.config.member("appslv", "labor2").device)
+        self.wait("labor2 to be uptodate", lambda: self.status("labor1")["members"]["labor2"]["disk"] == "uptodate")
         say(f"xxh3-128 of labor1's backing file: {h1}")
         say(f"xxh3-128 of labor2's backing file: {h2}")
         from tools.cli import format_status

@@ -92,7 +92,7 @@ async def test_sync_members_are_byte_identical_after_random_writes(tmp_path, mod
             assert st2["state_map"]["generation"] == st["state_map"]["generation"]
 
 
-async def test_killed_secondary_comes_back_outdated_with_exact_out_of_sync_regions(tmp_path):
+async def test_killed_secondary_is_marked_exactly_and_caught_up_by_a_mini_copy(tmp_path):
     cfg = write_config(tmp_path, [NodeSpec("labor1"), NodeSpec("labor2")], mode="mwc")
     init_in_sync(cfg, "labor1", ["labor2"])
     with daemon_processes(cfg, ["labor2"], tmp_path) as procs:
@@ -150,11 +150,16 @@ async def test_killed_secondary_comes_back_outdated_with_exact_out_of_sync_regio
             await trio.to_thread.run_sync(procs["labor2"].start)
             await trio.to_thread.run_sync(lambda: procs["labor2"].request(op="up", volume="appslv"))
             await wait_for(lambda: member.connected, what="reconnect")
-            await wait_for(lambda: eng.status()["members"]["labor2"]["disk"] == "outdated", what="outdated")
-            st = eng.status()["members"]["labor2"]
-            assert st["out_of_sync_bytes"] == len(expected) * REGION
-            st2 = await wait_for(lambda: _disk_of(procs["labor2"], "outdated"), what="labor2 knows")
-            assert st2["members"]["labor2"]["disk"] == "outdated"
+            # The mini-copy moves exactly the regions in the exchanged bitmaps
+            # (fewer bytes where a region already matches), then it is uptodate.
+            await wait_for(lambda: eng.status()["members"]["labor2"]["disk"] == "uptodate", what="caught up")
+            passes = [p for name, p in eng.copy_history if name == "labor2"]
+            assert passes[0].kind == "mini" and passes[0].total_bytes == len(expected) * REGION
+            assert eng.copy_bytes_sent <= len(expected) * REGION
+            assert eng.status()["members"]["labor2"]["out_of_sync_bytes"] == 0
+            await eng.flush()
+            assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
+            await wait_for(lambda: _disk_of(procs["labor2"], "uptodate"), what="labor2 knows")
 
 
 def _disk_of(proc, disk):
