@@ -79,16 +79,17 @@ async def copy_member(engine: VolumeEngine, m: MemberLink) -> None:
     rec = sm.sb.peers[m.name]
     if rec.copy is not None:
         start = rec.copy.fence - rec.copy.fence % rs
-        progress = CopyProgress("full", size - start)
+        progress = CopyProgress(rec.copy.kind.value, size - start)  # "full" copy or "merge"
         engine.copies[m.name] = progress
         engine.copy_history.append((m.name, progress))
-        await engine.tell_member(m, {"your_disk": DiskState.COPYING.value})
+        during = DiskState.COPYING if rec.copy.kind.value == "full" else DiskState.MERGING
+        await engine.tell_member(m, {"your_disk": during.value})
         await _copy_ranges(engine, m, progress, [(off, min(CHUNK, size - off)) for off in range(start, size, CHUNK)],
                            full=True)
     # Regions written while it was away (also below a full copy's fence).
     regions = list(sm.out_of_sync_regions(m.name).search(1))
     if regions:
-        progress = CopyProgress("mini", len(regions) * rs)
+        progress = CopyProgress("mini", len(regions) * rs)  # mini-copy, or the mini-merge after a crash
         engine.copies[m.name] = progress
         engine.copy_history.append((m.name, progress))
         work = []
@@ -114,6 +115,8 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
             await _record(engine, m, done_since_flush, full=full)
             done_since_flush, bytes_since_flush = [], 0
     await _record(engine, m, done_since_flush, full=full)
+    log.info("%s: %s pass to %s done: %d bytes compared, %d bytes sent", engine.name, progress.kind,
+             m.name, progress.done_bytes, progress.sent_bytes)
 
 
 async def _copy_chunk(engine: VolumeEngine, m: MemberLink, progress: CopyProgress, offset: int, length: int) -> None:

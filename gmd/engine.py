@@ -38,7 +38,7 @@ from bitarray import bitarray
 
 from quorum import expected_votes, votes_needed
 from quorum.generations import GenerationView, Verdict, compare
-from statemap import DiskState, Role
+from statemap import CopyKind, DiskState, Fence, Role
 from statemap.format import PAGE
 from transport.codec import (
     Bitmap,
@@ -778,10 +778,11 @@ class VolumeEngine:
         verdict = m.verdict
         rec = sm.sb.peers[m.name]
         if verdict == Verdict.PEER_NEEDS_FULL and rec.copy is None:
-            from statemap import CopyKind, Fence
             sm.set_peer_copy(m.name, Fence(CopyKind.FULL, 0))
         if rec.copy is not None and rec.copy.fence < self.config.size:
-            disk = DiskState.INCONSISTENT
+            # A full copy's target is inconsistent; a member awaiting a full merge
+            # (sync-mode crash) holds consistent data that may differ in places.
+            disk = DiskState.INCONSISTENT if rec.copy.kind == CopyKind.FULL else DiskState.OUTDATED
         elif sm.out_of_sync_bytes(m.name) > 0 or verdict in (Verdict.PEER_NEEDS_FULL,):
             disk = DiskState.OUTDATED
         else:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import trio
 
+from statemap import CopyKind, Fence, Role
 from statemap.statemap import Recovery, StateMap
 
 from .config import Member, VolumeConfig
@@ -134,9 +135,17 @@ class LocalVolume:
         vol = cls(config, member, sm, device, limiter)
         try:
             vol.recovery = sm.recover()
-            if vol.recovery.needed:
+            if vol.recovery.needed and not member.mode in INTENT_MODES and sm.sb.role == Role.PRIMARY:
+                # sync mode logs no intent: any region may have been in flight
+                # when the primary died, so every member gets a full merge (a
+                # fence-driven pass comparing hashes: only differing regions move).
+                for peer, rec in sm.sb.peers.items():
+                    if rec.copy is None:
+                        sm.set_peer_copy(peer, Fence(CopyKind.MERGE, 0))
+                log.warning("%s: unclean stop of a sync-mode primary; full merge to every member", config.name)
+            elif vol.recovery.needed:
                 log.warning(
-                    "%s: unclean stop; %d hot extents (%d bytes) marked for merge on every member",
+                    "%s: unclean stop; %d hot extents (%d bytes) marked for a mini-merge on every member",
                     config.name, len(vol.recovery.hot_extents), vol.recovery.bytes,
                 )
             sm.begin_use()

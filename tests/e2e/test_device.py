@@ -322,3 +322,60 @@ def test_gmd_demo_runs_end_to_end_and_leaves_nothing_behind():
     assert run("losetup", "-a").stdout == before_loops
     with open("/proc/self/mounts") as f:
         assert workdir not in f.read()
+
+
+@pytest.mark.parametrize("mode,merge", [("mwc", "mini"), ("sync", "merge")])
+def test_primary_killed_under_load_is_merged_on_restart(tmp_path, mode, merge):
+    """(e) mwc merges only the hot extents; (f) sync, with no intent log, merges
+    the whole volume (hash-compared). Afterwards the members are identical."""
+    cfg = write_config(tmp_path, [NodeSpec("labor1"), NodeSpec("labor2")], mode=mode, size="128MiB")
+    init_in_sync(cfg, "labor1", ["labor2"])
+    with daemon_processes(cfg, ["labor1", "labor2"], tmp_path) as procs:
+        for p in procs.values():
+            p.request(op="up", volume="appslv")
+        _wait(lambda: procs["labor1"].status()["members"]["labor2"]["link"] == "connected")
+        device = Path(procs["labor1"].request(op="primary", volume="appslv")["device"])
+        stop = threading.Event()
+
+        def writer():
+            try:
+                fd = os.open(device, os.O_RDWR)
+            except OSError:
+                return
+            rng = random.Random(3)
+            try:
+                while not stop.is_set():
+                    os.pwrite(fd, os.urandom(65536), rng.randrange(0, 128 * 16) * 65536)
+            except OSError:
+                pass  # the primary died under it
+            finally:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+        threads = [threading.Thread(target=writer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        _wait(lambda: procs["labor1"].status()["io"]["writes"] > 300)
+        procs["labor1"].kill()
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        procs["labor1"].start()
+        procs["labor1"].request(op="up", volume="appslv")
+        _wait(lambda: procs["labor1"].status()["members"]["labor2"]["link"] == "connected")
+        procs["labor1"].request(op="primary", volume="appslv")
+        _wait(lambda: procs["labor1"].status()["members"]["labor2"]["disk"] == "uptodate", timeout=120)
+        log = procs["labor1"].log()
+        assert f"{merge} pass to labor2 done" in log
+        if mode == "sync":
+            assert "full merge to every member" in log and "merge pass to labor2 done: 134217728 bytes compared" in log
+        else:
+            assert "marked for a mini-merge" in log and "full merge" not in log
+        fd = os.open(device, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
