@@ -174,3 +174,45 @@ async def _record(engine: VolumeEngine, m: MemberLink, done: list[tuple[int, int
         for off, length in done:
             sm.clear_out_of_sync(m.name, range(off // rs, (off + length) // rs))
     await engine.local.writer.sync_all()
+
+
+async def verify_member(engine: VolumeEngine, m: MemberLink) -> dict[str, Any]:
+    """Compare every region of ``m`` with ours, online. A difference is re-checked
+    under the region's range lock after the member acknowledged a flush (so no
+    write to it is in flight anywhere); a real one is marked out of sync."""
+    size, rs = engine.config.size, engine.config.region_size
+    local = engine.local
+    real: list[int] = []
+    for offset in range(0, size, CHUNK):
+        length = min(CHUNK, size - offset)
+        try:
+            theirs = await m.region_hashes(offset, length, rs)
+        except (LinkClosed, OSError) as e:
+            raise CopyAborted(f"hashing on {m.name}: {e}") from None
+        data = await local.read(offset, length)
+        for i in range(len(theirs)):
+            if xxhash.xxh3_64_intdigest(data[i * rs:(i + 1) * rs]) == theirs[i]:
+                continue
+            roff = offset + i * rs
+            token = await engine.lock_range(roff, roff + rs)
+            try:
+                sh = m.ship_flush(engine.completed_sequence)
+                if sh is None:
+                    raise CopyAborted(f"{m.name} went away during verify")
+                await sh.done.wait()
+                (again,) = await m.region_hashes(roff, rs, rs)
+                ours = xxhash.xxh3_64_intdigest(await local.read(roff, rs))
+            finally:
+                engine.unlock_range(token)
+            if again != ours:
+                real.append(roff // rs)
+    sm = engine.statemap
+    for r in real:
+        sm.mark_regions_out_of_sync(m.name, range(r, r + 1))
+    if real:
+        sm.set_peer_disk(m.name, DiskState.OUTDATED)
+        m.peer_disk = DiskState.OUTDATED.value
+        await engine.tell_member(m, {"your_disk": DiskState.OUTDATED.value})
+    await engine.local.writer.sync_all()
+    return {"compared_bytes": size, "differing_regions": len(real),
+            "first_offsets": [r * rs for r in real[:10]]}

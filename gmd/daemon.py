@@ -242,6 +242,10 @@ class NodeDaemon:
         if op == "secondary":
             await self._engine(req).demote(force=bool(req.get("force")))
             return {"ok": True}
+        if op == "verify":
+            return {"ok": True, "report": await self._engine(req).verify()}
+        if op == "resync":
+            return {"ok": True, "started": self._engine(req).resync()}
         if op == "stop":
             self.stop()
             return {"ok": True}

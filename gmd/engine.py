@@ -760,6 +760,37 @@ class VolumeEngine:
             self._copying.discard(m.name)
             self.copies.pop(m.name, None)
 
+    async def verify(self) -> dict[str, Any]:
+        """``gmd verify``: compare every connected up-to-date member with this
+        primary, online; report and mark real differences (``gmd resync`` repairs)."""
+        from .copy import CopyAborted, verify_member
+
+        self._require_primary()
+        report: dict[str, Any] = {}
+        for m in self.members.values():
+            if not (m.connected and m.peer_disk == DiskState.UPTODATE.value):
+                report[m.name] = {"skipped": f"not connected and uptodate ({m.peer_disk or 'unknown'})"}
+                continue
+            try:
+                report[m.name] = await verify_member(self, m)
+            except CopyAborted as e:
+                report[m.name] = {"skipped": str(e)}
+            found = report[m.name].get("differing_regions")
+            if found:
+                log.warning("%s: verify found %d differing regions on %s (first at %d); marked for resync",
+                            self.name, found, m.name, report[m.name]["first_offsets"][0])
+        return report
+
+    def resync(self) -> list[str]:
+        """``gmd resync``: start copying the marked regions to every connected member."""
+        self._require_primary()
+        started = []
+        for m in self.members.values():
+            if m.connected and (self.statemap.out_of_sync_bytes(m.name) or m.peer_disk != DiskState.UPTODATE.value):
+                self._start_copy(m)
+                started.append(m.name)
+        return started
+
     async def member_caught_up(self, m: MemberLink) -> None:
         """The copy engine brought ``m`` level with us: it is uptodate again."""
         sm = self.local.statemap

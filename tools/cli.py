@@ -121,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "and prove the mirror identical (needs root)", cmd_demo)
     p.add_argument("--keep", action="store_true", help="keep the working directory (logs, config, images)")
 
+    p = command("verify", "compare VOLUME's members with the primary online; mark differences "
+                          "(exit 1 if any)", cmd_verify)
+    p.add_argument("volume", metavar="VOLUME")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p = command("resync", "copy the regions marked out of sync (by verify or an outage) to the members",
+                cmd_volume_op)
+    p.add_argument("volume", metavar="VOLUME")
+
     p = command("status", "show roles, disk and link states, out-of-sync bytes", cmd_status)
     p.add_argument("volume", metavar="VOLUME", nargs="?", help="one volume (default: all of this node's)")
     p.add_argument("--json", action="store_true", help="print JSON (a stable interface for scripts)")
@@ -226,6 +234,28 @@ def _daemon_request(config: Config, node: str, req: dict[str, Any]) -> dict[str,
     if not reply.get("ok"):
         raise DaemonRefused(reply.get("error", "daemon refused"), reply.get("exit_code", 1))
     return reply
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    config, node = _load(args)
+    try:
+        reply = _daemon_request(config, node, {"op": "verify", "volume": args.volume})
+    except control.ControlUnavailable as e:
+        raise GmdError(f"{e}; verify runs in the primary's daemon") from None
+    report = reply["report"]
+    if args.json:
+        _print_json(report)
+    else:
+        for member, r in report.items():
+            if "skipped" in r:
+                print(f"{args.volume}: {member}: not verified ({r['skipped']})")
+            else:
+                first = ", ".join(str(o) for o in r["first_offsets"])
+                print(f"{args.volume}: {member}: {human_bytes(r['compared_bytes'])} compared, "
+                      f"{r['differing_regions']} differing regions" + (f" (first at {first}); run "
+                      f"'gmd resync {args.volume}'" if r["differing_regions"] else ""))
+    found = any(r.get("differing_regions") for r in report.values())
+    return ExitCode.FAILED if found else ExitCode.OK
 
 
 def cmd_volume_op(args: argparse.Namespace) -> int:

@@ -137,3 +137,36 @@ async def test_killed_copy_target_resumes_past_the_fence(tmp_path):
                 await eng.flush()
                 assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
         pn.cancel_scope.cancel()
+
+
+async def test_verify_finds_a_flipped_byte_and_resync_repairs_it(tmp_path):
+    from .harness import init_in_sync
+
+    cfg_path = write_config(tmp_path, [NodeSpec("labor1"), NodeSpec("labor2")], mode="mwc", size="64MiB")
+    init_in_sync(cfg_path, "labor1", ["labor2"])
+    with daemon_processes(cfg_path, ["labor2"], tmp_path) as procs:
+        async with in_process_daemon(cfg_path, "labor1") as d:
+            eng = await primary_up(d, procs)
+            await random_writes(eng, 200, seed=8, size=64 * MiB, workers=4)
+            await eng.flush()
+            clean = await eng.verify()
+            assert clean["labor2"]["differing_regions"] == 0
+            # A byte flipped behind gmd's back on the member's disk.
+            flip = 37 * MiB + 1234
+            with open(backing(tmp_path, "labor2"), "r+b") as f:
+                f.seek(flip)
+                b = f.read(1)
+                f.seek(flip)
+                f.write(bytes([b[0] ^ 0x5A]))
+            # Writes keep flowing while verify runs: they must not be reported.
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: random_writes(eng, 200, seed=9, size=32 * MiB, workers=4))  # clear of the flip
+                report = await eng.verify()
+            assert report["labor2"]["differing_regions"] == 1
+            assert report["labor2"]["first_offsets"] == [flip // REGION * REGION]
+            assert member_disk(eng) == "outdated"
+            assert list(eng.statemap.out_of_sync_regions("labor2").search(1)) == [flip // REGION]
+            assert eng.resync() == ["labor2"]
+            await wait_for(lambda: member_disk(eng) == "uptodate", what="resynced")
+            await eng.flush()
+            assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
