@@ -325,6 +325,7 @@ class VolumeEngine:
         local = self._require_primary()
         check_range(offset, length, self.config.size, writing=False)
         if self._local_current(offset, length):
+            await self._merge_before_read(offset, length)
             return await local.read(offset, length)
         for m in self.members.values():
             if m.connected and m.peer_disk == DiskState.UPTODATE.value:
@@ -337,6 +338,28 @@ class VolumeEngine:
                     continue
         raise OSError(errno.EIO, f"{self.name}: local copy is {local.statemap.sb.disk.value} and no "
                                  "up-to-date member is reachable for this read")
+
+    async def _merge_before_read(self, offset: int, length: int) -> None:
+        """A read of regions a connected member still has marked (a merge after
+        a crash, or a mini-copy, not there yet) first brings those regions to the
+        member, so after the read every member returns the same bytes for them.
+        The bits stay until the copy pass clears them after a flush."""
+        sm = self.local.statemap
+        regions = sm.regions_of(offset, length)
+        rs = self.config.region_size
+        for m in self.members.values():
+            if not m.connected or m.behind:
+                continue
+            marked = sm.out_of_sync_in(m.name, regions)
+            for r in marked:
+                token = await self._locks.acquire(r * rs, (r + 1) * rs)
+                try:
+                    data = await self.local.read(r * rs, rs)
+                    sh = m.ship_write(self._completed_gseq, r * rs, data, lambda sh: None)
+                finally:
+                    self._locks.release(token)
+                if sh is not None:
+                    await sh.done.wait()
 
     def _local_current(self, offset: int, length: int) -> bool:
         sm = self.local.statemap

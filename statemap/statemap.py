@@ -415,6 +415,13 @@ class StateMap:
         """A copy of ``member``'s out-of-sync bitmap (one bit per region)."""
         return self._peer_bits(member).copy()
 
+    def out_of_sync_in(self, member: str, regions: range) -> list[int]:
+        """The regions of ``regions`` marked for ``member`` (no copy of the bitmap)."""
+        bits = self._peer_bits(member)
+        if not regions:
+            return []
+        return [regions.start + i for i in bits[regions.start:regions.stop].search(1)]
+
     def out_of_sync_bytes(self, member: str) -> int:
         """Bytes ``member`` lacks by this map: its bitmap, plus everything above the
         fence of a pending full copy or merge."""

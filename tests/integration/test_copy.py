@@ -170,3 +170,29 @@ async def test_verify_finds_a_flipped_byte_and_resync_repairs_it(tmp_path):
             await wait_for(lambda: member_disk(eng) == "uptodate", what="resynced")
             await eng.flush()
             assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
+
+
+async def test_a_read_of_an_unmerged_region_merges_it_first(tmp_path):
+    from .harness import init_in_sync
+
+    cfg_path = write_config(tmp_path, [NodeSpec("labor1"), NodeSpec("labor2")], mode="mwc", size="64MiB")
+    init_in_sync(cfg_path, "labor1", ["labor2"])
+    with daemon_processes(cfg_path, ["labor2"], tmp_path) as procs:
+        async with in_process_daemon(cfg_path, "labor1") as d:
+            eng = await primary_up(d, procs)
+            data = os.urandom(4 * REGION)
+            await eng.write(10 * MiB, data)
+            await eng.flush()
+            # As after a crash: the member's copy of these regions differs and the
+            # regions are marked for merging, but no merge pass has reached them.
+            with open(backing(tmp_path, "labor2"), "r+b") as f:
+                f.seek(10 * MiB)
+                f.write(bytes(4 * REGION))
+            eng.statemap.mark_out_of_sync("labor2", 10 * MiB, 4 * REGION)
+            assert await eng.read(10 * MiB + REGION, 2 * REGION) == data[REGION:3 * REGION]
+            with open(backing(tmp_path, "labor2"), "rb") as f:
+                f.seek(10 * MiB)
+                got = f.read(4 * REGION)
+            # The two regions read now match on the member; the others wait for the pass.
+            assert got[REGION:3 * REGION] == data[REGION:3 * REGION]
+            assert got[:REGION] == bytes(REGION) and got[3 * REGION:] == bytes(REGION)
