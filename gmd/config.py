@@ -270,6 +270,7 @@ class VolumeConfig:
     mode: str
     members: dict[str, Member]
     async_queue: int = 64 * 1024 * 1024  # bytes an async member may lag before bitmap tracking
+    copy_rate: int = 0  # bytes/s the copy engine may send to one member; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -699,7 +700,8 @@ class _Parser:
         witnesses: Mapping[str, Witness],
     ) -> VolumeConfig:
         key = _join("volumes", name)
-        self.check_keys(table, key, ("size", "region_size", "extent_size", "mode", "members", "async_queue"))
+        self.check_keys(table, key, ("size", "region_size", "extent_size", "mode", "members", "async_queue",
+                                     "copy_rate"))
 
         size, raw_size = self.size(
             self.require(table, key, "size", 'a size such as "4GiB"'), _join(key, "size")
@@ -746,7 +748,10 @@ class _Parser:
             witnesses,
         )
         async_queue, _ = self.size(table.get("async_queue", "64MiB"), _join(key, "async_queue"))
-        return VolumeConfig(name, size, region, extent, mode, members, async_queue)
+        copy_rate = 0
+        if "copy_rate" in table:  # bytes per second, e.g. "50MiB"
+            copy_rate, _ = self.size(table["copy_rate"], _join(key, "copy_rate"))
+        return VolumeConfig(name, size, region, extent, mode, members, async_queue, copy_rate)
 
     def members(
         self,

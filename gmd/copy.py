@@ -145,6 +145,11 @@ async def _copy_chunk(engine: VolumeEngine, m: MemberLink, progress: CopyProgres
         shipments.append(sh)
         progress.sent_bytes += rlen
         engine.copy_bytes_sent += rlen
+        rate = engine.copy_rate
+        if rate:  # keep the copy at or below its rate: the application's writes come first
+            await trio.sleep_until(progress.started + progress.sent_bytes / rate)
+        else:
+            await trio.lowlevel.checkpoint()  # let waiting application writes take the lock
     for sh in shipments:
         await sh.done.wait()
         if not sh.ok:

@@ -245,7 +245,10 @@ class NodeDaemon:
         if op == "verify":
             return {"ok": True, "report": await self._engine(req).verify()}
         if op == "resync":
-            return {"ok": True, "started": self._engine(req).resync()}
+            rate = req.get("rate")
+            if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or rate < 0):
+                raise ValueError(f"rate must be a non-negative number of bytes per second, not {rate!r}")
+            return {"ok": True, "started": self._engine(req).resync(rate)}
         if op == "stop":
             self.stop()
             return {"ok": True}

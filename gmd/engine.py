@@ -144,6 +144,7 @@ class VolumeEngine:
         self.loop_device: str | None = None
         self.copies: dict[str, Any] = {}  # member -> CopyProgress of a running copy
         self.copy_bytes_sent = 0  # bytes the copy engine shipped (after hash compare)
+        self.copy_rate = config.copy_rate  # bytes/s per member copy; 0: unlimited
         self.copy_history: list[tuple[str, Any]] = []  # (member, CopyProgress) of every pass started
         self._copying: set[str] = set()
         self.writes = 0
@@ -804,9 +805,12 @@ class VolumeEngine:
                             self.name, found, m.name, report[m.name]["first_offsets"][0])
         return report
 
-    def resync(self) -> list[str]:
-        """``gmd resync``: start copying the marked regions to every connected member."""
+    def resync(self, rate: int | None = None) -> list[str]:
+        """``gmd resync``: start copying the marked regions to every connected
+        member; ``rate`` (bytes/s, 0 for none) replaces the copy rate limit."""
         self._require_primary()
+        if rate is not None:
+            self.copy_rate = rate
         started = []
         for m in self.members.values():
             if m.connected and (self.statemap.out_of_sync_bytes(m.name) or m.peer_disk != DiskState.UPTODATE.value):
@@ -1033,6 +1037,7 @@ class VolumeEngine:
                 "generation": sm.sb.generations.current, "updated": sm.sb.updated,
                 "warnings": list(sm.warnings),
             },
+            "copy_rate": self.copy_rate,
             "io": {"writes": self.writes, "bytes_written": self.bytes_written,
                    "sequence": self._gseq, "in_flight": self._inflight},
         }

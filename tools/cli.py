@@ -7,6 +7,8 @@ codes: 0 ok, 1 failed, 2 usage (see :mod:`gmd.errors`).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -16,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gmd import __version__, admin, control
-from gmd.config import Config, ConfigError, load_config, resolve_config_path, resolve_node
+from gmd.config import Config, ConfigError, load_config, parse_size, resolve_config_path, resolve_node
 from gmd.errors import ExitCode, GmdError, UsageError, exit_code_for
 
 
@@ -128,10 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("resync", "copy the regions marked out of sync (by verify or an outage) to the members",
                 cmd_volume_op)
     p.add_argument("volume", metavar="VOLUME")
+    p.add_argument("--rate", metavar="SIZE", help='copy rate limit per member, e.g. "50MiB" (per second); 0 for none')
 
     p = command("status", "show roles, disk and link states, out-of-sync bytes", cmd_status)
     p.add_argument("volume", metavar="VOLUME", nargs="?", help="one volume (default: all of this node's)")
     p.add_argument("--json", action="store_true", help="print JSON (a stable interface for scripts)")
+    p.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
     return parser
 
 
@@ -269,6 +273,11 @@ def cmd_volume_op(args: argparse.Namespace) -> int:
         req["force"] = args.force
     if args.command == "up":
         req["loop"] = args.loop
+    if args.command == "resync" and args.rate is not None:
+        try:
+            req["rate"] = parse_size(args.rate, file="--rate", key="rate", minimum=0)
+        except ConfigError as e:
+            raise UsageError(f"--rate: {e.message}") from None
     try:
         reply = _daemon_request(config, node, req)
     except control.ControlUnavailable as e:
@@ -295,6 +304,24 @@ def _volume_status(config: Config, node: str, name: str) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if getattr(args, "watch", False):
+        if args.json:
+            raise UsageError("--watch redraws for a terminal; use --json without it in scripts")
+        try:
+            while True:
+                out = io.StringIO()
+                with contextlib.redirect_stdout(out):
+                    code = _status_once(args)
+                sys.stdout.write("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S  ") + "gmd status (Ctrl-C to stop)\n\n"
+                                 + out.getvalue())
+                sys.stdout.flush()
+                time.sleep(1)
+        except KeyboardInterrupt:
+            return code
+    return _status_once(args)
+
+
+def _status_once(args: argparse.Namespace) -> int:
     config, node = _load(args)
     if args.volume:
         names = [args.volume]
@@ -348,6 +375,11 @@ def format_status(st: dict[str, Any]) -> str:
         pc = m.get("pending_copy")
         if pc:
             note = f"{pc['kind']} copy pending from {human_bytes(pc['fence'])}"
+        cp = m.get("copy")
+        if cp:
+            eta = f", ETA {cp['eta_s']:.0f} s" if cp.get("eta_s") else ""
+            note = (f"{cp['kind']} copy {human_bytes(cp['done_bytes'])} of {human_bytes(cp['total_bytes'])}, "
+                    f"{human_bytes(cp['rate_bytes_per_s'])}/s{eta}")
         if m.get("lag_bytes"):
             note = (note + "; " if note else "") + f"lag {human_bytes(m['lag_bytes'])} / {m['lag_seconds']:.1f} s"
         if m.get("behind"):

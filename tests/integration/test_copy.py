@@ -196,3 +196,20 @@ async def test_a_read_of_an_unmerged_region_merges_it_first(tmp_path):
             # The two regions read now match on the member; the others wait for the pass.
             assert got[REGION:3 * REGION] == data[REGION:3 * REGION]
             assert got[:REGION] == bytes(REGION) and got[3 * REGION:] == bytes(REGION)
+
+
+async def test_copy_rate_limit_is_kept(tmp_path):
+    cfg_path = write_config(tmp_path, [NodeSpec("labor1"), NodeSpec("labor2")], mode="mwc", size="64MiB",
+                            extra_volume='copy_rate = "32MiB"')
+    source_and_target(cfg_path)
+    with daemon_processes(cfg_path, ["labor2"], tmp_path) as procs:
+        async with in_process_daemon(cfg_path, "labor1") as d:
+            eng = await primary_up(d, procs)
+            t0 = trio.current_time()
+            await wait_for(lambda: member_disk(eng) == "uptodate", timeout=120, what="copy done")
+            elapsed = trio.current_time() - t0
+            assert eng.copy_bytes_sent > 60 * MiB  # random source, zero target: nearly all moves
+            assert eng.copy_bytes_sent / elapsed <= 32 * MiB * 1.1
+            assert eng.status()["copy_rate"] == 32 * MiB
+            eng.resync(rate=0)
+            assert eng.copy_rate == 0
