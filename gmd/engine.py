@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
+import xxhash
 from bitarray import bitarray
 
 from quorum import expected_votes, votes_needed
@@ -954,24 +955,23 @@ class VolumeEngine:
         await local.flush()
 
     async def _answer_read(self, link: PeerLink, ev: Read) -> None:
-        try:
-            data = await self._require_up().read(ev.offset, ev.length)
-            reply = ReadReply(ev.request, 0, data)
-        except Exception as e:
-            reply = ReadReply(ev.request, errno_for(e))
-        try:
-            await link.send(reply)
-        except LinkClosed:
-            pass
+        await self._answer(link, ev, lambda data: ReadReply(ev.request, 0, data),
+                           lambda code: ReadReply(ev.request, code))
 
     async def _answer_hash(self, link: PeerLink, ev: HashRequest) -> None:
-        import xxhash
+        def hashes(data: bytes) -> HashReply:
+            return HashReply(ev.request, 0, tuple(
+                xxhash.xxh3_64_intdigest(data[i:i + ev.block]) for i in range(0, len(data), ev.block)))
+
+        await self._answer(link, ev, hashes, lambda code: HashReply(ev.request, code))
+
+    async def _answer(self, link: PeerLink, ev: Read | HashRequest, ok, failed) -> None:
+        """Read the requested range locally and send ``ok(data)``, or ``failed(errno)``
+        when the read fails; a closed link just drops the answer."""
         try:
-            data = await self._require_up().read(ev.offset, ev.length)
-            hashes = tuple(xxhash.xxh3_64_intdigest(data[i:i + ev.block]) for i in range(0, len(data), ev.block))
-            reply = HashReply(ev.request, 0, hashes)
+            reply = ok(await self._require_up().read(ev.offset, ev.length))
         except Exception as e:
-            reply = HashReply(ev.request, errno_for(e))
+            reply = failed(errno_for(e))
         try:
             await link.send(reply)
         except LinkClosed:
