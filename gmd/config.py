@@ -270,7 +270,7 @@ class VolumeConfig:
     mode: str
     members: dict[str, Member]
     async_queue: int = 64 * 1024 * 1024  # bytes an async member may lag before bitmap tracking
-    copy_rate: int = 0  # bytes/s the copy engine may send to one member; 0: no limit
+    copy_rate: int = 0  # bytes/s the copy engine may compare (and send) per member; 0: no limit
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ behind.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024  # bytes compared per hash request
 FLUSH_EVERY = 32 * 1024 * 1024  # bytes copied between durable progress points
+COPY_WORKERS = 4  # chunks hashed, read and shipped concurrently
+WINDOW = 2  # chunks per worker shipped and not yet acknowledged
 
 
 class CopyAborted(Exception):
@@ -49,6 +52,7 @@ class CopyProgress:
     total_bytes: int
     done_bytes: int = 0
     sent_bytes: int = 0  # bytes that differed and were shipped
+    compared_bytes: int = 0  # bytes whose hashes were requested (paced by the rate limit)
     started: float = field(default_factory=trio.current_time)
 
     def to_json(self) -> dict[str, Any]:
@@ -104,24 +108,124 @@ async def copy_member(engine: VolumeEngine, m: MemberLink) -> None:
 
 async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgress,
                        work: list[tuple[int, int]], *, full: bool) -> None:
-    done_since_flush: list[tuple[int, int]] = []
-    bytes_since_flush = 0
-    for offset, length in work:
-        await _copy_chunk(engine, m, progress, offset, length)
-        done_since_flush.append((offset, length))
-        bytes_since_flush += length
-        progress.done_bytes += length
-        if bytes_since_flush >= FLUSH_EVERY:
-            await _record(engine, m, done_since_flush, full=full)
-            done_since_flush, bytes_since_flush = [], 0
-    await _record(engine, m, done_since_flush, full=full)
+    """Copy ``work`` (chunks in offset order) with :data:`COPY_WORKERS` workers.
+
+    Workers take the next chunk from a shared cursor, so the chunks finished at
+    any moment form a prefix with at most a few holes: a full copy's fence (the
+    end of the finished prefix) trails the cursor by no more than the workers'
+    windows. Each worker keeps up to :data:`WINDOW` chunks shipped but not yet
+    acknowledged, so hashing, reading and the member's writing overlap instead
+    of taking turns on one round trip each."""
+    tracker = _Progress(work)
+    record_lock = trio.Lock()
+
+    async def record_if_due(force: bool = False) -> None:
+        if record_lock.locked() and not force:
+            return  # another worker is recording; this one keeps copying
+        async with record_lock:
+            if tracker.pending_bytes() >= FLUSH_EVERY or (force and tracker.pending_bytes()):
+                await _record(engine, m, tracker.snapshot(full=full), full=full)
+
+    async def worker() -> None:
+        window: deque[tuple[int, list]] = deque()
+        while True:
+            index = tracker.take()
+            if index is None:
+                break
+            offset, length = work[index]
+            window.append((index, await _copy_chunk(engine, m, progress, offset, length)))
+            if len(window) > WINDOW:
+                await _chunk_acked(m, tracker, progress, work, *window.popleft())
+                await record_if_due()
+        while window:
+            await _chunk_acked(m, tracker, progress, work, *window.popleft())
+        await record_if_due()
+
+    try:
+        async with trio.open_nursery() as n:
+            for _ in range(min(COPY_WORKERS, len(work))):
+                n.start_soon(worker)
+    except BaseExceptionGroup as group:
+        aborted, rest = group.split(CopyAborted)
+        if rest is not None or aborted is None:
+            raise
+        raise _first_leaf(aborted) from None
+    await record_if_due(force=True)
     log.info("%s: %s pass to %s done: %d bytes compared, %d bytes sent", engine.name, progress.kind,
              m.name, progress.done_bytes, progress.sent_bytes)
 
 
-async def _copy_chunk(engine: VolumeEngine, m: MemberLink, progress: CopyProgress, offset: int, length: int) -> None:
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    e: BaseException = group
+    while isinstance(e, BaseExceptionGroup):
+        e = e.exceptions[0]
+    return e
+
+
+class _Progress:
+    """Which chunks of a pass are taken and acknowledged, and which of those
+    still wait to be made durable and recorded."""
+
+    def __init__(self, work: list[tuple[int, int]]):
+        self.work = work
+        self.next = 0  # the shared cursor: chunks [0, next) are taken
+        self.unrecorded: set[int] = set()  # acknowledged since the last record
+        self._ahead: set[int] = set()  # acknowledged beyond the prefix
+        self.prefix = 0  # chunks [0, prefix) are all acknowledged
+        self.recorded_prefix = 0
+
+    def take(self) -> int | None:
+        if self.next >= len(self.work):
+            return None
+        self.next += 1
+        return self.next - 1
+
+    def ack(self, index: int) -> None:
+        self.unrecorded.add(index)
+        self._ahead.add(index)
+        while self.prefix in self._ahead:
+            self._ahead.remove(self.prefix)
+            self.prefix += 1
+
+    def pending_bytes(self) -> int:
+        return sum(self.work[i][1] for i in self.unrecorded)
+
+    def snapshot(self, *, full: bool) -> list[tuple[int, int]]:
+        """What a flush sent now makes durable, as chunks to record: for a full
+        copy the finished prefix (its end is the new fence), else every
+        acknowledged chunk. Taken before the flush is sent."""
+        if full:
+            done = [self.work[i] for i in range(self.recorded_prefix, self.prefix)]
+            self.recorded_prefix = self.prefix
+            self.unrecorded = {i for i in self.unrecorded if i >= self.prefix}
+        else:
+            done = [self.work[i] for i in sorted(self.unrecorded)]
+            self.unrecorded = set()
+        return done
+
+
+async def _chunk_acked(m: MemberLink, tracker: _Progress, progress: CopyProgress,
+                       work: list[tuple[int, int]], index: int, shipments: list) -> None:
+    for sh in shipments:
+        await sh.done.wait()
+        if not sh.ok:
+            raise CopyAborted(f"{m.name} did not acknowledge a copied region")
+    tracker.ack(index)
+    progress.done_bytes += work[index][1]
+
+
+async def _copy_chunk(engine: VolumeEngine, m: MemberLink, progress: CopyProgress, offset: int, length: int) -> list:
+    """Ship the regions of one chunk that differ on the member; returns the
+    shipments (not yet acknowledged)."""
     rs = engine.config.region_size
     local = engine.local
+    progress.compared_bytes += length
+    rate = engine.copy_rate
+    if rate:
+        # The limit counts compared bytes: hashing reads the chunk from disk on
+        # both sides, which is the load an operator limits the copy for (a
+        # merge that finds almost nothing to send still reads everything).
+        await trio.sleep_until(progress.started + progress.compared_bytes / rate)
     try:
         theirs = await m.region_hashes(offset, length, rs)
     except (LinkClosed, OSError) as e:
@@ -145,15 +249,8 @@ async def _copy_chunk(engine: VolumeEngine, m: MemberLink, progress: CopyProgres
         shipments.append(sh)
         progress.sent_bytes += rlen
         engine.copy_bytes_sent += rlen
-        rate = engine.copy_rate
-        if rate:  # keep the copy at or below its rate: the application's writes come first
-            await trio.sleep_until(progress.started + progress.sent_bytes / rate)
-        else:
-            await trio.lowlevel.checkpoint()  # let waiting application writes take the lock
-    for sh in shipments:
-        await sh.done.wait()
-        if not sh.ok:
-            raise CopyAborted(f"{m.name} did not acknowledge a copied region")
+        await trio.lowlevel.checkpoint()  # let waiting application writes take the lock
+    return shipments
 
 
 async def _record(engine: VolumeEngine, m: MemberLink, done: list[tuple[int, int]], *, full: bool) -> None:

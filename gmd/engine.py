@@ -352,8 +352,13 @@ class VolumeEngine:
         for m in self.members.values():
             if not m.connected or m.behind:
                 continue
-            marked = sm.out_of_sync_in(m.name, regions)
-            for r in marked:
+            marked = set(sm.out_of_sync_in(m.name, regions))
+            rec = sm.sb.peers.get(m.name)
+            if rec is not None and rec.copy is not None and rec.copy.kind is CopyKind.MERGE:
+                # A full merge (sync mode, no intent log) has no bits: every
+                # region at or above its fence is still to be merged.
+                marked.update(r for r in regions if r * rs >= rec.copy.fence)
+            for r in sorted(marked):
                 token = await self._locks.acquire(r * rs, (r + 1) * rs)
                 try:
                     data = await self.local.read(r * rs, rs)

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
 RECEIVE_CHUNK = 1024 * 1024
 SEND_HIGH_WATER = 16 * 1024 * 1024  # queued bytes above which senders wait
+SENDMSG_MAX_BUFFERS = 512  # per sendmsg call, well under Linux's IOV_MAX of 1024
 
 
 class LinkClosed(Exception):
@@ -63,7 +64,7 @@ class PeerLink:
         self.conn = conn
         self.remote = remote
         self.label = label
-        self._out: list = []  # frames' parts, in order; joined once per send_all
+        self._out: list = []  # frames' parts, in order, handed to one sendmsg
         self._out_bytes = 0
         self._wake = trio.Event()
         self._drained = trio.Event()
@@ -158,16 +159,17 @@ class PeerLink:
                     self._wake = trio.Event()
                     await self._wake.wait()
                     continue
-                chunk = b"".join(self._out)
-                self._out.clear()
+                parts = self._out
+                self._out = []
+                sent = self._out_bytes
                 self._out_bytes = 0
                 self._drained.set()
                 self._sending = True
                 try:
-                    await self.stream.send_all(chunk)
+                    await self._send_parts(parts)
                 finally:
                     self._sending = False
-                self.bytes_sent += len(chunk)
+                self.bytes_sent += sent
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             self._mark_closed(f"send failed: {e!r}")
         finally:
@@ -175,6 +177,28 @@ class PeerLink:
                 self._mark_closed("sender stopped")
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
+
+    async def _send_parts(self, parts: list) -> None:
+        """Send the queued frame parts in order. On a plain TCP stream they go
+        out by ``sendmsg`` straight from the caller's buffers (a write's data is
+        never copied in user space); TLS needs one contiguous buffer."""
+        if not isinstance(self.stream, trio.SocketStream):
+            await self.stream.send_all(b"".join(parts))
+            return
+        sock = self.stream.socket
+        views = [memoryview(p) for p in parts]
+        i = 0
+        while i < len(views):
+            batch = views[i:i + SENDMSG_MAX_BUFFERS]
+            n = await sock.sendmsg(batch)
+            # Skip what went out; a partly sent buffer continues from its tail.
+            for v in batch:
+                if n >= len(v):
+                    n -= len(v)
+                    i += 1
+                else:
+                    views[i] = v[n:]
+                    break
 
     # ------------------------------------------------------------- receiving
 

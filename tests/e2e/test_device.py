@@ -327,8 +327,12 @@ def test_gmd_demo_runs_end_to_end_and_leaves_nothing_behind():
 @pytest.mark.parametrize("mode,merge", [("mwc", "mini"), ("sync", "merge")])
 def test_primary_killed_under_load_is_merged_on_restart(tmp_path, mode, merge):
     """(e) mwc merges only the hot extents; (f) sync, with no intent log, merges
-    the whole volume (hash-compared). Afterwards the members are identical."""
-    cfg = write_config(tmp_path, [NodeSpec("labor1"), NodeSpec("labor2")], mode=mode, size="128MiB")
+    the whole volume (hash-compared). Reads issued while the merge runs return
+    what both members hold afterwards. At the end the members are identical."""
+    # A slow merge (the rate limit counts compared bytes), so the reads below
+    # run while it is under way; lifted once they are done.
+    cfg = write_config(tmp_path, [NodeSpec("labor1"), NodeSpec("labor2")], mode=mode, size="128MiB",
+                       extra_volume='copy_rate = "4MiB"')
     init_in_sync(cfg, "labor1", ["labor2"])
     with daemon_processes(cfg, ["labor1", "labor2"], tmp_path) as procs:
         for p in procs.values():
@@ -366,6 +370,21 @@ def test_primary_killed_under_load_is_merged_on_restart(tmp_path, mode, merge):
         procs["labor1"].request(op="up", volume="appslv")
         _wait(lambda: procs["labor1"].status()["members"]["labor2"]["link"] == "connected")
         procs["labor1"].request(op="primary", volume="appslv")
+        # Reads during the merge: a region still marked is merged before the
+        # read returns, so the member holds the same bytes the moment it does.
+        fd = os.open(device, os.O_RDONLY)
+        try:
+            with open(backing(tmp_path, "labor2"), "rb") as member:
+                for offset in range(0, 128 * MiB, MiB):
+                    data = os.pread(fd, MiB, offset)
+                    member.seek(offset)
+                    assert member.read(MiB) == data, f"member differs at {offset} after a read during the merge"
+        finally:
+            os.close(fd)
+        member_state = procs["labor1"].status()["members"]["labor2"]
+        # The reads did run during the merge: it is still under way.
+        assert member_state["disk"] != "uptodate" and (member_state["copy"] or {}).get("kind") == merge, member_state
+        procs["labor1"].request(op="resync", volume="appslv", rate=0)
         _wait(lambda: procs["labor1"].status()["members"]["labor2"]["disk"] == "uptodate", timeout=120)
         log = procs["labor1"].log()
         assert f"{merge} pass to labor2 done" in log
