@@ -21,12 +21,15 @@ File format::
     [witnesses.NAME]                  # optional; diskless vote holders
     address = "10.0.0.9:7800"         # required, string or list
     votes = 1                         # (this default)
+    state = "/var/lib/gmd/witness-NAME.json"  # (this default) its small registration file
 
     [volumes.NAME]                    # optional
     size = "4GiB"                     # required; a positive multiple of region_size
     region_size = "64KiB"             # default; power of two, >= 4096
     extent_size = "4MiB"              # default; power of two, >= region_size
     mode = "mwc"                      # default; "sync", "mwc" or "async"
+    on_quorum_loss = "suspend"        # default; or "fail": writes get EIO after
+    quorum_timeout = 30               #   this many seconds without quorum
 
     [volumes.NAME.members.NODE]       # 1 to 8 members; NODE is a [nodes] name
     device = "/dev/vg/lv"             # required: backing file or block device
@@ -114,6 +117,7 @@ DEFAULT_EXTENT_SIZE = 4 * MiB
 MIN_REGION_SIZE = 4096
 MAX_MEMBERS = 8
 DEFAULT_VOTES = 1
+QUORUM_LOSS_POLICIES = ("suspend", "fail")
 MAX_SIZE = 2**63 - 1  # byte offsets travel as signed 64-bit integers
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -246,6 +250,7 @@ class Witness:
     name: str
     addresses: tuple[Address, ...]
     votes: int
+    state: Path = Path("/var/lib/gmd/witness.json")  # its registrations, kept across restarts
 
 
 @dataclass(frozen=True)
@@ -271,6 +276,8 @@ class VolumeConfig:
     members: dict[str, Member]
     async_queue: int = 64 * 1024 * 1024  # bytes an async member may lag before bitmap tracking
     copy_rate: int = 0  # bytes/s the copy engine may compare (and send) per member; 0: no limit
+    on_quorum_loss: str = "suspend"  # writes without quorum wait ("suspend") or get EIO ("fail")
+    quorum_timeout: int = 30  # seconds a write waits for quorum under "fail"
 
 
 @dataclass(frozen=True)
@@ -668,10 +675,11 @@ class _Parser:
                     key, f"{json.dumps(name)} is already a node (nodes.{name}); "
                     "a node and a witness may not share a name"
                 )
-            self.check_keys(table, key, ("address", "votes"))
+            self.check_keys(table, key, ("address", "votes", "state"))
             addresses = self.addresses_of(table, key)
             votes = self.integer(table.get("votes", DEFAULT_VOTES), _join(key, "votes"), 0)
-            witnesses[name] = Witness(name, addresses, votes)
+            state = self.path(table.get("state", f"/var/lib/gmd/witness-{name}.json"), _join(key, "state"))
+            witnesses[name] = Witness(name, addresses, votes, state)
         return witnesses
 
     def volumes(
@@ -701,7 +709,7 @@ class _Parser:
     ) -> VolumeConfig:
         key = _join("volumes", name)
         self.check_keys(table, key, ("size", "region_size", "extent_size", "mode", "members", "async_queue",
-                                     "copy_rate"))
+                                     "copy_rate", "on_quorum_loss", "quorum_timeout"))
 
         size, raw_size = self.size(
             self.require(table, key, "size", 'a size such as "4GiB"'), _join(key, "size")
@@ -751,7 +759,14 @@ class _Parser:
         copy_rate = 0
         if "copy_rate" in table:  # bytes per second, e.g. "50MiB"
             copy_rate, _ = self.size(table["copy_rate"], _join(key, "copy_rate"))
-        return VolumeConfig(name, size, region, extent, mode, members, async_queue, copy_rate)
+        on_loss = self.string(table.get("on_quorum_loss", "suspend"), _join(key, "on_quorum_loss"),
+                              'one of: "suspend", "fail"')
+        if on_loss not in QUORUM_LOSS_POLICIES:
+            raise self.error(_join(key, "on_quorum_loss"),
+                             f'{json.dumps(on_loss)} is not a policy (expected "suspend" or "fail")'
+                             f"{_did_you_mean(on_loss, QUORUM_LOSS_POLICIES)}")
+        timeout = self.integer(table.get("quorum_timeout", 30), _join(key, "quorum_timeout"), 1)
+        return VolumeConfig(name, size, region, extent, mode, members, async_queue, copy_rate, on_loss, timeout)
 
     def members(
         self,

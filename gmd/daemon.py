@@ -59,6 +59,9 @@ class NodeDaemon:
                 self.tls = make_contexts(config.tls.cert, config.tls.key, config.tls.ca)
             except (OSError, ssl.SSLError) as e:
                 raise GmdError(f"{config.path}: tls: cannot load certificate, key or CA: {e}") from None
+        from .witness import WitnessClient
+
+        self.witness_clients = {w: WitnessClient(config, node, w, self.tls) for w in config.witnesses}
         for vol in config.volumes_for_node(node):
             self.engines[vol.name] = VolumeEngine(self, vol)
 
@@ -71,6 +74,8 @@ class NodeDaemon:
             for i, addr in enumerate(self.node_config.listen_addresses):
                 bound = await n.start(self._listen, addr, i)
                 self.listen_addresses.append(bound)
+            for client in self.witness_clients.values():
+                n.start_soon(client.run)
             if self.mount:
                 from .fuse import VolumeFS, serve_fuse
 
@@ -249,6 +254,14 @@ class NodeDaemon:
             if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or rate < 0):
                 raise ValueError(f"rate must be a non-negative number of bytes per second, not {rate!r}")
             return {"ok": True, "started": self._engine(req).resync(rate)}
+        if op == "quorum":
+            engine = self._engine(req)
+            if "expected_votes" in req:
+                ev = req["expected_votes"]
+                if ev is not None and (not isinstance(ev, int) or isinstance(ev, bool)):
+                    raise ValueError(f"expected_votes must be a positive integer or null, not {ev!r}")
+                return {"ok": True, "quorum": await engine.set_expected_votes(ev)}
+            return {"ok": True, "quorum": engine.status()["quorum"]}
         if op == "stop":
             self.stop()
             return {"ok": True}

@@ -37,7 +37,6 @@ import trio
 import xxhash
 from bitarray import bitarray
 
-from quorum import expected_votes, votes_needed
 from quorum.generations import GenerationView, Verdict, compare
 from statemap import CopyKind, DiskState, Fence, Role
 from statemap.format import PAGE
@@ -61,6 +60,7 @@ from transport.link import LinkClosed, LinkRefused, PeerLink
 from .config import VolumeConfig
 from .disk import check_range
 from .errors import GmdError, UsageError, errno_for
+from .quorum_keeper import QuorumKeeper
 from .replication import Applier, LinkState, MemberLink, Shipment
 from .volume import LocalVolume
 
@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 PING_INTERVAL = 1.0
 PATH_TIMEOUT = 6.0  # no frame for this long: the path is dead (a blackholed partition)
 BITMAP_CHUNK_BITS = 8 * PAGE * 64  # 256 KiB of bitmap per frame at most
+REDIAL_MAX = 0.5  # seconds between dials of an unreachable member at most: a returning member is caught up at once
 AUTO_FLUSH_INTERVAL = 2.0  # retire extents even if the application never fsyncs
 MAX_REMOTE_READ = 4 * 1024 * 1024  # per Read frame when a read goes to a member
 
@@ -148,8 +149,10 @@ class VolumeEngine:
         self.copy_rate = config.copy_rate  # bytes/s per member copy; 0: unlimited
         self.copy_history: list[tuple[str, Any]] = []  # (member, CopyProgress) of every pass started
         self._copying: set[str] = set()
+        self._going_down = False
         self.writes = 0
         self.bytes_written = 0
+        self.quorum = QuorumKeeper(self)
 
     # --------------------------------------------------------------- naming
 
@@ -180,6 +183,7 @@ class VolumeEngine:
         if self.local is not None:
             return
         self.local = await LocalVolume.open(self.config, self.node, self.daemon.limiter)
+        self._going_down = False
         self.role = Role.SECONDARY
         sm = self.local.statemap
         if sm.sb.role != Role.SECONDARY:
@@ -199,6 +203,7 @@ class VolumeEngine:
                     if self.node < peer:  # the lower name dials; the other accepts
                         n.start_soon(self._dial_loop, peer)
                 n.start_soon(self._auto_flush)
+                n.start_soon(self.quorum.run)
         self._nursery = None
 
     async def down(self, *, force: bool = False) -> None:
@@ -207,6 +212,7 @@ class VolumeEngine:
             return
         if self.role == Role.PRIMARY:
             await self.demote(force=force)
+        self._going_down = True  # refuse new sessions while closing
         for m in self.members.values():
             s = m.session
             if s is not None:
@@ -231,6 +237,27 @@ class VolumeEngine:
         if other:
             raise GmdError(f"{self.name}: {', '.join(other)} is primary; demote it first (or use switchover)")
         sm = local.statemap
+        newer = [m.name for m in self.members.values()
+                 if m.connected and m.verdict in (Verdict.LOCAL_BEHIND, Verdict.LOCAL_NEEDS_FULL)]
+        if newer and not force:
+            raise GmdError(f"{self.name}: {', '.join(newer)} holds newer data than {self.node}; promoting "
+                           f"{self.node} would lose it. Promote {newer[0]} instead")
+        q = self.quorum
+        votes, needed = q.member_votes(), q.needed()
+        if votes < needed and sm.sb.disk == DiskState.UPTODATE:
+            g = sm.sb.generations
+            votes += await q.ask_witnesses("promote", g.current, g.history, q.outdated())
+        if votes < needed:
+            if not force:
+                witnesses = "; ".join(f"witness {w}: {a[1]}" for w, a in q.answers.items())
+                raise GmdError(
+                    f"{self.name}: no quorum: {votes} of {needed} votes needed ({q.expected()} expected) are "
+                    f"present{' (' + witnesses + ')' if witnesses else ''}. A primary out of sight may still be "
+                    f"writing. If it is known to be down: 'gmd primary {self.name} --force' (or 'gmd quorum "
+                    f"{self.name} --expected-votes N'); if both sides are forced, their data diverges")
+            log.warning("%s: promoted WITHOUT quorum (%d of %d votes) by the operator's --force; writes go on "
+                        "without quorum until demoted", self.name, votes, needed)
+            sm.set_forced_primary(True)
         if sm.sb.disk != DiskState.UPTODATE:
             if not force:
                 raise GmdError(
@@ -293,10 +320,13 @@ class VolumeEngine:
         self.role = Role.SECONDARY  # no new writes from here on
         self.role_epoch += 1
         self._role_changed()
+        self.quorum.notify()  # suspended writes wake and fail
         await self._idle.wait()
         await self.flush_barrier()
         local.statemap.set_role(Role.SECONDARY)
+        local.statemap.set_forced_primary(False)
         await local.writer.sync_all()
+        await self.quorum.release()
         for m in self.members.values():
             if m.connected:
                 await self._send_state(m, {"role": Role.SECONDARY.value})
@@ -385,8 +415,10 @@ class VolumeEngine:
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         token = await self._locks.acquire(offset, offset + length)
         try:
+            # Quorum first, and members already away fenced, before the disk is touched.
+            away_before = [m for m in self.members.values() if not (m.connected and not m.behind)]
+            await self.quorum.settle(away_before)
             await local.begin_intent(offset, length)
-            await self._fork_generation_if_members_away()
             self._gseq += 1
             ctx = _WriteCtx(offset, length, self._gseq)
             waits: list[tuple[MemberLink, Shipment]] = []
@@ -411,6 +443,10 @@ class VolumeEngine:
                     away.append(m)
             for m in away:
                 await self._mark_away(m, offset, length)
+            lost = [m for m in away if m not in away_before]
+            if lost:
+                # A member missed it: it completes only once quorum knows that member is behind.
+                await self.quorum.settle(lost)
             if failed_local is not None:
                 await self._local_failed(failed_local)
                 raise OSError(errno_for(failed_local), f"local write failed: {failed_local}")
@@ -458,34 +494,31 @@ class VolumeEngine:
             m.peer_disk = DiskState.OUTDATED.value
             await self._send_state(m, {"your_disk": DiskState.OUTDATED.value})
 
-    async def _fork_generation_if_members_away(self) -> None:
-        """The first write after losing touch with a member starts a new
-        generation; that member's bitmap is relative to the old one."""
+    async def commit_fork(self, generation: str, newly_away: list[MemberLink]) -> None:
+        """Start generation ``generation`` because the members in ``newly_away``
+        miss writes (their bitmaps stay relative to the old one), and make it
+        durable on every connected member in sync before any write relies on it:
+        the STATE frame, then a flush acknowledged after it."""
         sm = self.local.statemap
-        current = sm.sb.generations.current
-        # A member in sync has its bitmap generation equal to the current one
-        # (set when it was last found uptodate, and moved along with every fork
-        # it stays in sync for). Away and still equal: not forked for yet. After
-        # the fork they differ, so a member that stays away costs one fork.
-        newly_away = [
-            m for m in self.members.values()
-            if not (m.connected and not m.behind)
-            and sm.sb.peers[m.name].bitmap_gen == current
-        ]
-        if not newly_away:
-            return
+        old = sm.sb.generations.current
         for m in newly_away:
             sm.set_peer_disk(m.name, DiskState.OUTDATED)
-        new = sm.start_new_generation()
+        sm.start_new_generation(generation)
         for m in self.members.values():
-            if m.connected and not m.behind and sm.sb.peers[m.name].bitmap_gen == current:
-                sm.set_bitmap_generation(new, member=m.name)  # still in sync: it moves along
+            if m.connected and not m.behind and sm.sb.peers[m.name].bitmap_gen == old:
+                sm.set_bitmap_generation(generation, member=m.name)  # still in sync: it moves along
         await self.local.writer.sync_all()
-        log.info("%s: new generation %s (members away: %s)", self.name, new,
+        log.info("%s: new generation %s (members away: %s)", self.name, generation,
                  ", ".join(m.name for m in newly_away))
+        waits = []
         for m in self.members.values():
-            if m.connected and m.peer_disk == DiskState.UPTODATE.value:
-                await self._send_state(m, {"generation": new})
+            if m.connected and not m.behind and m.peer_disk == DiskState.UPTODATE.value:
+                await self._send_state(m, {"generation": generation})
+                sh = m.ship_flush(self._completed_gseq)
+                if sh is not None and not m.is_async:
+                    waits.append(sh)
+        for sh in waits:
+            await sh.done.wait()
 
     async def flush(self) -> None:
         """The application's fsync: a barrier on the local disk and every member."""
@@ -561,7 +594,7 @@ class VolumeEngine:
 
     def check_peer_hello(self, hello: Hello) -> str | None:
         """A refusal reason for the peer's hello, or None (used by both ends)."""
-        if self.local is None:
+        if self.local is None or self._going_down:
             return f"volume {self.name} is down on {self.node}"
         if hello.node not in self.members:
             return f"node {hello.node} is not a member of volume {self.name}"
@@ -617,7 +650,7 @@ class VolumeEngine:
                 refused = "refus" in last_error or "authentication" in last_error
                 m.set_state(LinkState.STANDALONE if refused else LinkState.DISCONNECTED, last_error)
                 await trio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, REDIAL_MAX)
                 continue
             backoff = 0.1
             async with trio.open_nursery() as n:
@@ -714,10 +747,17 @@ class VolumeEngine:
         else:
             log.info("%s: member %s disconnected: %s", self.name, m.name, reason)
         self._maybe_retire()
+        self.quorum.notify()
 
     async def _open_session(self, m: MemberLink, link: PeerLink) -> None:
         """First path of a session: exchange bitmaps, then the primary tells the
-        member its disk state."""
+        member its disk state. A path that closes meanwhile just ends it."""
+        try:
+            await self._open_session_on(m, link)
+        except LinkClosed as e:
+            log.info("%s: session with %s closed while opening: %s", self.name, m.name, e)
+
+    async def _open_session_on(self, m: MemberLink, link: PeerLink) -> None:
         await self._send_bitmap(m, link)
         with trio.move_on_after(30):
             await m.bitmap_done.wait()
@@ -726,6 +766,7 @@ class VolumeEngine:
             return
         await self.local.writer.sync_all()  # ORed bits durable before we rely on them
         m.set_state(LinkState.CONNECTED, None)
+        self.quorum.notify()
         log.info("%s: member %s connected (%s)", self.name, m.name, m.verdict.value)
         if self.role == Role.PRIMARY:
             await self._tell_member_state(m)
@@ -810,6 +851,20 @@ class VolumeEngine:
                 log.warning("%s: verify found %d differing regions on %s (first at %d); marked for resync",
                             self.name, found, m.name, report[m.name]["first_offsets"][0])
         return report
+
+    async def set_expected_votes(self, votes: int | None) -> dict[str, Any]:
+        """``gmd quorum VOLUME --expected-votes N`` (None: back to the configured sum)."""
+        sm = self._require_up().statemap
+        if votes is not None and votes < 1:
+            raise UsageError(f"expected votes must be at least 1, not {votes}")
+        before = sm.sb.expected_votes
+        sm.set_expected_votes(votes)
+        await self.local.writer.sync_all()
+        log.warning("%s: expected votes set by the operator: %s -> %s (quorum now needs %d)", self.name,
+                    before if before is not None else "configured sum",
+                    votes if votes is not None else "configured sum", self.quorum.needed())
+        self.quorum.notify()
+        return self.quorum.status()
 
     def resync(self, rate: int | None = None) -> list[str]:
         """``gmd resync``: start copying the marked regions to every connected
@@ -999,7 +1054,6 @@ class VolumeEngine:
                 "pending_copy": _fence_json(sm.sb.local_copy),
             }
         }
-        votes = cfg.members[self.node].votes
         for name, m in self.members.items():
             rec = sm.sb.peers.get(name)
             lag_bytes, lag_s = m.lag(now) if m.is_async else (0, 0.0)
@@ -1010,8 +1064,6 @@ class VolumeEngine:
                 # Out of sight, but our own map proves it is behind; never claim
                 # uptodate for a member we cannot see.
                 disk = rec.disk.value
-            if m.connected:
-                votes += cfg.members[name].votes
             members[name] = {
                 "disk": disk or DiskState.UNKNOWN.value,
                 "link": m.state.value,
@@ -1026,15 +1078,12 @@ class VolumeEngine:
                 "peer_role": m.peer_role if m.connected else None,
                 "paths": len([p for p in m.session.paths if not p.closed]) if m.session else 0,
             }
-        all_votes = [mm.votes for mm in cfg.members.values()] + [w.votes for w in self.daemon.config.witnesses.values()]
-        expected = expected_votes(all_votes, sm.sb.expected_votes)
         return {
             "volume": cfg.name, "node": self.node, "daemon": True, "role": self.role.value,
             "mode": cfg.members[self.node].mode, "size": cfg.size, "region_size": cfg.region_size,
             "device": self.device_path,
             "loop": self.loop_device,
-            "quorum": {"votes": votes, "needed": votes_needed(expected), "expected": expected,
-                       "ok": votes >= votes_needed(expected), "expected_override": sm.sb.expected_votes},
+            "quorum": self.quorum.status(),
             "members": members,
             "state_map": {
                 "path": str(cfg.members[self.node].statemap), "clean": sm.sb.clean,

@@ -608,6 +608,12 @@ class StateMap:
         self.sb.local_copy = copy
         self._touch_sb()
 
+    def set_forced_primary(self, forced: bool) -> None:
+        """``gmd primary --force`` holds until the member is demoted."""
+        if self.sb.forced_primary != forced:
+            self.sb.forced_primary = forced
+            self._touch_sb()
+
     def set_expected_votes(self, votes: int | None) -> None:
         self.sb.expected_votes = votes
         self._touch_sb()
@@ -643,12 +649,13 @@ class StateMap:
 
     # ------------------------------------------------------------- generations
 
-    def start_new_generation(self) -> str:
-        """Begin a new data generation; the old one goes to the history."""
+    def start_new_generation(self, generation: str | None = None) -> str:
+        """Begin a new data generation (``generation``, or a random id, e.g. one
+        already registered with a witness); the old one goes to the history."""
         gens = self.sb.generations
         if gens.current != NO_GENERATION:
             gens.history = [gens.current, *gens.history][:HISTORY_LENGTH]
-        gens.current = secrets.token_hex(8)
+        gens.current = generation or secrets.token_hex(8)
         self._touch_sb()
         return gens.current
 

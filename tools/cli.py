@@ -102,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mount", action="store_true",
                    help="serve no FUSE mount (this node will not expose volumes as files)")
 
+    p = command("witness", "run a witness (a diskless vote holder) in the foreground", cmd_witness)
+    p.add_argument("--name", required=True, metavar="W", help="the witness's name in the config ([witnesses.W])")
+
+    p = command("quorum", "show or override VOLUME's expected votes (persisted in the state map)", cmd_quorum)
+    p.add_argument("volume", metavar="VOLUME")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--expected-votes", type=int, metavar="N",
+                       help="count quorum as a majority of N votes instead of the configured sum "
+                            "(after a site is lost for good, as OpenVMS's SET CLUSTER/EXPECTED_VOTES)")
+    group.add_argument("--reset", action="store_true", help="go back to the configured sum of votes")
+
     p = command("up", "attach VOLUME on this node and connect to its other members", cmd_volume_op)
     p.add_argument("volume", metavar="VOLUME")
     p.add_argument("--loop", action="store_true",
@@ -114,10 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("volume", metavar="VOLUME")
         p.add_argument("--force", action="store_true",
                        help="demote even while the device is mounted or open (its users get I/O errors)")
-    p = command("primary", "make this node primary for VOLUME (needs an uptodate disk)", cmd_volume_op)
+    p = command("primary", "make this node primary for VOLUME (needs quorum and an uptodate disk)", cmd_volume_op)
     p.add_argument("volume", metavar="VOLUME")
     p.add_argument("--force", action="store_true",
-                   help="promote a disk that is not uptodate: it becomes the copy source")
+                   help="promote without quorum, or a disk that is not uptodate (it becomes the copy "
+                        "source); writes then go on without quorum until it is demoted. Only when the "
+                        "other side is known to be down: two forced primaries diverge (split-brain)")
 
     p = command("demo", "run a whole local cluster end to end: two daemons, FUSE, loop + ext4, "
                         "and prove the mirror identical (needs root)", cmd_demo)
@@ -230,6 +243,39 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     config, node = _load(args)
     trio.run(run_daemon, config, node, not args.no_mount)
+    return ExitCode.OK
+
+
+def cmd_witness(args: argparse.Namespace) -> int:
+    import trio
+
+    from gmd.witness import run_witness
+
+    config = load_config(resolve_config_path(getattr(args, "config", None), os.environ))
+    if args.name not in config.witnesses:
+        known = ", ".join(config.witnesses) or "none"
+        raise UsageError(f"no witness {args.name!r} in {config.path} (witnesses: {known})")
+    trio.run(run_witness, config, args.name)
+    return ExitCode.OK
+
+
+def cmd_quorum(args: argparse.Namespace) -> int:
+    config, node = _load(args)
+    req: dict[str, Any] = {"op": "quorum", "volume": args.volume}
+    if args.expected_votes is not None:
+        if args.expected_votes < 1:
+            raise UsageError(f"--expected-votes must be at least 1, not {args.expected_votes}")
+        req["expected_votes"] = args.expected_votes
+    elif args.reset:
+        req["expected_votes"] = None
+    try:
+        reply = _daemon_request(config, node, req)
+    except control.ControlUnavailable as e:
+        raise GmdError(f"{e}; start it with 'gmd daemon --node {node}'") from None
+    q = reply["quorum"]
+    print(f"{args.volume} on {node}: {q['votes']} votes present, {q['needed']} of {q['expected']} expected needed"
+          + (f" (operator override {q['expected_override']})" if q.get("expected_override") else "")
+          + (": quorum" if q["ok"] else ": NO QUORUM"))
     return ExitCode.OK
 
 
@@ -362,9 +408,14 @@ def format_status(st: dict[str, Any]) -> str:
         f"  state map {sm['path']}: "
         f"{'in use' if st.get('daemon') else ('clean' if sm['clean'] else 'NOT clean (recovery at next start)')}, "
         f"generation {sm['generation']}, updated {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(sm['updated']))}",
-        f"  quorum: {q['needed']} of {q['expected']} expected votes needed"
-        + (f" (operator override {q['expected_override']})" if q.get("expected_override") else ""),
+        f"  quorum: {q.get('votes', '?')} votes present, {q['needed']} of {q['expected']} expected needed"
+        + (f" (operator override {q['expected_override']})" if q.get("expected_override") else "")
+        + ("" if "ok" not in q else (": quorum" if q["ok"] else ": NO QUORUM"))
+        + ("; FORCED primary (writes go on without quorum)" if q.get("forced") else ""),
     ]
+    for w, ws in (q.get("witnesses") or {}).items():
+        lines.append(f"  witness {w}: " + ("connected" if ws["connected"] else f"unreachable ({ws['reason']})")
+                     + (", its votes count here" if ws["granted"] else f", votes not granted ({ws['why']})"))
     if st.get("device"):
         lines.append(f"  device {st['device']}" + (f", loop device {st['loop']}" if st.get("loop") else ""))
     for w in sm.get("warnings", []):

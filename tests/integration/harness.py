@@ -46,6 +46,7 @@ class NodeSpec:
     name: str
     paths: int = 1  # addresses (paths) of this node
     mode: str | None = None  # member mode override
+    votes: int | None = None  # the node's votes (config default 1)
     listen: list[int] = field(default_factory=list)
     address: list[int] = field(default_factory=list)
 
@@ -63,7 +64,8 @@ def write_config(directory: Path, nodes: list[NodeSpec], *, size: str = "64MiB",
         listen = ""
         if spec.listen:
             listen = "listen = [" + ", ".join(f'"127.0.0.1:{p}"' for p in spec.listen) + "]\n"
-        parts.append(f"\n[nodes.{spec.name}]\naddress = [{addr}]\n{listen}"
+        votes = f"votes = {spec.votes}\n" if spec.votes is not None else ""
+        parts.append(f"\n[nodes.{spec.name}]\naddress = [{addr}]\n{listen}{votes}"
                      f'control = "run/{spec.name}.sock"\nmount = "run/{spec.name}"\n')
     parts.append(extra_tables)
     parts.append(f'\n[volumes.appslv]\nsize = "{size}"\nmode = "{mode}"\n{extra_volume}\n')
@@ -96,10 +98,13 @@ class DaemonProcess:
         self.proc: subprocess.Popen | None = None
         self.control = load_config(config).node(node).control
 
+    def argv(self) -> list[str]:
+        return [GMD, "daemon", "--config", str(self.config), "--node", self.node, "--debug"]
+
     def start(self, timeout: float = 20.0) -> None:
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [GMD, "daemon", "--config", str(self.config), "--node", self.node, "--debug"],
+            self.argv(),
             stdout=subprocess.PIPE, stderr=logf, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )
         logf.close()
@@ -146,6 +151,29 @@ class DaemonProcess:
             return self.log_path.read_text(errors="replace")[-4000:]
         except FileNotFoundError:
             return ""
+
+
+class WitnessProcess(DaemonProcess):
+    """A ``gmd witness`` subprocess (no control socket: it is driven by the nodes)."""
+
+    def __init__(self, config: Path, name: str, log_dir: Path):
+        self.config = config
+        self.node = name
+        self.log_path = log_dir / f"witness-{name}.log"
+        self.proc = None
+        self.control = None
+
+    def argv(self) -> list[str]:
+        return [GMD, "witness", "--config", str(self.config), "--name", self.node, "--debug"]
+
+    def remove_dead_mount(self) -> None:
+        pass
+
+
+def witness_table(name: str, port: int, votes: int = 1) -> str:
+    """A ``[witnesses.NAME]`` table for :func:`write_config`'s ``extra_tables``."""
+    return (f'\n[witnesses.{name}]\naddress = "127.0.0.1:{port}"\nvotes = {votes}\n'
+            f'state = "data/{name}/witness.json"\n')
 
 
 def die_with_parent() -> None:

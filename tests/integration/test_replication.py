@@ -93,7 +93,8 @@ async def test_sync_members_are_byte_identical_after_random_writes(tmp_path, mod
 
 
 async def test_killed_secondary_is_marked_exactly_and_caught_up_by_a_mini_copy(tmp_path):
-    cfg = write_config(tmp_path, [NodeSpec("labor1"), NodeSpec("labor2")], mode="mwc")
+    # labor1 holds 2 of 3 votes: it keeps quorum (and keeps writing) alone.
+    cfg = write_config(tmp_path, [NodeSpec("labor1", votes=2), NodeSpec("labor2")], mode="mwc")
     init_in_sync(cfg, "labor1", ["labor2"])
     with daemon_processes(cfg, ["labor2"], tmp_path) as procs:
         async with in_process_daemon(cfg, "labor1") as d:

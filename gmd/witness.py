@@ -1,0 +1,338 @@
+"""The witness daemon (``gmd witness --name W``) and the node daemon's client of it.
+
+A witness is a diskless vote holder at a third site. Node daemons connect to it
+like peers (same handshake, same secret, TLS if configured) with an empty
+volume name, then send requests as STATE frames and get one STATE reply each:
+
+    {"id": 7, "op": "renew" | "promote" | "query" | "release", "volume": "appslv",
+     "current": GEN, "history": [GEN, ...], "outdated": [NODE, ...]}
+    -> {"id": 7, "granted": true, "reason": "...", "superseded": false, "votes": 1}
+
+The decisions are :class:`quorum.witness.WitnessBook`'s. The witness writes its
+registrations (generation and outdated set per volume) to its state file before
+it answers a request that changed them, so a restarted witness still refuses a
+member that a primary wrote without.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import ssl
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from quorum.witness import RENEW_INTERVAL, Claim, WitnessBook
+from transport.auth import new_nonce
+from transport.codec import Hello, State
+from transport.link import (
+    HANDSHAKE_TIMEOUT,
+    LinkClosed,
+    LinkRefused,
+    PeerLink,
+    client_handshake,
+    log_refusal,
+    open_peer_stream,
+    server_handshake,
+    set_nodelay,
+)
+from transport.tls import TlsContexts, make_contexts, wrap
+
+from .config import Address, Config
+from .errors import GmdError
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT = 2.0  # a witness that does not answer in time counts as absent
+
+
+def _witness_hello(name: str, nonce: bytes, path: int = 0, session: str = "") -> Hello:
+    # Volume "" marks a witness session; geometry does not apply.
+    return Hello(node=name, volume="", size=0, region_size=0, extent_size=0, nonce=nonce, path=path,
+                 session=session, info={"witness": True})
+
+
+class WitnessDaemon:
+    """Serves one configured witness until :meth:`stop`."""
+
+    def __init__(self, config: Config, name: str):
+        if name not in config.witnesses:
+            known = ", ".join(config.witnesses) or "none"
+            raise GmdError(f"{config.path}: no witness {name!r} (witnesses: {known})")
+        self.config = config
+        self.name = name
+        self.witness = config.witnesses[name]
+        self.state_path: Path = self.witness.state
+        self.book = WitnessBook(trio.current_time(), self._load())
+        self.listen_addresses: list[tuple[str, int]] = []
+        self._stopping = trio.Event()
+        self.tls: TlsContexts | None = None
+        if config.tls is not None:
+            try:
+                self.tls = make_contexts(config.tls.cert, config.tls.key, config.tls.ca)
+            except (OSError, ssl.SSLError) as e:
+                raise GmdError(f"{config.path}: tls: cannot load certificate, key or CA: {e}") from None
+
+    def _load(self):
+        try:
+            text = self.state_path.read_text()
+        except FileNotFoundError:
+            return {}
+        except OSError as e:
+            raise GmdError(f"witness {self.name}: cannot read its state file {self.state_path}: {e}") from None
+        try:
+            return WitnessBook.records_from_json(json.loads(text))
+        except ValueError as e:
+            # Starting empty could let an outdated member be promoted: refuse.
+            raise GmdError(
+                f"witness {self.name}: state file {self.state_path} is damaged ({e}). It records which members "
+                "a primary wrote without; move it aside only once every volume's primary is known to be "
+                "running (it registers again within a second)") from None
+
+    def _save(self) -> None:
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        data = json.dumps(self.book.to_json(), indent=1).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.state_path)
+        dfd = os.open(self.state_path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as n:
+            for addr in self.witness.addresses:
+                listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)
+                self.listen_addresses.append(listeners[0].socket.getsockname()[:2])
+                n.start_soon(trio.serve_listeners, self._accept, listeners)
+            log.info("witness %s: listening on %s; granting nothing for the first %.1f s", self.name,
+                     ", ".join(f"{h}:{p}" for h, p in self.listen_addresses),
+                     self.book.quiet_until - trio.current_time())
+            task_status.started(self)
+            await self._stopping.wait()
+            n.cancel_scope.cancel()
+
+    async def _accept(self, stream: trio.SocketStream) -> None:
+        set_nodelay(stream)
+        peer = stream.socket.getpeername()
+        label = f"witness {self.name}<-{peer[0]}:{peer[1]}"
+        if self.tls is not None:
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    stream = await wrap(stream, self.tls.server, server_side=True)
+            except (trio.BrokenResourceError, trio.TooSlowError, OSError) as e:
+                log_refusal(label, f"refusing node: TLS handshake failed: {e}")
+                await trio.aclose_forcefully(stream)
+                return
+
+        def reply_to(hello: Hello) -> Hello | str:
+            if hello.volume != "":
+                return f"{self.name} is a witness, not a member of volume {hello.volume}"
+            if hello.node not in self.config.nodes:
+                return f"{hello.node} is not a configured node"
+            return _witness_hello(self.name, new_nonce(), hello.path, hello.session)
+
+        try:
+            link = await server_handshake(stream, self.config.secret, reply_to, label=label)
+        except LinkRefused:
+            return
+        node = link.remote.node
+        link.label = f"witness {self.name}<-{node}"
+        log.info("witness %s: node %s connected", self.name, node)
+        async with trio.open_nursery() as n:
+            link.start(n)
+            try:
+                while True:
+                    ev = await link.receive()
+                    if isinstance(ev, State):
+                        await link.send(State(self._answer(node, ev.fields)))
+            except LinkClosed as e:
+                log.info("witness %s: node %s disconnected: %s", self.name, node, e)
+            n.cancel_scope.cancel()
+
+    def _answer(self, node: str, req: dict[str, Any]) -> dict[str, Any]:
+        rid = req.get("id")
+        try:
+            op, volume = req.get("op"), req.get("volume")
+            vol = self.config.volumes.get(volume) if isinstance(volume, str) else None
+            if vol is None or node not in vol.members:
+                raise ValueError(f"{node} is not a member of a volume {volume!r}")
+            current, history, outdated = req.get("current"), req.get("history", []), req.get("outdated", [])
+            if not isinstance(current, str) or not isinstance(history, list) or not isinstance(outdated, list) \
+                    or not all(isinstance(x, str) for x in [*history, *outdated]):
+                raise ValueError("bad generation or outdated list")
+            claim = Claim(volume, node, current, tuple(history), frozenset(outdated))
+            now = trio.current_time()
+            if op == "release":
+                self.book.release(volume, node)
+                return {"id": rid, "granted": True, "reason": "released", "votes": 0}
+            if op not in ("renew", "promote", "query"):
+                raise ValueError(f"unknown op {op!r}")
+            before = self.book.to_json()
+            decision = getattr(self.book, op)(claim, now)
+            if decision.record_changed:
+                try:
+                    self._save()
+                except OSError as e:
+                    # Unsaved, the grant could be forgotten by a restart: withdraw it.
+                    self.book = WitnessBook(now, WitnessBook.records_from_json(before), fresh_start=True)
+                    log.error("witness %s: cannot write %s: %s; granting nothing", self.name, self.state_path, e)
+                    return {"id": rid, "granted": False, "reason": f"witness cannot save its state: {e}",
+                            "votes": 0}
+                log.info("witness %s: %s: %s registered generation %s (outdated: %s)", self.name, volume, node,
+                         current, ", ".join(sorted(outdated)) or "none")
+            if op != "query" and not decision.granted:
+                log.info("witness %s: %s: %s %s refused: %s", self.name, volume, op, node, decision.reason)
+            return {"id": rid, "granted": decision.granted, "reason": decision.reason,
+                    "superseded": decision.superseded, "votes": self.witness.votes if decision.granted else 0}
+        except ValueError as e:
+            return {"id": rid, "granted": False, "reason": f"bad request: {e}", "votes": 0}
+
+
+async def run_witness(config: Config, name: str) -> None:
+    """``gmd witness``: serve until SIGTERM/SIGINT."""
+    daemon = WitnessDaemon(config, name)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as outer:
+
+            async def watch_signals():
+                async for signum in signals:
+                    log.info("witness %s: %s received; stopping", name, signal.Signals(signum).name)
+                    daemon.stop()
+
+            outer.start_soon(watch_signals)
+            async with trio.open_nursery() as n:
+                await n.start(daemon.serve)
+                print(f"ready witness={name} listen={','.join(f'{h}:{p}' for h, p in daemon.listen_addresses)}",
+                      flush=True)
+            outer.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------ node side
+
+
+class WitnessClient:
+    """A node daemon's connection to one witness: kept up with backoff; requests
+    answered in order of their ids."""
+
+    def __init__(self, config: Config, node: str, name: str, tls: TlsContexts | None):
+        self.config = config
+        self.node = node
+        self.name = name
+        self.witness = config.witnesses[name]
+        self.votes = self.witness.votes
+        self.tls = tls
+        self.link: PeerLink | None = None
+        self.reason: str | None = "not connected yet"
+        self._next_id = 1
+        self._waiting: dict[int, trio.MemorySendChannel] = {}
+        self.changed = trio.Event()
+
+    @property
+    def connected(self) -> bool:
+        return self.link is not None and not self.link.closed
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def run(self) -> None:
+        backoff = 0.1
+        while True:
+            for addr in self.witness.addresses:
+                try:
+                    link = await self._dial(addr)
+                except LinkRefused as e:
+                    self.reason = str(e)
+                    continue
+                backoff = 0.1
+                self.link, self.reason = link, None
+                self._notify()
+                try:
+                    async with trio.open_nursery() as n:
+                        link.start(n)
+                        await self._receive(link)
+                        n.cancel_scope.cancel()
+                finally:
+                    self.link = None
+                    self.reason = link.close_reason or "connection lost"
+                    for ch in self._waiting.values():
+                        ch.close()
+                    self._waiting.clear()
+                    self._notify()
+                    with trio.CancelScope(shield=True):
+                        await link.aclose(self.reason, tell_peer=False)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, RENEW_INTERVAL)
+
+    async def _dial(self, addr: Address) -> PeerLink:
+        label = f"{self.node}->witness {self.name} {addr}"
+        try:
+            stream = await open_peer_stream(addr.host, addr.port)
+        except (OSError, trio.TooSlowError) as e:
+            raise LinkRefused(f"cannot connect to witness {self.name} at {addr}: {e}") from None
+        if self.tls is not None:
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    stream = await wrap(stream, self.tls.client, server_side=False)
+            except (trio.BrokenResourceError, trio.TooSlowError, OSError) as e:
+                await trio.aclose_forcefully(stream)
+                raise LinkRefused(f"TLS handshake with witness {self.name} failed: {e}") from None
+
+        def check(hello: Hello) -> str | None:
+            if hello.node != self.name or hello.volume != "":
+                return f"{addr} answered as {hello.node!r}, not as witness {self.name}"
+            return None
+
+        return await client_handshake(stream, _witness_hello(self.node, new_nonce()), self.config.secret, check,
+                                      label=label)
+
+    async def _receive(self, link: PeerLink) -> None:
+        while True:
+            try:
+                with trio.fail_after(3 * RENEW_INTERVAL + REQUEST_TIMEOUT):
+                    ev = await link.receive()
+            except (LinkClosed, trio.TooSlowError):
+                return
+            if isinstance(ev, State):
+                ch = self._waiting.pop(ev.fields.get("id"), None)
+                if ch is not None:
+                    ch.send_nowait(ev.fields)
+                    ch.close()
+
+    async def ask(self, op: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+        """One request; the reply, or None when the witness is unreachable or
+        does not answer within :data:`REQUEST_TIMEOUT`."""
+        link = self.link
+        if link is None or link.closed:
+            return None
+        rid = self._next_id
+        self._next_id += 1
+        send, receive = trio.open_memory_channel(1)
+        self._waiting[rid] = send
+        try:
+            with trio.move_on_after(REQUEST_TIMEOUT):
+                await link.send(State({"id": rid, "op": op, **fields}))
+                try:
+                    return await receive.receive()
+                except trio.EndOfChannel:
+                    return None
+            return None
+        except LinkClosed:
+            return None
+        finally:
+            self._waiting.pop(rid, None)

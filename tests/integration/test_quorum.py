@@ -1,0 +1,330 @@
+"""Who may write: votes, the witness, partitions (issue 6), with real daemons.
+
+labor1's daemon runs in the test's trio loop (its engine's write is the
+application: a write that returned was acknowledged); labor2 and the witness are
+subprocesses. Partitions are made with the WAN proxy placed on labor1's outgoing
+connections: labor1 reads its own config file, in which labor2 and the witness
+are at the proxies' ports (as behind NAT); labor2 and the witness read one with
+the real ports.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+
+import pytest
+import trio
+
+from gmd.config import load_config
+from transport.wanproxy import WanProxy
+
+from .harness import (
+    MiB,
+    NodeSpec,
+    WitnessProcess,
+    backing,
+    daemon_processes,
+    file_hash,
+    free_ports,
+    in_process_daemon,
+    init_in_sync,
+    wait_for,
+    witness_table,
+    write_config,
+)
+
+
+class Cluster:
+    """labor1 (in process) and labor2 (+ witness W) with proxies on labor1's side."""
+
+    def __init__(self, tmp_path, *, witness: bool, mode: str = "sync", extra_volume: str = ""):
+        real = free_ports(2)  # labor2's and the witness's real ports
+        proxied = free_ports(2)  # where labor1 reaches them
+        self.real, self.proxied = real, proxied
+        labor1 = NodeSpec("labor1")
+        w1 = witness_table("W", proxied[1]) if witness else ""
+        w2 = witness_table("W", real[1]) if witness else ""
+        self.cfg1 = write_config(tmp_path, [labor1, NodeSpec("labor2", address=[proxied[0]], listen=[real[0]])],
+                                 mode=mode, name="labor1.toml", extra_tables=w1, extra_volume=extra_volume)
+        self.cfg2 = write_config(tmp_path, [labor1, NodeSpec("labor2", address=[real[0]])], mode=mode,
+                                 name="labor2.toml", extra_tables=w2, extra_volume=extra_volume)
+        init_in_sync(self.cfg1, "labor1", ["labor2"])
+        self.tmp = tmp_path
+        self.to_labor2 = WanProxy(("127.0.0.1", real[0]), ("127.0.0.1", proxied[0]))
+        self.to_witness = WanProxy(("127.0.0.1", real[1]), ("127.0.0.1", proxied[1])) if witness else None
+        self.witness = WitnessProcess(self.cfg2, "W", tmp_path) if witness else None
+
+    def partition(self, mode: str = "blackhole") -> None:
+        for p in (self.to_labor2, self.to_witness):
+            if p is not None:
+                p.partition(mode)
+
+    def heal(self) -> None:
+        for p in (self.to_labor2, self.to_witness):
+            if p is not None:
+                p.heal()
+
+
+async def run_in_thread(fn, *args):
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+async def writer(eng, acked: dict, stop: trio.Event, seed: int, failures: list | None = None,
+                 unacked: dict | None = None):
+    """Writes of 64 KiB to random offsets in the first 32 MiB, each writer its
+    own (offsets = seed mod 4); ``acked`` maps offset -> the bytes of the last
+    write there that returned (was acknowledged); ``unacked`` gets a write
+    that never returned (it may or may not have reached the disks)."""
+    rng = random.Random(seed)
+    while not stop.is_set():
+        offset = (rng.randrange(0, 32 * MiB // 65536 // 4) * 4 + seed % 4) * 65536
+        data = rng.randbytes(65536)
+        try:
+            await eng.write(offset, data)
+        except OSError as e:
+            if failures is None:
+                raise
+            failures.append(e)
+            if unacked is not None:
+                unacked[offset] = data
+            return
+        acked[offset] = data
+        count[0] += 1
+
+
+count = [0]  # acknowledged writes since the test's last reset (``acked`` holds distinct offsets)
+
+
+def acked_count() -> int:
+    return count[0]
+
+
+def assert_acknowledged_present(path, acked: dict, unacked: dict | None = None) -> None:
+    """Every acknowledged write is there, unless a later write to the same place
+    that never returned replaced it (either is allowed then)."""
+    unacked = unacked or {}
+    with open(path, "rb") as f:
+        for offset, data in acked.items():
+            f.seek(offset)
+            found = f.read(len(data))
+            assert found == data or found == unacked.get(offset), f"acknowledged write at {offset} lost"
+
+
+async def test_primary_keeps_writing_with_the_witness_when_the_secondary_dies(tmp_path):
+    c = Cluster(tmp_path, witness=True)
+    async with trio.open_nursery() as pn:
+        await pn.start(c.to_labor2.serve)
+        await pn.start(c.to_witness.serve)
+        c.witness.start()
+        try:
+            with daemon_processes(c.cfg2, ["labor2"], tmp_path) as procs:
+                async with in_process_daemon(c.cfg1, "labor1") as d:
+                    await run_in_thread(lambda: procs["labor2"].request(op="up", volume="appslv"))
+                    eng = d.engines["appslv"]
+                    await eng.up()
+                    await wait_for(lambda: eng.members["labor2"].connected, what="connected")
+                    await eng.promote()
+                    q = eng.status()["quorum"]
+                    assert (q["expected"], q["needed"]) == (3, 2)
+                    await wait_for(lambda: eng.status()["quorum"]["witnesses"]["W"]["granted"], what="lease")
+                    acked: dict = {}
+                    count[0] = 0
+                    stop = trio.Event()
+                    async with trio.open_nursery() as n:
+                        n.start_soon(writer, eng, acked, stop, 1)
+                        await wait_for(lambda: acked_count() > 50, what="writes")
+                        await run_in_thread(procs["labor2"].kill)
+                        n_before = acked_count()
+                        # 1 + the witness's vote of 3: the writes go on.
+                        await wait_for(lambda: acked_count() > n_before + 500, what="writes without labor2")
+                        stop.set()
+                    st = eng.status()
+                    assert st["quorum"]["ok"] and st["quorum"]["votes"] == 2
+                    assert st["members"]["labor2"]["disk"] == "outdated"
+                    assert "registered generation" in c.witness.log() and "outdated: labor2" in c.witness.log()
+                    # labor2 is refused by the witness as outdated, even with labor1 gone.
+                    procs["labor2"].start()
+                    await run_in_thread(lambda: procs["labor2"].request(op="up", volume="appslv"))
+                    await wait_for(lambda: eng.status()["members"]["labor2"]["disk"] == "uptodate", timeout=60,
+                                   what="mini-copy back")
+                    await eng.flush()
+                    assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
+        finally:
+            c.witness.stop()
+            pn.cancel_scope.cancel()
+
+
+async def test_two_nodes_without_witness_split_neither_side_may_write_or_promote(tmp_path):
+    """(b) Equal votes, no witness: after a split the primary's writes wait
+    (and complete once the link is back); the other side cannot be promoted
+    without --force."""
+    c = Cluster(tmp_path, witness=False)
+    async with trio.open_nursery() as pn:
+        await pn.start(c.to_labor2.serve)
+        with daemon_processes(c.cfg2, ["labor2"], tmp_path) as procs:
+            async with in_process_daemon(c.cfg1, "labor1") as d:
+                await run_in_thread(lambda: procs["labor2"].request(op="up", volume="appslv"))
+                eng = d.engines["appslv"]
+                await eng.up()
+                await wait_for(lambda: eng.members["labor2"].connected, what="connected")
+                await eng.promote()
+                await eng.write(0, b"a" * 65536)
+                c.partition("reset")
+                await wait_for(lambda: not eng.members["labor2"].connected, what="link lost")
+                done = trio.Event()
+                data = os.urandom(65536)
+
+                async def one_write():
+                    await eng.write(MiB, data)
+                    done.set()
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(one_write)
+                    await trio.sleep(3)
+                    assert not done.is_set(), "a write completed without quorum"
+                    st = eng.status()["quorum"]
+                    assert not st["ok"] and st["votes"] == 1 and st["needed"] == 2
+                    assert st["suspended_writes_since"] is not None
+                    # The other side: no quorum, no promotion.
+                    await wait_for(lambda: procs["labor2"].status()["members"]["labor1"]["link"] != "connected",
+                                   what="labor2 sees the split")
+                    with pytest.raises(RuntimeError, match="no quorum: 1 of 2 votes"):
+                        await run_in_thread(lambda: procs["labor2"].request(op="primary", volume="appslv"))
+                    assert procs["labor2"].status()["role"] == "secondary"
+                    c.heal()
+                    with trio.fail_after(30):
+                        await done.wait()  # quorum back: the suspended write completes
+                await eng.flush()
+                await wait_for(lambda: eng.status()["members"]["labor2"]["disk"] == "uptodate", timeout=60,
+                               what="labor2 caught up")
+                await eng.flush()
+                with open(backing(tmp_path, "labor2"), "rb") as f:
+                    f.seek(MiB)
+                    assert f.read(65536) == data
+                assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
+        pn.cancel_scope.cancel()
+
+
+async def test_fail_policy_returns_eio_after_the_quorum_timeout(tmp_path):
+    c = Cluster(tmp_path, witness=False, extra_volume='on_quorum_loss = "fail"\nquorum_timeout = 2')
+    async with trio.open_nursery() as pn:
+        await pn.start(c.to_labor2.serve)
+        with daemon_processes(c.cfg2, ["labor2"], tmp_path) as procs:
+            async with in_process_daemon(c.cfg1, "labor1") as d:
+                await run_in_thread(lambda: procs["labor2"].request(op="up", volume="appslv"))
+                eng = d.engines["appslv"]
+                await eng.up()
+                await wait_for(lambda: eng.members["labor2"].connected, what="connected")
+                await eng.promote()
+                c.partition("reset")
+                await wait_for(lambda: not eng.members["labor2"].connected, what="link lost")
+                t0 = trio.current_time()
+                with pytest.raises(OSError) as e:
+                    await eng.write(0, b"x" * 4096)
+                assert e.value.errno == errno.EIO and "no quorum for 2 s" in str(e.value)
+                assert trio.current_time() - t0 >= 2
+                # The operator's override: this site alone is enough now.
+                st = await eng.set_expected_votes(1)
+                assert st["ok"] and st["expected"] == 1 and st["expected_override"] == 1
+                await eng.write(0, b"y" * 4096)
+                assert load_config(c.cfg1)  # config untouched; the override lives in the state map
+                assert eng.statemap.sb.expected_votes == 1
+        pn.cancel_scope.cancel()
+
+
+async def test_partitioned_primary_stops_and_the_witness_side_takes_over(tmp_path):
+    """(a) 2 nodes + witness; labor1 (primary) is cut from labor2 and the
+    witness: its writes stop completing; labor2 gets quorum with the witness
+    and is promoted; after the heal labor1 steps down and is brought back by a
+    bitmap copy; no acknowledged write is lost and the members are identical."""
+    c = Cluster(tmp_path, witness=True)
+    async with trio.open_nursery() as pn:
+        await pn.start(c.to_labor2.serve)
+        await pn.start(c.to_witness.serve)
+        c.witness.start()
+        try:
+            with daemon_processes(c.cfg2, ["labor2"], tmp_path) as procs:
+                async with in_process_daemon(c.cfg1, "labor1") as d:
+                    await run_in_thread(lambda: procs["labor2"].request(op="up", volume="appslv"))
+                    eng = d.engines["appslv"]
+                    await eng.up()
+                    await wait_for(lambda: eng.members["labor2"].connected, what="connected")
+                    await eng.promote()
+                    acked: dict = {}
+                    count[0] = 0
+                    unacked: dict = {}
+                    failures: list = []
+                    stop = trio.Event()
+                    async with trio.open_nursery() as n:
+                        for seed in range(4):
+                            n.start_soon(writer, eng, acked, stop, seed, failures, unacked)
+                        await wait_for(lambda: acked_count() > 100, what="writes")
+                        c.partition("blackhole")
+                        cut = acked_count()
+                        # Writes stop completing (labor2's acks and the witness are out of reach).
+                        await trio.sleep(8)
+                        stalled = acked_count()
+                        await trio.sleep(2)
+                        assert acked_count() == stalled, "writes completed without quorum"
+                        assert eng.status()["quorum"]["ok"] is False
+                        # labor2 + the witness: quorum; promote (the operator's step).
+                        await wait_for(lambda: procs["labor2"].status()["members"]["labor1"]["link"] != "connected",
+                                       what="labor2 sees the split")
+                        reply = await wait_for(lambda: _try_promote(procs["labor2"]), timeout=20,
+                                               what="labor2 promoted")
+                        device = reply["device"]
+                        # The new primary writes too.
+                        new_data = os.urandom(MiB)
+                        await run_in_thread(_pwrite_sync, device, new_data, 32 * MiB)
+                        st2 = procs["labor2"].status()
+                        assert st2["role"] == "primary" and st2["quorum"]["ok"]
+                        c.heal()
+                        # labor1 learns from the witness that labor2 holds the lease: it steps down.
+                        await wait_for(lambda: eng.role.value == "secondary", timeout=20, what="labor1 demoted")
+                        stop.set()
+                    assert all(e.errno == errno.EIO for e in failures), failures
+                    assert len(failures) == 4  # every writer's stalled write failed when labor1 stepped down
+                    await wait_for(lambda: procs["labor2"].status()["members"]["labor1"]["disk"] == "uptodate",
+                                   timeout=60, what="labor1 brought back")
+                    log2 = procs["labor2"].log()
+                    assert "mini pass to labor1 done" in log2 and "full pass to labor1" not in log2
+                    await run_in_thread(_fsync_sync, device)
+                    # Every write labor1 acknowledged (all before the cut completed on
+                    # labor2 too) survives, and so does the new primary's.
+                    assert stalled >= cut
+                    assert_acknowledged_present(backing(tmp_path, "labor2"), acked, unacked)
+                    with open(backing(tmp_path, "labor1"), "rb") as f:
+                        f.seek(32 * MiB)
+                        assert f.read(MiB) == new_data
+                    assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
+        finally:
+            c.witness.stop()
+            pn.cancel_scope.cancel()
+
+
+def _try_promote(proc):
+    try:
+        return proc.request(op="primary", volume="appslv")
+    except RuntimeError as e:
+        if "no quorum" in str(e):
+            return None
+        raise
+
+
+def _pwrite_sync(device: str, data: bytes, offset: int) -> None:
+    fd = os.open(device, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_sync(device: str) -> None:
+    fd = os.open(device, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
