@@ -40,6 +40,7 @@ CHUNK = 1024 * 1024  # bytes compared per hash request
 FLUSH_EVERY = 32 * 1024 * 1024  # bytes copied between durable progress points
 COPY_WORKERS = 4  # chunks hashed, read and shipped concurrently
 WINDOW = 2  # chunks per worker shipped and not yet acknowledged
+SKIP_COMPARE_AFTER = 64  # regions a mini-copy compares before it may stop comparing
 
 
 class CopyAborted(Exception):
@@ -53,6 +54,23 @@ class CopyProgress:
     done_bytes: int = 0
     sent_bytes: int = 0  # bytes that differed and were shipped
     compared_bytes: int = 0  # bytes whose hashes were requested (paced by the rate limit)
+    compare: bool = True  # compare hashes before shipping (see note_compared)
+    regions_compared: int = 0
+    regions_differing: int = 0
+
+    def note_compared(self, regions: int, differing: int) -> None:
+        """A mini-copy's regions were written while the member was away: when
+        nearly all of the first ones differ, comparing the rest only costs a
+        round trip and a read on the member each, so the pass ships them
+        directly. (A merge after a crash, or a full copy to a target restored
+        from a backup, finds most regions equal: those keep comparing.)"""
+        self.regions_compared += regions
+        self.regions_differing += differing
+        if (self.kind == "mini" and self.regions_compared >= SKIP_COMPARE_AFTER
+                and self.regions_differing >= 0.9 * self.regions_compared):
+            self.compare = False
+            log.info("mini-copy: %d of the first %d regions differ; shipping the rest without comparing",
+                     self.regions_differing, self.regions_compared)
     started: float = field(default_factory=trio.current_time)
 
     def to_json(self) -> dict[str, Any]:
@@ -226,13 +244,17 @@ async def _copy_chunk(engine: VolumeEngine, m: MemberLink, progress: CopyProgres
         # both sides, which is the load an operator limits the copy for (a
         # merge that finds almost nothing to send still reads everything).
         await trio.sleep_until(progress.started + progress.compared_bytes / rate)
-    try:
-        theirs = await m.region_hashes(offset, length, rs)
-    except (LinkClosed, OSError) as e:
-        raise CopyAborted(f"hashing on {m.name}: {e}") from None
-    data = await local.read(offset, length)
-    ours = [xxhash.xxh3_64_intdigest(data[i:i + rs]) for i in range(0, length, rs)]
-    differ = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+    if progress.compare:
+        try:
+            theirs = await m.region_hashes(offset, length, rs)
+        except (LinkClosed, OSError) as e:
+            raise CopyAborted(f"hashing on {m.name}: {e}") from None
+        data = await local.read(offset, length)
+        ours = [xxhash.xxh3_64_intdigest(data[i:i + rs]) for i in range(0, length, rs)]
+        differ = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+        progress.note_compared(len(ours), len(differ))
+    else:
+        differ = list(range(length // rs))
     shipments = []
     for first, end in _runs(differ):
         roff, rlen = offset + first * rs, (end - first) * rs
