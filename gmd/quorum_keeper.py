@@ -97,11 +97,14 @@ class QuorumKeeper:
         return votes
 
     def outdated(self, extra: list[MemberLink] = ()) -> frozenset[str]:
-        """Members a primary writes without: not connected and in sync."""
+        """Members that miss writes: not uptodate in this primary's map (a member
+        it wrote without is marked so before that write completes), and
+        ``extra``, members missing the write at hand. A member merely out of
+        sight holds every completed write until the primary writes without it:
+        it stays promotable (the lease, not this set, keeps it out meanwhile)."""
         e = self.engine
         peers = e.statemap.sb.peers
-        out = {name for name, m in e.members.items()
-               if not (m.connected and not m.behind and name in peers and peers[name].disk == DiskState.UPTODATE)}
+        out = {name for name in e.members if name not in peers or peers[name].disk != DiskState.UPTODATE}
         return frozenset(out | {m.name for m in extra})
 
     def witness_votes(self, generation: str, outdated: frozenset[str]) -> int:

@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from gmd.config import load_config
+from gmd.engine import NotPrimary
 from transport.wanproxy import WanProxy
 
 from .harness import (
@@ -83,7 +84,7 @@ async def writer(eng, acked: dict, stop: trio.Event, seed: int, failures: list |
         data = rng.randbytes(65536)
         try:
             await eng.write(offset, data)
-        except OSError as e:
+        except (OSError, NotPrimary) as e:  # what the application sees as EIO
             if failures is None:
                 raise
             failures.append(e)
@@ -328,3 +329,100 @@ def _fsync_sync(device: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+ROUNDS = int(os.environ.get("GMD_WITNESS_ROUNDS", "4"))
+
+
+async def test_a_restarted_witness_never_gives_both_sides_quorum(tmp_path):
+    """(e) labor1 (primary) and labor2 are cut apart; both still reach the
+    witness, which is killed and restarted at random moments while labor1
+    writes (or idles) and labor2 keeps trying to become primary. Never may
+    labor1 hold quorum as primary while labor2 is primary too; and no write
+    labor1 acknowledged is lost."""
+    rng = random.Random(int(os.environ.get("GMD_SEED", "0")) or None)
+    c = Cluster(tmp_path, witness=True)
+    async with trio.open_nursery() as pn:
+        await pn.start(c.to_labor2.serve)
+        await pn.start(c.to_witness.serve)
+        c.witness.start()
+        try:
+            with daemon_processes(c.cfg2, ["labor2"], tmp_path) as procs:
+                async with in_process_daemon(c.cfg1, "labor1") as d:
+                    await run_in_thread(lambda: procs["labor2"].request(op="up", volume="appslv"))
+                    eng = d.engines["appslv"]
+                    await eng.up()
+                    await wait_for(lambda: eng.members["labor2"].connected, what="connected")
+                    await eng.promote()
+                    await wait_for(lambda: eng.status()["quorum"]["witnesses"]["W"]["granted"], timeout=20,
+                                   what="witness lease")
+                    acked: dict = {}
+                    unacked: dict = {}
+                    failures: list = []
+                    count[0] = 0
+                    violations: list = []
+                    promoted: list = []
+                    done = trio.Event()
+
+                    async def monitor():
+                        while not done.is_set():
+                            a = eng.status()  # labor1 first, then labor2: see the docstring of Cluster
+                            b = await run_in_thread(procs["labor2"].status)
+                            if a["role"] == "primary" and a["quorum"]["ok"] and b["role"] == "primary":
+                                violations.append((trio.current_time(), a["quorum"], b["quorum"]))
+                            await trio.sleep(0.05)
+
+                    async def promoter():
+                        while not done.is_set() and not promoted:
+                            reply = await run_in_thread(_try_promote_any, procs["labor2"])
+                            if reply is not None:
+                                promoted.append(trio.current_time())
+                            await trio.sleep(0.1)
+
+                    async with trio.open_nursery() as n:
+                        n.start_soon(monitor)
+                        c.to_labor2.partition("reset")
+                        await wait_for(lambda: not eng.members["labor2"].connected, what="split")
+                        n.start_soon(promoter)
+                        for i in range(ROUNDS):
+                            stop = trio.Event()
+                            # Idle first: no write registers labor2 as outdated, so only the
+                            # leases keep labor2 out; then writes, maybe.
+                            writing = i >= ROUNDS // 2 and rng.random() < 0.7
+                            async with trio.open_nursery() as wn:
+                                if writing:
+                                    wn.start_soon(writer, eng, acked, stop, rng.randrange(4), failures, unacked)
+                                await trio.sleep(rng.uniform(0, 2))
+                                await run_in_thread(c.witness.kill)
+                                # Mostly back within labor1's lease: the dangerous case.
+                                await trio.sleep(rng.uniform(0, 1.5) if rng.random() < 0.8 else rng.uniform(1.5, 5))
+                                await run_in_thread(c.witness.start)
+                                await trio.sleep(rng.uniform(4, 8))  # through the quiet time, or not
+                                stop.set()
+                        done.set()
+                    assert not violations, violations[:3]
+                    if count[0]:
+                        # labor1 wrote without labor2 and registered it outdated: never promoted.
+                        assert not promoted
+                    c.heal()
+                    if promoted:
+                        await wait_for(lambda: eng.role.value == "secondary", timeout=30, what="labor1 stepped down")
+                        await wait_for(lambda: procs["labor2"].status()["members"]["labor1"]["disk"] == "uptodate",
+                                       timeout=60, what="labor1 caught up")
+                    else:
+                        await wait_for(lambda: eng.status()["members"]["labor2"]["disk"] == "uptodate", timeout=60,
+                                       what="labor2 caught up")
+                        await eng.flush()
+                    assert all(isinstance(e, NotPrimary) or e.errno == errno.EIO for e in failures), failures
+                    assert_acknowledged_present(backing(tmp_path, "labor2"), acked, unacked)
+                    assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
+        finally:
+            c.witness.stop()
+            pn.cancel_scope.cancel()
+
+
+def _try_promote_any(proc):
+    try:
+        return proc.request(op="primary", volume="appslv")
+    except RuntimeError:
+        return None
