@@ -254,6 +254,15 @@ class NodeDaemon:
             if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or rate < 0):
                 raise ValueError(f"rate must be a non-negative number of bytes per second, not {rate!r}")
             return {"ok": True, "started": self._engine(req).resync(rate)}
+        if op == "resolve":
+            if req.get("discard") != "local":
+                raise ValueError("resolve needs 'discard': 'local' (run it on the side whose changes go)")
+            return {"ok": True, **(await self._engine(req).resolve(dry_run=bool(req.get("dry_run"))))}
+        if op == "switchover":
+            target = req.get("to")
+            if not isinstance(target, str):
+                raise ValueError("switchover needs 'to': the node to hand the primary role to")
+            return {"ok": True, **(await self._engine(req).switchover(target))}
         if op == "quorum":
             engine = self._engine(req)
             if "expected_votes" in req:

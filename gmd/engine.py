@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import logging
 import secrets
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,8 @@ from transport.link import LinkClosed, LinkRefused, PeerLink
 from .config import VolumeConfig
 from .disk import check_range
 from .errors import GmdError, UsageError, errno_for
+from . import splitbrain
+from .disk import _pread_full
 from .quorum_keeper import QuorumKeeper
 from .replication import Applier, LinkState, MemberLink, Shipment
 from .volume import LocalVolume
@@ -72,6 +75,7 @@ log = logging.getLogger(__name__)
 PING_INTERVAL = 1.0
 PATH_TIMEOUT = 6.0  # no frame for this long: the path is dead (a blackholed partition)
 BITMAP_CHUNK_BITS = 8 * PAGE * 64  # 256 KiB of bitmap per frame at most
+SWITCHOVER_TIMEOUT = 30.0  # seconds the target of a switchover has to take over
 REDIAL_MAX = 0.5  # seconds between dials of an unreachable member at most: a returning member is caught up at once
 AUTO_FLUSH_INTERVAL = 2.0  # retire extents even if the application never fsyncs
 MAX_REMOTE_READ = 4 * 1024 * 1024  # per Read frame when a read goes to a member
@@ -150,6 +154,8 @@ class VolumeEngine:
         self.copy_history: list[tuple[str, Any]] = []  # (member, CopyProgress) of every pass started
         self._copying: set[str] = set()
         self._going_down = False
+        self.discarding: str | None = None  # split-brain peer whose data replaces ours (gmd resolve)
+        self.saved_images: list[str] = []  # images of discarded regions saved by gmd resolve
         self.writes = 0
         self.bytes_written = 0
         self.quorum = QuorumKeeper(self)
@@ -237,8 +243,10 @@ class VolumeEngine:
         if other:
             raise GmdError(f"{self.name}: {', '.join(other)} is primary; demote it first (or use switchover)")
         sm = local.statemap
+        # A verdict from before we caught up (and adopted a newer generation) is stale.
         newer = [m.name for m in self.members.values()
-                 if m.connected and m.verdict in (Verdict.LOCAL_BEHIND, Verdict.LOCAL_NEEDS_FULL)]
+                 if m.connected and m.verdict in (Verdict.LOCAL_BEHIND, Verdict.LOCAL_NEEDS_FULL)
+                 and getattr(m, "verdict_generation", None) == sm.sb.generations.current]
         if newer and not force:
             raise GmdError(f"{self.name}: {', '.join(newer)} holds newer data than {self.node}; promoting "
                            f"{self.node} would lose it. Promote {newer[0]} instead")
@@ -267,6 +275,15 @@ class VolumeEngine:
             log.warning("%s: forced promotion of a %s disk; it becomes the copy source", self.name, sm.sb.disk.value)
             sm.make_copy_source()
             sm.begin_use()
+        # Our bitmap for a member we track nothing for starts now, at our current
+        # generation: the first write without it then starts a new generation,
+        # so a member that also wrote meanwhile is seen as split-brain, never
+        # silently overwritten (a map from our secondary days may hold an
+        # older generation here).
+        g = sm.sb.generations.current
+        for name, rec in sm.sb.peers.items():
+            if rec.copy is None and not sm.out_of_sync_bytes(name) and rec.bitmap_gen != g:
+                sm.set_bitmap_generation(g, member=name)
         self.role = Role.PRIMARY
         self.role_epoch += 1
         sm.set_role(Role.PRIMARY)
@@ -585,6 +602,10 @@ class VolumeEngine:
                 "history": list(g.history),
                 "bitmap_for": {name: p.bitmap_gen for name, p in sm.sb.peers.items()},
             },
+            # What we wrote that each peer lacks: lets a peer in split-brain plan
+            # a resolution (gmd resolve --dry-run) before any session exists.
+            "marked": {name: splitbrain.marked_summary(sm.out_of_sync_regions(name)) for name in sm.sb.peers},
+            "discard_local": self.discarding,  # the peer we yield to in a split-brain resolution
         }
 
     def make_hello(self, nonce: bytes, path: int, session: str) -> Hello:
@@ -598,6 +619,7 @@ class VolumeEngine:
             return f"volume {self.name} is down on {self.node}"
         if hello.node not in self.members:
             return f"node {hello.node} is not a member of volume {self.name}"
+        self.members[hello.node].peer_hello_info = hello.info  # also when refused: resolve plans from it
         for field_name in ("size", "region_size", "extent_size"):
             ours, theirs = getattr(self.config, field_name), getattr(hello, field_name)
             if ours != theirs:
@@ -607,9 +629,16 @@ class VolumeEngine:
         if info.get("role") == Role.PRIMARY and self.role == Role.PRIMARY:
             return f"both {self.node} and {hello.node} are primary for {self.name} (split-brain risk)"
         verdict = self._verdict(hello)
+        resolving = self.discarding == hello.node or info.get("discard_local") == self.node
+        if verdict == Verdict.SPLIT_BRAIN and resolving:
+            return None  # one side discards its changes (gmd resolve): it becomes the copy target
         if verdict in (Verdict.SPLIT_BRAIN, Verdict.UNRELATED):
-            return (f"{verdict.value}: {self.node} and {hello.node} hold diverging data of {self.name}; "
-                    "nothing is overwritten, the link stays down")
+            reason = (f"{verdict.value}: {self.node} and {hello.node} hold diverging data of {self.name}; "
+                      "nothing is overwritten, the link stays down")
+            m = self.members[hello.node]
+            if not m.connected:  # both ends show it, the accepting one too
+                m.set_state(LinkState.STANDALONE, reason)
+            return reason
         if self.role == Role.PRIMARY and verdict in (Verdict.LOCAL_BEHIND, Verdict.LOCAL_NEEDS_FULL):
             return (f"{hello.node} holds newer data of {self.name} than primary {self.node}; "
                     "refusing to connect (split-brain risk)")
@@ -706,6 +735,7 @@ class VolumeEngine:
             m.behind = False
             m.bitmap_done = trio.Event()
             m.verdict = self._verdict(hello)
+            m.verdict_generation = self.local.statemap.sb.generations.current
         session = m.session
         session.paths.append(link)
         try:
@@ -758,8 +788,19 @@ class VolumeEngine:
             log.info("%s: session with %s closed while opening: %s", self.name, m.name, e)
 
     async def _open_session_on(self, m: MemberLink, link: PeerLink) -> None:
+        if self.discarding == m.name:
+            # Resolving a split-brain by discarding our changes: first learn what
+            # the peer changed, and save our data of every diverging region,
+            # before our bitmap lets the peer start copying over it.
+            with trio.move_on_after(60):
+                await m.bitmap_done.wait()
+            if not m.bitmap_done.is_set():
+                await link.aclose("bitmap exchange timed out")
+                return
+            await self._save_discarded(m)
         await self._send_bitmap(m, link)
-        with trio.move_on_after(30):
+        patience = 600 if (m.peer_hello_info or {}).get("discard_local") == self.node else 30
+        with trio.move_on_after(patience):
             await m.bitmap_done.wait()
         if not m.bitmap_done.is_set():
             await link.aclose("bitmap exchange timed out")
@@ -852,6 +893,132 @@ class VolumeEngine:
                             self.name, found, m.name, report[m.name]["first_offsets"][0])
         return report
 
+    def _bitmaps_share_ancestor(self, m: MemberLink) -> bool:
+        """Both sides' bitmaps for each other start at one common generation:
+        their union is every region that differs (a bitmap copy suffices)."""
+        sm = self.local.statemap
+        g = (m.peer_hello_info or {}).get("generation", {})
+        ours = sm.sb.peers[m.name].bitmap_gen
+        theirs = g.get("bitmap_for", {}).get(self.node)
+        lineage = {g.get("current"), *g.get("history", [])}
+        return ours == theirs and ours in lineage and (
+            ours == sm.sb.generations.current or ours in sm.sb.generations.history)
+
+    def _split_brain_peer(self) -> MemberLink:
+        for m in self.members.values():
+            if m.state == LinkState.STANDALONE and m.reason and "split-brain" in m.reason:
+                return m
+        if self.discarding:
+            return self.members[self.discarding]
+        raise GmdError(f"{self.name}: no split-brain to resolve on {self.node} (no member is standalone "
+                       "for diverging data)")
+
+    def resolve_plan(self, peer: MemberLink, rule: str):
+        sm = self._require_up().statemap
+        info = peer.peer_hello_info or {}
+        mine = self.hello_info()["generation"]
+        return splitbrain.plan(self.name, self.node, peer.name, local_gens=mine,
+                               peer_gens=info.get("generation", {}), local_bits=sm.out_of_sync_regions(peer.name),
+                               peer_marked=(info.get("marked") or {}).get(self.node),
+                               region_size=self.config.region_size, size=self.config.size, rule=rule)
+
+    async def resolve(self, *, dry_run: bool) -> dict[str, Any]:
+        """``gmd resolve VOLUME --discard-local [--dry-run]`` on the side whose
+        changes since the split are to go (see :mod:`gmd.splitbrain`)."""
+        peer = self._split_brain_peer()
+        rule = f"operator: gmd resolve --discard-local on {self.node}"
+        p, _union = self.resolve_plan(peer, rule)
+        out = {"plan": p.to_json(), "dry_run": dry_run}
+        if dry_run:
+            return out
+        if self.role == Role.PRIMARY:
+            raise GmdError(f"{self.name}: {self.node} is primary; demote it first ('gmd secondary {self.name}'), "
+                           "then resolve: the side that discards must not be in use")
+        self.discarding = peer.name
+        log.warning("%s: resolving split-brain with %s by discarding this side's changes (%s); they are saved "
+                    "first", self.name, peer.name, rule)
+        peer.set_state(LinkState.CONNECTING, "resolving split-brain: discarding local changes")
+        return out
+
+    async def _save_discarded(self, m: MemberLink) -> None:
+        """Our data of the union of both sides' marked regions, saved before any
+        of it is overwritten. The peer's bits were just ORed into ours."""
+        sm = self.local.statemap
+        union = sm.out_of_sync_regions(m.name)
+        fd = self.local.device._fd
+
+        class _Reader:
+            @staticmethod
+            def pread(offset: int, length: int) -> bytes:
+                return _pread_full(fd, length, offset)
+
+        meta = {"volume": self.name, "node": self.node, "kept": m.name,
+                "local_generation": sm.sb.generations.current}
+        image = await trio.to_thread.run_sync(
+            splitbrain.save_discarded, Path(self.config.members[self.node].statemap), m.name, _Reader, union,
+            self.config.region_size, self.config.size, meta)
+        self.saved_images.append(str(image))
+        log.warning("%s: %d bytes of this side's diverging data saved to %s (read-only) before %s's copy",
+                    self.name, union.count(1) * self.config.region_size, image, m.name)
+
+    async def switchover(self, target: str) -> dict[str, Any]:
+        """``gmd switchover VOLUME --to NODE``: a planned role swap. Refused, with
+        this node staying primary, unless ``target`` is connected and holds
+        every write (uptodate, nothing marked, no async backlog). Then new
+        writes stop here, those in flight drain and are flushed everywhere,
+        this node demotes and the target promotes itself; replication then
+        runs the other way. If the target does not take over in time, this
+        node becomes primary again."""
+        self._require_primary()
+        m = self.members.get(target)
+        if m is None:
+            raise UsageError(f"{target} is not a member of {self.name} (members: {', '.join(self.members)})")
+        sm = self.local.statemap
+        rec = sm.sb.peers.get(target)
+        problems = []
+        if not m.connected:
+            problems.append(f"{target} is not connected ({m.reason or m.state.value})")
+        elif rec is None or rec.disk != DiskState.UPTODATE:
+            problems.append(f"{target}'s disk is {rec.disk.value if rec else 'unknown'}, not uptodate")
+        if sm.out_of_sync_bytes(target):
+            problems.append(f"{sm.out_of_sync_bytes(target)} bytes are marked out of sync for {target}")
+        if m.behind:
+            problems.append(f"{target}'s async queue overflowed; it is tracked in the bitmap until caught up")
+        if problems:
+            raise GmdError(f"{self.name}: switchover to {target} refused: {'; '.join(problems)}. "
+                           f"{self.node} stays primary")
+        log.info("%s: switchover to %s: draining writes", self.name, target)
+        await self.demote()  # refuses, changing nothing, while the device is in use
+        with trio.move_on_after(SWITCHOVER_TIMEOUT):
+            while m.connected and m.queued_bytes:  # an async member drains its queue
+                await trio.sleep(0.01)
+        if not (m.connected and sm.sb.peers[target].disk == DiskState.UPTODATE and not m.queued_bytes):
+            await self.promote()
+            raise GmdError(f"{self.name}: {target} was lost during the switchover; {self.node} is primary again")
+        await self._send_state(m, {"take_over": True})
+        with trio.move_on_after(SWITCHOVER_TIMEOUT):
+            while not (m.connected and m.peer_role == Role.PRIMARY.value):
+                await m.changed.wait()
+        if m.connected and m.peer_role == Role.PRIMARY.value:
+            log.info("%s: switchover done: %s is primary, %s secondary", self.name, target, self.node)
+            return {"primary": target, "secondary": self.node}
+        reason = m.reason or "no answer"
+        try:
+            await self.promote()
+        except GmdError as e:
+            raise GmdError(f"{self.name}: {target} did not take over ({reason}), and {self.node} could not "
+                           f"become primary again: {e}") from None
+        raise GmdError(f"{self.name}: {target} did not take over within {SWITCHOVER_TIMEOUT:.0f} s ({reason}); "
+                       f"{self.node} is primary again")
+
+    async def _take_over(self, m: MemberLink) -> None:
+        """The old primary handed over (switchover): promote, or say why not."""
+        try:
+            await self.promote()
+        except Exception as e:
+            log.error("%s: switchover from %s: cannot take over: %s", self.name, m.name, e)
+            await self._send_state(m, {"take_over_failed": str(e)})
+
     async def set_expected_votes(self, votes: int | None) -> dict[str, Any]:
         """``gmd quorum VOLUME --expected-votes N`` (None: back to the configured sum)."""
         sm = self._require_up().statemap
@@ -898,11 +1065,13 @@ class VolumeEngine:
         rec = sm.sb.peers[m.name]
         if verdict == Verdict.PEER_NEEDS_FULL and rec.copy is None:
             sm.set_peer_copy(m.name, Fence(CopyKind.FULL, 0))
+        if verdict == Verdict.SPLIT_BRAIN and rec.copy is None and not self._bitmaps_share_ancestor(m):
+            sm.set_peer_copy(m.name, Fence(CopyKind.FULL, 0))  # the peer discards; no common bitmap base
         if rec.copy is not None and rec.copy.fence < self.config.size:
             # A full copy's target is inconsistent; a member awaiting a full merge
             # (sync-mode crash) holds consistent data that may differ in places.
             disk = DiskState.INCONSISTENT if rec.copy.kind == CopyKind.FULL else DiskState.OUTDATED
-        elif sm.out_of_sync_bytes(m.name) > 0 or verdict in (Verdict.PEER_NEEDS_FULL,):
+        elif sm.out_of_sync_bytes(m.name) > 0 or verdict in (Verdict.PEER_NEEDS_FULL, Verdict.SPLIT_BRAIN):
             disk = DiskState.OUTDATED
         else:
             disk = DiskState.UPTODATE
@@ -932,6 +1101,11 @@ class VolumeEngine:
         sm = self.local.statemap
         if "role" in fields:
             m.peer_role = fields["role"]
+        if "take_over_failed" in fields:
+            m.reason = f"refused to take over: {fields['take_over_failed']}"
+            m._notify()
+        if fields.get("take_over") and self.role != Role.PRIMARY:
+            self._nursery_or_daemon().start_soon(self._take_over, m)
         if "your_disk" in fields:
             try:
                 disk = DiskState(fields["your_disk"])
@@ -941,6 +1115,13 @@ class VolumeEngine:
             sm.set_disk(disk)
             if disk == DiskState.UPTODATE and sm.sb.local_copy is not None:
                 sm.set_local_copy(None)  # the copy we were waiting for is done
+            if disk == DiskState.UPTODATE and fields.get("role", m.peer_role) == Role.PRIMARY.value:
+                # Level with the primary: nothing of ours is missing there.
+                sm.clear_out_of_sync(m.name, range(sm.layout.regions))
+                if self.discarding == m.name:
+                    log.warning("%s: split-brain with %s resolved: this side now holds %s's data", self.name,
+                                m.name, m.name)
+                    self.discarding = None
             log.info("%s: %s says our disk is %s", self.name, m.name, disk.value)
         if "generation" in fields and sm.sb.disk == DiskState.UPTODATE:
             sm.adopt_generation(str(fields["generation"]))
@@ -1092,6 +1273,7 @@ class VolumeEngine:
                 "warnings": list(sm.warnings),
             },
             "copy_rate": self.copy_rate,
+            "split_brain": {"resolving_towards": self.discarding, "saved_images": list(self.saved_images)},
             "io": {"writes": self.writes, "bytes_written": self.bytes_written,
                    "sequence": self._gseq, "in_flight": self._inflight},
         }

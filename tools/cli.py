@@ -132,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "source); writes then go on without quorum until it is demoted. Only when the "
                         "other side is known to be down: two forced primaries diverge (split-brain)")
 
+    p = command("resolve", "end a split-brain of VOLUME by discarding this side's changes (saved first)",
+                cmd_resolve)
+    p.add_argument("volume", metavar="VOLUME")
+    p.add_argument("--discard-local", action="store_true", required=True,
+                   help="this side's changes since the split go; the other side's data is copied here. "
+                        "The diverging regions of this side are first saved to a read-only image")
+    p.add_argument("--dry-run", action="store_true", help="explain what would happen, change nothing")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    p = command("switchover", "hand the primary role of VOLUME to NODE with no write lost (planned)",
+                cmd_volume_op)
+    p.add_argument("volume", metavar="VOLUME")
+    p.add_argument("--to", required=True, metavar="NODE", help="the member to become primary (must be uptodate)")
+
     p = command("demo", "run a whole local cluster end to end: two daemons, FUSE, loop + ext4, "
                         "and prove the mirror identical (needs root)", cmd_demo)
     p.add_argument("--keep", action="store_true", help="keep the working directory (logs, config, images)")
@@ -259,6 +273,42 @@ def cmd_witness(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_resolve(args: argparse.Namespace) -> int:
+    config, node = _load(args)
+    req = {"op": "resolve", "volume": args.volume, "discard": "local", "dry_run": args.dry_run}
+    try:
+        reply = _daemon_request(config, node, req)
+    except control.ControlUnavailable as e:
+        raise GmdError(f"{e}; start it with 'gmd daemon --node {node}'") from None
+    p = reply["plan"]
+    if args.json:
+        _print_json(reply)
+        return ExitCode.OK
+
+    def gens(g: dict) -> str:
+        return " <- ".join([g.get("current", "?"), *g.get("history", [])])
+
+    def size(n) -> str:
+        return "unknown (the peer marked too many regions to list)" if n is None else human_bytes(n)
+
+    print(f"{args.volume}: split-brain between {p['discard']} (this node) and {p['keep']}")
+    print(f"  generations here:  {gens(p['local_generations'])}")
+    print(f"  generations there: {gens(p['peer_generations'])}")
+    print(f"  common generation: {p['common_generation'] or 'none'}")
+    print(f"  rule: {p['rule']}")
+    print(f"  direction: {p['direction']}, {p['copy']} copy")
+    print(f"  written here since the split: {human_bytes(p['local_changed_bytes'])}; "
+          f"there: {size(p['peer_changed_bytes'])}")
+    print(f"  would move: {size(p['move_bytes'])}; this side's data replaced: {size(p['discard_bytes'])}, "
+          "saved first to a read-only image beside the state map")
+    if args.dry_run:
+        print("  dry run: nothing changed")
+    else:
+        print(f"  resolving: {node} connects to {p['keep']} as the copy target ('gmd status {args.volume}' "
+              "shows the copy and the saved image)")
+    return ExitCode.OK
+
+
 def cmd_quorum(args: argparse.Namespace) -> int:
     config, node = _load(args)
     req: dict[str, Any] = {"op": "quorum", "volume": args.volume}
@@ -319,6 +369,8 @@ def cmd_volume_op(args: argparse.Namespace) -> int:
         req["force"] = args.force
     if args.command == "up":
         req["loop"] = args.loop
+    if args.command == "switchover":
+        req["to"] = args.to
     if args.command == "resync" and args.rate is not None:
         try:
             req["rate"] = parse_size(args.rate, file="--rate", key="rate", minimum=0)
@@ -328,6 +380,9 @@ def cmd_volume_op(args: argparse.Namespace) -> int:
         reply = _daemon_request(config, node, req)
     except control.ControlUnavailable as e:
         raise GmdError(f"{e}; start it with 'gmd daemon --node {node}'") from None
+    if args.command == "switchover":
+        print(f"{args.volume}: {reply['primary']} is primary now, {reply['secondary']} secondary")
+        return ExitCode.OK
     print(f"{args.volume}: {args.command} on {node}")
     if args.command == "up" and args.loop:
         print(f"{args.volume}: a loop device is attached whenever {node} is primary")

@@ -117,7 +117,8 @@ class Demo:
         self.write_config()
         say(f"cluster config {self.config_path}: nodes {', '.join(NODES)} on 127.0.0.1, volume appslv "
             f"({SIZE}, mode mwc)")
-        say("witness: none yet (the witness daemon arrives with the quorum issue); two nodes, no witness")
+        say("quorum: two nodes of 1 vote each and no witness: both must be present to write "
+            "(a third site's 'gmd witness' would let one node go on alone)")
         for n in NODES:
             admin.init_volume(self.config, n, "appslv")
         say("gmd init appslv on both nodes: state maps and sparse backing files created")

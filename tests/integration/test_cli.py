@@ -151,3 +151,13 @@ def test_help_and_version_and_python_m():
     assert run("--version", check_rc=0).stdout.startswith("gmd ")
     p = subprocess.run([sys.executable, "-m", "gmd", "--version"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.startswith("gmd ")
+
+
+def test_witness_and_quorum_commands_refuse_bad_arguments(cfg):
+    env = {"GMD_CONFIG": str(cfg), "GMD_NODE": "labor1"}
+    p = run("witness", "--name", "tiebreak", env_extra=env, check_rc=2)
+    assert "no witness 'tiebreak'" in p.stderr and "witnesses: none" in p.stderr
+    p = run("quorum", "appslv", "--expected-votes", "0", env_extra=env, check_rc=2)
+    assert "--expected-votes must be at least 1" in p.stderr
+    p = run("quorum", "appslv", "--expected-votes", "2", "--reset", env_extra=env, check_rc=2)
+    assert "not allowed with argument" in p.stderr

@@ -426,3 +426,107 @@ def _try_promote_any(proc):
         return proc.request(op="primary", volume="appslv")
     except RuntimeError:
         return None
+
+
+async def test_split_brain_is_detected_and_resolved_with_the_discarded_data_saved(tmp_path):
+    """(c) Two forced primaries write during a split; reconnected, the link
+    stays down and both data stay intact; gmd resolve --dry-run names the rule
+    and the byte counts; --discard-local on labor2 brings it back identical to
+    labor1, and the saved image holds exactly labor2's diverging regions."""
+    import json
+    import subprocess
+
+    from .harness import GMD
+
+    c = Cluster(tmp_path, witness=False, mode="mwc")
+    rs = 65536
+    async with trio.open_nursery() as pn:
+        await pn.start(c.to_labor2.serve)
+        with daemon_processes(c.cfg2, ["labor2"], tmp_path) as procs:
+            async with in_process_daemon(c.cfg1, "labor1") as d:
+                await run_in_thread(lambda: procs["labor2"].request(op="up", volume="appslv"))
+                eng = d.engines["appslv"]
+                await eng.up()
+                await wait_for(lambda: eng.members["labor2"].connected, what="connected")
+                await eng.promote()
+                base = os.urandom(8 * MiB)
+                await eng.write(0, base)
+                await eng.flush()
+                c.partition("reset")
+                await wait_for(lambda: not eng.members["labor2"].connected, what="split")
+                # labor1 goes on by the operator's override; labor2 is forced primary.
+                await eng.set_expected_votes(1)
+                ours = {r: os.urandom(rs) for r in (3, 4, 40)}  # labor1's writes since the split
+                for r, data in ours.items():
+                    await eng.write(r * rs, data)
+                await eng.flush()
+                reply = await run_in_thread(lambda: procs["labor2"].request(op="primary", volume="appslv",
+                                                                            force=True))
+                theirs = {r: os.urandom(rs) for r in (4, 5, 90)}  # labor2's, overlapping at region 4
+                await run_in_thread(_pwrite_regions, reply["device"], theirs, rs)
+                labor2_before = {r: _read_region(backing(tmp_path, "labor2"), r, rs) for r in (3, 4, 5, 40, 90)}
+                # Heal: both primary, then labor2 demoted; the histories diverge: split-brain.
+                c.heal()
+                await run_in_thread(lambda: procs["labor2"].request(op="secondary", volume="appslv"))
+                try:
+                    await wait_for(lambda: "split-brain" in (eng.members["labor2"].reason or ""), timeout=20,
+                                   what="split-brain detected")
+                except AssertionError:
+                    print("DEBUG", eng.members["labor2"].state, eng.members["labor2"].reason, eng.role,
+                          eng.statemap.sb.generations, procs["labor2"].status()["members"]["labor1"])
+                    raise
+                st2 = await run_in_thread(procs["labor2"].status)
+                assert st2["members"]["labor1"]["link"] == "standalone"
+                assert "split-brain" in st2["members"]["labor1"]["reason"]
+                assert not eng.members["labor2"].connected
+                for r, data in theirs.items():  # nothing overwritten
+                    assert _read_region(backing(tmp_path, "labor2"), r, rs) == data
+                for r, data in ours.items():
+                    assert _read_region(backing(tmp_path, "labor1"), r, rs) == data
+                # The dry run explains.
+                env = dict(os.environ, GMD_CONFIG=str(c.cfg2), GMD_NODE="labor2")
+                p = await run_in_thread(lambda: subprocess.run(
+                    [GMD, "resolve", "appslv", "--discard-local", "--dry-run", "--json"], env=env,
+                    capture_output=True, text=True, timeout=60))
+                assert p.returncode == 0, p.stderr
+                plan = json.loads(p.stdout)["plan"]
+                assert plan["rule"] == "operator: gmd resolve --discard-local on labor2"
+                assert plan["direction"] == "labor1 -> labor2" and plan["copy"] == "bitmap"
+                assert plan["local_changed_bytes"] == 3 * rs and plan["peer_changed_bytes"] == 3 * rs
+                assert plan["move_bytes"] == plan["discard_bytes"] == 5 * rs  # regions 3, 4, 5, 40, 90
+                assert _read_region(backing(tmp_path, "labor2"), 5, rs) == theirs[5]  # dry run: nothing changed
+                # Resolve.
+                p = await run_in_thread(lambda: subprocess.run(
+                    [GMD, "resolve", "appslv", "--discard-local"], env=env, capture_output=True, text=True,
+                    timeout=60))
+                assert p.returncode == 0, p.stderr
+                await wait_for(lambda: eng.status()["members"]["labor2"]["disk"] == "uptodate", timeout=60,
+                               what="labor2 brought back")
+                await eng.flush()
+                assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
+                st2 = await run_in_thread(procs["labor2"].status)
+                (image,) = st2["split_brain"]["saved_images"]
+                manifest = json.loads(open(image + ".json").read())
+                assert manifest["regions"] == [[3 * rs, 3 * rs], [40 * rs, rs], [90 * rs, rs]]
+                assert not os.access(image, os.W_OK) or os.geteuid() == 0
+                assert os.stat(image).st_mode & 0o777 == 0o444
+                for r, data in labor2_before.items():
+                    assert _read_region(image, r, rs) == data  # labor2's own data, as it was
+                assert _read_region(image, 10, rs) == bytes(rs)  # only the diverging regions
+        pn.cancel_scope.cancel()
+
+
+def _pwrite_regions(device: str, regions: dict, rs: int) -> None:
+    fd = os.open(device, os.O_RDWR)
+    try:
+        for r, data in regions.items():
+            os.pwrite(fd, data, r * rs)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_region(path, r: int, rs: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(r * rs)
+        return f.read(rs)

@@ -783,3 +783,32 @@ def test_tls_table_needs_cert_key_and_ca():
         parse_config(base + '[tls]\ncert = "c.pem"\nca = "ca.pem"\n', file="t.toml", base_dir=Path("/etc/gmd"))
     assert e.value.key == "tls.key" and "private key" in e.value.message
     assert parse_config(base, file="t.toml", base_dir=Path("/etc")).tls is None
+
+
+QUORUM_BASE = ('secret = "s"\n[nodes.a]\naddress = "127.0.0.1:9001"\n[witnesses.w]\naddress = "127.0.0.1:9009"\n'
+               '[volumes.v]\nsize = "1GiB"\n{volume}[volumes.v.members.a]\ndevice = "d"\nstatemap = "s"\n')
+
+
+def test_quorum_loss_policy_and_timeout():
+    cfg = parse_config(QUORUM_BASE.format(volume='on_quorum_loss = "fail"\nquorum_timeout = 5\n'), file="t.toml",
+                       base_dir=Path("/etc/gmd"))
+    assert (cfg.volume("v").on_quorum_loss, cfg.volume("v").quorum_timeout) == ("fail", 5)
+    default = parse_config(QUORUM_BASE.format(volume=""), file="t.toml", base_dir=Path("/etc/gmd"))
+    assert (default.volume("v").on_quorum_loss, default.volume("v").quorum_timeout) == ("suspend", 30)
+    assert default.witnesses["w"].state == Path("/var/lib/gmd/witness-w.json")
+
+
+def test_unknown_quorum_loss_policy_is_refused_with_a_suggestion():
+    e = error_of(QUORUM_BASE.format(volume='on_quorum_loss = "suspnd"\n'))
+    assert e.key == "volumes.v.on_quorum_loss" and '"suspnd" is not a policy' in e.message and "suspend" in e.message
+
+
+def test_quorum_timeout_must_be_a_positive_integer():
+    e = error_of(QUORUM_BASE.format(volume="quorum_timeout = 0\n"))
+    assert e.key == "volumes.v.quorum_timeout" and "too small" in e.message
+
+
+def test_witness_state_path_is_relative_to_the_config():
+    cfg = parse_config(QUORUM_BASE.replace('address = "127.0.0.1:9009"\n', 'address = "127.0.0.1:9009"\nstate = "w.json"\n')
+                       .format(volume=""), file="t.toml", base_dir=Path("/etc/gmd"))
+    assert cfg.witnesses["w"].state == Path("/etc/gmd/w.json")
