@@ -30,6 +30,8 @@ File format::
     mode = "mwc"                      # default; "sync", "mwc" or "async"
     on_quorum_loss = "suspend"        # default; or "fail": writes get EIO after
     quorum_timeout = 30               #   this many seconds without quorum
+    split_brain = "disconnect"        # default; or "discard-secondary",
+                                      #   "discard-younger-primary", "discard-least-changes"
 
     [volumes.NAME.members.NODE]       # 1 to 8 members; NODE is a [nodes] name
     device = "/dev/vg/lv"             # required: backing file or block device
@@ -118,6 +120,7 @@ MIN_REGION_SIZE = 4096
 MAX_MEMBERS = 8
 DEFAULT_VOTES = 1
 QUORUM_LOSS_POLICIES = ("suspend", "fail")
+SPLIT_BRAIN_POLICIES = ("disconnect", "discard-secondary", "discard-younger-primary", "discard-least-changes")
 MAX_SIZE = 2**63 - 1  # byte offsets travel as signed 64-bit integers
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -278,6 +281,7 @@ class VolumeConfig:
     copy_rate: int = 0  # bytes/s the copy engine may compare (and send) per member; 0: no limit
     on_quorum_loss: str = "suspend"  # writes without quorum wait ("suspend") or get EIO ("fail")
     quorum_timeout: int = 30  # seconds a write waits for quorum under "fail"
+    split_brain: str = "disconnect"  # who discards its changes after a split-brain, if anyone
 
 
 @dataclass(frozen=True)
@@ -709,7 +713,7 @@ class _Parser:
     ) -> VolumeConfig:
         key = _join("volumes", name)
         self.check_keys(table, key, ("size", "region_size", "extent_size", "mode", "members", "async_queue",
-                                     "copy_rate", "on_quorum_loss", "quorum_timeout"))
+                                     "copy_rate", "on_quorum_loss", "quorum_timeout", "split_brain"))
 
         size, raw_size = self.size(
             self.require(table, key, "size", 'a size such as "4GiB"'), _join(key, "size")
@@ -766,7 +770,14 @@ class _Parser:
                              f'{json.dumps(on_loss)} is not a policy (expected "suspend" or "fail")'
                              f"{_did_you_mean(on_loss, QUORUM_LOSS_POLICIES)}")
         timeout = self.integer(table.get("quorum_timeout", 30), _join(key, "quorum_timeout"), 1)
-        return VolumeConfig(name, size, region, extent, mode, members, async_queue, copy_rate, on_loss, timeout)
+        split = self.string(table.get("split_brain", "disconnect"), _join(key, "split_brain"),
+                            f"one of: {', '.join(SPLIT_BRAIN_POLICIES)}")
+        if split not in SPLIT_BRAIN_POLICIES:
+            raise self.error(_join(key, "split_brain"),
+                             f"{json.dumps(split)} is not a split-brain policy (expected one of: "
+                             f"{', '.join(SPLIT_BRAIN_POLICIES)}){_did_you_mean(split, SPLIT_BRAIN_POLICIES)}")
+        return VolumeConfig(name, size, region, extent, mode, members, async_queue, copy_rate, on_loss, timeout,
+                            split)
 
     def members(
         self,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import logging
 import secrets
+import time
 from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -287,6 +288,7 @@ class VolumeEngine:
         self.role = Role.PRIMARY
         self.role_epoch += 1
         sm.set_role(Role.PRIMARY)
+        sm.set_promoted_at(time.time())
         await local.writer.sync_all()
         self._role_changed()
         if self.want_loop and self.device_path is not None:
@@ -436,6 +438,10 @@ class VolumeEngine:
             away_before = [m for m in self.members.values() if not (m.connected and not m.behind)]
             await self.quorum.settle(away_before)
             await local.begin_intent(offset, length)
+            if self.role != Role.PRIMARY:
+                # Demoted while this write waited (a switchover, or stepping down):
+                # it must not reach any disk now.
+                raise OSError(errno.EIO, f"{self.name}: no longer primary on {self.node}; write not done")
             self._gseq += 1
             ctx = _WriteCtx(offset, length, self._gseq)
             waits: list[tuple[MemberLink, Shipment]] = []
@@ -606,6 +612,7 @@ class VolumeEngine:
             # a resolution (gmd resolve --dry-run) before any session exists.
             "marked": {name: splitbrain.marked_summary(sm.out_of_sync_regions(name)) for name in sm.sb.peers},
             "discard_local": self.discarding,  # the peer we yield to in a split-brain resolution
+            "promoted_at": sm.sb.promoted_at,
         }
 
     def make_hello(self, nonce: bytes, path: int, session: str) -> Hello:
@@ -632,9 +639,23 @@ class VolumeEngine:
         resolving = self.discarding == hello.node or info.get("discard_local") == self.node
         if verdict == Verdict.SPLIT_BRAIN and resolving:
             return None  # one side discards its changes (gmd resolve): it becomes the copy target
+        if verdict == Verdict.SPLIT_BRAIN and self.config.split_brain != "disconnect":
+            loser, why = splitbrain.policy_loser(self.config.split_brain, self.node, self.hello_info(),
+                                                 hello.node, info)
+            loser_role = self.role.value if loser == self.node else info.get("role")
+            if loser is not None and loser_role != Role.PRIMARY.value:
+                if loser == self.node:
+                    self.discarding = hello.node
+                log.warning("%s: split-brain with %s resolved by %s: %s's changes are discarded (saved first)",
+                            self.name, hello.node, why, loser)
+                return None
+            if loser is not None:
+                why += f", but {loser} is primary: demote it and it resolves"
         if verdict in (Verdict.SPLIT_BRAIN, Verdict.UNRELATED):
             reason = (f"{verdict.value}: {self.node} and {hello.node} hold diverging data of {self.name}; "
                       "nothing is overwritten, the link stays down")
+            if verdict == Verdict.SPLIT_BRAIN and self.config.split_brain != "disconnect":
+                reason += f" ({why})"
             m = self.members[hello.node]
             if not m.connected:  # both ends show it, the accepting one too
                 m.set_state(LinkState.STANDALONE, reason)
@@ -799,7 +820,7 @@ class VolumeEngine:
                 return
             await self._save_discarded(m)
         await self._send_bitmap(m, link)
-        patience = 600 if (m.peer_hello_info or {}).get("discard_local") == self.node else 30
+        patience = 600 if m.verdict == Verdict.SPLIT_BRAIN else 30  # the loser saves its data first
         with trio.move_on_after(patience):
             await m.bitmap_done.wait()
         if not m.bitmap_done.is_set():
@@ -865,9 +886,12 @@ class VolumeEngine:
                 try:
                     await copy_member(self, m)
                     return
-                except CopyAborted as e:
+                except (CopyAborted, LinkClosed) as e:
                     log.info("%s: copy to %s stopped: %s", self.name, m.name, e)
                     await trio.sleep(0.1)
+                except Exception as e:  # a copy's failure never takes the daemon (and the volume) down
+                    log.error("%s: copy to %s failed: %r; retrying", self.name, m.name, e)
+                    await trio.sleep(1.0)
         finally:
             self._copying.discard(m.name)
             self.copies.pop(m.name, None)

@@ -29,6 +29,8 @@ from typing import Any
 
 from bitarray import bitarray
 
+from .config import SPLIT_BRAIN_POLICIES
+
 MAX_RUNS = 4096  # runs of marked regions a hello carries; beyond that only the count
 
 
@@ -153,3 +155,36 @@ def save_discarded(statemap_path: Path, peer: str, device, union: bitarray, regi
     finally:
         os.close(dfd)
     return image
+
+
+POLICIES = SPLIT_BRAIN_POLICIES
+
+
+def policy_loser(policy: str, a: str, a_info: dict[str, Any], b: str, b_info: dict[str, Any]) -> tuple[str | None, str]:
+    """Which of nodes ``a`` and ``b`` (in split-brain) discards its changes under
+    ``policy``, from both hellos' info; (None, why) when the policy does not
+    decide and the link stays down. Symmetric: both ends reach the same answer."""
+    if policy == "disconnect":
+        return None, "policy disconnect: the operator decides (gmd resolve)"
+    role = {a: a_info.get("role"), b: b_info.get("role")}
+    if policy == "discard-secondary":
+        secondaries = [n for n in (a, b) if role[n] != "primary"]
+        if len(secondaries) == 1:
+            return secondaries[0], f"policy discard-secondary: {secondaries[0]} is secondary"
+        return None, "policy discard-secondary: not exactly one side is secondary"
+    if policy == "discard-younger-primary":
+        since = {a: a_info.get("promoted_at"), b: b_info.get("promoted_at")}
+        if not all(isinstance(v, (int, float)) for v in since.values()) or since[a] == since[b]:
+            return None, "policy discard-younger-primary: promotion times unknown or equal"
+        younger = a if since[a] > since[b] else b
+        return younger, f"policy discard-younger-primary: {younger} became primary last"
+    if policy == "discard-least-changes":
+        def changed(info: dict[str, Any], peer: str) -> int | None:
+            marked = (info.get("marked") or {}).get(peer)
+            return marked.get("count") if isinstance(marked, dict) else None
+        ca, cb = changed(a_info, b), changed(b_info, a)
+        if ca is None or cb is None or ca == cb:
+            return None, "policy discard-least-changes: both changed as much (or unknown)"
+        fewer = a if ca < cb else b
+        return fewer, f"policy discard-least-changes: {fewer} changed fewer regions ({min(ca, cb)} vs {max(ca, cb)})"
+    raise ValueError(f"unknown split-brain policy {policy!r}")

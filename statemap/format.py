@@ -182,6 +182,7 @@ class Superblock:
     local_copy: Fence | None = None  # this member is a copy/merge target below fence
     expected_votes: int | None = None  # operator's quorum override
     forced_primary: bool = False  # promoted with --force: writes without quorum until demoted
+    promoted_at: float | None = None  # wall time of the last promotion (split-brain policy)
     created: float = 0.0
     updated: float = 0.0
     clean_stop: float | None = None
@@ -209,6 +210,7 @@ class Superblock:
             local_copy=self.local_copy.to_json() if self.local_copy else None,
             expected_votes=self.expected_votes,
             forced_primary=self.forced_primary,
+            promoted_at=self.promoted_at,
             created=self.created,
             updated=self.updated,
             clean_stop=self.clean_stop,
@@ -221,7 +223,7 @@ class Superblock:
         known = {
             "volume", "uuid", "size", "region_size", "extent_size", "member",
             "peer_slots", "role", "disk", "clean", "generations", "peers",
-            "local_copy", "expected_votes", "forced_primary", "created", "updated", "clean_stop",
+            "local_copy", "expected_votes", "forced_primary", "promoted_at", "created", "updated", "clean_stop",
         }
         for key in ("volume", "uuid", "member"):
             _expect(isinstance(raw.get(key), str) and raw[key], key, "a non-empty string")
@@ -258,6 +260,9 @@ class Superblock:
         _expect(ev is None or (_is_uint(ev) and ev > 0), "expected_votes", "null or a positive integer")
         forced = raw.get("forced_primary", False)  # absent in maps written before it existed
         _expect(isinstance(forced, bool), "forced_primary", "true or false")
+        promoted = raw.get("promoted_at")
+        _expect(promoted is None or (isinstance(promoted, (int, float)) and not isinstance(promoted, bool)),
+                "promoted_at", "null or a number")
         for key in ("created", "updated"):
             _expect(isinstance(raw.get(key), (int, float)), key, "a number")
         cs = raw.get("clean_stop")
@@ -278,6 +283,7 @@ class Superblock:
             local_copy=Fence.from_json(raw.get("local_copy"), "local_copy"),
             expected_votes=ev,
             forced_primary=forced,
+            promoted_at=None if promoted is None else float(promoted),
             created=float(raw["created"]),
             updated=float(raw["updated"]),
             clean_stop=None if cs is None else float(cs),

@@ -614,6 +614,10 @@ class StateMap:
             self.sb.forced_primary = forced
             self._touch_sb()
 
+    def set_promoted_at(self, when: float) -> None:
+        self.sb.promoted_at = when
+        self._touch_sb()
+
     def set_expected_votes(self, votes: int | None) -> None:
         self.sb.expected_votes = votes
         self._touch_sb()

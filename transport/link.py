@@ -29,9 +29,11 @@ from .codec import (
     NEED_DATA,
     Auth,
     Connection,
+    ConnState,
     Error,
     Event,
     Hello,
+    LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
 )
@@ -132,17 +134,26 @@ class PeerLink:
         self._out_bytes += sum(len(p) for p in parts)
         self._wake.set()
 
+    def _frame(self, event: Event) -> list:
+        try:
+            return self.conn.send_parts(event)
+        except LocalProtocolError:
+            if self.conn.state is ConnState.CLOSED:  # closed by the peer's ERROR or EOF just now
+                self._mark_closed(self.conn.closed_reason or "closed")
+                raise LinkClosed(self._closed) from None
+            raise
+
     def send_nowait(self, event: Event) -> None:
         """Queue ``event`` without waiting (callers bound their own queues)."""
         if self._closed is not None:
             raise LinkClosed(self._closed)
-        self._queue(self.conn.send_parts(event))
+        self._queue(self._frame(event))
 
     async def send(self, event: Event) -> None:
         """Queue ``event`` for the sender task; waits only when much is queued."""
         if self._closed is not None:
             raise LinkClosed(self._closed)
-        self._queue(self.conn.send_parts(event))
+        self._queue(self._frame(event))
         while self._out_bytes > SEND_HIGH_WATER and self._closed is None:
             self._drained = trio.Event()
             await self._drained.wait()

@@ -449,32 +449,12 @@ async def test_split_brain_is_detected_and_resolved_with_the_discarded_data_save
                 await eng.up()
                 await wait_for(lambda: eng.members["labor2"].connected, what="connected")
                 await eng.promote()
-                base = os.urandom(8 * MiB)
-                await eng.write(0, base)
-                await eng.flush()
-                c.partition("reset")
-                await wait_for(lambda: not eng.members["labor2"].connected, what="split")
-                # labor1 goes on by the operator's override; labor2 is forced primary.
-                await eng.set_expected_votes(1)
-                ours = {r: os.urandom(rs) for r in (3, 4, 40)}  # labor1's writes since the split
-                for r, data in ours.items():
-                    await eng.write(r * rs, data)
-                await eng.flush()
-                reply = await run_in_thread(lambda: procs["labor2"].request(op="primary", volume="appslv",
-                                                                            force=True))
-                theirs = {r: os.urandom(rs) for r in (4, 5, 90)}  # labor2's, overlapping at region 4
-                await run_in_thread(_pwrite_regions, reply["device"], theirs, rs)
-                labor2_before = {r: _read_region(backing(tmp_path, "labor2"), r, rs) for r in (3, 4, 5, 40, 90)}
+                ours, theirs, labor2_before = await make_split_brain(c, eng, procs, tmp_path, (3, 4, 40), (4, 5, 90))
                 # Heal: both primary, then labor2 demoted; the histories diverge: split-brain.
                 c.heal()
                 await run_in_thread(lambda: procs["labor2"].request(op="secondary", volume="appslv"))
-                try:
-                    await wait_for(lambda: "split-brain" in (eng.members["labor2"].reason or ""), timeout=20,
-                                   what="split-brain detected")
-                except AssertionError:
-                    print("DEBUG", eng.members["labor2"].state, eng.members["labor2"].reason, eng.role,
-                          eng.statemap.sb.generations, procs["labor2"].status()["members"]["labor1"])
-                    raise
+                await wait_for(lambda: "split-brain" in (eng.members["labor2"].reason or ""), timeout=20,
+                               what="split-brain detected")
                 st2 = await run_in_thread(procs["labor2"].status)
                 assert st2["members"]["labor1"]["link"] == "standalone"
                 assert "split-brain" in st2["members"]["labor1"]["reason"]
@@ -516,6 +496,26 @@ async def test_split_brain_is_detected_and_resolved_with_the_discarded_data_save
         pn.cancel_scope.cancel()
 
 
+async def make_split_brain(c, eng, procs, tmp_path, ours_at, theirs_at, rs=65536):
+    """Split, then labor1 writes ``ours_at`` (by an expected-votes override) and
+    labor2, forced primary, writes ``theirs_at``; returns both and labor2's data
+    of every touched region before any resolution."""
+    await eng.write(0, os.urandom(8 * MiB))
+    await eng.flush()
+    c.partition("reset")
+    await wait_for(lambda: not eng.members["labor2"].connected, what="split")
+    await eng.set_expected_votes(1)
+    ours = {r: os.urandom(rs) for r in ours_at}
+    for r, data in ours.items():
+        await eng.write(r * rs, data)
+    await eng.flush()
+    reply = await run_in_thread(lambda: procs["labor2"].request(op="primary", volume="appslv", force=True))
+    theirs = {r: os.urandom(rs) for r in theirs_at}
+    await run_in_thread(_pwrite_regions, reply["device"], theirs, rs)
+    touched = sorted({*ours_at, *theirs_at})
+    return ours, theirs, {r: _read_region(backing(tmp_path, "labor2"), r, rs) for r in touched}
+
+
 def _pwrite_regions(device: str, regions: dict, rs: int) -> None:
     fd = os.open(device, os.O_RDWR)
     try:
@@ -530,3 +530,39 @@ def _read_region(path, r: int, rs: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(r * rs)
         return f.read(rs)
+
+
+async def test_split_brain_policy_discard_least_changes_resolves_by_itself(tmp_path):
+    """With split_brain = "discard-least-changes", the side that wrote fewer
+    regions since the split (here labor2, once it is secondary) is brought
+    back from the other without the operator, its data saved first."""
+    import json
+
+    c = Cluster(tmp_path, witness=False, mode="mwc", extra_volume='split_brain = "discard-least-changes"')
+    rs = 65536
+    async with trio.open_nursery() as pn:
+        await pn.start(c.to_labor2.serve)
+        with daemon_processes(c.cfg2, ["labor2"], tmp_path) as procs:
+            async with in_process_daemon(c.cfg1, "labor1") as d:
+                await run_in_thread(lambda: procs["labor2"].request(op="up", volume="appslv"))
+                eng = d.engines["appslv"]
+                await eng.up()
+                await wait_for(lambda: eng.members["labor2"].connected, what="connected")
+                await eng.promote()
+                ours, theirs, labor2_before = await make_split_brain(c, eng, procs, tmp_path, (3, 4, 40), (7,))
+                c.heal()
+                # Both primary: refused; the side to discard must step down first.
+                await wait_for(lambda: "are primary" in (eng.members["labor2"].reason or ""), timeout=20,
+                               what="both primary refused")
+                assert not eng.members["labor2"].connected
+                await run_in_thread(lambda: procs["labor2"].request(op="secondary", volume="appslv"))
+                await wait_for(lambda: eng.status()["members"]["labor2"]["disk"] == "uptodate", timeout=60,
+                               what="labor2 brought back by the policy")
+                await eng.flush()
+                assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
+                (image,) = (await run_in_thread(procs["labor2"].status))["split_brain"]["saved_images"]
+                manifest = json.loads(open(image + ".json").read())
+                assert manifest["regions"] == [[3 * rs, 2 * rs], [7 * rs, rs], [40 * rs, rs]]
+                assert _read_region(image, 7, rs) == theirs[7] == labor2_before[7]
+                assert "discard-least-changes" in procs["labor2"].log()
+        pn.cancel_scope.cancel()

@@ -812,3 +812,12 @@ def test_witness_state_path_is_relative_to_the_config():
     cfg = parse_config(QUORUM_BASE.replace('address = "127.0.0.1:9009"\n', 'address = "127.0.0.1:9009"\nstate = "w.json"\n')
                        .format(volume=""), file="t.toml", base_dir=Path("/etc/gmd"))
     assert cfg.witnesses["w"].state == Path("/etc/gmd/w.json")
+
+
+def test_split_brain_policy_is_checked():
+    cfg = parse_config(QUORUM_BASE.format(volume='split_brain = "discard-secondary"\n'), file="t.toml",
+                       base_dir=Path("/etc/gmd"))
+    assert cfg.volume("v").split_brain == "discard-secondary"
+    e = error_of(QUORUM_BASE.format(volume='split_brain = "discard-younger"\n'))
+    assert e.key == "volumes.v.split_brain" and "not a split-brain policy" in e.message
+    assert "discard-younger-primary" in e.message

@@ -101,3 +101,19 @@ def test_a_repeated_refusal_is_logged_once_then_at_debug(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and "down" in warnings[0] and "authentication" in warnings[1]
     assert sum(1 for r in caplog.records if r.levelno == logging.DEBUG) == 2
+
+
+async def test_sending_on_a_link_the_peer_just_closed_raises_link_closed_not_a_protocol_error():
+    """A copy or reply racing the peer's ERROR frame must see LinkClosed (which
+    every caller handles), never the codec's LocalProtocolError."""
+    from transport.codec import Connection, ConnState
+    from transport.link import LinkClosed, PeerLink
+
+    conn = Connection()
+    a, _b = trio.testing.memory_stream_pair()
+    link = PeerLink(a, conn, None, label="test")
+    conn.state = ConnState.CLOSED  # as after the peer's ERROR frame was received
+    conn.closed_reason = "peer closed: volume going down"
+    with pytest.raises(LinkClosed, match="volume going down"):
+        link.send_nowait(Ping(1))
+    assert link.closed
