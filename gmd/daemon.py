@@ -212,6 +212,52 @@ class NodeDaemon:
         finally:
             await stream.aclose()
 
+    async def reload(self) -> dict[str, Any]:
+        """``gmd reload``: re-read the config file and apply what can change while
+        volumes are in use: members added to a volume, volumes added for this
+        node (they stay down until 'gmd up'). Anything else is refused with the
+        differences named, and nothing is applied."""
+        from .config import load_config
+
+        new = load_config(self.config.path)
+        problems = []
+        if self.node not in new.nodes:
+            problems.append(f"node {self.node} is gone from the config")
+        if new.secret != self.config.secret or new.tls != self.config.tls:
+            problems.append("secret or tls changed (restart the daemons)")
+        if new.witnesses != self.config.witnesses:
+            problems.append("witnesses changed (restart the daemons)")
+        mine = {v.name: v for v in new.volumes_for_node(self.node)} if not problems else {}
+        for name, engine in self.engines.items():
+            old, vol = engine.config, mine.get(name)
+            if vol is None:
+                if not problems:
+                    problems.append(f"volume {name} is gone (take it down and restart the daemon)")
+                continue
+            for field_name in ("size", "region_size", "extent_size", "mode", "async_queue"):
+                if getattr(old, field_name) != getattr(vol, field_name):
+                    problems.append(f"volume {name}: {field_name} changed ({getattr(old, field_name)} -> "
+                                    f"{getattr(vol, field_name)})")
+            for member, m in old.members.items():
+                if vol.members.get(member) != m:
+                    problems.append(f"volume {name}: member {member} changed or removed")
+        if problems:
+            raise GmdError(f"reload of {self.config.path} refused, nothing applied: {'; '.join(problems)}")
+        self.config = new
+        self.node_config = new.node(self.node)
+        added: dict[str, list[str]] = {}
+        for name, vol in mine.items():
+            if name not in self.engines:
+                self.engines[name] = VolumeEngine(self, vol)
+                added[name] = ["(new volume)"]
+            else:
+                members = await self.engines[name].add_members(vol)
+                if members:
+                    added[name] = members
+        log.info("%s: config reloaded from %s (added: %s)", self.node, new.path,
+                 "; ".join(f"{v}: {', '.join(m)}" for v, m in added.items()) or "nothing")
+        return {"added": added}
+
     def _engine(self, req: dict[str, Any]) -> VolumeEngine:
         name = req.get("volume")
         if not isinstance(name, str) or name not in self.engines:
@@ -263,6 +309,8 @@ class NodeDaemon:
             if not isinstance(target, str):
                 raise ValueError("switchover needs 'to': the node to hand the primary role to")
             return {"ok": True, **(await self._engine(req).switchover(target))}
+        if op == "reload":
+            return {"ok": True, **(await self.reload())}
         if op == "quorum":
             engine = self._engine(req)
             if "expected_votes" in req:

@@ -1043,6 +1043,24 @@ class VolumeEngine:
             log.error("%s: switchover from %s: cannot take over: %s", self.name, m.name, e)
             await self._send_state(m, {"take_over_failed": str(e)})
 
+    async def add_members(self, config: VolumeConfig) -> list[str]:
+        """Take a config that adds members to this volume (``gmd reload``), while
+        it runs: each new member gets a link, a slot in the state map and, once
+        it connects, a full copy; its votes count from then on."""
+        new = [name for name in config.members if name != self.node and name not in self.members]
+        self.config = config
+        for name in new:
+            self.members[name] = MemberLink(name, config.members[name].mode, queue_limit=config.async_queue)
+        if self.local is not None:
+            self.local.config = config
+            self.local.add_new_members()
+            await self.local.writer.sync_all()
+            for name in new:
+                if self.node < name and self._nursery is not None:
+                    self._nursery.start_soon(self._dial_loop, name)
+        self.quorum.notify()
+        return new
+
     async def set_expected_votes(self, votes: int | None) -> dict[str, Any]:
         """``gmd quorum VOLUME --expected-votes N`` (None: back to the configured sum)."""
         sm = self._require_up().statemap

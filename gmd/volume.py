@@ -135,6 +135,7 @@ class LocalVolume:
         vol = cls(config, member, sm, device, limiter)
         try:
             vol.recovery = sm.recover()
+            vol.add_new_members()
             if vol.recovery.needed and not member.mode in INTENT_MODES and sm.sb.role == Role.PRIMARY:
                 # sync mode logs no intent: any region may have been in flight
                 # when the primary died, so every member gets a full merge (a
@@ -154,6 +155,17 @@ class LocalVolume:
             vol._close_files()
             raise
         return vol
+
+    def add_new_members(self) -> list[str]:
+        """Members in the config that this map does not know yet get a slot,
+        and a full copy once they connect (a member added to the volume)."""
+        added = []
+        for name in self.config.members:
+            if name != self.member.node and name not in self.statemap.sb.peers:
+                self.statemap.add_peer(name)
+                added.append(name)
+                log.info("%s: new member %s: it gets a full copy when it connects", self.config.name, name)
+        return added
 
     # ------------------------------------------------------------------ I/O
 

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("witness", "run a witness (a diskless vote holder) in the foreground", cmd_witness)
     p.add_argument("--name", required=True, metavar="W", help="the witness's name in the config ([witnesses.W])")
 
+    p = command("reload", "re-read the config in the running daemon: add members or volumes online",
+                cmd_reload)
+
     p = command("quorum", "show or override VOLUME's expected votes (persisted in the state map)", cmd_quorum)
     p.add_argument("volume", metavar="VOLUME")
     group = p.add_mutually_exclusive_group()
@@ -306,6 +309,20 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     else:
         print(f"  resolving: {node} connects to {p['keep']} as the copy target ('gmd status {args.volume}' "
               "shows the copy and the saved image)")
+    return ExitCode.OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    config, node = _load(args)
+    try:
+        reply = _daemon_request(config, node, {"op": "reload"})
+    except control.ControlUnavailable as e:
+        raise GmdError(f"{e}; nothing to reload") from None
+    added = reply["added"]
+    if not added:
+        print(f"{node}: config reloaded; nothing added")
+    for volume, members in added.items():
+        print(f"{volume} on {node}: added {', '.join(members)}")
     return ExitCode.OK
 
 
