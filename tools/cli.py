@@ -490,6 +490,11 @@ def format_status(st: dict[str, Any]) -> str:
                      + (", its votes count here" if ws["granted"] else f", votes not granted ({ws['why']})"))
     if st.get("device"):
         lines.append(f"  device {st['device']}" + (f", loop device {st['loop']}" if st.get("loop") else ""))
+    sb = st.get("split_brain") or {}
+    if sb.get("resolving_towards"):
+        lines.append(f"  resolving a split-brain: this side's changes give way to {sb['resolving_towards']}'s")
+    for image in sb.get("saved_images", []):
+        lines.append(f"  discarded data saved (read-only): {image} (regions listed in {image}.json)")
     for w in sm.get("warnings", []):
         lines.append(f"  warning: {w}")
     rows = [("member", "disk", "link", "mode", "out of sync", "note")]
