@@ -77,7 +77,7 @@ PING_INTERVAL = 1.0
 PATH_TIMEOUT = 6.0  # no frame for this long: the path is dead (a blackholed partition)
 BITMAP_CHUNK_BITS = 8 * PAGE * 64  # 256 KiB of bitmap per frame at most
 SWITCHOVER_TIMEOUT = 30.0  # seconds the target of a switchover has to take over
-REDIAL_MAX = 0.5  # seconds between dials of an unreachable member at most: a returning member is caught up at once
+REDIAL_MAX = 0.25  # seconds between dials of an unreachable member at most: a returning member is caught up at once
 AUTO_FLUSH_INTERVAL = 2.0  # retire extents even if the application never fsyncs
 MAX_REMOTE_READ = 4 * 1024 * 1024  # per Read frame when a read goes to a member
 

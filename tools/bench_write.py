@@ -39,6 +39,7 @@ from tools.procs import die_with_parent, free_port, stop_process
 
 MiB = 1 << 20
 SETUPS = ("local", "sync", "mwc", "async")
+BACKING = "zeroed"  # or "fallocated" (--backing)
 
 
 def write_config(directory: Path, setup: str, size: int) -> Path:
@@ -56,7 +57,16 @@ def write_config(directory: Path, setup: str, size: int) -> Path:
     for n in nodes:
         admin.init_volume(cfg, n, "vol")
         with open(cfg.member("vol", n).device, "r+b") as f:  # allocate: no sparse-hole effects
-            os.posix_fallocate(f.fileno(), 0, size)
+            if BACKING == "zeroed":
+                # Written through: no unwritten extents for the first writes to
+                # convert (like a block device or a long-used file).
+                zeros = bytes(MiB)
+                for off in range(0, size, MiB):
+                    f.write(zeros)
+                f.flush()
+                os.fsync(f.fileno())
+            else:
+                os.posix_fallocate(f.fileno(), 0, size)
     admin.mark_dirty(cfg, "bench1", "vol", skip_initial_copy=True)
     return path
 
@@ -212,6 +222,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (default 3)")
     p.add_argument("--size", default="1GiB", help="volume size (default 1GiB)")
     p.add_argument("--setups", default=",".join(SETUPS), help="comma list of " + ",".join(SETUPS))
+    p.add_argument("--backing", choices=("zeroed", "fallocated"), default="zeroed",
+                   help="backing files written through with zeros (default: like a block device) or "
+                        "preallocated with fallocate (first writes convert unwritten extents)")
     p.add_argument("--workdir", default="/var/tmp/gmd-bench", help="on the local disk")
     p.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
     args = p.parse_args(argv)
@@ -220,7 +233,10 @@ def main(argv=None) -> int:
     bad = [s for s in args.setups if s not in SETUPS]
     if bad:
         p.error(f"unknown setup(s) {bad}; choose from {', '.join(SETUPS)}")
+    global BACKING
+    BACKING = args.backing
     result = trio.run(main_async, args)
+    result["backing"] = args.backing
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     print(markdown(result))
