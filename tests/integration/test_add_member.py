@@ -21,6 +21,7 @@ from .harness import (
     write_config,
 )
 from .test_quorum import count, run_in_thread, writer
+from .test_replication import start_primary
 
 
 async def test_a_member_added_online_is_filled_by_a_full_copy_under_load_and_joins_quorum(tmp_path):
@@ -29,11 +30,7 @@ async def test_a_member_added_online_is_filled_by_a_full_copy_under_load_and_joi
     init_in_sync(cfg, "labor1", ["labor2"])
     with daemon_processes(cfg, ["labor2"], tmp_path) as procs:
         async with in_process_daemon(cfg, "labor1") as d:
-            await run_in_thread(lambda: procs["labor2"].request(op="up", volume="appslv"))
-            eng = d.engines["appslv"]
-            await eng.up()
-            await wait_for(lambda: eng.members["labor2"].connected, what="connected")
-            await eng.promote()
+            eng = await start_primary(d, procs)
             acked: dict = {}
             count[0] = 0
             stop = trio.Event()

@@ -35,6 +35,7 @@ from .harness import (
     witness_table,
     write_config,
 )
+from .test_replication import start_primary
 
 
 class Cluster:
@@ -122,11 +123,7 @@ async def test_primary_keeps_writing_with_the_witness_when_the_secondary_dies(tm
         try:
             with daemon_processes(c.cfg2, ["labor2"], tmp_path) as procs:
                 async with in_process_daemon(c.cfg1, "labor1") as d:
-                    await run_in_thread(lambda: procs["labor2"].request(op="up", volume="appslv"))
-                    eng = d.engines["appslv"]
-                    await eng.up()
-                    await wait_for(lambda: eng.members["labor2"].connected, what="connected")
-                    await eng.promote()
+                    eng = await start_primary(d, procs)
                     q = eng.status()["quorum"]
                     assert (q["expected"], q["needed"]) == (3, 2)
                     await wait_for(lambda: eng.status()["quorum"]["witnesses"]["W"]["granted"], what="lease")
@@ -166,11 +163,7 @@ async def test_two_nodes_without_witness_split_neither_side_may_write_or_promote
         await pn.start(c.to_labor2.serve)
         with daemon_processes(c.cfg2, ["labor2"], tmp_path) as procs:
             async with in_process_daemon(c.cfg1, "labor1") as d:
-                await run_in_thread(lambda: procs["labor2"].request(op="up", volume="appslv"))
-                eng = d.engines["appslv"]
-                await eng.up()
-                await wait_for(lambda: eng.members["labor2"].connected, what="connected")
-                await eng.promote()
+                eng = await start_primary(d, procs)
                 await eng.write(0, b"a" * 65536)
                 c.partition("reset")
                 await wait_for(lambda: not eng.members["labor2"].connected, what="link lost")
@@ -214,11 +207,7 @@ async def test_fail_policy_returns_eio_after_the_quorum_timeout(tmp_path):
         await pn.start(c.to_labor2.serve)
         with daemon_processes(c.cfg2, ["labor2"], tmp_path) as procs:
             async with in_process_daemon(c.cfg1, "labor1") as d:
-                await run_in_thread(lambda: procs["labor2"].request(op="up", volume="appslv"))
-                eng = d.engines["appslv"]
-                await eng.up()
-                await wait_for(lambda: eng.members["labor2"].connected, what="connected")
-                await eng.promote()
+                eng = await start_primary(d, procs)
                 c.partition("reset")
                 await wait_for(lambda: not eng.members["labor2"].connected, what="link lost")
                 t0 = trio.current_time()
@@ -248,11 +237,7 @@ async def test_partitioned_primary_stops_and_the_witness_side_takes_over(tmp_pat
         try:
             with daemon_processes(c.cfg2, ["labor2"], tmp_path) as procs:
                 async with in_process_daemon(c.cfg1, "labor1") as d:
-                    await run_in_thread(lambda: procs["labor2"].request(op="up", volume="appslv"))
-                    eng = d.engines["appslv"]
-                    await eng.up()
-                    await wait_for(lambda: eng.members["labor2"].connected, what="connected")
-                    await eng.promote()
+                    eng = await start_primary(d, procs)
                     acked: dict = {}
                     count[0] = 0
                     unacked: dict = {}
@@ -349,11 +334,7 @@ async def test_a_restarted_witness_never_gives_both_sides_quorum(tmp_path):
         try:
             with daemon_processes(c.cfg2, ["labor2"], tmp_path) as procs:
                 async with in_process_daemon(c.cfg1, "labor1") as d:
-                    await run_in_thread(lambda: procs["labor2"].request(op="up", volume="appslv"))
-                    eng = d.engines["appslv"]
-                    await eng.up()
-                    await wait_for(lambda: eng.members["labor2"].connected, what="connected")
-                    await eng.promote()
+                    eng = await start_primary(d, procs)
                     await wait_for(lambda: eng.status()["quorum"]["witnesses"]["W"]["granted"], timeout=20,
                                    what="witness lease")
                     acked: dict = {}
@@ -444,11 +425,7 @@ async def test_split_brain_is_detected_and_resolved_with_the_discarded_data_save
         await pn.start(c.to_labor2.serve)
         with daemon_processes(c.cfg2, ["labor2"], tmp_path) as procs:
             async with in_process_daemon(c.cfg1, "labor1") as d:
-                await run_in_thread(lambda: procs["labor2"].request(op="up", volume="appslv"))
-                eng = d.engines["appslv"]
-                await eng.up()
-                await wait_for(lambda: eng.members["labor2"].connected, what="connected")
-                await eng.promote()
+                eng = await start_primary(d, procs)
                 ours, theirs, labor2_before = await make_split_brain(c, eng, procs, tmp_path, (3, 4, 40), (4, 5, 90))
                 # Heal: both primary, then labor2 demoted; the histories diverge: split-brain.
                 c.heal()
@@ -544,11 +521,7 @@ async def test_split_brain_policy_discard_least_changes_resolves_by_itself(tmp_p
         await pn.start(c.to_labor2.serve)
         with daemon_processes(c.cfg2, ["labor2"], tmp_path) as procs:
             async with in_process_daemon(c.cfg1, "labor1") as d:
-                await run_in_thread(lambda: procs["labor2"].request(op="up", volume="appslv"))
-                eng = d.engines["appslv"]
-                await eng.up()
-                await wait_for(lambda: eng.members["labor2"].connected, what="connected")
-                await eng.promote()
+                eng = await start_primary(d, procs)
                 ours, theirs, labor2_before = await make_split_brain(c, eng, procs, tmp_path, (3, 4, 40), (7,))
                 c.heal()
                 # Both primary: refused; the side to discard must step down first.

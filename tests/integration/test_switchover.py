@@ -22,7 +22,14 @@ from .harness import (
     wait_for,
     write_config,
 )
-from .test_quorum import assert_acknowledged_present, count, run_in_thread, writer
+from .test_quorum import (
+    _pwrite_sync,
+    assert_acknowledged_present,
+    count,
+    run_in_thread,
+    writer,
+)
+from .test_replication import start_primary
 
 
 async def test_switchover_under_load_swaps_roles_and_loses_nothing(tmp_path):
@@ -30,11 +37,7 @@ async def test_switchover_under_load_swaps_roles_and_loses_nothing(tmp_path):
     init_in_sync(cfg, "labor1", ["labor2"])
     with daemon_processes(cfg, ["labor2"], tmp_path) as procs:
         async with in_process_daemon(cfg, "labor1") as d:
-            await run_in_thread(lambda: procs["labor2"].request(op="up", volume="appslv"))
-            eng = d.engines["appslv"]
-            await eng.up()
-            await wait_for(lambda: eng.members["labor2"].connected, what="connected")
-            await eng.promote()
+            eng = await start_primary(d, procs)
             acked: dict = {}
             unacked: dict = {}
             failures: list = []
@@ -56,7 +59,7 @@ async def test_switchover_under_load_swaps_roles_and_loses_nothing(tmp_path):
             assert_acknowledged_present(backing(tmp_path, "labor2"), acked, unacked)
             # Replication runs the other way now.
             data = os.urandom(MiB)
-            await run_in_thread(_write_and_sync, st2["device"], data, 40 * MiB)
+            await run_in_thread(_pwrite_sync, st2["device"], data, 40 * MiB)
             with open(backing(tmp_path, "labor1"), "rb") as f:
                 f.seek(40 * MiB)
                 assert f.read(MiB) == data
@@ -68,11 +71,7 @@ async def test_switchover_to_a_member_that_is_not_uptodate_is_refused(tmp_path):
     init_in_sync(cfg, "labor1", ["labor2"])
     with daemon_processes(cfg, ["labor2"], tmp_path) as procs:
         async with in_process_daemon(cfg, "labor1") as d:
-            await run_in_thread(lambda: procs["labor2"].request(op="up", volume="appslv"))
-            eng = d.engines["appslv"]
-            await eng.up()
-            await wait_for(lambda: eng.members["labor2"].connected, what="connected")
-            await eng.promote()
+            eng = await start_primary(d, procs)
             await run_in_thread(lambda: procs["labor2"].request(op="down", volume="appslv"))
             await wait_for(lambda: not eng.members["labor2"].connected, what="labor2 down")
             await eng.write(0, b"z" * 65536)  # labor2 misses it
@@ -80,12 +79,3 @@ async def test_switchover_to_a_member_that_is_not_uptodate_is_refused(tmp_path):
                 await eng.switchover("labor2")
             assert eng.role.value == "primary"
             await eng.write(65536, b"y" * 65536)  # still serving
-
-
-def _write_and_sync(device: str, data: bytes, offset: int) -> None:
-    fd = os.open(device, os.O_RDWR)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
