@@ -20,16 +20,14 @@ import trio
 
 from transport.auth import new_nonce
 from transport.link import (
-    HANDSHAKE_TIMEOUT,
     LinkRefused,
     PeerLink,
+    accept_secured,
     client_handshake,
-    log_refusal,
-    open_peer_stream,
+    connect_secured,
     server_handshake,
-    set_nodelay,
 )
-from transport.tls import TlsContexts, make_contexts, wrap
+from transport.tls import TlsContexts, make_contexts
 
 from .config import Address, Config
 from .control import MAX_REQUEST, prepare_socket_path
@@ -107,18 +105,12 @@ class NodeDaemon:
         task_status.started(bound)
         await trio.serve_listeners(self._accept, listeners)
 
-    async def _accept(self, stream: trio.SocketStream) -> None:
-        set_nodelay(stream)
-        peer = stream.socket.getpeername()
+    async def _accept(self, raw: trio.SocketStream) -> None:
+        peer = raw.socket.getpeername()
         label = f"{self.node}<-{peer[0]}:{peer[1]}"
-        if self.tls is not None:
-            try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    stream = await wrap(stream, self.tls.server, server_side=True)
-            except (trio.BrokenResourceError, trio.TooSlowError, OSError) as e:
-                log_refusal(label, f"refusing peer: TLS handshake failed: {_tls_reason(e)}")
-                await trio.aclose_forcefully(stream)
-                return
+        stream = await accept_secured(raw, self.tls, label=label)
+        if stream is None:
+            return
         engine_box: list[VolumeEngine] = []
 
         def reply_to(hello):
@@ -142,18 +134,7 @@ class NodeDaemon:
     async def dial(self, engine: VolumeEngine, addr: Address, path: int, session: str) -> PeerLink:
         """Connect and authenticate one path of ``engine``'s member at ``addr``."""
         label = f"{engine.name}:{self.node}->{addr}#{path}"
-        try:
-            stream = await open_peer_stream(addr.host, addr.port)
-        except (OSError, trio.TooSlowError) as e:
-            raise LinkRefused(f"cannot connect to {addr}: {e}") from None
-        if self.tls is not None:
-            try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    stream = await wrap(stream, self.tls.client, server_side=False)
-            except (trio.BrokenResourceError, trio.TooSlowError, OSError) as e:
-                await trio.aclose_forcefully(stream)
-                log_refusal(label, f"TLS handshake failed: {_tls_reason(e)}")
-                raise LinkRefused(f"TLS handshake with {addr} refused: {_tls_reason(e)}") from None
+        stream = await connect_secured(addr.host, addr.port, self.tls, label=label, what=f"node {addr}")
         return await client_handshake(
             stream, engine.make_hello(new_nonce(), path, session), self.config.secret,
             engine.check_peer_hello, label=label,
@@ -323,11 +304,6 @@ class NodeDaemon:
             self.stop()
             return {"ok": True}
         raise ValueError(f"unknown op {op!r}")
-
-
-def _tls_reason(e: BaseException) -> str:
-    cause = e.__cause__ or e.__context__
-    return f"{cause}" if cause is not None else (str(e) or type(e).__name__)
 
 
 async def run_daemon(config: Config, node: str, mount: bool = True) -> None:

@@ -30,17 +30,15 @@ from quorum.witness import RENEW_INTERVAL, Claim, WitnessBook
 from transport.auth import new_nonce
 from transport.codec import Hello, State
 from transport.link import (
-    HANDSHAKE_TIMEOUT,
     LinkClosed,
     LinkRefused,
     PeerLink,
+    accept_secured,
     client_handshake,
-    log_refusal,
-    open_peer_stream,
+    connect_secured,
     server_handshake,
-    set_nodelay,
 )
-from transport.tls import TlsContexts, make_contexts, wrap
+from transport.tls import TlsContexts, make_contexts
 
 from .config import Address, Config
 from .errors import GmdError
@@ -126,18 +124,12 @@ class WitnessDaemon:
             await self._stopping.wait()
             n.cancel_scope.cancel()
 
-    async def _accept(self, stream: trio.SocketStream) -> None:
-        set_nodelay(stream)
-        peer = stream.socket.getpeername()
+    async def _accept(self, raw: trio.SocketStream) -> None:
+        peer = raw.socket.getpeername()
         label = f"witness {self.name}<-{peer[0]}:{peer[1]}"
-        if self.tls is not None:
-            try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    stream = await wrap(stream, self.tls.server, server_side=True)
-            except (trio.BrokenResourceError, trio.TooSlowError, OSError) as e:
-                log_refusal(label, f"refusing node: TLS handshake failed: {e}")
-                await trio.aclose_forcefully(stream)
-                return
+        stream = await accept_secured(raw, self.tls, label=label)
+        if stream is None:
+            return
 
         def reply_to(hello: Hello) -> Hello | str:
             if hello.volume != "":
@@ -281,17 +273,7 @@ class WitnessClient:
 
     async def _dial(self, addr: Address) -> PeerLink:
         label = f"{self.node}->witness {self.name} {addr}"
-        try:
-            stream = await open_peer_stream(addr.host, addr.port)
-        except (OSError, trio.TooSlowError) as e:
-            raise LinkRefused(f"cannot connect to witness {self.name} at {addr}: {e}") from None
-        if self.tls is not None:
-            try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    stream = await wrap(stream, self.tls.client, server_side=False)
-            except (trio.BrokenResourceError, trio.TooSlowError, OSError) as e:
-                await trio.aclose_forcefully(stream)
-                raise LinkRefused(f"TLS handshake with witness {self.name} failed: {e}") from None
+        stream = await connect_secured(addr.host, addr.port, self.tls, label=label, what=f"witness {self.name}")
 
         def check(hello: Hello) -> str | None:
             if hello.node != self.name or hello.volume != "":

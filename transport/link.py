@@ -404,3 +404,45 @@ async def open_peer_stream(host: str, port: int, *, timeout: float = 5.0) -> tri
         stream = await trio.open_tcp_stream(host, port)
     set_nodelay(stream)
     return stream
+
+
+def _tls_reason(e: BaseException) -> str:
+    cause = e.__cause__ or e.__context__
+    return f"{cause}" if cause is not None else (str(e) or type(e).__name__)
+
+
+async def connect_secured(host: str, port: int, tls, *, label: str, what: str) -> trio.abc.Stream:
+    """Connect to ``host:port`` and, with ``tls`` (a :class:`transport.tls.TlsContexts`),
+    run the TLS client handshake; :class:`LinkRefused` naming ``what`` on failure."""
+    from .tls import wrap
+
+    try:
+        stream = await open_peer_stream(host, port)
+    except (OSError, trio.TooSlowError) as e:
+        raise LinkRefused(f"cannot connect to {what} at {host}:{port}: {e}") from None
+    if tls is None:
+        return stream
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            return await wrap(stream, tls.client, server_side=False)
+    except (trio.BrokenResourceError, trio.TooSlowError, OSError) as e:
+        await trio.aclose_forcefully(stream)
+        log_refusal(label, f"TLS handshake failed: {_tls_reason(e)}")
+        raise LinkRefused(f"TLS handshake with {what} at {host}:{port} refused: {_tls_reason(e)}") from None
+
+
+async def accept_secured(stream: trio.SocketStream, tls, *, label: str) -> trio.abc.Stream | None:
+    """An accepted connection, with TCP_NODELAY and, with ``tls``, the TLS server
+    handshake done; None (logged, closed) when that fails."""
+    from .tls import wrap
+
+    set_nodelay(stream)
+    if tls is None:
+        return stream
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            return await wrap(stream, tls.server, server_side=True)
+    except (trio.BrokenResourceError, trio.TooSlowError, OSError) as e:
+        log_refusal(label, f"refusing connection: TLS handshake failed: {_tls_reason(e)}")
+        await trio.aclose_forcefully(stream)
+        return None
