@@ -599,21 +599,22 @@ class VolumeEngine:
 
     def hello_info(self) -> dict[str, Any]:
         sm = self._require_up().statemap
-        g = sm.sb.generations
         return {
             "role": self.role.value,
             "disk": sm.sb.disk.value,
-            "generation": {
-                "current": g.current,
-                "history": list(g.history),
-                "bitmap_for": {name: p.bitmap_gen for name, p in sm.sb.peers.items()},
-            },
+            "generation": self._generation_info(),
             # What we wrote that each peer lacks: lets a peer in split-brain plan
             # a resolution (gmd resolve --dry-run) before any session exists.
             "marked": {name: splitbrain.marked_summary(sm.out_of_sync_regions(name)) for name in sm.sb.peers},
             "discard_local": self.discarding,  # the peer we yield to in a split-brain resolution
             "promoted_at": sm.sb.promoted_at,
         }
+
+    def _generation_info(self) -> dict[str, Any]:
+        g = self._require_up().statemap.sb.generations
+        peers = self.local.statemap.sb.peers
+        return {"current": g.current, "history": list(g.history),
+                "bitmap_for": {name: p.bitmap_gen for name, p in peers.items()}}
 
     def make_hello(self, nonce: bytes, path: int, session: str) -> Hello:
         return Hello(node=self.node, volume=self.name, size=self.config.size,
@@ -669,7 +670,7 @@ class VolumeEngine:
         g = hello.info.get("generation", {})
         peer = GenerationView(str(g.get("current", "")), tuple(g.get("history", ())),
                               dict(g.get("bitmap_for", {})))
-        mine = self.hello_info()["generation"]
+        mine = self._generation_info()
         local = GenerationView(mine["current"], tuple(mine["history"]), mine["bitmap_for"])
         return compare(self.node, local, hello.node, peer)
 
@@ -940,7 +941,7 @@ class VolumeEngine:
     def resolve_plan(self, peer: MemberLink, rule: str):
         sm = self._require_up().statemap
         info = peer.peer_hello_info or {}
-        mine = self.hello_info()["generation"]
+        mine = self._generation_info()
         return splitbrain.plan(self.name, self.node, peer.name, local_gens=mine,
                                peer_gens=info.get("generation", {}), local_bits=sm.out_of_sync_regions(peer.name),
                                peer_marked=(info.get("marked") or {}).get(self.node),
