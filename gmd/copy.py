@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
-import xxhash
 
 from statemap import DiskState
 from transport.link import LinkClosed
@@ -244,34 +243,35 @@ async def _copy_chunk(engine: VolumeEngine, m: MemberLink, progress: CopyProgres
         # both sides, which is the load an operator limits the copy for (a
         # merge that finds almost nothing to send still reads everything).
         await trio.sleep_until(progress.started + progress.compared_bytes / rate)
+    theirs = None
     if progress.compare:
         try:
             theirs = await m.region_hashes(offset, length, rs)
         except (LinkClosed, OSError) as e:
             raise CopyAborted(f"hashing on {m.name}: {e}") from None
-        data = await local.read(offset, length)
-        ours = [xxhash.xxh3_64_intdigest(data[i:i + rs]) for i in range(0, length, rs)]
-        differ = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
-        progress.note_compared(len(ours), len(differ))
-    else:
-        differ = list(range(length // rs))
     shipments = []
-    for first, end in _runs(differ):
-        roff, rlen = offset + first * rs, (end - first) * rs
-        token = await engine.lock_range(roff, roff + rlen)
-        try:
-            # Under the range lock: no application write to these regions is in
-            # flight, and any later one is queued after this copy.
-            fresh = await local.read(roff, rlen)
-            sh = m.ship_write(engine.completed_sequence, roff, fresh, lambda sh: None)
-        finally:
-            engine.unlock_range(token)
-        if sh is None:
-            raise CopyAborted(f"{m.name} cannot take writes (away or behind)")
-        shipments.append(sh)
-        progress.sent_bytes += rlen
-        engine.copy_bytes_sent += rlen
-        await trio.lowlevel.checkpoint()  # let waiting application writes take the lock
+    token = await engine.lock_range(offset, offset + length)
+    try:
+        # Under the range lock: no application write to this chunk is in
+        # flight, and any later one is queued after this copy. The chunk is
+        # read once, for hashing and shipping alike (holes are not read).
+        ours, data = await local.device.read_hashed(offset, length, rs)
+        if theirs is not None:
+            differ = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+            progress.note_compared(len(ours), len(differ))
+        else:
+            differ = list(range(len(ours)))
+        for first, end in _runs(differ):
+            piece = data.blocks(first, end)
+            sh = m.ship_write(engine.completed_sequence, offset + first * rs, piece, lambda sh: None)
+            if sh is None:
+                raise CopyAborted(f"{m.name} cannot take writes (away or behind)")
+            shipments.append(sh)
+            progress.sent_bytes += len(piece)
+            engine.copy_bytes_sent += len(piece)
+    finally:
+        engine.unlock_range(token)
+    await trio.lowlevel.checkpoint()  # let waiting application writes take the lock
     return shipments
 
 
@@ -313,9 +313,9 @@ async def verify_member(engine: VolumeEngine, m: MemberLink) -> dict[str, Any]:
             theirs = await m.region_hashes(offset, length, rs)
         except (LinkClosed, OSError) as e:
             raise CopyAborted(f"hashing on {m.name}: {e}") from None
-        data = await local.read(offset, length)
+        ours = await local.region_hashes(offset, length, rs)
         for i in range(len(theirs)):
-            if xxhash.xxh3_64_intdigest(data[i * rs:(i + 1) * rs]) == theirs[i]:
+            if ours[i] == theirs[i]:
                 continue
             roff = offset + i * rs
             token = await engine.lock_range(roff, roff + rs)
@@ -325,10 +325,10 @@ async def verify_member(engine: VolumeEngine, m: MemberLink) -> dict[str, Any]:
                     raise CopyAborted(f"{m.name} went away during verify")
                 await sh.done.wait()
                 (again,) = await m.region_hashes(roff, rs, rs)
-                ours = xxhash.xxh3_64_intdigest(await local.read(roff, rs))
+                (now,) = await local.region_hashes(roff, rs, rs)
             finally:
                 engine.unlock_range(token)
-            if again != ours:
+            if again != now:
                 real.append(roff // rs)
     sm = engine.statemap
     for r in real:

@@ -14,6 +14,7 @@ import stat
 from pathlib import Path
 
 import trio
+import xxhash
 
 from .errors import DeviceError, OutOfRange, Refused
 
@@ -82,6 +83,22 @@ class BackingDevice:
             raise DeviceError(f"{self.path}: short read ({len(data)} of {length} bytes at {offset})")
         return data
 
+    async def read_hashed(self, offset: int, length: int, block: int, *,
+                          keep_data: bool = True) -> tuple[list[int], BlockData]:
+        """xxh3_64 of each ``block`` of [offset, offset+length), and (with
+        ``keep_data``) the data that was read, to take blocks from.
+
+        Holes (sparse or preallocated, never written) are found with
+        SEEK_DATA/SEEK_HOLE and hashed as zeros without being read: a new
+        member's backing file is mostly hole, and reading it only makes the
+        kernel zero-fill page after page. Where the file system cannot tell
+        (a block device, say) everything is read."""
+        check_range(offset, length, self.size, writing=False)
+        if block <= 0:
+            raise OutOfRange(f"invalid hash block size {block}", errno.EINVAL)
+        return await trio.to_thread.run_sync(
+            _read_hashed, self._fd, offset, length, block, keep_data, self.path, limiter=self._limiter)
+
     async def write(self, offset: int, data: bytes) -> None:
         check_range(offset, len(data), self.size, writing=True)
         await trio.to_thread.run_sync(_pwrite_full, self._fd, data, offset, limiter=self._limiter)
@@ -106,6 +123,99 @@ def _pread_full(fd: int, length: int, offset: int) -> bytes:
         parts.append(chunk)
         got += len(chunk)
     return b"".join(parts)
+
+
+_ZERO_HASHES: dict[int, int] = {}
+
+
+def zero_hash(length: int) -> int:
+    """xxh3_64 of ``length`` zero bytes (what a hole reads as)."""
+    h = _ZERO_HASHES.get(length)
+    if h is None:
+        h = _ZERO_HASHES[length] = xxhash.xxh3_64_intdigest(bytes(length))
+    return h
+
+
+def data_runs(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The byte ranges of [start, end) that may hold data, by SEEK_DATA and
+    SEEK_HOLE; all of it where the file system cannot tell. A range reported
+    as hole reads as zeros (the kernel errs towards data, never the other way)."""
+    runs: list[tuple[int, int]] = []
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # nothing but hole from pos to the end of the file
+                break
+            return [(start, end)]  # not supported here: read everything
+        if data >= end:
+            break
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        runs.append((data, min(hole, end)))
+        pos = hole
+    return runs
+
+
+class BlockData:
+    """Blocks of one range as read by :meth:`BackingDevice.read_hashed`: the
+    pieces that were read, each with the index of its first block; blocks in
+    none of them lie in a hole and read as zeros."""
+
+    def __init__(self, offset: int, length: int, block: int):
+        self.offset, self.length, self.block = offset, length, block
+        self.pieces: list[tuple[int, bytes]] = []
+
+    def blocks(self, first: int, end: int) -> bytes | memoryview:
+        """The bytes of blocks [first, end): a view when one piece holds them
+        all (no copy), else joined with zeros for the holes."""
+        bs = self.block
+        start, stop = first * bs, min(self.length, end * bs)
+        out: list[bytes | memoryview] = []
+        pos = start
+        for p_first, data in self.pieces:
+            p_start, p_stop = p_first * bs, p_first * bs + len(data)
+            if p_stop <= pos or p_start >= stop:
+                continue
+            if p_start > pos:
+                out.append(bytes(p_start - pos))
+                pos = p_start
+            take_to = min(stop, p_stop)
+            out.append(memoryview(data)[pos - p_start:take_to - p_start])
+            pos = take_to
+        if pos < stop:
+            out.append(bytes(stop - pos))
+        return out[0] if len(out) == 1 else b"".join(out)
+
+
+def _read_hashed(fd: int, offset: int, length: int, block: int, keep_data: bool,
+                 path: Path) -> tuple[list[int], BlockData]:
+    end = offset + length
+    nblocks = (length + block - 1) // block
+    hashes: list[int | None] = [None] * nblocks
+    got = BlockData(offset, length, block)
+    for run_start, run_end in data_runs(fd, offset, end):
+        # Read whole blocks around the data run, in one pread.
+        first = (run_start - offset) // block
+        last = min(nblocks, (run_end - offset + block - 1) // block)
+        if hashes[first] is not None:  # shared with the previous run's last block
+            first += 1
+        if first >= last:
+            continue
+        roff = offset + first * block
+        rlen = min(end, offset + last * block) - roff
+        data = _pread_full(fd, rlen, roff)
+        if len(data) != rlen:
+            raise DeviceError(f"{path}: short read ({len(data)} of {rlen} bytes at {roff})")
+        with memoryview(data) as view:
+            for i in range(first, last):
+                hashes[i] = xxhash.xxh3_64_intdigest(view[(i - first) * block:(i - first + 1) * block])
+        if keep_data:
+            got.pieces.append((first, data))
+    for i, h in enumerate(hashes):
+        if h is None:
+            hashes[i] = zero_hash(min(block, length - i * block))
+    return hashes, got  # type: ignore[return-value]
 
 
 def _pwrite_full(fd: int, data: bytes, offset: int) -> None:

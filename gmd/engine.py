@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
-import xxhash
 from bitarray import bitarray
 
 from quorum.generations import GenerationView, Verdict, compare
@@ -1238,22 +1237,24 @@ class VolumeEngine:
         local = self._require_up()
         await local.flush()
 
-    async def _answer_read(self, link: PeerLink, ev: Read) -> None:
-        await self._answer(link, ev, lambda data: ReadReply(ev.request, 0, data),
-                           lambda code: ReadReply(ev.request, code))
-
     async def _answer_hash(self, link: PeerLink, ev: HashRequest) -> None:
-        def hashes(data: bytes) -> HashReply:
+        async def hashes() -> HashReply:
             return HashReply(ev.request, 0, tuple(
-                xxhash.xxh3_64_intdigest(data[i:i + ev.block]) for i in range(0, len(data), ev.block)))
+                await self._require_up().region_hashes(ev.offset, ev.length, ev.block)))
 
-        await self._answer(link, ev, hashes, lambda code: HashReply(ev.request, code))
+        await self._answer(link, hashes, lambda code: HashReply(ev.request, code))
 
-    async def _answer(self, link: PeerLink, ev: Read | HashRequest, ok, failed) -> None:
-        """Read the requested range locally and send ``ok(data)``, or ``failed(errno)``
-        when the read fails; a closed link just drops the answer."""
+    async def _answer_read(self, link: PeerLink, ev: Read) -> None:
+        async def data() -> ReadReply:
+            return ReadReply(ev.request, 0, await self._require_up().read(ev.offset, ev.length))
+
+        await self._answer(link, data, lambda code: ReadReply(ev.request, code))
+
+    async def _answer(self, link: PeerLink, ok, failed) -> None:
+        """Send ``await ok()``, or ``failed(errno)`` when the local read fails;
+        a closed link just drops the answer."""
         try:
-            reply = ok(await self._require_up().read(ev.offset, ev.length))
+            reply = await ok()
         except Exception as e:
             reply = failed(errno_for(e))
         try:

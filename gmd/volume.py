@@ -177,6 +177,11 @@ class LocalVolume:
     async def read(self, offset: int, length: int) -> bytes:
         return await self.device.read(offset, length)
 
+    async def region_hashes(self, offset: int, length: int, block: int) -> list[int]:
+        """xxh3_64 of each ``block`` of [offset, offset+length) (holes are not read)."""
+        hashes, _ = await self.device.read_hashed(offset, length, block, keep_data=False)
+        return hashes
+
     async def write(self, offset: int, data: bytes) -> int:
         """Write locally with the mode's intent rule; returns the write's sequence.
 

@@ -1,0 +1,107 @@
+"""Hashing a backing device's blocks without reading its holes (gmd.disk)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+import xxhash
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gmd.disk import BackingDevice, zero_hash
+from gmd.errors import OutOfRange
+
+KiB = 1024
+BLOCK = 4 * KiB
+SIZE = 256 * KiB
+
+
+def plain_hashes(path, offset, length, block):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    return [xxhash.xxh3_64_intdigest(data[i:i + block]) for i in range(0, length, block)], data
+
+
+def sparse_file(path, size, writes):
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in writes:
+            f.seek(offset)
+            f.write(data)
+
+
+async def open_device(path, size):
+    return BackingDevice(path, size, trio.CapacityLimiter(2))
+
+
+writes = st.lists(st.tuples(st.integers(0, SIZE - 1), st.integers(1, 20 * KiB), st.integers(0, 255)), max_size=6)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layout=writes, offset=st.integers(0, SIZE // BLOCK - 1), blocks=st.integers(1, SIZE // BLOCK),
+       tail=st.integers(0, BLOCK - 1))
+def test_hashes_and_data_match_a_plain_read(tmp_path, layout, offset, blocks, tail):
+    """Whatever mix of data and holes (and a short last block), the hashes and
+    every run of blocks equal what a plain read gives."""
+    path = tmp_path / "dev.img"
+    path.unlink(missing_ok=True)
+    sparse_file(path, SIZE, [(o, bytes([b | 1]) * min(n, SIZE - o)) for o, n, b in layout])
+    start = offset * BLOCK
+    length = min(SIZE - start, blocks * BLOCK - tail) or BLOCK
+
+    async def main():
+        dev = await open_device(path, SIZE)
+        try:
+            return await dev.read_hashed(start, length, BLOCK)
+        finally:
+            dev.close()
+
+    hashes, data = trio.run(main)
+    want, raw = plain_hashes(path, start, length, BLOCK)
+    assert hashes == want
+    n = len(want)
+    for first, end in [(0, n), (0, 1), (n - 1, n), (n // 3, max(n // 3 + 1, 2 * n // 3))]:
+        assert bytes(data.blocks(first, end)) == raw[first * BLOCK:end * BLOCK]
+
+
+async def test_a_sparse_device_is_hashed_without_reading(tmp_path):
+    path = tmp_path / "dev.img"
+    sparse_file(path, 64 << 20, [(5 << 20, b"x" * 100)])
+    dev = await open_device(path, 64 << 20)
+    try:
+        hashes, data = await dev.read_hashed(0, 64 << 20, 64 * KiB)
+        # Only the one block holding data was read.
+        assert [len(piece) for _, piece in data.pieces] == [64 * KiB]
+        assert hashes.count(zero_hash(64 * KiB)) == len(hashes) - 1
+        only_hashes, nothing = await dev.read_hashed(0, 64 << 20, 64 * KiB, keep_data=False)
+        assert only_hashes == hashes and nothing.pieces == []
+    finally:
+        dev.close()
+
+
+async def test_preallocated_space_reads_as_zeros(tmp_path):
+    path = tmp_path / "dev.img"
+    with open(path, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, SIZE)
+    dev = await open_device(path, SIZE)
+    try:
+        hashes, data = await dev.read_hashed(0, SIZE, BLOCK)
+        assert hashes == plain_hashes(path, 0, SIZE, BLOCK)[0]
+        assert bytes(data.blocks(0, SIZE // BLOCK)) == bytes(SIZE)
+    finally:
+        dev.close()
+
+
+@pytest.mark.parametrize("offset,length,block", [(SIZE - BLOCK, 2 * BLOCK, BLOCK), (-1, BLOCK, BLOCK), (0, BLOCK, 0)])
+async def test_bad_hash_requests_are_refused(tmp_path, offset, length, block):
+    path = tmp_path / "dev.img"
+    sparse_file(path, SIZE, [])
+    dev = await open_device(path, SIZE)
+    try:
+        with pytest.raises(OutOfRange):
+            await dev.read_hashed(offset, length, block)
+    finally:
+        dev.close()
