@@ -128,15 +128,21 @@ class NodeDaemon:
         except LinkRefused:
             return
         engine = engine_box[0]
+        if link.remote.info.get("poke"):  # the member came up: our dial loop redials now
+            engine.poked(link.remote.node)
+            await link.aclose("poke noted", tell_peer=False)
+            return
         link.label = f"{engine.name}:{self.node}<-{link.remote.node}#{link.remote.path}"
         await engine.run_path(link, link.remote, dialled=False)
 
-    async def dial(self, engine: VolumeEngine, addr: Address, path: int, session: str) -> PeerLink:
-        """Connect and authenticate one path of ``engine``'s member at ``addr``."""
+    async def dial(self, engine: VolumeEngine, addr: Address, path: int, session: str, *,
+                   poke: bool = False) -> PeerLink:
+        """Connect and authenticate one path of ``engine``'s member at ``addr``
+        (with ``poke``, only to tell it to dial us; see VolumeEngine._poke)."""
         label = f"{engine.name}:{self.node}->{addr}#{path}"
         stream = await connect_secured(addr.host, addr.port, self.tls, label=label, what=f"node {addr}")
         return await client_handshake(
-            stream, engine.make_hello(new_nonce(), path, session), self.config.secret,
+            stream, engine.make_hello(new_nonce(), path, session, poke=poke), self.config.secret,
             engine.check_peer_hello, label=label,
         )
 

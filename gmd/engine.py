@@ -76,6 +76,7 @@ PING_INTERVAL = 1.0
 PATH_TIMEOUT = 6.0  # no frame for this long: the path is dead (a blackholed partition)
 BITMAP_CHUNK_BITS = 8 * PAGE * 64  # 256 KiB of bitmap per frame at most
 SWITCHOVER_TIMEOUT = 30.0  # seconds the target of a switchover has to take over
+REDIAL_MIN = 0.1  # seconds before the first redial of a member that went away
 REDIAL_MAX = 0.25  # seconds between dials of an unreachable member at most: a returning member is caught up at once
 AUTO_FLUSH_INTERVAL = 2.0  # retire extents even if the application never fsyncs
 MAX_REMOTE_READ = 4 * 1024 * 1024  # per Read frame when a read goes to a member
@@ -154,6 +155,7 @@ class VolumeEngine:
         self.copy_history: list[tuple[str, Any]] = []  # (member, CopyProgress) of every pass started
         self._copying: set[str] = set()
         self._going_down = False
+        self._dial_now: dict[str, trio.Event] = {}  # member -> set when it pokes us (see _poke)
         self.discarding: str | None = None  # split-brain peer whose data replaces ours (gmd resolve)
         self.saved_images: list[str] = []  # images of discarded regions saved by gmd resolve
         self.writes = 0
@@ -208,6 +210,8 @@ class VolumeEngine:
                 for peer in self.members:
                     if self.node < peer:  # the lower name dials; the other accepts
                         n.start_soon(self._dial_loop, peer)
+                    else:
+                        n.start_soon(self._poke, peer)
                 n.start_soon(self._auto_flush)
                 n.start_soon(self.quorum.run)
         self._nursery = None
@@ -615,10 +619,13 @@ class VolumeEngine:
         return {"current": g.current, "history": list(g.history),
                 "bitmap_for": {name: p.bitmap_gen for name, p in peers.items()}}
 
-    def make_hello(self, nonce: bytes, path: int, session: str) -> Hello:
+    def make_hello(self, nonce: bytes, path: int, session: str, *, poke: bool = False) -> Hello:
+        info = self.hello_info()
+        if poke:
+            info["poke"] = True
         return Hello(node=self.node, volume=self.name, size=self.config.size,
                      region_size=self.config.region_size, extent_size=self.config.extent_size,
-                     nonce=nonce, path=path, session=session, info=self.hello_info())
+                     nonce=nonce, path=path, session=session, info=info)
 
     def check_peer_hello(self, hello: Hello) -> str | None:
         """A refusal reason for the peer's hello, or None (used by both ends)."""
@@ -681,9 +688,10 @@ class VolumeEngine:
         session lives while any path lives."""
         m = self.members[peer]
         node = self.daemon.config.node(peer)
-        backoff = 0.1
+        backoff = REDIAL_MIN
         while self.local is not None:
             session_id = secrets.token_hex(8)
+            poked = self._dial_now[peer] = trio.Event()  # a poke during this dial counts too
             if m.state is not LinkState.STANDALONE:
                 m.set_state(LinkState.CONNECTING, m.reason)
             first: PeerLink | None = None
@@ -699,13 +707,39 @@ class VolumeEngine:
             if first is None:
                 refused = "refus" in last_error or "authentication" in last_error
                 m.set_state(LinkState.STANDALONE if refused else LinkState.DISCONNECTED, last_error)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, REDIAL_MAX)
+                with trio.move_on_after(backoff):
+                    await poked.wait()
+                if poked.is_set():
+                    log.info("%s: %s came up (poked us); dialling it now", self.name, peer)
+                    backoff = REDIAL_MIN
+                else:
+                    backoff = min(backoff * 2, REDIAL_MAX)
                 continue
-            backoff = 0.1
+            backoff = REDIAL_MIN
             async with trio.open_nursery() as n:
                 for i, addr in enumerate(node.addresses):
                     n.start_soon(self._keep_path, m, i, addr, session_id, first if i == first_index else None)
+
+    async def _poke(self, peer: str) -> None:
+        """Coming up, tell a member that dials us (a lower name) to dial now
+        rather than at its next retry: an authenticated handshake whose hello
+        says "poke", closed at once; no session. A returning member is then
+        caught up within a round trip, not a redial interval."""
+        node = self.daemon.config.node(peer)
+        for i, addr in enumerate(node.addresses):
+            try:
+                link = await self.daemon.dial(self, addr, i, "poke", poke=True)
+            except LinkRefused as e:
+                log.debug("%s: poking %s at %s: %s", self.name, peer, addr, e)
+                continue
+            await link.aclose("poked", tell_peer=False)
+            return
+
+    def poked(self, peer: str) -> None:
+        """``peer`` came up: dial it now if we are waiting to retry."""
+        event = self._dial_now.get(peer)
+        if event is not None:
+            event.set()
 
     def _session_alive(self, m: MemberLink, session_id: str) -> bool:
         s = m.session

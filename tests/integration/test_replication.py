@@ -327,3 +327,30 @@ async def test_primary_with_a_failed_disk_reads_from_an_uptodate_member(tmp_path
             with pytest.raises(OSError) as e:
                 await eng.read(3 * MiB, 4096)
             assert e.value.errno == errno.EIO
+
+
+async def test_a_returning_member_is_dialled_as_soon_as_it_comes_up(tmp_path, monkeypatch):
+    """The member (the higher name, which never dials) pokes the primary when
+    its volume comes up; the primary dials at once instead of at its next
+    retry, here made an hour away."""
+    import gmd.engine
+
+    monkeypatch.setattr(gmd.engine, "REDIAL_MIN", 3600)
+    monkeypatch.setattr(gmd.engine, "REDIAL_MAX", 3600)
+    cfg = write_config(tmp_path, [NodeSpec("labor1", votes=2), NodeSpec("labor2")], mode="mwc")
+    init_in_sync(cfg, "labor1", ["labor2"])
+    with daemon_processes(cfg, ["labor2"], tmp_path) as procs:
+        async with in_process_daemon(cfg, "labor1") as d:
+            eng = await start_primary(d, procs)
+            member = eng.members["labor2"]
+            await eng.write(0, b"a" * REGION)
+            await trio.to_thread.run_sync(lambda: procs["labor2"].request(op="down", volume="appslv"))
+            await wait_for(lambda: not member.connected, what="labor2 gone")
+            # While it is away the primary keeps retrying on its (hour-long) schedule.
+            await eng.write(REGION, b"b" * REGION)
+            await wait_for(lambda: member.state.value != "connecting", what="first redial refused")
+            await trio.to_thread.run_sync(lambda: procs["labor2"].request(op="up", volume="appslv"))
+            await wait_for(lambda: eng.status()["members"]["labor2"]["disk"] == "uptodate", timeout=30,
+                           what="labor2 dialled and caught up")
+            await eng.flush()
+            assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
