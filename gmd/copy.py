@@ -39,6 +39,7 @@ CHUNK = 1024 * 1024  # bytes compared per hash request
 FLUSH_EVERY = 32 * 1024 * 1024  # bytes copied between durable progress points
 COPY_WORKERS = 4  # chunks hashed, read and shipped concurrently
 WINDOW = 2  # chunks per worker shipped and not yet acknowledged
+HASH_AHEAD = 8  # chunks whose member hashes are asked for ahead of the copy cursor
 SKIP_COMPARE_AFTER = 64  # regions a mini-copy compares before it may stop comparing
 
 
@@ -135,6 +136,7 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
     of taking turns on one round trip each."""
     tracker = _Progress(work)
     record_lock = trio.Lock()
+    hashes = _HashPrefetch(m, work, engine.config.region_size, progress)
 
     async def record_if_due(force: bool = False) -> None:
         if record_lock.locked() and not force:
@@ -150,7 +152,8 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
             if index is None:
                 break
             offset, length = work[index]
-            window.append((index, await _copy_chunk(engine, m, progress, offset, length)))
+            hashes.ask_up_to(index + HASH_AHEAD)
+            window.append((index, await _copy_chunk(engine, m, progress, offset, length, hashes, index)))
             if len(window) > WINDOW:
                 await _chunk_acked(m, tracker, progress, work, *window.popleft())
                 await record_if_due()
@@ -160,6 +163,7 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
 
     try:
         async with trio.open_nursery() as n:
+            hashes.nursery = n
             for _ in range(min(COPY_WORKERS, len(work))):
                 n.start_soon(worker)
     except BaseExceptionGroup as group:
@@ -221,6 +225,50 @@ class _Progress:
         return done
 
 
+class _HashPrefetch:
+    """The member's region hashes of the pass's chunks, asked for up to
+    :data:`HASH_AHEAD` chunks ahead of the cursor. A hash request travels
+    behind the copy data already queued on the link, so asking only when a
+    chunk's turn comes would leave each worker waiting for a round trip
+    through that queue; ahead of time, the answers are there when needed.
+    (A member hash taken early is still safe: a write to its regions after
+    it is shipped to the member too, and our side reads under the lock.)"""
+
+    def __init__(self, m: MemberLink, work: list[tuple[int, int]], block: int, progress: CopyProgress):
+        self.m, self.work, self.block, self.progress = m, work, block, progress
+        self.nursery: trio.Nursery | None = None
+        self.asked = 0  # chunks [0, asked) are asked for
+        self._answers: dict[int, tuple[int, ...] | BaseException] = {}
+        self._arrived: dict[int, trio.Event] = {}
+
+    def ask_up_to(self, end: int) -> None:
+        assert self.nursery is not None
+        while self.asked < min(end, len(self.work)) and self.progress.compare:
+            self._arrived[self.asked] = trio.Event()
+            self.nursery.start_soon(self._ask, self.asked)
+            self.asked += 1
+
+    async def _ask(self, index: int) -> None:
+        offset, length = self.work[index]
+        try:
+            self._answers[index] = await self.m.region_hashes(offset, length, self.block)
+        except (LinkClosed, OSError) as e:
+            self._answers[index] = e
+        self._arrived[index].set()
+
+    async def get(self, index: int) -> tuple[int, ...]:
+        """The member's hashes of chunk ``index`` (asked for now if not yet)."""
+        if index not in self._arrived:
+            self.asked = max(self.asked, index)
+            self.ask_up_to(index + 1)
+        await self._arrived[index].wait()
+        del self._arrived[index]
+        answer = self._answers.pop(index)
+        if isinstance(answer, BaseException):
+            raise CopyAborted(f"hashing on {self.m.name}: {answer}")
+        return answer
+
+
 async def _chunk_acked(m: MemberLink, tracker: _Progress, progress: CopyProgress,
                        work: list[tuple[int, int]], index: int, shipments: list) -> None:
     for sh in shipments:
@@ -231,7 +279,8 @@ async def _chunk_acked(m: MemberLink, tracker: _Progress, progress: CopyProgress
     progress.done_bytes += work[index][1]
 
 
-async def _copy_chunk(engine: VolumeEngine, m: MemberLink, progress: CopyProgress, offset: int, length: int) -> list:
+async def _copy_chunk(engine: VolumeEngine, m: MemberLink, progress: CopyProgress, offset: int, length: int,
+                      hashes: _HashPrefetch, index: int) -> list:
     """Ship the regions of one chunk that differ on the member; returns the
     shipments (not yet acknowledged)."""
     rs = engine.config.region_size
@@ -243,12 +292,7 @@ async def _copy_chunk(engine: VolumeEngine, m: MemberLink, progress: CopyProgres
         # both sides, which is the load an operator limits the copy for (a
         # merge that finds almost nothing to send still reads everything).
         await trio.sleep_until(progress.started + progress.compared_bytes / rate)
-    theirs = None
-    if progress.compare:
-        try:
-            theirs = await m.region_hashes(offset, length, rs)
-        except (LinkClosed, OSError) as e:
-            raise CopyAborted(f"hashing on {m.name}: {e}") from None
+    theirs = await hashes.get(index) if progress.compare else None
     shipments = []
     token = await engine.lock_range(offset, offset + length)
     try:
