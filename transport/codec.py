@@ -44,6 +44,7 @@ PROTOCOL_MAX = 1
 HEADER = struct.Struct("<2sBBIQ")
 HEADER_SIZE = HEADER.size  # 16
 DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024 + 4096  # largest write/read/bitmap chunk + header
+LARGE_FRAME = 64 * 1024  # data frames from this size on are received into a buffer of their own
 
 
 class ProtocolError(Exception):
@@ -351,7 +352,7 @@ def _decode(ftype: FrameType, payload: bytes) -> Event:
         case FrameType.READ_REPLY:
             _need(payload, _READ_REPLY.size, "read reply")
             req, status = _READ_REPLY.unpack_from(payload)
-            return ReadReply(req, status, bytes(payload[_READ_REPLY.size:]))
+            return ReadReply(req, status, memoryview(payload)[_READ_REPLY.size:])
         case FrameType.HASH:
             _exact(payload, _HASH.size, "hash")
             req, offset, length, block = _HASH.unpack(payload)
@@ -394,6 +395,10 @@ class ConnState(Enum):
     ESTABLISHED = "established"
     CLOSED = "closed"
 
+
+# Frames whose (large) payload is handed over without a copy: only the data
+# carriers, whose decoders take a view of it.
+_ZERO_COPY = frozenset({int(FrameType.WRITE), int(FrameType.READ_REPLY)})
 
 _DATA_FRAMES = frozenset({
     FrameType.WRITE, FrameType.WRITE_ACK, FrameType.FLUSH, FrameType.FLUSH_ACK, FrameType.READ,
@@ -487,6 +492,34 @@ class Connection:
         else:
             self._buf += data
 
+    def frame_remainder(self) -> tuple[int, int] | None:
+        """When the buffered bytes are the start of one large data frame (a
+        write or read reply of at least :data:`LARGE_FRAME` bytes) and nothing
+        more: (frame size, bytes still missing), so the caller can receive the
+        rest straight into one buffer (see :meth:`receive_frame`). Else None."""
+        if len(self._buf) < HEADER_SIZE or self.state is ConnState.CLOSED:
+            return None
+        magic, ftype_raw, _flags, length, _checksum = HEADER.unpack_from(self._buf)
+        total = HEADER_SIZE + length
+        if (magic != MAGIC or ftype_raw not in _ZERO_COPY or length < LARGE_FRAME
+                or length > self.max_payload or len(self._buf) >= total):
+            return None  # anything odd is left to next_event to judge
+        return total, total - len(self._buf)
+
+    def start_frame(self, total: int) -> bytearray:
+        """A buffer of ``total`` bytes holding what is buffered so far (the
+        start of the frame :meth:`frame_remainder` described)."""
+        frame = bytearray(total)
+        frame[:len(self._buf)] = self._buf
+        return frame
+
+    def receive_frame(self, frame: bytearray, got: int) -> None:
+        """Feed the frame buffer from :meth:`start_frame` once ``got`` bytes of
+        it are filled (all of it, or less at end of stream)."""
+        # Cut short, the part that arrived is copied (views of the frame buffer
+        # may outlive a cancelled receive, so it cannot be shrunk in place).
+        self._buf = frame if got == len(frame) else frame[:got]
+
     def next_event(self) -> Event | _Sentinel:
         """The next complete event, NEED_DATA, or CLOSED (after EOF or ERROR).
 
@@ -517,14 +550,23 @@ class Connection:
             raise RemoteProtocolError(f"{ftype.name} frame length {length} exceeds the bound {self.max_payload}")
         if len(self._buf) < HEADER_SIZE + length:
             return self._at_end(partial=True)
-        with memoryview(self._buf) as mv:  # one copy of the payload, no more
-            payload = bytes(mv[HEADER_SIZE:HEADER_SIZE + length])
-            head8 = bytes(mv[:8])
+        payload: bytes | memoryview
+        if len(self._buf) == HEADER_SIZE + length and ftype_raw in _ZERO_COPY and length >= LARGE_FRAME:
+            # The buffer is exactly this frame (see frame_remainder): hand it
+            # over as the payload instead of copying it, and start a new one.
+            frame, self._buf = self._buf, bytearray()
+            payload = memoryview(frame)[HEADER_SIZE:]
+            head8 = bytes(frame[:8])
+        else:
+            with memoryview(self._buf) as mv:  # one copy of the payload, no more
+                payload = bytes(mv[HEADER_SIZE:HEADER_SIZE + length])
+                head8 = bytes(mv[:8])
         if _checksum(head8, payload) != checksum:
             raise RemoteProtocolError(f"{ftype.name} frame checksum mismatch")
         if ftype in (FrameType.HELLO, FrameType.AUTH):
             self.last_frame = head8 + bytes(self._buf[8:HEADER_SIZE]) + payload
-        del self._buf[:HEADER_SIZE + length]
+        if not isinstance(payload, memoryview):
+            del self._buf[:HEADER_SIZE + length]
         self._check(ftype, self.received, RemoteProtocolError, "received")
         event = _decode(ftype, payload)
         self.received.add(ftype)

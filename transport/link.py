@@ -229,6 +229,10 @@ class PeerLink:
                 self._mark_closed(reason)
                 raise LinkClosed(reason)
             if event is NEED_DATA:
+                large = self.conn.frame_remainder() if isinstance(self.stream, trio.SocketStream) else None
+                if large is not None:
+                    await self._receive_large_frame(*large)
+                    continue
                 try:
                     data = await self.stream.receive_some(RECEIVE_CHUNK)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
@@ -242,6 +246,29 @@ class PeerLink:
                 self._mark_closed(f"peer: {event.reason}")
                 raise LinkClosed(f"peer: {event.reason}")
             return event
+
+
+    async def _receive_large_frame(self, total: int, missing: int) -> None:
+        """Receive the rest of a large data frame straight into a buffer of its
+        own, which becomes the payload: no reassembly copy, no payload copy.
+        Cancelled or cut short, what arrived stays with the codec."""
+        frame = self.conn.start_frame(total)
+        got = total - missing
+        try:
+            with memoryview(frame) as view:
+                while got < total:
+                    n = await self.stream.socket.recv_into(view[got:])
+                    if n == 0:
+                        break
+                    got += n
+                    self.bytes_received += n
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self._mark_closed(f"receive failed: {e!r}")
+            raise LinkClosed(self._closed) from None
+        finally:
+            self.conn.receive_frame(frame, got)
+        if got < total:
+            self.conn.receive_data(b"")  # end of stream in the middle of a frame
 
 
 # ---------------------------------------------------------------- handshake
