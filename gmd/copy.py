@@ -35,11 +35,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1024 * 1024  # bytes compared per hash request
+CHUNK = 8 * 1024 * 1024  # bytes compared per hash request, read at once, locked while read
 FLUSH_EVERY = 32 * 1024 * 1024  # bytes copied between durable progress points
 COPY_WORKERS = 4  # chunks hashed, read and shipped concurrently
-WINDOW = 2  # chunks per worker shipped and not yet acknowledged
-HASH_AHEAD = 8  # chunks whose member hashes are asked for ahead of the copy cursor
+WINDOW = 1  # chunks per worker shipped and not yet acknowledged (besides the one being shipped)
+HASH_AHEAD = 4  # chunks whose member hashes are asked for ahead of the copy cursor
+YIELD_FOR = 0.1  # seconds after an application write during which the copy keeps one chunk in flight
 SKIP_COMPARE_AFTER = 64  # regions a mini-copy compares before it may stop comparing
 
 
@@ -137,6 +138,7 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
     tracker = _Progress(work)
     record_lock = trio.Lock()
     hashes = _HashPrefetch(m, work, engine.config.region_size, progress)
+    budget = CopyBudget(lambda: engine.last_write_at)
 
     async def record_if_due(force: bool = False) -> None:
         if record_lock.locked() and not force:
@@ -153,7 +155,8 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
                 break
             offset, length = work[index]
             hashes.ask_up_to(index + HASH_AHEAD)
-            window.append((index, await _copy_chunk(engine, m, progress, offset, length, hashes, index)))
+            await budget.wait_room(length)
+            window.append((index, await _copy_chunk(engine, m, progress, offset, length, hashes, budget, index)))
             if len(window) > WINDOW:
                 await _chunk_acked(m, tracker, progress, work, *window.popleft())
                 await record_if_due()
@@ -225,6 +228,42 @@ class _Progress:
         return done
 
 
+class CopyBudget:
+    """How many copied bytes may be on their way to the member, unacknowledged.
+
+    Copy data and application writes share the member's link, in order: an
+    application write queued behind copy data waits for all of it to arrive
+    (over a WAN, 64 MiB is half a second at 1 Gbit/s). While the application
+    is writing (one started in the last :data:`YIELD_FOR` seconds) the copy
+    keeps a single chunk in flight; otherwise the workers' windows alone
+    bound it."""
+
+    def __init__(self, last_write_at):
+        self._last_write_at = last_write_at  # () -> trio time of the latest application write
+        self.in_flight = 0
+        self._room = trio.Event()
+
+    def limit(self, chunk: int) -> float:
+        busy = trio.current_time() - self._last_write_at() < YIELD_FOR
+        return chunk if busy else float("inf")
+
+    async def wait_room(self, length: int) -> None:
+        """Wait until ``length`` more bytes may be shipped (one chunk always may)."""
+        while self.in_flight > 0 and self.in_flight + length > self.limit(length):
+            if self._room.is_set():
+                self._room = trio.Event()
+            with trio.move_on_after(YIELD_FOR):  # the application may stop writing meanwhile
+                await self._room.wait()
+
+    def shipped(self, length: int) -> None:
+        self.in_flight += length
+
+    def settled(self, sh) -> None:
+        """A shipment's ack (or failure) arrived: its bytes are no longer in flight."""
+        self.in_flight -= len(sh.data)
+        self._room.set()
+
+
 class _HashPrefetch:
     """The member's region hashes of the pass's chunks, asked for up to
     :data:`HASH_AHEAD` chunks ahead of the cursor. A hash request travels
@@ -280,7 +319,7 @@ async def _chunk_acked(m: MemberLink, tracker: _Progress, progress: CopyProgress
 
 
 async def _copy_chunk(engine: VolumeEngine, m: MemberLink, progress: CopyProgress, offset: int, length: int,
-                      hashes: _HashPrefetch, index: int) -> list:
+                      hashes: _HashPrefetch, budget: CopyBudget, index: int) -> list:
     """Ship the regions of one chunk that differ on the member; returns the
     shipments (not yet acknowledged)."""
     rs = engine.config.region_size
@@ -307,9 +346,10 @@ async def _copy_chunk(engine: VolumeEngine, m: MemberLink, progress: CopyProgres
             differ = list(range(len(ours)))
         for first, end in _runs(differ):
             piece = data.blocks(first, end)
-            sh = m.ship_write(engine.completed_sequence, offset + first * rs, piece, lambda sh: None)
+            sh = m.ship_write(engine.completed_sequence, offset + first * rs, piece, budget.settled)
             if sh is None:
                 raise CopyAborted(f"{m.name} cannot take writes (away or behind)")
+            budget.shipped(len(piece))
             shipments.append(sh)
             progress.sent_bytes += len(piece)
             engine.copy_bytes_sent += len(piece)

@@ -159,6 +159,7 @@ class VolumeEngine:
         self.discarding: str | None = None  # split-brain peer whose data replaces ours (gmd resolve)
         self.saved_images: list[str] = []  # images of discarded regions saved by gmd resolve
         self.writes = 0
+        self.last_write_at = -1e9  # trio time an application write last started (the copy yields to them)
         self.bytes_written = 0
         self.quorum = QuorumKeeper(self)
 
@@ -434,6 +435,7 @@ class VolumeEngine:
         length = len(data)
         check_range(offset, length, self.config.size, writing=True)
         self._inflight += 1
+        self.last_write_at = trio.current_time()
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         token = await self._locks.acquire(offset, offset + length)
         try:

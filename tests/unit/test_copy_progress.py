@@ -61,3 +61,61 @@ def test_a_fence_never_passes_an_unacknowledged_chunk(order, snapshot_points):
     if done:
         fence = max(o + n for o, n in done)
     assert fence == 12 * CHUNK
+
+
+class _Shipped:
+    def __init__(self, n: int):
+        self.data = bytes(n)
+
+
+async def test_an_idle_volume_lets_the_copy_fill_its_windows(autojump_clock):
+    import trio
+
+    from gmd.copy import CopyBudget
+
+    budget = CopyBudget(lambda: -1e9)  # no application write ever
+    for _ in range(8):
+        with trio.fail_after(0.001):  # no waiting at all
+            await budget.wait_room(CHUNK)
+        budget.shipped(CHUNK)
+    assert budget.in_flight == 8 * CHUNK
+
+
+async def test_the_copy_keeps_one_chunk_in_flight_while_the_application_writes(autojump_clock):
+    import trio
+
+    from gmd.copy import YIELD_FOR, CopyBudget
+
+    last_write = [0.0]
+    budget = CopyBudget(lambda: last_write[0])
+    last_write[0] = trio.current_time()
+    await budget.wait_room(CHUNK)  # the first chunk always goes
+    budget.shipped(CHUNK)
+    first = _Shipped(CHUNK)
+    moved_on = []
+
+    async def second():
+        await budget.wait_room(CHUNK)
+        moved_on.append(trio.current_time())
+
+    async with trio.open_nursery() as n:
+        n.start_soon(second)
+        for _ in range(5):  # the application keeps writing: the copy waits
+            await trio.sleep(YIELD_FOR / 2)
+            last_write[0] = trio.current_time()
+        assert not moved_on
+        settled_at = trio.current_time()
+        budget.settled(first)  # the chunk's ack: the next may go
+    assert moved_on == [settled_at]
+    assert budget.in_flight == 0
+
+
+async def test_the_copy_speeds_up_again_when_the_application_stops(autojump_clock):
+    import trio
+
+    from gmd.copy import YIELD_FOR, CopyBudget
+
+    budget = CopyBudget(lambda: 0.0)
+    budget.shipped(CHUNK)  # unacknowledged, and never acknowledged here
+    await budget.wait_room(CHUNK)
+    assert trio.current_time() >= YIELD_FOR  # waited until the writes were YIELD_FOR old
