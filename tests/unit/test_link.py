@@ -7,7 +7,7 @@ import trio
 import trio.testing
 
 from transport.auth import new_nonce
-from transport.codec import Hello, Ping, Pong, Write
+from transport.codec import LARGE_FRAME, Hello, Ping, Pong, Write
 from transport.link import LinkClosed, LinkRefused, client_handshake, server_handshake
 
 
@@ -148,7 +148,7 @@ async def test_large_and_small_writes_arrive_intact_over_tcp():
 
     rng = random.Random(5)
     client, server = await tcp_links()
-    sizes = [1 << 20, 512, 3 << 20, 65536, 65535, 8 << 20, 4096, (1 << 20) + 7]
+    sizes = [1 << 20, 512, LARGE_FRAME, 65536, LARGE_FRAME - 1, 8 << 20, 4096, LARGE_FRAME + 7]
     sent = [Write(i + 1, i * 4096, rng.randbytes(n)) for i, n in enumerate(sizes)]
     async with trio.open_nursery() as n:
         client.start(n)
@@ -163,7 +163,7 @@ async def test_large_and_small_writes_arrive_intact_over_tcp():
 
 async def test_a_receive_cancelled_in_the_middle_of_a_large_frame_loses_nothing():
     client, server = await tcp_links()
-    data = bytes(range(256)) * (1 << 14)  # 4 MiB
+    data = bytes(range(256)) * (LARGE_FRAME // 256)
     frame = raw_write_frame(1, 0, data) + raw_write_frame(2, 8192, b"tail")
 
     async def drip():  # the frame arrives in pieces, slower than the receiver gives up
@@ -187,7 +187,7 @@ async def test_a_receive_cancelled_in_the_middle_of_a_large_frame_loses_nothing(
 
 async def test_end_of_stream_in_the_middle_of_a_large_frame_is_a_protocol_error():
     client, server = await tcp_links()
-    frame = raw_write_frame(1, 0, bytes(1 << 20))
+    frame = raw_write_frame(1, 0, bytes(LARGE_FRAME))
 
     async def half_then_close():
         await client.stream.send_all(frame[:len(frame) // 2])
