@@ -40,6 +40,7 @@ FLUSH_EVERY = 32 * 1024 * 1024  # bytes copied between durable progress points
 COPY_WORKERS = 4  # chunks hashed, read and shipped concurrently
 WINDOW = 1  # chunks per worker shipped and not yet acknowledged (besides the one being shipped)
 HASH_AHEAD = 4  # chunks whose member hashes are asked for ahead of the copy cursor
+READ_AHEAD = 64 * 1024 * 1024  # bytes of the pass the primary's disk is asked to read ahead of the cursor
 YIELD_FOR = 0.1  # seconds after an application write during which the copy keeps one chunk in flight
 SKIP_COMPARE_AFTER = 64  # regions a mini-copy compares before it may stop comparing
 
@@ -139,6 +140,7 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
     record_lock = trio.Lock()
     hashes = _HashPrefetch(m, work, engine.config.region_size, progress)
     budget = CopyBudget(lambda: engine.last_write_at)
+    read_ahead = _ReadAhead(engine.local.device, work)
 
     async def record_if_due(force: bool = False) -> None:
         if record_lock.locked() and not force:
@@ -155,6 +157,7 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
                 break
             offset, length = work[index]
             hashes.ask_up_to(index + HASH_AHEAD)
+            await read_ahead.advance(index)
             await budget.wait_room(length)
             window.append((index, await _copy_chunk(engine, m, progress, offset, length, hashes, budget, index)))
             if len(window) > WINDOW:
@@ -226,6 +229,31 @@ class _Progress:
             done = [self.work[i] for i in sorted(self.unrecorded)]
             self.unrecorded = set()
         return done
+
+
+class _ReadAhead:
+    """Asks the primary's disk to read the pass's next :data:`READ_AHEAD`
+    bytes ahead of the cursor. A full copy reads sequentially and the
+    kernel's read-ahead covers it; a mini-copy reads scattered regions, each
+    a disk round trip of its own unless they are asked for together."""
+
+    def __init__(self, device, work: list[tuple[int, int]]):
+        self.device, self.work = device, work
+        self.asked = 0  # work items [0, asked) are asked for
+        self.lock = trio.Lock()
+
+    async def advance(self, index: int) -> None:
+        if self.lock.locked():
+            return  # another worker is asking; it covers this index too
+        async with self.lock:
+            start = max(self.asked, index)
+            end, ahead = start, sum(length for _, length in self.work[index:start])
+            while end < len(self.work) and ahead < READ_AHEAD:
+                ahead += self.work[end][1]
+                end += 1
+            if end - start >= 8 or (end == len(self.work) and end > start):  # in batches, not item by item
+                await self.device.will_need(self.work[start:end])
+                self.asked = end
 
 
 class CopyBudget:

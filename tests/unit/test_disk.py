@@ -105,3 +105,15 @@ async def test_bad_hash_requests_are_refused(tmp_path, offset, length, block):
             await dev.read_hashed(offset, length, block)
     finally:
         dev.close()
+
+
+async def test_read_ahead_hints_are_checked_like_reads(tmp_path):
+    path = tmp_path / "dev.img"
+    sparse_file(path, SIZE, [(0, b"x" * BLOCK)])
+    dev = await open_device(path, SIZE)
+    try:
+        await dev.will_need([(0, BLOCK), (SIZE - BLOCK, BLOCK)])
+        with pytest.raises(OutOfRange):
+            await dev.will_need([(0, BLOCK), (SIZE - BLOCK, 2 * BLOCK)])
+    finally:
+        dev.close()
