@@ -39,7 +39,7 @@ CHUNK = 8 * 1024 * 1024  # bytes compared per hash request, read at once, locked
 FLUSH_EVERY = 32 * 1024 * 1024  # bytes copied between durable progress points
 COPY_WORKERS = 4  # chunks hashed, read and shipped concurrently
 WINDOW = 1  # chunks per worker shipped and not yet acknowledged (besides the one being shipped)
-HASH_AHEAD = 4  # chunks whose member hashes are asked for ahead of the copy cursor
+HASH_AHEAD = 4 * CHUNK  # bytes of a pass whose member hashes are asked for ahead of the copy cursor
 READ_AHEAD = 64 * 1024 * 1024  # bytes of the pass the primary's disk is asked to read ahead of the cursor
 YIELD_FOR = 0.1  # seconds after an application write during which the copy keeps one chunk in flight
 SKIP_COMPARE_AFTER = 64  # regions a mini-copy compares before it may stop comparing
@@ -156,7 +156,7 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
             if index is None:
                 break
             offset, length = work[index]
-            hashes.ask_up_to(index + HASH_AHEAD)
+            hashes.ask_ahead(index)
             await read_ahead.advance(index)
             await budget.wait_room(length)
             window.append((index, await _copy_chunk(engine, m, progress, offset, length, hashes, budget, index)))
@@ -293,8 +293,10 @@ class CopyBudget:
 
 
 class _HashPrefetch:
-    """The member's region hashes of the pass's chunks, asked for up to
-    :data:`HASH_AHEAD` chunks ahead of the cursor. A hash request travels
+    """The member's region hashes of the pass's work items, asked for up to
+    :data:`HASH_AHEAD` bytes ahead of the cursor (a mini-copy still deciding
+    whether to compare at all asks for no more regions than it may compare).
+    A hash request travels
     behind the copy data already queued on the link, so asking only when a
     chunk's turn comes would leave each worker waiting for a round trip
     through that queue; ahead of time, the answers are there when needed.
@@ -304,13 +306,22 @@ class _HashPrefetch:
     def __init__(self, m: MemberLink, work: list[tuple[int, int]], block: int, progress: CopyProgress):
         self.m, self.work, self.block, self.progress = m, work, block, progress
         self.nursery: trio.Nursery | None = None
-        self.asked = 0  # chunks [0, asked) are asked for
+        self.asked = 0  # work items [0, asked) are asked for
+        self._ends = [0]  # _ends[i]: bytes of work items [0, i)
+        for _, length in work:
+            self._ends.append(self._ends[-1] + length)
         self._answers: dict[int, tuple[int, ...] | BaseException] = {}
         self._arrived: dict[int, trio.Event] = {}
 
-    def ask_up_to(self, end: int) -> None:
+    def ask_ahead(self, index: int) -> None:
+        """Ask for item ``index`` and those after it, within the look-ahead."""
         assert self.nursery is not None
-        while self.asked < min(end, len(self.work)) and self.progress.compare:
+        limit = HASH_AHEAD
+        if self.progress.kind == "mini" and self.progress.regions_compared < SKIP_COMPARE_AFTER:
+            limit = SKIP_COMPARE_AFTER * self.block
+        self.asked = max(self.asked, index)
+        while (self.asked < len(self.work) and self.progress.compare
+               and (self.asked == index or self._ends[self.asked + 1] - self._ends[index] <= limit)):
             self._arrived[self.asked] = trio.Event()
             self.nursery.start_soon(self._ask, self.asked)
             self.asked += 1
@@ -326,8 +337,7 @@ class _HashPrefetch:
     async def get(self, index: int) -> tuple[int, ...]:
         """The member's hashes of chunk ``index`` (asked for now if not yet)."""
         if index not in self._arrived:
-            self.asked = max(self.asked, index)
-            self.ask_up_to(index + 1)
+            self.ask_ahead(index)
         await self._arrived[index].wait()
         del self._arrived[index]
         answer = self._answers.pop(index)
