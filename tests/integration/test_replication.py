@@ -8,6 +8,7 @@ write/flush API, as the FUSE front will); every other member is a real
 from __future__ import annotations
 
 import random
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -41,6 +42,18 @@ async def start_primary(daemon, procs):
         await wait_for(lambda name=name: eng.members[name].connected, what=f"{name} connected")
     await eng.promote()
     return eng
+
+
+@asynccontextmanager
+async def primary_alone_keeps_quorum(tmp_path):
+    """labor1 (in this process) primary with 2 of 3 votes, so it keeps quorum
+    and keeps writing alone; labor2 a daemon process, in sync. Yields the
+    primary's engine and the member processes."""
+    cfg = write_config(tmp_path, [NodeSpec("labor1", votes=2), NodeSpec("labor2")], mode="mwc")
+    init_in_sync(cfg, "labor1", ["labor2"])
+    with daemon_processes(cfg, ["labor2"], tmp_path) as procs:
+        async with in_process_daemon(cfg, "labor1") as d:
+            yield await start_primary(d, procs), procs
 
 
 async def random_writes(eng, n, *, seed, size=64 * MiB, workers=8, log=None, stop=None):
@@ -93,74 +106,69 @@ async def test_sync_members_are_byte_identical_after_random_writes(tmp_path, mod
 
 
 async def test_killed_secondary_is_marked_exactly_and_caught_up_by_a_mini_copy(tmp_path):
-    # labor1 holds 2 of 3 votes: it keeps quorum (and keeps writing) alone.
-    cfg = write_config(tmp_path, [NodeSpec("labor1", votes=2), NodeSpec("labor2")], mode="mwc")
-    init_in_sync(cfg, "labor1", ["labor2"])
-    with daemon_processes(cfg, ["labor2"], tmp_path) as procs:
-        async with in_process_daemon(cfg, "labor1") as d:
-            eng = await start_primary(d, procs)
-            member = eng.members["labor2"]
-            log: list = []
-            stop = trio.Event()
-            kill_t = lost_t = flushed_at_kill = None
-            gens: list[str] = []
-            gen_before = eng.statemap.sb.generations.current
+    async with primary_alone_keeps_quorum(tmp_path) as (eng, procs):
+        member = eng.members["labor2"]
+        log: list = []
+        stop = trio.Event()
+        kill_t = lost_t = flushed_at_kill = None
+        gens: list[str] = []
+        gen_before = eng.statemap.sb.generations.current
 
-            async def killer():
-                nonlocal kill_t, lost_t, flushed_at_kill
-                await wait_for(lambda: len(log) >= 100, what="writes flowing")
-                kill_t = trio.current_time()
-                await trio.to_thread.run_sync(procs["labor2"].kill)
-                await wait_for(lambda: not member.connected, what="loss noticed")
-                lost_t = trio.current_time()
-                flushed_at_kill = member.flushed_gseq  # no ack arrives after the loss
-                await wait_for(lambda: len([w for w in log if w[0] > lost_t]) >= 50, what="writes after loss")
-                gens.append(eng.statemap.sb.generations.current)
-                n_now = len(log)
-                await wait_for(lambda: len(log) >= n_now + 50, what="more writes")
-                gens.append(eng.statemap.sb.generations.current)
-                stop.set()
+        async def killer():
+            nonlocal kill_t, lost_t, flushed_at_kill
+            await wait_for(lambda: len(log) >= 100, what="writes flowing")
+            kill_t = trio.current_time()
+            await trio.to_thread.run_sync(procs["labor2"].kill)
+            await wait_for(lambda: not member.connected, what="loss noticed")
+            lost_t = trio.current_time()
+            flushed_at_kill = member.flushed_gseq  # no ack arrives after the loss
+            await wait_for(lambda: len([w for w in log if w[0] > lost_t]) >= 50, what="writes after loss")
+            gens.append(eng.statemap.sb.generations.current)
+            n_now = len(log)
+            await wait_for(lambda: len(log) >= n_now + 50, what="more writes")
+            gens.append(eng.statemap.sb.generations.current)
+            stop.set()
 
-            async with trio.open_nursery() as n:
-                n.start_soon(killer)
-                await random_writes(eng, 100_000, seed=3, workers=4, log=log, stop=stop)
-            await eng.flush()
-            bits = set(eng.statemap.out_of_sync_regions("labor2").search(1))
-            # Written while it was away, or acked but not yet flushed by it (its
-            # crash could have dropped those): must be marked.
-            must = set().union(*(regions(o, n) for t0, _t1, o, n, _g in log if t0 > lost_t))
-            unflushed = set().union(*(regions(o, n) for _t0, t1, o, n, g in log
-                                      if t1 < kill_t and g > flushed_at_kill))
-            # Anything it acked and flushed before the kill must not be.
-            may = set().union(*(regions(o, n) for _t0, t1, o, n, g in log if t1 > kill_t or g > flushed_at_kill))
-            assert must and must <= bits <= may
-            assert unflushed <= bits
-            # Losing the member started one new generation, not one per write.
-            assert gens[0] == gens[1] != gen_before
-            assert eng.statemap.sb.peers["labor2"].bitmap_gen == gen_before
-            st = eng.status()["members"]["labor2"]
-            assert st["disk"] == "outdated" and st["link"] != "connected"
+        async with trio.open_nursery() as n:
+            n.start_soon(killer)
+            await random_writes(eng, 100_000, seed=3, workers=4, log=log, stop=stop)
+        await eng.flush()
+        bits = set(eng.statemap.out_of_sync_regions("labor2").search(1))
+        # Written while it was away, or acked but not yet flushed by it (its
+        # crash could have dropped those): must be marked.
+        must = set().union(*(regions(o, n) for t0, _t1, o, n, _g in log if t0 > lost_t))
+        unflushed = set().union(*(regions(o, n) for _t0, t1, o, n, g in log
+                                  if t1 < kill_t and g > flushed_at_kill))
+        # Anything it acked and flushed before the kill must not be.
+        may = set().union(*(regions(o, n) for _t0, t1, o, n, g in log if t1 > kill_t or g > flushed_at_kill))
+        assert must and must <= bits <= may
+        assert unflushed <= bits
+        # Losing the member started one new generation, not one per write.
+        assert gens[0] == gens[1] != gen_before
+        assert eng.statemap.sb.peers["labor2"].bitmap_gen == gen_before
+        st = eng.status()["members"]["labor2"]
+        assert st["disk"] == "outdated" and st["link"] != "connected"
 
-            # The secondary restarts: its own crash recovery adds the extents it
-            # had hot; the bitmaps are exchanged and it is told it is outdated.
-            sm = StateMap.open(tmp_path / "data/labor2/appslv.sm", readonly=True)
-            hot = set(sm.intent.search(1))
-            sm.close()
-            rpe = eng.config.extent_size // REGION
-            expected = bits | {r for e in hot for r in range(e * rpe, (e + 1) * rpe)}
-            await trio.to_thread.run_sync(procs["labor2"].start)
-            await trio.to_thread.run_sync(lambda: procs["labor2"].request(op="up", volume="appslv"))
-            await wait_for(lambda: member.connected, what="reconnect")
-            # The mini-copy moves exactly the regions in the exchanged bitmaps
-            # (fewer bytes where a region already matches), then it is uptodate.
-            await wait_for(lambda: eng.status()["members"]["labor2"]["disk"] == "uptodate", what="caught up")
-            passes = [p for name, p in eng.copy_history if name == "labor2"]
-            assert passes[0].kind == "mini" and passes[0].total_bytes == len(expected) * REGION
-            assert eng.copy_bytes_sent <= len(expected) * REGION
-            assert eng.status()["members"]["labor2"]["out_of_sync_bytes"] == 0
-            await eng.flush()
-            assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
-            await wait_for(lambda: _disk_of(procs["labor2"], "uptodate"), what="labor2 knows")
+        # The secondary restarts: its own crash recovery adds the extents it
+        # had hot; the bitmaps are exchanged and it is told it is outdated.
+        sm = StateMap.open(tmp_path / "data/labor2/appslv.sm", readonly=True)
+        hot = set(sm.intent.search(1))
+        sm.close()
+        rpe = eng.config.extent_size // REGION
+        expected = bits | {r for e in hot for r in range(e * rpe, (e + 1) * rpe)}
+        await trio.to_thread.run_sync(procs["labor2"].start)
+        await trio.to_thread.run_sync(lambda: procs["labor2"].request(op="up", volume="appslv"))
+        await wait_for(lambda: member.connected, what="reconnect")
+        # The mini-copy moves exactly the regions in the exchanged bitmaps
+        # (fewer bytes where a region already matches), then it is uptodate.
+        await wait_for(lambda: eng.status()["members"]["labor2"]["disk"] == "uptodate", what="caught up")
+        passes = [p for name, p in eng.copy_history if name == "labor2"]
+        assert passes[0].kind == "mini" and passes[0].total_bytes == len(expected) * REGION
+        assert eng.copy_bytes_sent <= len(expected) * REGION
+        assert eng.status()["members"]["labor2"]["out_of_sync_bytes"] == 0
+        await eng.flush()
+        assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
+        await wait_for(lambda: _disk_of(procs["labor2"], "uptodate"), what="labor2 knows")
 
 
 def _disk_of(proc, disk):
@@ -337,20 +345,16 @@ async def test_a_returning_member_is_dialled_as_soon_as_it_comes_up(tmp_path, mo
 
     monkeypatch.setattr(gmd.engine, "REDIAL_MIN", 3600)
     monkeypatch.setattr(gmd.engine, "REDIAL_MAX", 3600)
-    cfg = write_config(tmp_path, [NodeSpec("labor1", votes=2), NodeSpec("labor2")], mode="mwc")
-    init_in_sync(cfg, "labor1", ["labor2"])
-    with daemon_processes(cfg, ["labor2"], tmp_path) as procs:
-        async with in_process_daemon(cfg, "labor1") as d:
-            eng = await start_primary(d, procs)
-            member = eng.members["labor2"]
-            await eng.write(0, b"a" * REGION)
-            await trio.to_thread.run_sync(lambda: procs["labor2"].request(op="down", volume="appslv"))
-            await wait_for(lambda: not member.connected, what="labor2 gone")
-            # While it is away the primary keeps retrying on its (hour-long) schedule.
-            await eng.write(REGION, b"b" * REGION)
-            await wait_for(lambda: member.state.value != "connecting", what="first redial refused")
-            await trio.to_thread.run_sync(lambda: procs["labor2"].request(op="up", volume="appslv"))
-            await wait_for(lambda: eng.status()["members"]["labor2"]["disk"] == "uptodate", timeout=30,
-                           what="labor2 dialled and caught up")
-            await eng.flush()
-            assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
+    async with primary_alone_keeps_quorum(tmp_path) as (eng, procs):
+        member = eng.members["labor2"]
+        await eng.write(0, b"a" * REGION)
+        await trio.to_thread.run_sync(lambda: procs["labor2"].request(op="down", volume="appslv"))
+        await wait_for(lambda: not member.connected, what="labor2 gone")
+        # While it is away the primary keeps retrying on its (hour-long) schedule.
+        await eng.write(REGION, b"b" * REGION)
+        await wait_for(lambda: member.state.value != "connecting", what="first redial refused")
+        await trio.to_thread.run_sync(lambda: procs["labor2"].request(op="up", volume="appslv"))
+        await wait_for(lambda: eng.status()["members"]["labor2"]["disk"] == "uptodate", timeout=30,
+                       what="labor2 dialled and caught up")
+        await eng.flush()
+        assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
