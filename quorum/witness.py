@@ -145,33 +145,28 @@ class WitnessBook:
 
     def promote(self, claim: Claim, now: float) -> Decision:
         """A secondary asks for the votes to become primary; granted, it holds the lease."""
-        rec = self._record(claim.volume)
-        if now < self.quiet_until:
-            return Decision(False, f"witness restarted; granting nothing for {self.quiet_until - now:.1f} s more")
-        waiting = self._waiting_primary.get(claim.volume)
-        if waiting is not None and waiting[0] != claim.node and now < waiting[1] + LEASE + MARGIN:
-            # The partition holding the primary goes first after a restart.
-            return Decision(False, f"{waiting[0]} renewed as primary while the witness restarted; it goes first")
-        lease = self._lease(claim.volume, now)
-        if lease is not None and lease.node != claim.node:
-            return Decision(False, f"{lease.node} holds the primary lease for {claim.volume}")
-        why = self._behind(rec, claim)
+        why = self._refusal(claim, now)
         if why is not None:
             return Decision(False, why)
-        return self._grant(rec, claim, now)
+        return self._grant(self._record(claim.volume), claim, now)
 
     def query(self, claim: Claim, now: float) -> Decision:
         """Would :meth:`promote` grant this now? Changes nothing (status)."""
+        why = self._refusal(claim, now)
+        return Decision(why is None, why or "a promotion would be granted")
+
+    def _refusal(self, claim: Claim, now: float) -> str | None:
+        """Why a promotion of ``claim`` is refused now, or None."""
         if now < self.quiet_until:
-            return Decision(False, "witness restarted; granting nothing yet")
+            return f"witness restarted; granting nothing for {self.quiet_until - now:.1f} s more"
         waiting = self._waiting_primary.get(claim.volume)
         if waiting is not None and waiting[0] != claim.node and now < waiting[1] + LEASE + MARGIN:
-            return Decision(False, f"{waiting[0]} renewed as primary while the witness restarted")
+            # The partition holding the primary goes first after a restart.
+            return f"{waiting[0]} renewed as primary while the witness restarted; it goes first"
         lease = self._lease(claim.volume, now)
         if lease is not None and lease.node != claim.node:
-            return Decision(False, f"{lease.node} holds the primary lease")
-        why = self._behind(self._record(claim.volume), claim)
-        return Decision(why is None, why or "a promotion would be granted")
+            return f"{lease.node} holds the primary lease for {claim.volume}"
+        return self._behind(self._record(claim.volume), claim)
 
     def release(self, volume: str, node: str) -> None:
         """A primary stepped down cleanly: its lease ends now."""
