@@ -138,9 +138,10 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
     of taking turns on one round trip each."""
     tracker = _Progress(work)
     record_lock = trio.Lock()
-    hashes = _HashPrefetch(m, work, engine.config.region_size, progress)
+    ends = _ends(work)
+    hashes = _HashPrefetch(m, work, ends, engine.config.region_size, progress)
     budget = CopyBudget(lambda: engine.last_write_at)
-    read_ahead = _ReadAhead(engine.local.device, work)
+    read_ahead = _ReadAhead(engine.local.device, work, ends)
 
     async def record_if_due(force: bool = False) -> None:
         if record_lock.locked() and not force:
@@ -231,14 +232,32 @@ class _Progress:
         return done
 
 
+def _ends(work: list[tuple[int, int]]) -> list[int]:
+    """Prefix sums of a pass's work: ``ends[i]`` is the bytes of items [0, i)."""
+    ends = [0]
+    for _, length in work:
+        ends.append(ends[-1] + length)
+    return ends
+
+
+def _ahead_end(ends: list[int], index: int, start: int, limit: int) -> int:
+    """The end of the items from ``start`` (>= ``index``) on that lie within
+    ``limit`` bytes from the start of item ``index``; item ``index`` itself
+    always counts."""
+    end = start
+    while end < len(ends) - 1 and (end == index or ends[end + 1] - ends[index] <= limit):
+        end += 1
+    return end
+
+
 class _ReadAhead:
     """Asks the primary's disk to read the pass's next :data:`READ_AHEAD`
     bytes ahead of the cursor. A full copy reads sequentially and the
     kernel's read-ahead covers it; a mini-copy reads scattered regions, each
     a disk round trip of its own unless they are asked for together."""
 
-    def __init__(self, device, work: list[tuple[int, int]]):
-        self.device, self.work = device, work
+    def __init__(self, device, work: list[tuple[int, int]], ends: list[int]):
+        self.device, self.work, self.ends = device, work, ends
         self.asked = 0  # work items [0, asked) are asked for
         self.lock = trio.Lock()
 
@@ -247,11 +266,10 @@ class _ReadAhead:
             return  # another worker is asking; it covers this index too
         async with self.lock:
             start = max(self.asked, index)
-            end, ahead = start, sum(length for _, length in self.work[index:start])
-            while end < len(self.work) and ahead < READ_AHEAD:
-                ahead += self.work[end][1]
-                end += 1
-            if end - start >= 8 or (end == len(self.work) and end > start):  # in batches, not item by item
+            if start >= len(self.work):
+                return
+            end = _ahead_end(self.ends, index, start, READ_AHEAD)
+            if end - start >= 8 or end == len(self.work):  # in batches, not item by item
                 await self.device.will_need(self.work[start:end])
                 self.asked = end
 
@@ -303,13 +321,11 @@ class _HashPrefetch:
     (A member hash taken early is still safe: a write to its regions after
     it is shipped to the member too, and our side reads under the lock.)"""
 
-    def __init__(self, m: MemberLink, work: list[tuple[int, int]], block: int, progress: CopyProgress):
-        self.m, self.work, self.block, self.progress = m, work, block, progress
+    def __init__(self, m: MemberLink, work: list[tuple[int, int]], ends: list[int], block: int,
+                 progress: CopyProgress):
+        self.m, self.work, self.ends, self.block, self.progress = m, work, ends, block, progress
         self.nursery: trio.Nursery | None = None
         self.asked = 0  # work items [0, asked) are asked for
-        self._ends = [0]  # _ends[i]: bytes of work items [0, i)
-        for _, length in work:
-            self._ends.append(self._ends[-1] + length)
         self._answers: dict[int, tuple[int, ...] | BaseException] = {}
         self._arrived: dict[int, trio.Event] = {}
 
@@ -320,11 +336,13 @@ class _HashPrefetch:
         if self.progress.kind == "mini" and self.progress.regions_compared < SKIP_COMPARE_AFTER:
             limit = SKIP_COMPARE_AFTER * self.block
         self.asked = max(self.asked, index)
-        while (self.asked < len(self.work) and self.progress.compare
-               and (self.asked == index or self._ends[self.asked + 1] - self._ends[index] <= limit)):
-            self._arrived[self.asked] = trio.Event()
-            self.nursery.start_soon(self._ask, self.asked)
-            self.asked += 1
+        if not self.progress.compare:
+            return
+        end = _ahead_end(self.ends, index, self.asked, limit)
+        for i in range(self.asked, end):
+            self._arrived[i] = trio.Event()
+            self.nursery.start_soon(self._ask, i)
+        self.asked = end
 
     async def _ask(self, index: int) -> None:
         offset, length = self.work[index]

@@ -119,3 +119,14 @@ async def test_the_copy_speeds_up_again_when_the_application_stops(autojump_cloc
     budget.shipped(CHUNK)  # unacknowledged, and never acknowledged here
     await budget.wait_room(CHUNK)
     assert trio.current_time() >= YIELD_FOR  # waited until the writes were YIELD_FOR old
+
+
+def test_look_ahead_covers_the_items_within_its_bytes_and_always_the_current_one():
+    from gmd.copy import _ahead_end, _ends
+
+    ends = _ends([(0, 10), (10, 10), (20, 10), (30, 50), (80, 10)])
+    assert _ahead_end(ends, 0, 0, 30) == 3  # items 0-2 fit in 30 bytes
+    assert _ahead_end(ends, 0, 3, 30) == 3  # already asked up to 3: nothing more
+    assert _ahead_end(ends, 3, 3, 10) == 4  # item 3 alone exceeds the limit, but it is the current one
+    assert _ahead_end(ends, 1, 2, 1000) == 5  # to the end of the pass
+    assert _ahead_end(ends, 5, 5, 1000) == 5  # past the end: nothing
