@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
+from bitarray import bitarray
 
 from statemap import DiskState
 from transport.link import LinkClosed
@@ -38,10 +39,11 @@ log = logging.getLogger(__name__)
 CHUNK = 8 * 1024 * 1024  # bytes compared per hash request, read at once, locked while read
 FLUSH_EVERY = 32 * 1024 * 1024  # bytes copied between durable progress points
 COPY_WORKERS = 4  # chunks hashed, read and shipped concurrently
-WINDOW = 1  # chunks per worker shipped and not yet acknowledged (besides the one being shipped)
+WINDOW = 1  # CHUNKs' worth of bytes per worker shipped and not yet acknowledged (besides the one being shipped)
 HASH_AHEAD = 4 * CHUNK  # bytes of a pass whose member hashes are asked for ahead of the copy cursor
 READ_AHEAD = 64 * 1024 * 1024  # bytes of the pass the primary's disk is asked to read ahead of the cursor
 YIELD_FOR = 0.1  # seconds after an application write during which the copy keeps one chunk in flight
+BATCH = 1024 * 1024  # bytes of small work items (a mini-copy's regions) a worker takes, reads and ships at once
 SKIP_COMPARE_AFTER = 64  # regions a mini-copy compares before it may stop comparing
 
 
@@ -68,7 +70,7 @@ class CopyProgress:
         from a backup, finds most regions equal: those keep comparing.)"""
         self.regions_compared += regions
         self.regions_differing += differing
-        if (self.kind == "mini" and self.regions_compared >= SKIP_COMPARE_AFTER
+        if (self.compare and self.kind == "mini" and self.regions_compared >= SKIP_COMPARE_AFTER
                 and self.regions_differing >= 0.9 * self.regions_compared):
             self.compare = False
             log.info("mini-copy: %d of the first %d regions differ; shipping the rest without comparing",
@@ -82,6 +84,46 @@ class CopyProgress:
         return {"kind": self.kind, "done_bytes": self.done_bytes, "total_bytes": self.total_bytes,
                 "sent_bytes": self.sent_bytes, "rate_bytes_per_s": int(rate),
                 "eta_s": round(left / rate, 1) if rate > 0 and left > 0 else (0.0 if left <= 0 else None)}
+
+
+class UnsentRegions:
+    """Per member, the regions written while it could not be sent the write
+    (away, or an ``async`` member fallen behind): those surely differ on it,
+    so its mini-copy ships them without comparing hashes first, as DRBD and
+    OpenVMS mini-copy do. Comparing pays off only for regions that *may*
+    differ: writes in flight when a link broke, hot extents after a crash.
+
+    Kept in memory only: it is an optimisation, never needed for
+    correctness (shipping an equal region costs bytes, nothing else), so after
+    a restart every out-of-sync region is compared again."""
+
+    def __init__(self, size: int, region_size: int):
+        self.regions = (size + region_size - 1) // region_size
+        self.region_size = region_size
+        self._bits: dict[str, bitarray] = {}
+
+    def _span(self, offset: int, length: int) -> slice:
+        return slice(offset // self.region_size, (offset + max(length, 1) - 1) // self.region_size + 1)
+
+    def note(self, member: str, offset: int, length: int) -> None:
+        """``member`` was not sent a write to [offset, offset+length)."""
+        bits = self._bits.get(member)
+        if bits is None:
+            bits = self._bits[member] = bitarray(self.regions)
+            bits.setall(0)
+        bits[self._span(offset, length)] = 1
+
+    def all_unsent(self, member: str, offset: int, length: int) -> bool:
+        """Every region of [offset, offset+length) had a write ``member`` was not sent."""
+        bits = self._bits.get(member)
+        span = self._span(offset, length)
+        return bits is not None and span.stop <= len(bits) and bits[span].all()
+
+    def forget(self, member: str, offset: int, length: int) -> None:
+        """The regions of [offset, offset+length) were copied to ``member``."""
+        bits = self._bits.get(member)
+        if bits is not None:
+            bits[self._span(offset, length)] = 0
 
 
 def _runs(indexes: list[int]) -> list[tuple[int, int]]:
@@ -130,16 +172,20 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
                        work: list[tuple[int, int]], *, full: bool) -> None:
     """Copy ``work`` (chunks in offset order) with :data:`COPY_WORKERS` workers.
 
-    Workers take the next chunk from a shared cursor, so the chunks finished at
-    any moment form a prefix with at most a few holes: a full copy's fence (the
-    end of the finished prefix) trails the cursor by no more than the workers'
-    windows. Each worker keeps up to :data:`WINDOW` chunks shipped but not yet
-    acknowledged, so hashing, reading and the member's writing overlap instead
-    of taking turns on one round trip each."""
+    Workers take the next chunk from a shared cursor (small ones, a
+    mini-copy's regions, up to :data:`BATCH` bytes at a time), so the chunks
+    finished at any moment form a prefix with at most a few holes: a full
+    copy's fence (the end of the finished prefix) trails the cursor by no more
+    than the workers' windows. Each worker keeps up to :data:`WINDOW` chunks'
+    worth of bytes shipped but not yet acknowledged, so hashing, reading and
+    the member's writing overlap instead of taking turns on one round trip
+    each (counted in bytes, not items: 64 KiB regions one round trip apiece
+    would leave the link idle)."""
     tracker = _Progress(work)
     record_lock = trio.Lock()
     ends = _ends(work)
-    hashes = _HashPrefetch(m, work, ends, engine.config.region_size, progress)
+    hashes = _HashPrefetch(m, work, ends, engine.config.region_size, progress,
+                           surely_differ=lambda i: engine.unsent.all_unsent(m.name, *work[i]))
     budget = CopyBudget(lambda: engine.last_write_at)
     read_ahead = _ReadAhead(engine.local.device, work, ends)
 
@@ -152,17 +198,22 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
 
     async def worker() -> None:
         window: deque[tuple[int, list]] = deque()
+        in_window = 0  # bytes of the chunks in the window
         while True:
-            index = tracker.take()
-            if index is None:
+            indexes = tracker.take(BATCH)
+            if not indexes:
                 break
-            offset, length = work[index]
-            hashes.ask_ahead(index)
-            await read_ahead.advance(index)
+            hashes.ask_ahead(indexes)
+            await read_ahead.advance(indexes[0])
+            length = sum(work[i][1] for i in indexes)
             await budget.wait_room(length)
-            window.append((index, await _copy_chunk(engine, m, progress, offset, length, hashes, budget, index)))
-            if len(window) > WINDOW:
-                await _chunk_acked(m, tracker, progress, work, *window.popleft())
+            shipped = await _copy_items(engine, m, progress, work, indexes, hashes, budget)
+            window.extend(zip(indexes, shipped))
+            in_window += length
+            while in_window - work[window[0][0]][1] >= WINDOW * CHUNK:
+                done = window.popleft()
+                in_window -= work[done[0]][1]
+                await _chunk_acked(m, tracker, progress, work, *done)
                 await record_if_due()
         while window:
             await _chunk_acked(m, tracker, progress, work, *window.popleft())
@@ -202,11 +253,15 @@ class _Progress:
         self.prefix = 0  # chunks [0, prefix) are all acknowledged
         self.recorded_prefix = 0
 
-    def take(self) -> int | None:
-        if self.next >= len(self.work):
-            return None
-        self.next += 1
-        return self.next - 1
+    def take(self, max_bytes: int) -> list[int]:
+        """The next chunks in order, as many as fit in ``max_bytes`` (at least
+        one while any are left): a mini-copy's small regions travel together."""
+        first = self.next
+        taken = 0
+        while self.next < len(self.work) and (self.next == first or taken + self.work[self.next][1] <= max_bytes):
+            taken += self.work[self.next][1]
+            self.next += 1
+        return list(range(first, self.next))
 
     def ack(self, index: int) -> None:
         self.unrecorded.add(index)
@@ -322,27 +377,30 @@ class _HashPrefetch:
     it is shipped to the member too, and our side reads under the lock.)"""
 
     def __init__(self, m: MemberLink, work: list[tuple[int, int]], ends: list[int], block: int,
-                 progress: CopyProgress):
+                 progress: CopyProgress, surely_differ=lambda index: False):
         self.m, self.work, self.ends, self.block, self.progress = m, work, ends, block, progress
+        self.surely_differ = surely_differ  # (index) -> the item is worth no comparison (UnsentRegions)
         self.nursery: trio.Nursery | None = None
-        self.asked = 0  # work items [0, asked) are asked for
+        self.asked = 0  # the look-ahead has asked for work items up to here
         self._answers: dict[int, tuple[int, ...] | BaseException] = {}
         self._arrived: dict[int, trio.Event] = {}
 
-    def ask_ahead(self, index: int) -> None:
-        """Ask for item ``index`` and those after it, within the look-ahead."""
+    def ask_ahead(self, indexes: list[int]) -> None:
+        """Ask for the items ``indexes`` (taken, needed now) and for those after
+        them within the look-ahead."""
         assert self.nursery is not None
+        if not self.progress.compare:
+            return
         limit = HASH_AHEAD
         if self.progress.kind == "mini" and self.progress.regions_compared < SKIP_COMPARE_AFTER:
             limit = SKIP_COMPARE_AFTER * self.block
-        self.asked = max(self.asked, index)
-        if not self.progress.compare:
-            return
-        end = _ahead_end(self.ends, index, self.asked, limit)
-        for i in range(self.asked, end):
-            self._arrived[i] = trio.Event()
-            self.nursery.start_soon(self._ask, i)
-        self.asked = end
+        start = max(self.asked, indexes[-1] + 1)
+        end = _ahead_end(self.ends, indexes[0], start, limit)
+        for i in [*indexes, *range(start, end)]:
+            if i not in self._arrived and not self.surely_differ(i):
+                self._arrived[i] = trio.Event()
+                self.nursery.start_soon(self._ask, i)
+        self.asked = max(self.asked, end)
 
     async def _ask(self, index: int) -> None:
         offset, length = self.work[index]
@@ -352,10 +410,14 @@ class _HashPrefetch:
             self._answers[index] = e
         self._arrived[index].set()
 
+    def wanted(self, index: int) -> bool:
+        """Whether item ``index`` is to be compared before it is shipped."""
+        return self.progress.compare and not self.surely_differ(index)
+
     async def get(self, index: int) -> tuple[int, ...]:
         """The member's hashes of chunk ``index`` (asked for now if not yet)."""
         if index not in self._arrived:
-            self.ask_ahead(index)
+            self.ask_ahead([index])
         await self._arrived[index].wait()
         del self._arrived[index]
         answer = self._answers.pop(index)
@@ -374,43 +436,52 @@ async def _chunk_acked(m: MemberLink, tracker: _Progress, progress: CopyProgress
     progress.done_bytes += work[index][1]
 
 
-async def _copy_chunk(engine: VolumeEngine, m: MemberLink, progress: CopyProgress, offset: int, length: int,
-                      hashes: _HashPrefetch, budget: CopyBudget, index: int) -> list:
-    """Ship the regions of one chunk that differ on the member; returns the
-    shipments (not yet acknowledged)."""
+async def _copy_items(engine: VolumeEngine, m: MemberLink, progress: CopyProgress, work: list[tuple[int, int]],
+                      indexes: list[int], hashes: _HashPrefetch, budget: CopyBudget) -> list[list]:
+    """Ship the regions of the work items ``indexes`` that differ on the
+    member; returns each item's shipments (not yet acknowledged)."""
     rs = engine.config.region_size
     local = engine.local
-    progress.compared_bytes += length
+    ranges = [work[i] for i in indexes]
+    progress.compared_bytes += sum(length for _, length in ranges)
     rate = engine.copy_rate
     if rate:
         # The limit counts compared bytes: hashing reads the chunk from disk on
         # both sides, which is the load an operator limits the copy for (a
         # merge that finds almost nothing to send still reads everything).
         await trio.sleep_until(progress.started + progress.compared_bytes / rate)
-    theirs = await hashes.get(index) if progress.compare else None
-    shipments = []
-    token = await engine.lock_range(offset, offset + length)
+    theirs = [await hashes.get(i) if hashes.wanted(i) else None for i in indexes]
+    shipments: list[list] = []
+    tokens = []
     try:
-        # Under the range lock: no application write to this chunk is in
-        # flight, and any later one is queued after this copy. The chunk is
-        # read once, for hashing and shipping alike (holes are not read).
-        ours, data = await local.device.read_hashed(offset, length, rs)
-        if theirs is not None:
-            differ = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
-            progress.note_compared(len(ours), len(differ))
-        else:
-            differ = list(range(len(ours)))
-        for first, end in _runs(differ):
-            piece = data.blocks(first, end)
-            sh = m.ship_write(engine.completed_sequence, offset + first * rs, piece, budget.settled)
-            if sh is None:
-                raise CopyAborted(f"{m.name} cannot take writes (away or behind)")
-            budget.shipped(len(piece))
-            shipments.append(sh)
-            progress.sent_bytes += len(piece)
-            engine.copy_bytes_sent += len(piece)
+        # Under the range locks: no application write to these items is in
+        # flight, and any later one is queued after this copy. The items are
+        # read once, for hashing and shipping alike (holes are not read), in
+        # one trip to a thread. Locks are taken in offset order and an
+        # application write holds one range only, so this cannot deadlock.
+        for offset, length in ranges:
+            tokens.append(await engine.lock_range(offset, offset + length))
+        read = await local.device.read_hashed_ranges(ranges, rs)
+        for (offset, _), (ours, data), their in zip(ranges, read, theirs):
+            if their is not None:
+                differ = [i for i, (a, b) in enumerate(zip(ours, their)) if a != b]
+                progress.note_compared(len(ours), len(differ))
+            else:
+                differ = list(range(len(ours)))
+            item: list = []
+            for first, end in _runs(differ):
+                piece = data.blocks(first, end)
+                sh = m.ship_write(engine.completed_sequence, offset + first * rs, piece, budget.settled)
+                if sh is None:
+                    raise CopyAborted(f"{m.name} cannot take writes (away or behind)")
+                budget.shipped(len(piece))
+                item.append(sh)
+                progress.sent_bytes += len(piece)
+                engine.copy_bytes_sent += len(piece)
+            shipments.append(item)
     finally:
-        engine.unlock_range(token)
+        for token in tokens:
+            engine.unlock_range(token)
     await trio.lowlevel.checkpoint()  # let waiting application writes take the lock
     return shipments
 
@@ -437,6 +508,7 @@ async def _record(engine: VolumeEngine, m: MemberLink, done: list[tuple[int, int
     else:
         for off, length in done:
             sm.clear_out_of_sync(m.name, range(off // rs, (off + length) // rs))
+            engine.unsent.forget(m.name, off, length)
     await engine.local.writer.sync_all()
 
 

@@ -93,11 +93,24 @@ class BackingDevice:
         member's backing file is mostly hole, and reading it only makes the
         kernel zero-fill page after page. Where the file system cannot tell
         (a block device, say) everything is read."""
-        check_range(offset, length, self.size, writing=False)
+        (answer,) = await self.read_hashed_ranges([(offset, length)], block, keep_data=keep_data)
+        return answer
+
+    def check_hash_request(self, offset: int, length: int, block: int) -> None:
+        """Refuse hashing a range outside the volume, or with a block size below one byte."""
         if block <= 0:
             raise OutOfRange(f"invalid hash block size {block}", errno.EINVAL)
+        check_range(offset, length, self.size, writing=False)
+
+    async def read_hashed_ranges(self, ranges: list[tuple[int, int]], block: int, *,
+                                 keep_data: bool = True) -> list[tuple[list[int], BlockData]]:
+        """:meth:`read_hashed` of each (offset, length) in ``ranges``, in one
+        trip to a worker thread: a mini-copy's scattered small regions would
+        otherwise pay a thread hand-off (and a wait for the GIL) each."""
+        for offset, length in ranges:
+            self.check_hash_request(offset, length, block)
         return await trio.to_thread.run_sync(
-            _read_hashed, self._fd, offset, length, block, keep_data, self.path, limiter=self._limiter)
+            _read_hashed_ranges, self._fd, ranges, block, keep_data, self.path, limiter=self._limiter)
 
     async def will_need(self, ranges: list[tuple[int, int]]) -> None:
         """Start reading ``ranges`` (offset, length) into the page cache, all at
@@ -195,6 +208,13 @@ class BlockData:
         if pos < stop:
             out.append(bytes(stop - pos))
         return out[0] if len(out) == 1 else b"".join(out)
+
+
+def _read_hashed_ranges(fd: int, ranges: list[tuple[int, int]], block: int, keep_data: bool,
+                        path: Path) -> list[tuple[list[int], BlockData]]:
+    if len(ranges) > 1:
+        _will_need(fd, ranges)  # scattered ranges: one deep queue of disk reads, not one at a time
+    return [_read_hashed(fd, offset, length, block, keep_data, path) for offset, length in ranges]
 
 
 def _read_hashed(fd: int, offset: int, length: int, block: int, keep_data: bool,

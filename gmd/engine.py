@@ -64,7 +64,8 @@ from .errors import GmdError, UsageError, errno_for
 from . import splitbrain
 from .disk import _pread_full
 from .quorum_keeper import QuorumKeeper
-from .replication import Applier, LinkState, MemberLink, Shipment
+from .copy import UnsentRegions
+from .replication import Applier, HashAnswerer, LinkState, MemberLink, Shipment
 from .volume import LocalVolume
 
 if TYPE_CHECKING:
@@ -145,6 +146,8 @@ class VolumeEngine:
         self._idle = trio.Event()
         self._idle.set()
         self._appliers: dict[str, Applier] = {}
+        self.unsent = UnsentRegions(config.size, config.region_size)  # regions members surely miss
+        self._hash_answerers: dict[str, HashAnswerer] = {}  # member -> answers its hash requests
         self._dirty_since_flush = False
         self.role_epoch = 0  # bumped on every role change: FUSE handles of an older epoch get EIO
         self.want_loop = False
@@ -451,11 +454,13 @@ class VolumeEngine:
             ctx = _WriteCtx(offset, length, self._gseq)
             waits: list[tuple[MemberLink, Shipment]] = []
             away: list[MemberLink] = []
+            unsent: list[MemberLink] = []  # away, and never sent this write
             # No await from here until every shipment is queued: queue order is gseq order.
             for m in self.members.values():
                 sh = m.ship_write(ctx.gseq, offset, data, self._settled_callback(m, ctx))
                 if sh is None:
                     away.append(m)
+                    unsent.append(m)
                 elif m.is_async:
                     ctx.pending += 1
                 else:
@@ -470,7 +475,7 @@ class VolumeEngine:
                 if not sh.ok:
                     away.append(m)
             for m in away:
-                await self._mark_away(m, offset, length)
+                await self._mark_away(m, offset, length, sent=m not in unsent)
             lost = [m for m in away if m not in away_before]
             if lost:
                 # A member missed it: it completes only once quorum knows that member is behind.
@@ -509,10 +514,13 @@ class VolumeEngine:
         if ctx.pending == 0 and self.local is not None:
             self.local.end_intent(ctx.offset, ctx.length, ctx.gseq)
 
-    async def _mark_away(self, m: MemberLink, offset: int, length: int) -> None:
+    async def _mark_away(self, m: MemberLink, offset: int, length: int, *, sent: bool = True) -> None:
+        """``m`` missed a write: it was never ``sent`` it, or it may not have applied it."""
         local = self.local
         if local is None:
             return
+        if not sent:
+            self.unsent.note(m.name, offset, length)
         sm = local.statemap
         rec = sm.sb.peers.get(m.name)
         if rec is not None and rec.disk == DiskState.UPTODATE:
@@ -829,6 +837,7 @@ class VolumeEngine:
                 self.local.statemap.set_peer_disk(m.name, DiskState.OUTDATED)
         failed = m.end_session(reason)
         self._appliers.pop(m.name, None)
+        self._hash_answerers.pop(m.name, None)
         if failed:
             log.warning("%s: member %s lost with %d shipments unacked: %s", self.name, m.name, len(failed), reason)
         else:
@@ -1259,7 +1268,15 @@ class VolumeEngine:
             case ReadReply() | HashReply():
                 m.on_read_reply(ev)
             case HashRequest():
-                self._nursery_or_daemon().start_soon(self._answer_hash, link, ev)
+                answerer = self._hash_answerers.get(m.name)
+                if answerer is None:
+                    answerer = HashAnswerer(
+                        self._nursery_or_daemon(),
+                        lambda ranges, block: self._require_up().hashes_of_ranges(ranges, block),
+                        lambda offset, length, block: self._require_up().device.check_hash_request(
+                            offset, length, block))
+                    self._hash_answerers[m.name] = answerer
+                answerer.submit(ev, link)
             case _:
                 log.warning("%s: unexpected %s from %s", self.name, type(ev).__name__, m.name)
 
@@ -1272,13 +1289,6 @@ class VolumeEngine:
     async def _apply_flush(self) -> None:
         local = self._require_up()
         await local.flush()
-
-    async def _answer_hash(self, link: PeerLink, ev: HashRequest) -> None:
-        async def hashes() -> HashReply:
-            return HashReply(ev.request, 0, tuple(
-                await self._require_up().region_hashes(ev.offset, ev.length, ev.block)))
-
-        await self._answer(link, hashes, lambda code: HashReply(ev.request, code))
 
     async def _answer_read(self, link: PeerLink, ev: Read) -> None:
         async def data() -> ReadReply:

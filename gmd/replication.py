@@ -26,7 +26,7 @@ from enum import StrEnum
 
 import trio
 
-from transport.codec import Flush, FlushAck, Write, WriteAck
+from transport.codec import Flush, FlushAck, HashReply, HashRequest, Write, WriteAck
 from transport.link import LinkClosed, PeerLink
 
 from .errors import errno_for
@@ -380,6 +380,75 @@ class Applier:
             status = errno_for(e)
             log.error("flush seq %d failed: %s", item.seq, e)
         await _reply(path, FlushAck(item.seq, status))
+
+
+class HashAnswerer:
+    """Answers hash requests (receiver side), small ones in batches.
+
+    A mini-copy asks for dozens of 64 KiB regions at once; answered one by
+    one, each costs a task, a hand-off to a disk thread and a wait for the
+    GIL, many times the hashing itself. Requests of up to
+    :data:`BATCH_REQUEST` bytes that arrive while a batch is being read are
+    gathered into the next one (up to :data:`BATCH_BYTES`), read in one trip
+    to a thread. Larger requests (a full copy's chunks) are answered on their
+    own, concurrently, as before.
+
+    ``hashes(ranges, block)`` returns the hashes of each (offset, length) of
+    ``ranges``; ``check(offset, length, block)`` raises for a request that
+    cannot be answered, so one bad request never fails the others."""
+
+    BATCH_REQUEST = 1024 * 1024
+    BATCH_BYTES = 8 * 1024 * 1024
+
+    def __init__(self, nursery: trio.Nursery, hashes, check):
+        self._nursery = nursery
+        self._hashes = hashes
+        self._check = check
+        self._pending: list[tuple[HashRequest, PeerLink]] = []
+        self._draining = False
+
+    def submit(self, request: HashRequest, path: PeerLink) -> None:
+        if request.length > self.BATCH_REQUEST:
+            self._nursery.start_soon(self._answer, [(request, path)])
+            return
+        self._pending.append((request, path))
+        if not self._draining:
+            self._draining = True
+            self._nursery.start_soon(self._drain)
+
+    async def _drain(self) -> None:
+        try:
+            await trio.lowlevel.checkpoint()  # the rest of a burst is queued meanwhile
+            while self._pending:
+                batch, taken = [], 0
+                while self._pending and (not batch or taken + self._pending[0][0].length <= self.BATCH_BYTES):
+                    batch.append(self._pending.pop(0))
+                    taken += batch[-1][0].length
+                await self._answer(batch)
+        finally:
+            self._draining = False
+
+    async def _answer(self, batch: list[tuple[HashRequest, PeerLink]]) -> None:
+        valid = []
+        for request, path in batch:
+            try:
+                self._check(request.offset, request.length, request.block)
+            except Exception as e:
+                await _reply(path, HashReply(request.request, errno_for(e)))
+            else:
+                valid.append((request, path))
+        # One block size per read; a copy asks with the region size throughout.
+        while valid:
+            block = valid[0][0].block
+            group = [(r, p) for r, p in valid if r.block == block]
+            valid = [(r, p) for r, p in valid if r.block != block]
+            try:
+                answers = await self._hashes([(r.offset, r.length) for r, _ in group], block)
+                replies = [HashReply(r.request, 0, tuple(h)) for (r, _), h in zip(group, answers)]
+            except Exception as e:
+                replies = [HashReply(r.request, errno_for(e)) for r, _ in group]
+            for (_, path), reply in zip(group, replies):
+                await _reply(path, reply)
 
 
 async def _reply(path: PeerLink, event) -> None:

@@ -179,8 +179,13 @@ class LocalVolume:
 
     async def region_hashes(self, offset: int, length: int, block: int) -> list[int]:
         """xxh3_64 of each ``block`` of [offset, offset+length) (holes are not read)."""
-        hashes, _ = await self.device.read_hashed(offset, length, block, keep_data=False)
+        (hashes,) = await self.hashes_of_ranges([(offset, length)], block)
         return hashes
+
+    async def hashes_of_ranges(self, ranges: list[tuple[int, int]], block: int) -> list[list[int]]:
+        """:meth:`region_hashes` of each (offset, length) in ``ranges``, read in one go."""
+        answers = await self.device.read_hashed_ranges(ranges, block, keep_data=False)
+        return [hashes for hashes, _ in answers]
 
     async def write(self, offset: int, data: bytes) -> int:
         """Write locally with the mode's intent rule; returns the write's sequence.

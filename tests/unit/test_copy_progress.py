@@ -5,6 +5,7 @@ from hypothesis import given, strategies as st
 from gmd.copy import _Progress
 
 CHUNK = 1 << 20
+KiB64 = 64 * 1024
 
 
 def work(n: int) -> list[tuple[int, int]]:
@@ -14,7 +15,7 @@ def work(n: int) -> list[tuple[int, int]]:
 def test_full_copy_fence_stops_at_the_first_unacknowledged_chunk():
     p = _Progress(work(6))
     for _ in range(6):
-        p.take()
+        p.take(CHUNK)
     for i in (0, 1, 3, 4):
         p.ack(i)
     done = p.snapshot(full=True)
@@ -28,7 +29,7 @@ def test_full_copy_fence_stops_at_the_first_unacknowledged_chunk():
 def test_mini_copy_records_every_acknowledged_chunk_once():
     p = _Progress(work(5))
     for _ in range(5):
-        p.take()
+        p.take(CHUNK)
     p.ack(4)
     p.ack(1)
     assert p.snapshot(full=False) == [(CHUNK, CHUNK), (4 * CHUNK, CHUNK)]
@@ -39,14 +40,44 @@ def test_mini_copy_records_every_acknowledged_chunk_once():
 
 def test_cursor_hands_out_each_chunk_once_in_order():
     p = _Progress(work(3))
-    assert [p.take(), p.take(), p.take(), p.take()] == [0, 1, 2, None]
+    assert [p.take(CHUNK), p.take(CHUNK), p.take(CHUNK), p.take(CHUNK)] == [[0], [1], [2], []]
+
+
+def test_small_chunks_are_handed_out_together_up_to_the_batch():
+    small = [(i * 4 * KiB64, KiB64) for i in range(10)]  # scattered 64 KiB regions
+    p = _Progress(small)
+    assert p.take(4 * KiB64) == [0, 1, 2, 3]
+    assert p.take(4 * KiB64 + 1) == [4, 5, 6, 7]
+    assert p.take(4 * KiB64) == [8, 9]
+    assert p.take(4 * KiB64) == []
+
+
+def test_a_chunk_larger_than_the_batch_is_still_handed_out_alone():
+    p = _Progress([(0, KiB64), (KiB64, 8 * CHUNK), (9 * CHUNK, KiB64)])
+    assert p.take(CHUNK) == [0]
+    assert p.take(CHUNK) == [1]
+    assert p.take(CHUNK) == [2]
+
+
+@given(st.lists(st.integers(1, 4 * CHUNK), max_size=40), st.integers(1, 8 * CHUNK))
+def test_batches_cover_every_chunk_once_in_order(lengths, batch):
+    items, offset = [], 0
+    for n in lengths:
+        items.append((offset, n))
+        offset += n
+    p = _Progress(items)
+    handed: list[int] = []
+    while taken := p.take(batch):
+        assert len(taken) == 1 or sum(items[i][1] for i in taken) <= batch
+        handed += taken
+    assert handed == list(range(len(items)))
 
 
 @given(st.permutations(range(12)), st.lists(st.integers(0, 12), max_size=6))
 def test_a_fence_never_passes_an_unacknowledged_chunk(order, snapshot_points):
     p = _Progress(work(12))
     for _ in range(12):
-        p.take()
+        p.take(CHUNK)
     acked: set[int] = set()
     fence = 0
     for step, index in enumerate(order):
@@ -130,3 +161,28 @@ def test_look_ahead_covers_the_items_within_its_bytes_and_always_the_current_one
     assert _ahead_end(ends, 3, 3, 10) == 4  # item 3 alone exceeds the limit, but it is the current one
     assert _ahead_end(ends, 1, 2, 1000) == 5  # to the end of the pass
     assert _ahead_end(ends, 5, 5, 1000) == 5  # past the end: nothing
+
+
+def test_unsent_regions_cover_whole_regions_and_only_for_that_member():
+    from gmd.copy import UnsentRegions
+
+    rs = KiB64
+    unsent = UnsentRegions(64 * rs, rs)
+    assert not unsent.all_unsent("b", 0, rs)  # nothing noted yet
+    unsent.note("b", rs + 10, 100)  # a small write inside region 1
+    assert unsent.all_unsent("b", rs, rs)
+    assert not unsent.all_unsent("b", 0, 2 * rs)  # region 0 was sent everything
+    assert not unsent.all_unsent("c", rs, rs)
+    unsent.note("b", 2 * rs - 1, 2)  # straddles regions 1 and 2
+    assert unsent.all_unsent("b", rs, 2 * rs)
+    unsent.forget("b", rs, rs)  # region 1 copied
+    assert not unsent.all_unsent("b", rs, rs) and unsent.all_unsent("b", 2 * rs, rs)
+
+
+def test_unsent_regions_never_claim_regions_past_the_end():
+    from gmd.copy import UnsentRegions
+
+    unsent = UnsentRegions(4 * KiB64, KiB64)
+    unsent.note("b", 0, 4 * KiB64)
+    assert unsent.all_unsent("b", 0, 4 * KiB64)
+    assert not unsent.all_unsent("b", 4 * KiB64, KiB64)  # beyond the volume (say, after a resize)
