@@ -96,7 +96,8 @@ class NodeDaemon:
                 try:
                     await engine.down(force=True)  # the operator stopped the node
                 except Exception as e:
-                    log.error("%s: clean stop failed: %s (recovery will run at next start)", engine.name, e)
+                    log.error("%s: could not close cleanly on stop (%s: %s); its state map stays marked "
+                              "dirty, so crash recovery runs at its next start", engine.name, type(e).__name__, e)
 
     async def _listen(self, addr: Address, path_index: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)

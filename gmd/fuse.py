@@ -95,7 +95,9 @@ class VolumeFS(pyfuse3.Operations):
     def role_changed(self, engine: VolumeEngine) -> None:
         """Tell the kernel to forget the entry (called on promote/demote/down)."""
         try:
-            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, engine.name.encode())
+            # ENOENT only means the kernel never looked the entry up (or forgot
+            # it already): nothing to forget, and no traceback in the log.
+            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, engine.name.encode(), ignore_enoent=True)
         except Exception as e:  # not mounted yet, or already gone
             log.debug("invalidate %s: %s", engine.name, e)
 
