@@ -44,6 +44,7 @@ HASH_AHEAD = 4 * CHUNK  # bytes of a pass whose member hashes are asked for ahea
 READ_AHEAD = 64 * 1024 * 1024  # bytes of the pass the primary's disk is asked to read ahead of the cursor
 YIELD_FOR = 0.1  # seconds after an application write during which the copy keeps one chunk in flight
 BATCH = 1024 * 1024  # bytes of small work items (a mini-copy's regions) a worker takes, reads and ships at once
+PACE_STEP = 0.1  # seconds' worth of bytes per chunk when a rate limit is set
 SKIP_COMPARE_AFTER = 64  # regions a mini-copy compares before it may stop comparing
 
 
@@ -126,6 +127,42 @@ class UnsentRegions:
             bits[self._span(offset, length)] = 0
 
 
+def chunk_for_rate(rate: int, region_size: int) -> int:
+    """Bytes per chunk for a pass under a rate limit of ``rate`` bytes/s (0:
+    none): about :data:`PACE_STEP` seconds' worth, in whole regions, at most
+    :data:`CHUNK`. A copy paced in 8 MiB steps at 1 MiB/s would send 8 MiB
+    at once and then fall silent for 8 s: the average is right, but a WAN
+    link sees bursts."""
+    if not rate:
+        return CHUNK
+    regions = int(rate * PACE_STEP) // region_size
+    return max(region_size, min(CHUNK, regions * region_size))
+
+
+class RatePacer:
+    """Holds a copy pass to the rate limit, read afresh at every step, so a
+    rate changed mid-copy (``gmd resync --rate``) applies from then on: a
+    pacer that divided all bytes so far by the new rate would stall a copy
+    slowed down after a fast start for as long as its history at the new
+    rate would have taken. A step waits for its own bytes' time before it
+    goes (the limit is never exceeded); time lost while the copy ran slower
+    than the limit is not made up in a burst."""
+
+    def __init__(self, rate):
+        self._rate = rate  # () -> bytes/s now; 0 for none
+        self._next: float | None = None  # when the next step may start
+
+    async def pace(self, nbytes: int) -> None:
+        rate = self._rate()
+        if not rate:
+            self._next = None
+            return
+        now = trio.current_time()
+        start = now if self._next is None else max(now, self._next)
+        self._next = start + nbytes / rate
+        await trio.sleep_until(self._next)
+
+
 def _runs(indexes: list[int]) -> list[tuple[int, int]]:
     """Consecutive runs of sorted indexes as (first, end) pairs."""
     out: list[tuple[int, int]] = []
@@ -143,6 +180,7 @@ async def copy_member(engine: VolumeEngine, m: MemberLink) -> None:
     sm = engine.statemap
     size, rs = engine.config.size, engine.config.region_size
     rec = sm.sb.peers[m.name]
+    chunk = chunk_for_rate(engine.copy_rate, rs)
     if rec.copy is not None:
         start = rec.copy.fence - rec.copy.fence % rs
         progress = CopyProgress(rec.copy.kind.value, size - start)  # "full" copy or "merge"
@@ -150,8 +188,8 @@ async def copy_member(engine: VolumeEngine, m: MemberLink) -> None:
         engine.copy_history.append((m.name, progress))
         during = DiskState.COPYING if rec.copy.kind.value == "full" else DiskState.MERGING
         await engine.tell_member(m, {"your_disk": during.value})
-        await _copy_ranges(engine, m, progress, [(off, min(CHUNK, size - off)) for off in range(start, size, CHUNK)],
-                           full=True)
+        await _copy_ranges(engine, m, progress, [(off, min(chunk, size - off)) for off in range(start, size, chunk)],
+                           chunk, full=True)
     # Regions written while it was away (also below a full copy's fence).
     regions = list(sm.out_of_sync_regions(m.name).search(1))
     if regions:
@@ -160,16 +198,16 @@ async def copy_member(engine: VolumeEngine, m: MemberLink) -> None:
         engine.copy_history.append((m.name, progress))
         work = []
         for first, end in _runs(regions):
-            for r in range(first, end, CHUNK // rs):
-                work.append((r * rs, min(end, r + CHUNK // rs) * rs - r * rs))
-        await _copy_ranges(engine, m, progress, work, full=False)
+            for r in range(first, end, chunk // rs):
+                work.append((r * rs, min(end, r + chunk // rs) * rs - r * rs))
+        await _copy_ranges(engine, m, progress, work, chunk, full=False)
     if sm.out_of_sync_regions(m.name).any():
         raise CopyAborted("regions were marked again while copying; another pass follows")
     await engine.member_caught_up(m)
 
 
 async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgress,
-                       work: list[tuple[int, int]], *, full: bool) -> None:
+                       work: list[tuple[int, int]], chunk: int, *, full: bool) -> None:
     """Copy ``work`` (chunks in offset order) with :data:`COPY_WORKERS` workers.
 
     Workers take the next chunk from a shared cursor (small ones, a
@@ -184,10 +222,15 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
     tracker = _Progress(work)
     record_lock = trio.Lock()
     ends = _ends(work)
-    hashes = _HashPrefetch(m, work, ends, engine.config.region_size, progress,
+    # Under a rate limit, chunks are smaller (chunk_for_rate), and so are a
+    # worker's batches and the look-aheads: they would otherwise read ahead
+    # of the limit the operator set to spare the disks.
+    batch = min(BATCH, chunk)
+    hashes = _HashPrefetch(m, work, ends, engine.config.region_size, progress, min(HASH_AHEAD, 4 * chunk),
                            surely_differ=lambda i: engine.unsent.all_unsent(m.name, *work[i]))
     budget = CopyBudget(lambda: engine.last_write_at)
-    read_ahead = _ReadAhead(engine.local.device, work, ends)
+    pacer = RatePacer(lambda: engine.copy_rate)
+    read_ahead = _ReadAhead(engine.local.device, work, ends, min(READ_AHEAD, 8 * chunk))
 
     async def record_if_due(force: bool = False) -> None:
         if record_lock.locked() and not force:
@@ -200,14 +243,14 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
         window: deque[tuple[int, list]] = deque()
         in_window = 0  # bytes of the chunks in the window
         while True:
-            indexes = tracker.take(BATCH)
+            indexes = tracker.take(batch)
             if not indexes:
                 break
             hashes.ask_ahead(indexes)
             await read_ahead.advance(indexes[0])
             length = sum(work[i][1] for i in indexes)
             await budget.wait_room(length)
-            shipped = await _copy_items(engine, m, progress, work, indexes, hashes, budget)
+            shipped = await _copy_items(engine, m, progress, work, indexes, hashes, budget, pacer)
             window.extend(zip(indexes, shipped))
             in_window += length
             while in_window - work[window[0][0]][1] >= WINDOW * CHUNK:
@@ -307,12 +350,12 @@ def _ahead_end(ends: list[int], index: int, start: int, limit: int) -> int:
 
 class _ReadAhead:
     """Asks the primary's disk to read the pass's next :data:`READ_AHEAD`
-    bytes ahead of the cursor. A full copy reads sequentially and the
+    bytes (less under a rate limit) ahead of the cursor. A full copy reads sequentially and the
     kernel's read-ahead covers it; a mini-copy reads scattered regions, each
     a disk round trip of its own unless they are asked for together."""
 
-    def __init__(self, device, work: list[tuple[int, int]], ends: list[int]):
-        self.device, self.work, self.ends = device, work, ends
+    def __init__(self, device, work: list[tuple[int, int]], ends: list[int], ahead: int = READ_AHEAD):
+        self.device, self.work, self.ends, self.ahead = device, work, ends, ahead
         self.asked = 0  # work items [0, asked) are asked for
         self.lock = trio.Lock()
 
@@ -323,7 +366,7 @@ class _ReadAhead:
             start = max(self.asked, index)
             if start >= len(self.work):
                 return
-            end = _ahead_end(self.ends, index, start, READ_AHEAD)
+            end = _ahead_end(self.ends, index, start, self.ahead)
             if end - start >= 8 or end == len(self.work):  # in batches, not item by item
                 await self.device.will_need(self.work[start:end])
                 self.asked = end
@@ -367,7 +410,7 @@ class CopyBudget:
 
 class _HashPrefetch:
     """The member's region hashes of the pass's work items, asked for up to
-    :data:`HASH_AHEAD` bytes ahead of the cursor (a mini-copy still deciding
+    :data:`HASH_AHEAD` bytes (less under a rate limit) ahead of the cursor (a mini-copy still deciding
     whether to compare at all asks for no more regions than it may compare).
     A hash request travels
     behind the copy data already queued on the link, so asking only when a
@@ -377,8 +420,9 @@ class _HashPrefetch:
     it is shipped to the member too, and our side reads under the lock.)"""
 
     def __init__(self, m: MemberLink, work: list[tuple[int, int]], ends: list[int], block: int,
-                 progress: CopyProgress, surely_differ=lambda index: False):
+                 progress: CopyProgress, ahead: int = HASH_AHEAD, surely_differ=lambda index: False):
         self.m, self.work, self.ends, self.block, self.progress = m, work, ends, block, progress
+        self.ahead = ahead  # bytes asked for ahead of the cursor
         self.surely_differ = surely_differ  # (index) -> the item is worth no comparison (UnsentRegions)
         self.nursery: trio.Nursery | None = None
         self.asked = 0  # the look-ahead has asked for work items up to here
@@ -391,9 +435,9 @@ class _HashPrefetch:
         assert self.nursery is not None
         if not self.progress.compare:
             return
-        limit = HASH_AHEAD
+        limit = self.ahead
         if self.progress.kind == "mini" and self.progress.regions_compared < SKIP_COMPARE_AFTER:
-            limit = SKIP_COMPARE_AFTER * self.block
+            limit = min(limit, SKIP_COMPARE_AFTER * self.block)
         start = max(self.asked, indexes[-1] + 1)
         end = _ahead_end(self.ends, indexes[0], start, limit)
         for i in [*indexes, *range(start, end)]:
@@ -437,19 +481,19 @@ async def _chunk_acked(m: MemberLink, tracker: _Progress, progress: CopyProgress
 
 
 async def _copy_items(engine: VolumeEngine, m: MemberLink, progress: CopyProgress, work: list[tuple[int, int]],
-                      indexes: list[int], hashes: _HashPrefetch, budget: CopyBudget) -> list[list]:
+                      indexes: list[int], hashes: _HashPrefetch, budget: CopyBudget,
+                      pacer: RatePacer) -> list[list]:
     """Ship the regions of the work items ``indexes`` that differ on the
     member; returns each item's shipments (not yet acknowledged)."""
     rs = engine.config.region_size
     local = engine.local
     ranges = [work[i] for i in indexes]
-    progress.compared_bytes += sum(length for _, length in ranges)
-    rate = engine.copy_rate
-    if rate:
-        # The limit counts compared bytes: hashing reads the chunk from disk on
-        # both sides, which is the load an operator limits the copy for (a
-        # merge that finds almost nothing to send still reads everything).
-        await trio.sleep_until(progress.started + progress.compared_bytes / rate)
+    nbytes = sum(length for _, length in ranges)
+    progress.compared_bytes += nbytes
+    # The limit counts compared bytes: hashing reads the chunk from disk on
+    # both sides, which is the load an operator limits the copy for (a merge
+    # that finds almost nothing to send still reads everything).
+    await pacer.pace(nbytes)
     theirs = [await hashes.get(i) if hashes.wanted(i) else None for i in indexes]
     shipments: list[list] = []
     tokens = []

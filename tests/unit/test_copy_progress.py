@@ -1,6 +1,8 @@
 """The copy pass's bookkeeping: what a flush may record as durable."""
 
-from hypothesis import given, strategies as st
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gmd.copy import _Progress
 
@@ -186,3 +188,59 @@ def test_unsent_regions_never_claim_regions_past_the_end():
     unsent.note("b", 0, 4 * KiB64)
     assert unsent.all_unsent("b", 0, 4 * KiB64)
     assert not unsent.all_unsent("b", 4 * KiB64, KiB64)  # beyond the volume (say, after a resize)
+
+
+def test_a_rate_limited_pass_goes_in_steps_of_a_tenth_of_a_second_in_whole_regions():
+    from gmd.copy import CHUNK as COPY_CHUNK
+    from gmd.copy import chunk_for_rate
+
+    assert chunk_for_rate(0, KiB64) == COPY_CHUNK  # no limit
+    assert chunk_for_rate(1 << 20, KiB64) == KiB64  # 1 MiB/s: 64 KiB steps, not 8 MiB every 8 s
+    assert chunk_for_rate(10 << 20, KiB64) == 16 * KiB64
+    assert chunk_for_rate(1024, KiB64) == KiB64  # never less than a region
+    assert chunk_for_rate(1 << 30, KiB64) == COPY_CHUNK  # never more than a chunk
+
+
+async def test_the_pacer_never_lets_the_copy_run_ahead_of_the_rate(autojump_clock):
+    import trio
+
+    from gmd.copy import RatePacer
+
+    pacer = RatePacer(lambda: 1 << 20)
+    start = trio.current_time()
+    sent = 0
+    for _ in range(20):
+        await pacer.pace(KiB64)
+        sent += KiB64
+        assert sent / (trio.current_time() - start) <= (1 << 20) * 1.0001
+    assert trio.current_time() - start == pytest.approx(sent / (1 << 20))  # and no slower either
+
+
+async def test_a_rate_lowered_mid_copy_applies_from_then_on(autojump_clock):
+    import trio
+
+    from gmd.copy import RatePacer
+
+    rate = [0]
+    pacer = RatePacer(lambda: rate[0])
+    for _ in range(100):  # 800 MiB unlimited
+        await pacer.pace(8 << 20)
+    rate[0] = 1 << 20  # the operator: gmd resync --rate 1MiB
+    t0 = trio.current_time()
+    await pacer.pace(KiB64)
+    # One step's worth of waiting, not the 800 s the bytes so far would take at 1 MiB/s.
+    assert trio.current_time() - t0 == pytest.approx(KiB64 / (1 << 20))
+
+
+async def test_time_lost_to_a_slow_copy_is_not_made_up_in_a_burst(autojump_clock):
+    import trio
+
+    from gmd.copy import RatePacer
+
+    pacer = RatePacer(lambda: 1 << 20)
+    await pacer.pace(KiB64)
+    await trio.sleep(10)  # the member was slow for a while
+    t0 = trio.current_time()
+    for _ in range(4):
+        await pacer.pace(KiB64)
+    assert trio.current_time() - t0 == pytest.approx(4 * KiB64 / (1 << 20))
