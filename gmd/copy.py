@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -84,7 +85,8 @@ class CopyProgress:
         left = self.total_bytes - self.done_bytes
         return {"kind": self.kind, "done_bytes": self.done_bytes, "total_bytes": self.total_bytes,
                 "sent_bytes": self.sent_bytes, "rate_bytes_per_s": int(rate),
-                "eta_s": round(left / rate, 1) if rate > 0 and left > 0 else (0.0 if left <= 0 else None)}
+                "eta_s": round(left / rate, 1) if rate > 0 and left > 0 else (0.0 if left <= 0 else None),
+                **({"differing_regions": self.regions_differing} if self.kind == "verify" else {})}
 
 
 class UnsentRegions:
@@ -262,19 +264,27 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
             await _chunk_acked(m, tracker, progress, work, *window.popleft())
         await record_if_due()
 
-    try:
+    with _aborts_unwrapped():
         async with trio.open_nursery() as n:
             hashes.nursery = n
             for _ in range(min(COPY_WORKERS, len(work))):
                 n.start_soon(worker)
+    await record_if_due(force=True)
+    log.info("%s: %s pass to %s done: %d bytes compared, %d bytes sent", engine.name, progress.kind,
+             m.name, progress.done_bytes, progress.sent_bytes)
+
+
+@contextmanager
+def _aborts_unwrapped():
+    """A :class:`CopyAborted` raised inside a nursery reaches the caller as
+    itself, not inside an exception group; anything else is re-raised as is."""
+    try:
+        yield
     except BaseExceptionGroup as group:
         aborted, rest = group.split(CopyAborted)
         if rest is not None or aborted is None:
             raise
         raise _first_leaf(aborted) from None
-    await record_if_due(force=True)
-    log.info("%s: %s pass to %s done: %d bytes compared, %d bytes sent", engine.name, progress.kind,
-             m.name, progress.done_bytes, progress.sent_bytes)
 
 
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:
@@ -556,36 +566,53 @@ async def _record(engine: VolumeEngine, m: MemberLink, done: list[tuple[int, int
     await engine.local.writer.sync_all()
 
 
-async def verify_member(engine: VolumeEngine, m: MemberLink) -> dict[str, Any]:
+VERIFY_AHEAD = 2  # chunks whose member hashes a verify asks for ahead of its own hashing
+
+
+async def verify_member(engine: VolumeEngine, m: MemberLink, progress: CopyProgress | None = None) -> dict[str, Any]:
     """Compare every region of ``m`` with ours, online. A difference is re-checked
     under the region's range lock after the member acknowledged a flush (so no
-    write to it is in flight anywhere); a real one is marked out of sync."""
+    write to it is in flight anywhere); a real one is marked out of sync.
+
+    The member hashes its chunks ahead of ours, so both disks read at once;
+    ``progress`` (kind "verify") counts the bytes compared, and the pass keeps
+    to the copy rate limit: it reads the whole volume on both sides."""
     size, rs = engine.config.size, engine.config.region_size
     local = engine.local
+    progress = progress or CopyProgress("verify", size)
+    pacer = RatePacer(lambda: engine.copy_rate)
+    chunks = [(offset, min(CHUNK, size - offset)) for offset in range(0, size, CHUNK)]
+    answers: dict[int, tuple[int, ...] | BaseException] = {}
+    arrived: dict[int, trio.Event] = {}
     real: list[int] = []
-    for offset in range(0, size, CHUNK):
-        length = min(CHUNK, size - offset)
+
+    async def ask(index: int) -> None:
         try:
-            theirs = await m.region_hashes(offset, length, rs)
+            answers[index] = await m.region_hashes(*chunks[index], rs)
         except (LinkClosed, OSError) as e:
-            raise CopyAborted(f"hashing on {m.name}: {e}") from None
-        ours = await local.region_hashes(offset, length, rs)
-        for i in range(len(theirs)):
-            if ours[i] == theirs[i]:
-                continue
-            roff = offset + i * rs
-            token = await engine.lock_range(roff, roff + rs)
-            try:
-                sh = m.ship_flush(engine.completed_sequence)
-                if sh is None:
-                    raise CopyAborted(f"{m.name} went away during verify")
-                await sh.done.wait()
-                (again,) = await m.region_hashes(roff, rs, rs)
-                (now,) = await local.region_hashes(roff, rs, rs)
-            finally:
-                engine.unlock_range(token)
-            if again != now:
-                real.append(roff // rs)
+            answers[index] = e
+        arrived[index].set()
+
+    with _aborts_unwrapped():
+        async with trio.open_nursery() as nursery:
+            for index, (offset, length) in enumerate(chunks):
+                for ahead in range(index, min(index + 1 + VERIFY_AHEAD, len(chunks))):
+                    if ahead not in arrived:
+                        arrived[ahead] = trio.Event()
+                        nursery.start_soon(ask, ahead)
+                await pacer.pace(length)
+                ours = await local.region_hashes(offset, length, rs)
+                await arrived[index].wait()
+                theirs = answers.pop(index)
+                if isinstance(theirs, BaseException):
+                    raise CopyAborted(f"hashing on {m.name}: {theirs}")
+                for i in range(len(theirs)):
+                    if ours[i] != theirs[i] and await _differs_when_quiet(engine, m, offset + i * rs, rs):
+                        real.append(offset // rs + i)
+                progress.done_bytes += length
+                progress.compared_bytes += length
+                progress.regions_compared += len(ours)
+                progress.regions_differing = len(real)
     sm = engine.statemap
     for r in real:
         sm.mark_regions_out_of_sync(m.name, range(r, r + 1))
@@ -596,3 +623,23 @@ async def verify_member(engine: VolumeEngine, m: MemberLink) -> dict[str, Any]:
     await engine.local.writer.sync_all()
     return {"compared_bytes": size, "differing_regions": len(real),
             "first_offsets": [r * rs for r in real[:10]]}
+
+
+async def _differs_when_quiet(engine: VolumeEngine, m: MemberLink, offset: int, length: int) -> bool:
+    """Re-check one region under its range lock, after the member acknowledged a
+    flush: no write to it is in flight anywhere, so a difference now is real."""
+    rs = engine.config.region_size
+    token = await engine.lock_range(offset, offset + length)
+    try:
+        sh = m.ship_flush(engine.completed_sequence)
+        if sh is None:
+            raise CopyAborted(f"{m.name} went away during verify")
+        await sh.done.wait()
+        try:
+            (again,) = await m.region_hashes(offset, length, rs)
+        except (LinkClosed, OSError) as e:
+            raise CopyAborted(f"hashing on {m.name}: {e}") from None
+        (now,) = await engine.local.region_hashes(offset, length, rs)
+    finally:
+        engine.unlock_range(token)
+    return again != now

@@ -281,8 +281,8 @@ class NodeDaemon:
         if op == "secondary":
             await self._engine(req).demote(force=bool(req.get("force")))
             return {"ok": True}
-        if op == "verify":
-            return {"ok": True, "report": await self._engine(req).verify()}
+        if op == "verify":  # starts it; the client follows it in the status (it may take hours)
+            return {"ok": True, "members": self._engine(req).start_verify()}
         if op == "resync":
             rate = req.get("rate")
             if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or rate < 0):

@@ -156,6 +156,9 @@ class VolumeEngine:
         self.copy_bytes_sent = 0  # bytes the copy engine shipped (after hash compare)
         self.copy_rate = config.copy_rate  # bytes/s per member copy; 0: unlimited
         self.copy_history: list[tuple[str, Any]] = []  # (member, CopyProgress) of every pass started
+        self.verifying: dict[str, Any] = {}  # member -> CopyProgress of a running verify
+        self.verify_reports: dict[str, dict[str, Any]] = {}  # member -> its last verify's report
+        self._verify_done: dict[str, trio.Event] = {}  # member -> set when its running verify ends
         self._copying: set[str] = set()
         self._going_down = False
         self._dial_now: dict[str, trio.Event] = {}  # member -> set when it pokes us (see _poke)
@@ -941,26 +944,66 @@ class VolumeEngine:
             self._copying.discard(m.name)
             self.copies.pop(m.name, None)
 
-    async def verify(self) -> dict[str, Any]:
-        """``gmd verify``: compare every connected up-to-date member with this
-        primary, online; report and mark real differences (``gmd resync`` repairs)."""
-        from .copy import CopyAborted, verify_member
+    def start_verify(self) -> dict[str, str]:
+        """``gmd verify``: start comparing every connected up-to-date member with
+        this primary, online, in the background (a large volume takes hours);
+        progress is in :meth:`status`, and so is each member's last report.
+        Returns, per member, "started" or why it is not verified."""
+        from .copy import CopyProgress
 
         self._require_primary()
-        report: dict[str, Any] = {}
+        answer: dict[str, str] = {}
         for m in self.members.values():
-            if not (m.connected and m.peer_disk == DiskState.UPTODATE.value):
-                report[m.name] = {"skipped": f"not connected and uptodate ({m.peer_disk or 'unknown'})"}
-                continue
-            try:
-                report[m.name] = await verify_member(self, m)
-            except CopyAborted as e:
-                report[m.name] = {"skipped": str(e)}
-            found = report[m.name].get("differing_regions")
+            if m.name in self.verifying:
+                answer[m.name] = "already being verified"
+            elif not (m.connected and m.peer_disk == DiskState.UPTODATE.value):
+                answer[m.name] = f"not connected and uptodate ({m.peer_disk or 'unknown'})"
+            else:
+                self.verifying[m.name] = CopyProgress("verify", self.config.size)
+                self._nursery_or_daemon().start_soon(self._verify_member, m, self.verifying[m.name])
+                answer[m.name] = "started"
+        return answer
+
+    async def _verify_member(self, m: MemberLink, progress) -> None:
+        from .copy import CopyAborted, verify_member
+
+        started = time.time()
+        report: dict[str, Any] = {"skipped": "interrupted: the volume went down"}
+        try:
+            report = await verify_member(self, m, progress)
+        except CopyAborted as e:
+            report = {"skipped": str(e)}
+            log.warning("%s: verify of %s stopped after %d bytes: %s", self.name, m.name, progress.done_bytes, e)
+        except Exception as e:  # a local read error: reported, never fatal to the daemon
+            report = {"skipped": f"failed: {e}"}
+            log.error("%s: verify of %s failed: %s", self.name, m.name, e)
+        else:
+            found = report["differing_regions"]
             if found:
                 log.warning("%s: verify found %d differing regions on %s (first at %d); marked for resync",
-                            self.name, found, m.name, report[m.name]["first_offsets"][0])
-        return report
+                            self.name, found, m.name, report["first_offsets"][0])
+            else:
+                log.info("%s: verify of %s found no differences", self.name, m.name)
+        finally:
+            if "skipped" in report:
+                report["compared_bytes"] = progress.done_bytes
+            self.verifying.pop(m.name, None)
+            self.verify_reports[m.name] = {**report, "started": started, "finished": time.time()}
+            done = self._verify_done.pop(m.name, None)
+            if done is not None:
+                done.set()
+
+    async def verify(self) -> dict[str, Any]:
+        """Verify every eligible member and wait for the reports (see
+        :meth:`start_verify`); a member not verified says why."""
+        answer = self.start_verify()
+        # No checkpoint since the start: no verify can have ended yet.
+        done = {name: self._verify_done.setdefault(name, trio.Event())
+                for name, what in answer.items() if what == "started"}
+        for ev in done.values():
+            await ev.wait()
+        return {name: self.verify_reports[name] if name in done else {"skipped": what}
+                for name, what in answer.items()}
 
     def _bitmaps_share_ancestor(self, m: MemberLink) -> bool:
         """Both sides' bitmaps for each other start at one common generation:
@@ -1343,6 +1386,8 @@ class VolumeEngine:
                 "lag_bytes": lag_bytes,
                 "lag_seconds": round(lag_s, 3),
                 "copy": self.copies[name].to_json() if name in self.copies else None,
+                "verify": self.verifying[name].to_json() if name in self.verifying else None,
+                "last_verify": self.verify_reports.get(name),
                 "pending_copy": _fence_json(rec.copy if rec else None),
                 "behind": m.behind,
                 "reason": m.reason,

@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(exit 1 if any)", cmd_verify)
     p.add_argument("volume", metavar="VOLUME")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-wait", action="store_true",
+                   help="start it and return; follow it with 'gmd status', which also keeps the last report")
     p = command("resync", "copy the regions marked out of sync (by verify or an outage) to the members",
                 cmd_volume_op)
     p.add_argument("volume", metavar="VOLUME")
@@ -356,10 +358,36 @@ def _daemon_request(config: Config, node: str, req: dict[str, Any]) -> dict[str,
 def cmd_verify(args: argparse.Namespace) -> int:
     config, node = _load(args)
     try:
-        reply = _daemon_request(config, node, {"op": "verify", "volume": args.volume})
+        started = _daemon_request(config, node, {"op": "verify", "volume": args.volume})["members"]
+        running = [name for name, what in started.items() if what == "started"]
+        if args.no_wait:
+            if args.json:
+                _print_json(started)
+            for name, what in started.items():
+                if not args.json:
+                    print(f"{args.volume}: {name}: " + ("verify started; see 'gmd status'" if what == "started"
+                                                         else f"not verified ({what})"))
+            return ExitCode.OK if running else ExitCode.FAILED
+        # A verify reads the whole volume on both sides (hours for a large one):
+        # follow it in the status rather than hold one request open that long.
+        progress = sys.stderr.isatty() and not args.json
+        while True:
+            members = _daemon_request(config, node, {"op": "status", "volume": args.volume})["status"]["members"]
+            going = [members[name]["verify"] for name in running if members[name].get("verify")]
+            if not going:
+                break
+            if progress:
+                done, total = sum(v["done_bytes"] for v in going), sum(v["total_bytes"] for v in going)
+                eta = max((v["eta_s"] or 0) for v in going)
+                sys.stderr.write(f"\rverifying {human_bytes(done)} of {human_bytes(total)}, ETA {eta:.0f} s   ")
+                sys.stderr.flush()
+            time.sleep(0.5)
+        if progress:
+            sys.stderr.write("\n")
     except control.ControlUnavailable as e:
         raise GmdError(f"{e}; verify runs in the primary's daemon") from None
-    report = reply["report"]
+    report = {name: (members[name]["last_verify"] if name in running else {"skipped": what})
+              for name, what in started.items()}
     if args.json:
         _print_json(report)
     else:
@@ -372,7 +400,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                       f"{r['differing_regions']} differing regions" + (f" (first at {first}); run "
                       f"'gmd resync {args.volume}'" if r["differing_regions"] else ""))
     found = any(r.get("differing_regions") for r in report.values())
-    return ExitCode.FAILED if found else ExitCode.OK
+    verified = any("skipped" not in r for r in report.values())
+    return ExitCode.FAILED if found or not verified else ExitCode.OK
 
 
 def cmd_volume_op(args: argparse.Namespace) -> int:
@@ -508,6 +537,12 @@ def format_status(st: dict[str, Any]) -> str:
             eta = f", ETA {cp['eta_s']:.0f} s" if cp.get("eta_s") else ""
             note = (f"{cp['kind']} copy {human_bytes(cp['done_bytes'])} of {human_bytes(cp['total_bytes'])}, "
                     f"{human_bytes(cp['rate_bytes_per_s'])}/s{eta}")
+        vf = m.get("verify")
+        if vf:
+            eta = f", ETA {vf['eta_s']:.0f} s" if vf.get("eta_s") else ""
+            note = (note + "; " if note else "") + (
+                f"verify {human_bytes(vf['done_bytes'])} of {human_bytes(vf['total_bytes'])}, "
+                f"{human_bytes(vf['rate_bytes_per_s'])}/s{eta}, {vf['differing_regions']} differing so far")
         if m.get("lag_bytes"):
             note = (note + "; " if note else "") + f"lag {human_bytes(m['lag_bytes'])} / {m['lag_seconds']:.1f} s"
         if m.get("behind"):
@@ -518,6 +553,13 @@ def format_status(st: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for name, m in st["members"].items():
+        lv = m.get("last_verify")
+        if lv:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lv["finished"]))
+            what = (f"not finished ({lv['skipped']}) after {human_bytes(lv['compared_bytes'])}" if "skipped" in lv
+                    else f"{human_bytes(lv['compared_bytes'])} compared, {lv['differing_regions']} differing regions")
+            lines.append(f"  last verify of {name}: {when}, {what}")
     return "\n".join(lines)
 
 

@@ -246,3 +246,83 @@ async def test_copy_rate_limit_is_kept(tmp_path):
             assert eng.status()["copy_rate"] == 32 * MiB
             eng.resync(rate=0)
             assert eng.copy_rate == 0
+
+
+def test_gmd_verify_follows_a_long_verify_and_reports_a_flipped_byte(tmp_path):
+    """The command line as an operator runs it: ``gmd verify`` starts the
+    verify in the primary's daemon and follows it in the status, so a verify
+    longer than one control request (hours, on a large volume) is fine; the
+    status shows its progress and keeps the last report; ``--no-wait`` returns
+    at once and a second start is refused while one runs."""
+    import json
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from .harness import init_in_sync
+
+    # 16 MiB/s over 64 MiB: about 4 s, long enough to watch.
+    cfg_path = write_config(tmp_path, [NodeSpec("labor1"), NodeSpec("labor2")], mode="mwc", size="64MiB",
+                            extra_volume='copy_rate = "16MiB"')
+    init_in_sync(cfg_path, "labor1", ["labor2"])
+    flip = 40 * MiB + 12345
+    with open(backing(tmp_path, "labor2"), "r+b") as f:
+        f.seek(flip)
+        old = f.read(1)
+        f.seek(flip)
+        f.write(bytes([old[0] ^ 0xFF]))
+    gmd = [str(Path(sys.executable).parent / "gmd"), "--config", str(cfg_path), "--node", "labor1"]
+    with daemon_processes(cfg_path, ["labor1", "labor2"], tmp_path) as procs:
+        for node in ("labor2", "labor1"):
+            procs[node].request(op="up", volume="appslv")
+        end = time.monotonic() + 30
+        while procs["labor1"].status()["members"]["labor2"]["link"] != "connected":
+            assert time.monotonic() < end, "labor2 never connected"
+            time.sleep(0.05)
+        procs["labor1"].request(op="primary", volume="appslv")
+
+        cli = subprocess.Popen([*gmd, "verify", "appslv", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+        try:
+            seen = []
+            while cli.poll() is None:
+                v = procs["labor1"].status()["members"]["labor2"]["verify"]
+                if v:
+                    seen.append(v)
+                time.sleep(0.1)
+            out, err = cli.communicate(timeout=60)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.wait()
+        assert cli.returncode == 1, (out, err)  # a difference was found
+        report = json.loads(out)["labor2"]
+        assert report["differing_regions"] == 1 and report["first_offsets"] == [flip // REGION * REGION]
+        assert report["compared_bytes"] == 64 * MiB
+        # Progress was visible while it ran, and moved.
+        assert seen and seen[0]["kind"] == "verify" and seen[0]["total_bytes"] == 64 * MiB
+        assert seen[0]["done_bytes"] < seen[-1]["done_bytes"] < 64 * MiB
+        st = procs["labor1"].status()["members"]["labor2"]
+        assert st["verify"] is None and st["last_verify"]["differing_regions"] == 1
+        assert st["disk"] == "outdated" and st["out_of_sync_bytes"] == REGION
+        shown = subprocess.run([*gmd, "status", "appslv"], capture_output=True, text=True, timeout=10).stdout
+        assert "last verify of labor2:" in shown and "64.0 MiB compared, 1 differing regions" in shown, shown
+
+        # Repaired by resync (unlimited now), then a verify started without waiting.
+        subprocess.run([*gmd, "resync", "appslv", "--rate", "0"], check=True, capture_output=True, timeout=60)
+        end = time.monotonic() + 30
+        while procs["labor1"].status()["members"]["labor2"]["disk"] != "uptodate":
+            assert time.monotonic() < end, "resync did not finish"
+            time.sleep(0.05)
+        subprocess.run([*gmd, "resync", "appslv", "--rate", "16MiB"], check=True, capture_output=True, timeout=60)
+        first = subprocess.run([*gmd, "verify", "appslv", "--no-wait"], capture_output=True, text=True, timeout=10)
+        assert first.returncode == 0 and "verify started" in first.stdout, first
+        second = subprocess.run([*gmd, "verify", "appslv", "--no-wait"], capture_output=True, text=True, timeout=10)
+        assert second.returncode == 1 and "already being verified" in second.stdout, second
+        end = time.monotonic() + 30
+        while procs["labor1"].status()["members"]["labor2"]["verify"]:
+            assert time.monotonic() < end, "verify did not finish"
+            time.sleep(0.1)
+        assert procs["labor1"].status()["members"]["labor2"]["last_verify"]["differing_regions"] == 0
+    assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
