@@ -232,6 +232,15 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
                            surely_differ=lambda i: engine.unsent.all_unsent(m.name, *work[i]))
     budget = CopyBudget(lambda: engine.last_write_at)
     pacer = RatePacer(lambda: engine.copy_rate)
+
+    def settled(sh) -> None:
+        budget.settled(sh)
+        if sh.ok:
+            # The member has the data now (not yet durably: its bit stays until
+            # a flush is acknowledged). Should this pass be cut short, the next
+            # compares these regions instead of shipping them again unasked.
+            engine.unsent.forget(m.name, sh.offset, sh.length)
+
     read_ahead = _ReadAhead(engine.local.device, work, ends, min(READ_AHEAD, 8 * chunk))
 
     async def record_if_due(force: bool = False) -> None:
@@ -252,10 +261,13 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
             await read_ahead.advance(indexes[0])
             length = sum(work[i][1] for i in indexes)
             await budget.wait_room(length)
-            shipped = await _copy_items(engine, m, progress, work, indexes, hashes, budget, pacer)
+            shipped = await _copy_items(engine, m, progress, work, indexes, hashes, budget, pacer, settled)
             window.extend(zip(indexes, shipped))
             in_window += length
-            while in_window - work[window[0][0]][1] >= WINDOW * CHUNK:
+            # Settle what the member has acknowledged already (progress, the
+            # fence and the bits stay current), and wait while the window is full.
+            while window and (all(sh.done.is_set() for sh in window[0][1])
+                              or in_window - work[window[0][0]][1] >= WINDOW * CHUNK):
                 done = window.popleft()
                 in_window -= work[done[0]][1]
                 await _chunk_acked(m, tracker, progress, work, *done)
@@ -492,7 +504,7 @@ async def _chunk_acked(m: MemberLink, tracker: _Progress, progress: CopyProgress
 
 async def _copy_items(engine: VolumeEngine, m: MemberLink, progress: CopyProgress, work: list[tuple[int, int]],
                       indexes: list[int], hashes: _HashPrefetch, budget: CopyBudget,
-                      pacer: RatePacer) -> list[list]:
+                      pacer: RatePacer, settled) -> list[list]:
     """Ship the regions of the work items ``indexes`` that differ on the
     member; returns each item's shipments (not yet acknowledged)."""
     rs = engine.config.region_size
@@ -525,7 +537,7 @@ async def _copy_items(engine: VolumeEngine, m: MemberLink, progress: CopyProgres
             item: list = []
             for first, end in _runs(differ):
                 piece = data.blocks(first, end)
-                sh = m.ship_write(engine.completed_sequence, offset + first * rs, piece, budget.settled)
+                sh = m.ship_write(engine.completed_sequence, offset + first * rs, piece, settled)
                 if sh is None:
                     raise CopyAborted(f"{m.name} cannot take writes (away or behind)")
                 budget.shipped(len(piece))
@@ -562,7 +574,6 @@ async def _record(engine: VolumeEngine, m: MemberLink, done: list[tuple[int, int
     else:
         for off, length in done:
             sm.clear_out_of_sync(m.name, range(off // rs, (off + length) // rs))
-            engine.unsent.forget(m.name, off, length)
     await engine.local.writer.sync_all()
 
 

@@ -142,6 +142,50 @@ async def test_regions_written_while_a_member_was_down_are_shipped_without_compa
             assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
 
 
+async def test_a_mini_copy_cut_short_does_not_ship_again_what_the_member_acknowledged(tmp_path):
+    """Regions shipped without comparing (written while the member was down)
+    and acknowledged before the pass was cut short (the member killed) are
+    compared by the next pass, not shipped a second time."""
+    from .harness import init_in_sync
+
+    cfg_path = write_config(tmp_path, [NodeSpec("labor1", votes=2), NodeSpec("labor2")], mode="mwc", size="64MiB")
+    init_in_sync(cfg_path, "labor1", ["labor2"])
+    with daemon_processes(cfg_path, ["labor2"], tmp_path) as procs, trio.fail_after(120):
+        async with in_process_daemon(cfg_path, "labor1") as d:
+            eng = await primary_up(d, procs)
+            member = eng.members["labor2"]
+            down = lambda: procs["labor2"].request(op="down", volume="appslv")  # noqa: E731
+            up = lambda: procs["labor2"].request(op="up", volume="appslv")  # noqa: E731
+            await trio.to_thread.run_sync(down)
+            await wait_for(lambda: not member.connected, what="member down")
+            written = list(range(0, 64 * MiB // REGION, 3))[:40]
+            for r in written:
+                await eng.write(r * REGION, os.urandom(REGION))
+            eng.copy_rate = 1 * MiB  # one region every 1/16 s
+            sent_before = eng.copy_bytes_sent
+            await trio.to_thread.run_sync(up)
+            await wait_for(lambda: "labor2" in eng.copies and eng.copies["labor2"].done_bytes >= 10 * REGION,
+                           what="a quarter copied")
+            first = eng.copies["labor2"]
+            await trio.to_thread.run_sync(procs["labor2"].kill)  # the pass is cut short
+            await wait_for(lambda: not member.connected, what="member lost")
+            acked_first = first.done_bytes
+            assert acked_first < len(written) * REGION
+            eng.copy_rate = 0
+            await trio.to_thread.run_sync(procs["labor2"].start)
+            await trio.to_thread.run_sync(up)
+            await wait_for(lambda: member_disk(eng) == "uptodate", timeout=60, what="caught up")
+            passes = [p for name, p in eng.copy_history if name == "labor2"]
+            assert len(passes) == 2 and passes[0] is first, [(p.kind, p.done_bytes, p.regions_compared) for p in passes]
+            # The second pass compared what the first had delivered, found it equal
+            # there, and shipped only the rest (and whatever was still in flight).
+            assert passes[1].regions_compared >= acked_first // REGION
+            resent = eng.copy_bytes_sent - sent_before - len(written) * REGION
+            assert resent <= 2 * REGION, resent
+            await eng.flush()
+            assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
+
+
 async def test_killed_copy_target_resumes_past_the_fence(tmp_path):
     listen = free_ports(1)
     labor2 = NodeSpec("labor2", listen=listen)
