@@ -372,9 +372,10 @@ def _ahead_end(ends: list[int], index: int, start: int, limit: int) -> int:
 
 class _ReadAhead:
     """Asks the primary's disk to read the pass's next :data:`READ_AHEAD`
-    bytes (less under a rate limit) ahead of the cursor. A full copy reads sequentially and the
-    kernel's read-ahead covers it; a mini-copy reads scattered regions, each
-    a disk round trip of its own unless they are asked for together."""
+    bytes (less under a rate limit) ahead of the cursor. A full copy reads
+    sequentially and the kernel's read-ahead covers it; a mini-copy reads
+    scattered regions, each a disk round trip of its own unless they are
+    asked for together."""
 
     def __init__(self, device, work: list[tuple[int, int]], ends: list[int], ahead: int = READ_AHEAD):
         self.device, self.work, self.ends, self.ahead = device, work, ends, ahead
@@ -432,14 +433,16 @@ class CopyBudget:
 
 class _HashPrefetch:
     """The member's region hashes of the pass's work items, asked for up to
-    :data:`HASH_AHEAD` bytes (less under a rate limit) ahead of the cursor (a mini-copy still deciding
-    whether to compare at all asks for no more regions than it may compare).
-    A hash request travels
-    behind the copy data already queued on the link, so asking only when a
-    chunk's turn comes would leave each worker waiting for a round trip
-    through that queue; ahead of time, the answers are there when needed.
-    (A member hash taken early is still safe: a write to its regions after
-    it is shipped to the member too, and our side reads under the lock.)"""
+    :data:`HASH_AHEAD` bytes (less under a rate limit) ahead of the cursor; a
+    mini-copy still deciding whether to compare at all asks for no more
+    regions than it may compare, and none for items that surely differ.
+
+    A hash request travels behind the copy data already queued on the link,
+    so asking only when a chunk's turn comes would leave each worker waiting
+    for a round trip through that queue; ahead of time, the answers are there
+    when needed. (A member hash taken early is still safe: a write to its
+    regions after it is shipped to the member too, and our side reads under
+    the lock.)"""
 
     def __init__(self, m: MemberLink, work: list[tuple[int, int]], ends: list[int], block: int,
                  progress: CopyProgress, ahead: int = HASH_AHEAD, surely_differ=lambda index: False):
