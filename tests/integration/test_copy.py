@@ -24,7 +24,7 @@ from .harness import (
     wait_for,
     write_config,
 )
-from .test_replication import random_writes
+from .test_replication import primary_alone_keeps_quorum, random_writes
 
 REGION = 64 * 1024
 
@@ -55,6 +55,15 @@ async def primary_up(d, procs):
     await wait_for(lambda: eng.members["labor2"].connected, what="connected")
     await eng.promote()
     return eng
+
+
+def flip_byte(path, offset: int) -> None:
+    """Change one byte of a backing file behind gmd's back."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
 
 
 def member_disk(eng):
@@ -109,30 +118,37 @@ async def test_a_target_seeded_from_an_old_copy_moves_only_what_differs(tmp_path
             assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
 
 
+def _set_volume(procs, node: str, op: str):
+    return lambda: procs[node].request(op=op, volume="appslv")
+
+
+async def _write_while_member_down(eng, procs, *, partial: bool) -> list[int]:
+    """labor2 goes down; 40 regions, never adjacent, are written (a small
+    write inside each when ``partial``); returns their indexes."""
+    await trio.to_thread.run_sync(_set_volume(procs, "labor2", "down"))
+    await wait_for(lambda: not eng.members["labor2"].connected, what="member down")
+    written = list(range(0, 64 * MiB // REGION, 3))[:40]
+    for r in written:
+        if partial:
+            await eng.write(r * REGION + 100, os.urandom(1000))
+        else:
+            await eng.write(r * REGION, os.urandom(REGION))
+    return written
+
+
 async def test_regions_written_while_a_member_was_down_are_shipped_without_comparing(tmp_path):
     """A region written while the member could not be sent it surely differs
     there: its mini-copy ships it straight away (no hash round trip). A region
     that only may differ (marked as after a broken link) is still compared,
     and moves only if it does differ."""
-    from .harness import init_in_sync
-
-    # Two of three votes: labor1 keeps quorum and writes while labor2 is down.
-    cfg_path = write_config(tmp_path, [NodeSpec("labor1", votes=2), NodeSpec("labor2")], mode="mwc", size="64MiB")
-    init_in_sync(cfg_path, "labor1", ["labor2"])
-    with daemon_processes(cfg_path, ["labor2"], tmp_path) as procs, trio.fail_after(120):
-        async with in_process_daemon(cfg_path, "labor1") as d:
-            eng = await primary_up(d, procs)
-            member = eng.members["labor2"]
-            await trio.to_thread.run_sync(lambda: procs["labor2"].request(op="down", volume="appslv"))
-            await wait_for(lambda: not member.connected, what="member down")
-            written = [r for r in range(0, 64 * MiB // REGION, 3)][:40]  # never adjacent
-            for r in written:
-                await eng.write(r * REGION + 100, os.urandom(1000))
+    async with primary_alone_keeps_quorum(tmp_path) as (eng, procs):
+        with trio.fail_after(120):
+            written = await _write_while_member_down(eng, procs, partial=True)
             # Marked as a broken link leaves an unacknowledged write: may differ,
             # and here it does not.
             eng.statemap.mark_out_of_sync("labor2", 50 * MiB, REGION)
             sent_before = eng.copy_bytes_sent
-            await trio.to_thread.run_sync(lambda: procs["labor2"].request(op="up", volume="appslv"))
+            await trio.to_thread.run_sync(_set_volume(procs, "labor2", "up"))
             await wait_for(lambda: member_disk(eng) == "uptodate", timeout=60, what="mini-copy done")
             (mini,) = [p for name, p in eng.copy_history if name == "labor2" and p.kind == "mini"]
             assert mini.total_bytes == (len(written) + 1) * REGION
@@ -146,24 +162,13 @@ async def test_a_mini_copy_cut_short_does_not_ship_again_what_the_member_acknowl
     """Regions shipped without comparing (written while the member was down)
     and acknowledged before the pass was cut short (the member killed) are
     compared by the next pass, not shipped a second time."""
-    from .harness import init_in_sync
-
-    cfg_path = write_config(tmp_path, [NodeSpec("labor1", votes=2), NodeSpec("labor2")], mode="mwc", size="64MiB")
-    init_in_sync(cfg_path, "labor1", ["labor2"])
-    with daemon_processes(cfg_path, ["labor2"], tmp_path) as procs, trio.fail_after(120):
-        async with in_process_daemon(cfg_path, "labor1") as d:
-            eng = await primary_up(d, procs)
+    async with primary_alone_keeps_quorum(tmp_path) as (eng, procs):
+        with trio.fail_after(120):
             member = eng.members["labor2"]
-            down = lambda: procs["labor2"].request(op="down", volume="appslv")  # noqa: E731
-            up = lambda: procs["labor2"].request(op="up", volume="appslv")  # noqa: E731
-            await trio.to_thread.run_sync(down)
-            await wait_for(lambda: not member.connected, what="member down")
-            written = list(range(0, 64 * MiB // REGION, 3))[:40]
-            for r in written:
-                await eng.write(r * REGION, os.urandom(REGION))
+            written = await _write_while_member_down(eng, procs, partial=False)
             eng.copy_rate = 1 * MiB  # one region every 1/16 s
             sent_before = eng.copy_bytes_sent
-            await trio.to_thread.run_sync(up)
+            await trio.to_thread.run_sync(_set_volume(procs, "labor2", "up"))
             await wait_for(lambda: "labor2" in eng.copies and eng.copies["labor2"].done_bytes >= 10 * REGION,
                            what="a quarter copied")
             first = eng.copies["labor2"]
@@ -173,7 +178,7 @@ async def test_a_mini_copy_cut_short_does_not_ship_again_what_the_member_acknowl
             assert acked_first < len(written) * REGION
             eng.copy_rate = 0
             await trio.to_thread.run_sync(procs["labor2"].start)
-            await trio.to_thread.run_sync(up)
+            await trio.to_thread.run_sync(_set_volume(procs, "labor2", "up"))
             await wait_for(lambda: member_disk(eng) == "uptodate", timeout=60, what="caught up")
             passes = [p for name, p in eng.copy_history if name == "labor2"]
             assert len(passes) == 2 and passes[0] is first, [(p.kind, p.done_bytes, p.regions_compared) for p in passes]
@@ -230,11 +235,7 @@ async def test_verify_finds_a_flipped_byte_and_resync_repairs_it(tmp_path):
             assert clean["labor2"]["differing_regions"] == 0
             # A byte flipped behind gmd's back on the member's disk.
             flip = 37 * MiB + 1234
-            with open(backing(tmp_path, "labor2"), "r+b") as f:
-                f.seek(flip)
-                b = f.read(1)
-                f.seek(flip)
-                f.write(bytes([b[0] ^ 0x5A]))
+            flip_byte(backing(tmp_path, "labor2"), flip)
             # Writes keep flowing while verify runs: they must not be reported.
             async with trio.open_nursery() as n:
                 n.start_soon(lambda: random_writes(eng, 200, seed=9, size=32 * MiB, workers=4))  # clear of the flip
@@ -311,11 +312,7 @@ def test_gmd_verify_follows_a_long_verify_and_reports_a_flipped_byte(tmp_path):
                             extra_volume='copy_rate = "16MiB"')
     init_in_sync(cfg_path, "labor1", ["labor2"])
     flip = 40 * MiB + 12345
-    with open(backing(tmp_path, "labor2"), "r+b") as f:
-        f.seek(flip)
-        old = f.read(1)
-        f.seek(flip)
-        f.write(bytes([old[0] ^ 0xFF]))
+    flip_byte(backing(tmp_path, "labor2"), flip)
     gmd = [str(Path(sys.executable).parent / "gmd"), "--config", str(cfg_path), "--node", "labor1"]
     with daemon_processes(cfg_path, ["labor1", "labor2"], tmp_path) as procs:
         for node in ("labor2", "labor1"):
