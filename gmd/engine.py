@@ -1334,18 +1334,12 @@ class VolumeEngine:
         await local.flush()
 
     async def _answer_read(self, link: PeerLink, ev: Read) -> None:
-        async def data() -> ReadReply:
-            return ReadReply(ev.request, 0, await self._require_up().read(ev.offset, ev.length))
-
-        await self._answer(link, data, lambda code: ReadReply(ev.request, code))
-
-    async def _answer(self, link: PeerLink, ok, failed) -> None:
-        """Send ``await ok()``, or ``failed(errno)`` when the local read fails;
-        a closed link just drops the answer."""
+        """Send the data, or the errno when the local read fails; a closed link
+        just drops the answer."""
         try:
-            reply = await ok()
+            reply = ReadReply(ev.request, 0, await self._require_up().read(ev.offset, ev.length))
         except Exception as e:
-            reply = failed(errno_for(e))
+            reply = ReadReply(ev.request, errno_for(e))
         try:
             await link.send(reply)
         except LinkClosed:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -404,7 +405,7 @@ class HashAnswerer:
         self._nursery = nursery
         self._hashes = hashes
         self._check = check
-        self._pending: list[tuple[HashRequest, PeerLink]] = []
+        self._pending: deque[tuple[HashRequest, PeerLink]] = deque()
         self._draining = False
 
     def submit(self, request: HashRequest, path: PeerLink) -> None:
@@ -422,7 +423,7 @@ class HashAnswerer:
             while self._pending:
                 batch, taken = [], 0
                 while self._pending and (not batch or taken + self._pending[0][0].length <= self.BATCH_BYTES):
-                    batch.append(self._pending.pop(0))
+                    batch.append(self._pending.popleft())
                     taken += batch[-1][0].length
                 await self._answer(batch)
         finally:
