@@ -8,6 +8,7 @@ state maps marked clean, links closed) before the process exits.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -18,8 +19,9 @@ from typing import Any
 
 import trio
 
-from transport.auth import new_nonce
 from transport.link import (
+    PREAUTH_CONNECTIONS,
+    HandshakeGate,
     LinkRefused,
     PeerLink,
     accept_secured,
@@ -104,14 +106,34 @@ class NodeDaemon:
         bound = listeners[0].socket.getsockname()[:2]
         log.info("%s: listening for peers on %s:%d", self.node, bound[0], bound[1])
         task_status.started(bound)
-        await trio.serve_listeners(self._accept, listeners)
+        gate = HandshakeGate(PREAUTH_CONNECTIONS, f"{self.node} listener {bound[0]}:{bound[1]}")
+        await trio.serve_listeners(functools.partial(self._accept, gate=gate), listeners)
 
-    async def _accept(self, raw: trio.SocketStream) -> None:
+    async def _accept(self, raw: trio.SocketStream, *, gate: HandshakeGate) -> None:
         peer = raw.socket.getpeername()
         label = f"{self.node}<-{peer[0]}:{peer[1]}"
+        if not gate.try_enter():
+            await trio.aclose_forcefully(raw)
+            return
+        try:
+            link, engine = await self._authenticate(raw, label)
+        finally:
+            gate.leave()
+        if link is None:
+            return
+        if link.remote.info.get("poke"):  # the member came up: our dial loop redials now
+            engine.poked(link.remote.node)
+            await link.aclose("poke noted", tell_peer=False)
+            return
+        link.label = f"{engine.name}:{self.node}<-{link.remote.node}#{link.remote.path}"
+        await engine.run_path(link, link.remote, dialled=False)
+
+    async def _authenticate(self, raw: trio.SocketStream, label: str) -> tuple[PeerLink | None, VolumeEngine | None]:
+        """TLS (when configured) and the peer handshake of one accepted
+        connection: the link and the volume it serves, or (None, None)."""
         stream = await accept_secured(raw, self.tls, label=label)
         if stream is None:
-            return
+            return None, None
         engine_box: list[VolumeEngine] = []
 
         def reply_to(hello):
@@ -122,19 +144,13 @@ class NodeDaemon:
             if reason:
                 return reason
             engine_box.append(engine)
-            return engine.make_hello(new_nonce(), hello.path, hello.session)
+            return engine.make_intro(hello.path, hello.session)
 
         try:
-            link = await server_handshake(stream, self.config.secret, reply_to, label=label)
+            link = await server_handshake(stream, self.node, self.config.secret, reply_to, label=label)
         except LinkRefused:
-            return
-        engine = engine_box[0]
-        if link.remote.info.get("poke"):  # the member came up: our dial loop redials now
-            engine.poked(link.remote.node)
-            await link.aclose("poke noted", tell_peer=False)
-            return
-        link.label = f"{engine.name}:{self.node}<-{link.remote.node}#{link.remote.path}"
-        await engine.run_path(link, link.remote, dialled=False)
+            return None, None
+        return link, engine_box[0]
 
     async def dial(self, engine: VolumeEngine, addr: Address, path: int, session: str, *,
                    poke: bool = False) -> PeerLink:
@@ -143,7 +159,7 @@ class NodeDaemon:
         label = f"{engine.name}:{self.node}->{addr}#{path}"
         stream = await connect_secured(addr.host, addr.port, self.tls, label=label, what=f"node {addr}")
         return await client_handshake(
-            stream, engine.make_hello(new_nonce(), path, session, poke=poke), self.config.secret,
+            stream, engine.make_intro(path, session, poke=poke), self.config.secret,
             engine.check_peer_hello, label=label,
         )
 

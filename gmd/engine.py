@@ -47,7 +47,7 @@ from transport.codec import (
     FlushAck,
     HashReply,
     HashRequest,
-    Hello,
+    Intro,
     Ping,
     Pong,
     Read,
@@ -632,16 +632,19 @@ class VolumeEngine:
         return {"current": g.current, "history": list(g.history),
                 "bitmap_for": {name: p.bitmap_gen for name, p in peers.items()}}
 
-    def make_hello(self, nonce: bytes, path: int, session: str, *, poke: bool = False) -> Hello:
+    def make_intro(self, path: int, session: str, *, poke: bool = False) -> Intro:
+        """What this member says about the volume to a peer that has proved the
+        secret (never before: see transport.link)."""
         info = self.hello_info()
         if poke:
             info["poke"] = True
-        return Hello(node=self.node, volume=self.name, size=self.config.size,
+        return Intro(node=self.node, volume=self.name, size=self.config.size,
                      region_size=self.config.region_size, extent_size=self.config.extent_size,
-                     nonce=nonce, path=path, session=session, info=info)
+                     path=path, session=session, info=info)
 
-    def check_peer_hello(self, hello: Hello) -> str | None:
-        """A refusal reason for the peer's hello, or None (used by both ends)."""
+    def check_peer_hello(self, hello: Intro) -> str | None:
+        """A refusal reason for an authenticated peer's intro, or None (used by
+        both ends). Only ever called after the peer proved the secret."""
         if self.local is None or self._going_down:
             return f"volume {self.name} is down on {self.node}"
         if hello.node not in self.members:
@@ -685,7 +688,7 @@ class VolumeEngine:
                     "refusing to connect (split-brain risk)")
         return None
 
-    def _verdict(self, hello: Hello) -> Verdict:
+    def _verdict(self, hello: Intro) -> Verdict:
         g = hello.info.get("generation", {})
         peer = GenerationView(str(g.get("current", "")), tuple(g.get("history", ())),
                               dict(g.get("bitmap_for", {})))
@@ -779,7 +782,7 @@ class VolumeEngine:
                 return
             await trio.sleep(0.2)
 
-    async def run_path(self, link: PeerLink, hello: Hello, *, dialled: bool) -> None:
+    async def run_path(self, link: PeerLink, hello: Intro, *, dialled: bool) -> None:
         """Run one path (from dial or accept) until it closes."""
         m = self.members.get(hello.node)
         if m is None or self.local is None:

@@ -16,6 +16,7 @@ member that a primary wrote without.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -27,9 +28,10 @@ from typing import Any
 import trio
 
 from quorum.witness import RENEW_INTERVAL, Claim, WitnessBook
-from transport.auth import new_nonce
-from transport.codec import Hello, State
+from transport.codec import Intro, State
 from transport.link import (
+    PREAUTH_CONNECTIONS,
+    HandshakeGate,
     LinkClosed,
     LinkRefused,
     PeerLink,
@@ -48,9 +50,9 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 2.0  # a witness that does not answer in time counts as absent
 
 
-def _witness_hello(name: str, nonce: bytes, path: int = 0, session: str = "") -> Hello:
+def _witness_intro(name: str, path: int = 0, session: str = "") -> Intro:
     # Volume "" marks a witness session; geometry does not apply.
-    return Hello(node=name, volume="", size=0, region_size=0, extent_size=0, nonce=nonce, path=path,
+    return Intro(node=name, volume="", size=0, region_size=0, extent_size=0, path=path,
                  session=session, info={"witness": True})
 
 
@@ -116,7 +118,8 @@ class WitnessDaemon:
             for addr in self.witness.addresses:
                 listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)
                 self.listen_addresses.append(listeners[0].socket.getsockname()[:2])
-                n.start_soon(trio.serve_listeners, self._accept, listeners)
+                gate = HandshakeGate(PREAUTH_CONNECTIONS, f"witness {self.name} listener {addr.host}:{addr.port}")
+                n.start_soon(trio.serve_listeners, functools.partial(self._accept, gate=gate), listeners)
             log.info("witness %s: listening on %s; granting nothing for the first %.1f s", self.name,
                      ", ".join(f"{h}:{p}" for h, p in self.listen_addresses),
                      self.book.quiet_until - trio.current_time())
@@ -124,24 +127,30 @@ class WitnessDaemon:
             await self._stopping.wait()
             n.cancel_scope.cancel()
 
-    async def _accept(self, raw: trio.SocketStream) -> None:
+    async def _accept(self, raw: trio.SocketStream, *, gate: HandshakeGate) -> None:
         peer = raw.socket.getpeername()
         label = f"witness {self.name}<-{peer[0]}:{peer[1]}"
-        stream = await accept_secured(raw, self.tls, label=label)
-        if stream is None:
+        if not gate.try_enter():
+            await trio.aclose_forcefully(raw)
             return
-
-        def reply_to(hello: Hello) -> Hello | str:
-            if hello.volume != "":
-                return f"{self.name} is a witness, not a member of volume {hello.volume}"
-            if hello.node not in self.config.nodes:
-                return f"{hello.node} is not a configured node"
-            return _witness_hello(self.name, new_nonce(), hello.path, hello.session)
-
         try:
-            link = await server_handshake(stream, self.config.secret, reply_to, label=label)
-        except LinkRefused:
-            return
+            stream = await accept_secured(raw, self.tls, label=label)
+            if stream is None:
+                return
+
+            def reply_to(hello: Intro) -> Intro | str:
+                if hello.volume != "":
+                    return f"{self.name} is a witness, not a member of volume {hello.volume}"
+                if hello.node not in self.config.nodes:
+                    return f"{hello.node} is not a configured node"
+                return _witness_intro(self.name, hello.path, hello.session)
+
+            try:
+                link = await server_handshake(stream, self.name, self.config.secret, reply_to, label=label)
+            except LinkRefused:
+                return
+        finally:
+            gate.leave()
         node = link.remote.node
         link.label = f"witness {self.name}<-{node}"
         log.info("witness %s: node %s connected", self.name, node)
@@ -275,12 +284,12 @@ class WitnessClient:
         label = f"{self.node}->witness {self.name} {addr}"
         stream = await connect_secured(addr.host, addr.port, self.tls, label=label, what=f"witness {self.name}")
 
-        def check(hello: Hello) -> str | None:
+        def check(hello: Intro) -> str | None:
             if hello.node != self.name or hello.volume != "":
                 return f"{addr} answered as {hello.node!r}, not as witness {self.name}"
             return None
 
-        return await client_handshake(stream, _witness_hello(self.node, new_nonce()), self.config.secret, check,
+        return await client_handshake(stream, _witness_intro(self.node), self.config.secret, check,
                                       label=label)
 
     async def _receive(self, link: PeerLink) -> None:

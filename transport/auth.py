@@ -1,6 +1,7 @@
 """Peer authentication: an HMAC challenge-response over a shared secret.
 
-Each side's HELLO carries a fresh random nonce. Each side then proves it knows
+Each side's HELLO carries its node name and a fresh random nonce, nothing
+else. Each side then proves it knows
 the secret with ``HMAC-SHA256(secret, label | own role | both hellos' bytes)``:
 the MAC binds the whole hello transcript (so identity and geometry cannot be
 altered in flight) and both nonces (so a recorded exchange cannot be replayed),

@@ -12,7 +12,7 @@ Frame (all integers little-endian)::
     offset  size  field
     0       2     magic b"GM"
     2       1     frame type (FrameType)
-    3       1     flags, zero in version 1
+    3       1     flags, zero in versions 1 and 2
     4       4     payload length (at most the connection's max_payload)
     8       8     xxh3_64 of bytes 0..7 and the payload
     16      ...   payload
@@ -22,10 +22,14 @@ never make us allocate more than ``max_payload``. Payloads of the hot-path
 frames (write, ack, read, hash) are fixed structs followed by raw bytes; the
 rare ones (hello, state, error) are JSON objects.
 
-Handshake (per connection, i.e. per path): both sides send HELLO (protocol
-range, identity, geometry, a random nonce); then both send AUTH (an HMAC over
-the transcript, :mod:`transport.auth`); then the link is ESTABLISHED. An ERROR
-frame may be sent in any state and closes the connection after it.
+Handshake (per connection, i.e. per path), protocol version 2: both sides
+send HELLO (node name, protocol range, a random nonce: nothing about any
+volume); then both send AUTH (an HMAC over the two hellos, :mod:`transport.auth`);
+only then, authenticated, both send INTRO (volume, geometry, path, session and
+the volume's state); then the link is ESTABLISHED. Until both AUTH frames have
+passed, a frame may carry at most :data:`PREAUTH_MAX_PAYLOAD` bytes, so a peer
+that has proved nothing can make us buffer only a few KiB. An ERROR frame may
+be sent in any state and closes the connection after it.
 """
 
 from __future__ import annotations
@@ -39,11 +43,17 @@ from typing import Any
 import xxhash
 
 MAGIC = b"GM"
-PROTOCOL_MIN = 1
-PROTOCOL_MAX = 1
+# Version 2 authenticates before anything about a volume is said (version 1
+# sent the volume's state in the unauthenticated hello); the two do not mix.
+PROTOCOL_MIN = 2
+PROTOCOL_MAX = 2
 HEADER = struct.Struct("<2sBBIQ")
 HEADER_SIZE = HEADER.size  # 16
 DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024 + 4096  # largest write/read/bitmap chunk + header
+# Bound on HELLO and AUTH payloads (and any frame before authentication): a
+# hello is a node name, a nonce and two numbers.
+PREAUTH_MAX_PAYLOAD = 4096
+MAX_NODE_NAME = 255
 # Data frames from this size on are received into a buffer of their own. The
 # copy engine's 8 MiB chunks gain from it; 1 MiB application writes measured
 # slower that way (bench_write, sync), for reasons not yet understood, so they
@@ -67,6 +77,7 @@ class FrameType(IntEnum):
     HELLO = 1
     AUTH = 2
     ERROR = 3
+    INTRO = 4
     WRITE = 16
     WRITE_ACK = 17
     FLUSH = 18
@@ -86,18 +97,27 @@ class FrameType(IntEnum):
 
 @dataclass(frozen=True)
 class Hello:
-    """First frame each way: who we are and what we carry."""
+    """First frame each way, before authentication: only who we claim to be,
+    the protocol versions we speak and a fresh nonce for the challenge."""
+
+    node: str
+    nonce: bytes
+    protocol_min: int = PROTOCOL_MIN
+    protocol_max: int = PROTOCOL_MAX
+
+
+@dataclass(frozen=True)
+class Intro:
+    """First frame each way after both sides authenticated: which volume this
+    connection serves, its geometry, and the sender's state of it."""
 
     node: str
     volume: str
     size: int
     region_size: int
     extent_size: int
-    nonce: bytes
     path: int = 0  # which of the member's paths this connection is
     session: str = ""  # identifies one member link across its paths
-    protocol_min: int = PROTOCOL_MIN
-    protocol_max: int = PROTOCOL_MAX
     info: dict[str, Any] = field(default_factory=dict)  # role, disk, generations...
 
 
@@ -197,7 +217,7 @@ class Pong:
     token: int
 
 
-Event = Hello | Auth | Error | Write | WriteAck | Flush | FlushAck | Read | ReadReply | HashRequest | HashReply | Bitmap | State | Ping | Pong
+Event = Hello | Auth | Intro | Error | Write | WriteAck | Flush | FlushAck | Read | ReadReply | HashRequest | HashReply | Bitmap | State | Ping | Pong
 
 
 class _Sentinel(Enum):
@@ -245,11 +265,14 @@ def _encode_single(event: Event) -> tuple[FrameType, bytes]:
     match event:
         case Hello():
             return FrameType.HELLO, _json({
+                "node": event.node, "nonce": event.nonce.hex(),
+                "protocol_min": event.protocol_min, "protocol_max": event.protocol_max,
+            })
+        case Intro():
+            return FrameType.INTRO, _json({
                 "node": event.node, "volume": event.volume, "size": event.size,
                 "region_size": event.region_size, "extent_size": event.extent_size,
-                "nonce": event.nonce.hex(), "path": event.path, "session": event.session,
-                "protocol_min": event.protocol_min, "protocol_max": event.protocol_max,
-                "info": event.info,
+                "path": event.path, "session": event.session, "info": event.info,
             })
         case Auth():
             return FrameType.AUTH, bytes(event.mac)
@@ -316,19 +339,29 @@ def _decode(ftype: FrameType, payload: bytes) -> Event:
     match ftype:
         case FrameType.HELLO:
             o = _load_json(payload, "hello")
+            # The versions first: a peer of another version is told so, not
+            # that some field of ours is missing from its hello.
+            ints = {k: _field(o, k, int, "hello") for k in ("protocol_min", "protocol_max")}
+            if any(v < 0 for v in ints.values()):
+                raise RemoteProtocolError("hello has a negative number")
             try:
                 nonce = bytes.fromhex(_field(o, "nonce", str, "hello"))
             except ValueError:
                 raise RemoteProtocolError("hello field 'nonce' is not hex") from None
+            node = _field(o, "node", str, "hello")
+            if not node or len(node) > MAX_NODE_NAME:
+                raise RemoteProtocolError(f"hello field 'node' must be 1..{MAX_NODE_NAME} characters")
+            return Hello(node=node, nonce=nonce, **ints)
+        case FrameType.INTRO:
+            o = _load_json(payload, "intro")
             info = o.get("info", {})
             if not isinstance(info, dict):
-                raise RemoteProtocolError("hello field 'info' is not an object")
-            ints = {k: _field(o, k, int, "hello") for k in
-                    ("size", "region_size", "extent_size", "path", "protocol_min", "protocol_max")}
+                raise RemoteProtocolError("intro field 'info' is not an object")
+            ints = {k: _field(o, k, int, "intro") for k in ("size", "region_size", "extent_size", "path")}
             if any(v < 0 for v in ints.values()):
-                raise RemoteProtocolError("hello has a negative number")
-            return Hello(node=_field(o, "node", str, "hello"), volume=_field(o, "volume", str, "hello"),
-                         nonce=nonce, session=_field(o, "session", str, "hello"), info=info, **ints)
+                raise RemoteProtocolError("intro has a negative number")
+            return Intro(node=_field(o, "node", str, "intro"), volume=_field(o, "volume", str, "intro"),
+                         session=_field(o, "session", str, "intro"), info=info, **ints)
         case FrameType.AUTH:
             if not 16 <= len(payload) <= 64:
                 raise RemoteProtocolError(f"auth frame of {len(payload)} bytes")
@@ -396,6 +429,7 @@ def _decode(ftype: FrameType, payload: bytes) -> Event:
 class ConnState(Enum):
     HELLO = "hello"  # exchanging hellos
     AUTH = "auth"  # exchanging MACs
+    INTRO = "intro"  # authenticated: exchanging volume introductions
     ESTABLISHED = "established"
     CLOSED = "closed"
 
@@ -410,11 +444,14 @@ _DATA_FRAMES = frozenset({
     FrameType.PING, FrameType.PONG,
 })
 
+_HANDSHAKE_FRAMES = frozenset({FrameType.HELLO, FrameType.AUTH, FrameType.INTRO})
+
 # Which frames may travel in each state (either way). ERROR is allowed in all
-# states but CLOSED; HELLO and AUTH may each be sent and received once.
+# states but CLOSED; HELLO, AUTH and INTRO may each be sent and received once.
 ALLOWED: dict[ConnState, frozenset[FrameType]] = {
     ConnState.HELLO: frozenset({FrameType.HELLO, FrameType.ERROR}),
     ConnState.AUTH: frozenset({FrameType.AUTH, FrameType.ERROR}),
+    ConnState.INTRO: frozenset({FrameType.INTRO, FrameType.ERROR}),
     ConnState.ESTABLISHED: _DATA_FRAMES | {FrameType.ERROR},
     ConnState.CLOSED: frozenset(),
 }
@@ -439,17 +476,32 @@ class Connection:
         if self.state is ConnState.HELLO and {FrameType.HELLO} <= self.sent & self.received:
             self.state = ConnState.AUTH
         if self.state is ConnState.AUTH and {FrameType.AUTH} <= self.sent & self.received:
+            self.state = ConnState.INTRO
+        if self.state is ConnState.INTRO and {FrameType.INTRO} <= self.sent & self.received:
             self.state = ConnState.ESTABLISHED
 
     def _check(self, ftype: FrameType, direction: set[FrameType], error: type[ProtocolError], verb: str) -> None:
         if ftype not in ALLOWED[self.state]:
             raise error(f"{ftype.name} frame {verb} in state {self.state.value}")
-        if ftype in (FrameType.HELLO, FrameType.AUTH) and ftype in direction:
+        if ftype in _HANDSHAKE_FRAMES and ftype in direction:
             raise error(f"second {ftype.name} frame {verb}")
         if ftype is FrameType.AUTH and FrameType.HELLO not in direction:
             raise error(f"AUTH frame {verb} before HELLO")
-        if ftype in _DATA_FRAMES and FrameType.AUTH not in direction:
-            raise error(f"{ftype.name} frame {verb} before authentication")
+        if ftype is FrameType.INTRO and FrameType.AUTH not in direction:
+            raise error(f"INTRO frame {verb} before authentication")
+        if ftype in _DATA_FRAMES and FrameType.INTRO not in direction:
+            raise error(f"{ftype.name} frame {verb} before INTRO")
+
+    @property
+    def authenticated(self) -> bool:
+        """True once both sides' AUTH frames have passed (the MACs themselves
+        are checked by the caller, :mod:`transport.link`, before it goes on)."""
+        return self.state in (ConnState.INTRO, ConnState.ESTABLISHED)
+
+    @property
+    def frame_bound(self) -> int:
+        """The largest payload accepted now: a few KiB until authenticated."""
+        return self.max_payload if self.authenticated else min(self.max_payload, PREAUTH_MAX_PAYLOAD)
 
     # -- sending
 
@@ -467,8 +519,9 @@ class Connection:
         except (struct.error, OverflowError, TypeError, ValueError, AttributeError) as e:
             raise LocalProtocolError(f"cannot encode {type(event).__name__}: {e}") from None
         length = sum(len(p) for p in parts)
-        if length > self.max_payload:
-            raise LocalProtocolError(f"{ftype.name} payload of {length} bytes exceeds {self.max_payload}")
+        bound = self.max_payload if ftype not in (FrameType.HELLO, FrameType.AUTH) else self.frame_bound
+        if length > bound:
+            raise LocalProtocolError(f"{ftype.name} payload of {length} bytes exceeds {bound}")
         self._check(ftype, self.sent, LocalProtocolError, "sent")
         self.sent.add(ftype)
         self._advance()
@@ -506,7 +559,7 @@ class Connection:
         magic, ftype_raw, _flags, length, _checksum = HEADER.unpack_from(self._buf)
         total = HEADER_SIZE + length
         if (magic != MAGIC or ftype_raw not in _ZERO_COPY or length < LARGE_FRAME
-                or length > self.max_payload or len(self._buf) >= total):
+                or length > self.frame_bound or len(self._buf) >= total):
             return None  # anything odd is left to next_event to judge
         return total, total - len(self._buf)
 
@@ -549,9 +602,11 @@ class Connection:
         except ValueError:
             raise RemoteProtocolError(f"unknown frame type {ftype_raw}") from None
         if flags:
-            raise RemoteProtocolError(f"frame flags {flags:#x} not defined in protocol version 1")
-        if length > self.max_payload:
-            raise RemoteProtocolError(f"{ftype.name} frame length {length} exceeds the bound {self.max_payload}")
+            raise RemoteProtocolError(f"frame flags {flags:#x} not defined in protocol version 2")
+        bound = self.frame_bound
+        if length > bound:
+            what = "before authentication " if bound < self.max_payload else ""
+            raise RemoteProtocolError(f"{ftype.name} frame length {length} exceeds the bound {bound} {what}".rstrip())
         if len(self._buf) < HEADER_SIZE + length:
             return self._at_end(partial=True)
         payload: bytes | memoryview
@@ -601,7 +656,20 @@ def _validate(event: Event) -> None:
 
     match event:
         case Hello():
-            for name in ("size", "region_size", "extent_size", "path", "protocol_min", "protocol_max"):
+            for name in ("protocol_min", "protocol_max"):
+                v = getattr(event, name)
+                if not isinstance(v, int) or isinstance(v, bool):
+                    bad(f"{name} is not an integer")
+                if v < 0:
+                    bad(f"{name} is negative")
+            if not isinstance(event.node, str):
+                bad("node is not a string")
+            if not 1 <= len(event.node) <= MAX_NODE_NAME:
+                bad(f"node must be 1..{MAX_NODE_NAME} characters")
+            if not isinstance(event.nonce, (bytes, bytearray)):
+                bad("nonce is not bytes")
+        case Intro():
+            for name in ("size", "region_size", "extent_size", "path"):
                 v = getattr(event, name)
                 if not isinstance(v, int) or isinstance(v, bool):
                     bad(f"{name} is not an integer")
@@ -610,8 +678,6 @@ def _validate(event: Event) -> None:
             for name in ("node", "volume", "session"):
                 if not isinstance(getattr(event, name), str):
                     bad(f"{name} is not a string")
-            if not isinstance(event.nonce, (bytes, bytearray)):
-                bad("nonce is not bytes")
             if not isinstance(event.info, dict):
                 bad("info is not a dict")
         case State():

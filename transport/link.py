@@ -21,9 +21,10 @@ from collections.abc import Callable
 
 import trio
 
-from .auth import NONCE_BYTES, auth_mac, verify_mac
+from .auth import NONCE_BYTES, auth_mac, new_nonce, verify_mac
 from .codec import (
     CLOSED,
+    HEADER_SIZE,
     PROTOCOL_MAX,
     PROTOCOL_MIN,
     NEED_DATA,
@@ -33,6 +34,7 @@ from .codec import (
     Error,
     Event,
     Hello,
+    Intro,
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
@@ -41,6 +43,9 @@ from .codec import (
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
+# Connections one listener lets sit in their handshake (unauthenticated) at
+# once; each may hold at most one small pre-auth frame (codec.PREAUTH_MAX_PAYLOAD).
+PREAUTH_CONNECTIONS = 32
 RECEIVE_CHUNK = 1024 * 1024
 SEND_HIGH_WATER = 16 * 1024 * 1024  # queued bytes above which senders wait
 SENDMSG_MAX_BUFFERS = 512  # per sendmsg call, well under Linux's IOV_MAX of 1024
@@ -59,9 +64,10 @@ def set_nodelay(stream: trio.SocketStream) -> None:
 
 
 class PeerLink:
-    """One established, authenticated connection to a peer."""
+    """One established, authenticated connection to a peer; ``remote`` is the
+    peer's intro (node, volume, geometry, path, session, state)."""
 
-    def __init__(self, stream: trio.abc.Stream, conn: Connection, remote: Hello, *, label: str):
+    def __init__(self, stream: trio.abc.Stream, conn: Connection, remote: Intro, *, label: str):
         self.stream = stream
         self.conn = conn
         self.remote = remote
@@ -278,7 +284,9 @@ async def _next_event(stream: trio.abc.Stream, conn: Connection) -> Event:
     while True:
         ev = conn.next_event()
         if ev is NEED_DATA:
-            data = await stream.receive_some(RECEIVE_CHUNK)
+            # Before authentication read no more than one bounded frame at a
+            # time: what an unauthenticated peer sends is never buffered in bulk.
+            data = await stream.receive_some(min(RECEIVE_CHUNK, HEADER_SIZE + conn.frame_bound))
             conn.receive_data(data)
             continue
         if ev is CLOSED:
@@ -287,7 +295,7 @@ async def _next_event(stream: trio.abc.Stream, conn: Connection) -> Event:
 
 
 def hello_problem(hello: Hello) -> str | None:
-    """What makes a peer's hello unusable before any volume is looked at: no
+    """What makes a peer's hello unusable before anything else is looked at: no
     protocol version in common, or a nonce that is not a fresh 32 bytes."""
     if hello.protocol_min > hello.protocol_max:
         return f"protocol range {hello.protocol_min}..{hello.protocol_max} is empty"
@@ -296,6 +304,13 @@ def hello_problem(hello: Hello) -> str | None:
                 f"this side {PROTOCOL_MIN}..{PROTOCOL_MAX}")
     if len(hello.nonce) != NONCE_BYTES:
         return f"hello nonce of {len(hello.nonce)} bytes, expected {NONCE_BYTES}"
+    return None
+
+
+def intro_problem(hello: Hello, intro: Intro) -> str | None:
+    """An authenticated peer's intro must speak for the node that authenticated."""
+    if intro.node != hello.node:
+        return f"intro names node {intro.node!r} but the peer authenticated as {hello.node!r}"
     return None
 
 
@@ -345,23 +360,24 @@ async def _handshake_failed(stream: trio.abc.Stream, label: str, exc: BaseExcept
 
 async def client_handshake(
     stream: trio.abc.Stream,
-    hello: Hello,
+    intro: Intro,
     secret: str,
-    check_remote: Callable[[Hello], str | None],
+    check_remote: Callable[[Intro], str | None],
     *,
     label: str,
     max_payload: int | None = None,
 ) -> PeerLink:
     """Run the client side of the handshake on a connected stream.
 
-    ``check_remote`` returns a refusal reason for an unacceptable peer hello, or
-    None. Raises :class:`LinkRefused` (logged) on any failure; the stream is
-    closed then.
+    Both sides prove the secret over the two hellos (node name and nonce only)
+    before either says anything about a volume; then ``intro`` goes out and
+    ``check_remote`` judges the peer's intro (a refusal reason, or None).
+    Raises :class:`LinkRefused` (logged) on any failure; the stream is closed then.
     """
     conn = Connection() if max_payload is None else Connection(max_payload)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
-            mine = conn.send(hello)
+            mine = conn.send(Hello(node=intro.node, nonce=new_nonce()))
             await stream.send_all(mine)
             remote = await _next_event(stream, conn)
             if isinstance(remote, Error):
@@ -369,7 +385,7 @@ async def client_handshake(
             if not isinstance(remote, Hello):
                 raise RemoteProtocolError(f"expected HELLO, got {type(remote).__name__}")
             theirs = conn.last_frame
-            reason = hello_problem(remote) or check_remote(remote)
+            reason = hello_problem(remote)
             if reason:
                 await _refuse(stream, conn, reason)
                 raise LinkRefused(f"refusing peer {remote.node}: {reason}")
@@ -379,25 +395,39 @@ async def client_handshake(
                 raise LinkRefused(f"refused by peer {remote.node}: {auth.reason}")
             if not isinstance(auth, Auth) or not verify_mac(secret, "server", mine, theirs, auth.mac):
                 await _refuse(stream, conn, "authentication failed: server's proof is wrong (check the secret)")
-                raise LinkRefused(f"peer {remote.node} failed authentication (wrong secret?)")
+                raise LinkRefused(f"peer claiming to be {remote.node} failed authentication (wrong secret?)")
+            # Authenticated both ways: from here on the peer's words count.
+            await stream.send_all(conn.send(intro))
+            theirs_intro = await _next_event(stream, conn)
+            if isinstance(theirs_intro, Error):
+                raise LinkRefused(f"refused by peer {remote.node}: {theirs_intro.reason}")
+            if not isinstance(theirs_intro, Intro):
+                raise RemoteProtocolError(f"expected INTRO, got {type(theirs_intro).__name__}")
+            reason = intro_problem(remote, theirs_intro) or check_remote(theirs_intro)
+            if reason:
+                await _refuse(stream, conn, reason)
+                raise LinkRefused(f"refusing peer {remote.node}: {reason}")
     except BaseException as e:
         await _handshake_failed(stream, label, e)
         raise AssertionError("unreachable")  # _handshake_failed always raises
-    return PeerLink(stream, conn, remote, label=label)
+    return PeerLink(stream, conn, theirs_intro, label=label)
 
 
 async def server_handshake(
     stream: trio.abc.Stream,
+    node: str,
     secret: str,
-    reply_to: Callable[[Hello], Hello | str],
+    reply_to: Callable[[Intro], Intro | str],
     *,
     label: str,
     max_payload: int | None = None,
 ) -> PeerLink:
-    """Run the server side of the handshake on an accepted stream.
+    """Run the server side of the handshake on an accepted stream, as ``node``.
 
-    ``reply_to`` turns the client's hello into ours, or returns a refusal reason
-    (unknown volume, geometry mismatch...). Raises :class:`LinkRefused` (logged).
+    The client must prove the secret before anything it says is looked at and
+    before we prove ours; only then ``reply_to`` turns its intro into ours, or
+    returns a refusal reason (unknown volume, geometry mismatch...). Raises
+    :class:`LinkRefused` (logged).
     """
     conn = Connection() if max_payload is None else Connection(max_payload)
     try:
@@ -406,23 +436,60 @@ async def server_handshake(
             if not isinstance(remote, Hello):
                 raise RemoteProtocolError(f"expected HELLO, got {type(remote).__name__}")
             theirs = conn.last_frame
-            reply = hello_problem(remote) or reply_to(remote)
-            if isinstance(reply, str):
-                await _refuse(stream, conn, reply)
-                raise LinkRefused(f"refusing peer {remote.node}: {reply}")
-            mine = conn.send(reply)
+            reason = hello_problem(remote)
+            if reason:
+                await _refuse(stream, conn, reason)
+                raise LinkRefused(f"refusing connection claiming to be {remote.node}: {reason}")
+            mine = conn.send(Hello(node=node, nonce=new_nonce()))
             await stream.send_all(mine)
             auth = await _next_event(stream, conn)
             if isinstance(auth, Error):
-                raise LinkRefused(f"peer {remote.node} gave up: {auth.reason}")
+                raise LinkRefused(f"connection claiming to be {remote.node} gave up: {auth.reason}")
             if not isinstance(auth, Auth) or not verify_mac(secret, "client", theirs, mine, auth.mac):
                 await _refuse(stream, conn, "authentication failed: wrong secret")
-                raise LinkRefused(f"refusing peer {remote.node}: authentication failed (wrong secret)")
+                raise LinkRefused(f"refusing connection claiming to be {remote.node}: "
+                                  "authentication failed (wrong secret)")
             await stream.send_all(conn.send(Auth(auth_mac(secret, "server", theirs, mine))))
+            intro = await _next_event(stream, conn)
+            if isinstance(intro, Error):
+                raise LinkRefused(f"peer {remote.node} gave up: {intro.reason}")
+            if not isinstance(intro, Intro):
+                raise RemoteProtocolError(f"expected INTRO, got {type(intro).__name__}")
+            reply = intro_problem(remote, intro) or reply_to(intro)
+            if isinstance(reply, str):
+                await _refuse(stream, conn, reply)
+                raise LinkRefused(f"refusing peer {remote.node}: {reply}")
+            await stream.send_all(conn.send(reply))
     except BaseException as e:
         await _handshake_failed(stream, label, e)
         raise AssertionError("unreachable")  # _handshake_failed always raises
-    return PeerLink(stream, conn, remote, label=label)
+    return PeerLink(stream, conn, intro, label=label)
+
+
+class HandshakeGate:
+    """Bounds the connections of one listener that have not authenticated yet:
+    beyond ``limit`` a new connection is closed at once, so strangers cannot
+    make the daemon hold more than ``limit`` small handshake buffers."""
+
+    def __init__(self, limit: int, label: str):
+        self.limit = limit
+        self.label = label
+        self.pending = 0
+        self.turned_away = 0
+
+    def try_enter(self) -> bool:
+        """Count one more unauthenticated connection, or False at the limit."""
+        if self.pending >= self.limit:
+            self.turned_away += 1
+            log_refusal(self.label, f"refusing connection: {self.pending} connections are already "
+                                    f"in their handshake (limit {self.limit}); {self.turned_away} turned away so far")
+            return False
+        self.pending += 1
+        return True
+
+    def leave(self) -> None:
+        """The connection authenticated, failed or closed."""
+        self.pending -= 1
 
 
 async def open_peer_stream(host: str, port: int, *, timeout: float = 5.0) -> trio.SocketStream:

@@ -38,6 +38,7 @@ from transport.codec import (
     HashReply,
     HashRequest,
     Hello,
+    Intro,
     LocalProtocolError,
     Ping,
     Pong,
@@ -50,6 +51,7 @@ from transport.codec import (
     WriteAck,
     frame_bytes,
 )
+from transport.codec import PREAUTH_MAX_PAYLOAD
 
 SECRET = b"test-secret"
 SMALL = 1024  # a max_payload small enough to hit its bound cheaply
@@ -63,10 +65,16 @@ QUICK = settings(max_examples=100, deadline=None, suppress_health_check=[HealthC
 
 
 def make_hello(node: str = "labor1", **kw) -> Hello:
-    base = dict(node=node, volume="appslv", size=64 << 20, region_size=4096, extent_size=4 << 20,
-                nonce=new_nonce(), path=0, session="s-1", info={"role": "primary", "gen": [1, 2]})
+    base = dict(node=node, nonce=new_nonce())
     base.update(kw)
     return Hello(**base)
+
+
+def make_intro(node: str = "labor1", **kw) -> Intro:
+    base = dict(node=node, volume="appslv", size=64 << 20, region_size=4096, extent_size=4 << 20,
+                path=0, session="s-1", info={"role": "primary", "gen": [1, 2]})
+    base.update(kw)
+    return Intro(**base)
 
 
 def pump(receiver: Connection, data: bytes, chunks: list[int] | None = None, out: list | None = None) -> list:
@@ -99,13 +107,16 @@ def pump(receiver: Connection, data: bytes, chunks: list[int] | None = None, out
     return events
 
 
-def handshake(client_hello: Hello | None = None, server_hello: Hello | None = None, *,
+def handshake(client_intro: Intro | None = None, server_intro: Intro | None = None, *,
               max_payload: int = DEFAULT_MAX_PAYLOAD, chunks: list[int] | None = None,
-              secret: bytes = SECRET) -> tuple[Connection, Connection]:
-    """Two ESTABLISHED connections after HELLO, HELLO, AUTH, AUTH, each MAC over
-    the exact hello bytes as sent and received, and each verified."""
+              secret: bytes = SECRET, client_hello: Hello | None = None,
+              server_hello: Hello | None = None) -> tuple[Connection, Connection]:
+    """Two ESTABLISHED connections after HELLO, HELLO, AUTH, AUTH, INTRO, INTRO,
+    each MAC over the exact hello bytes as sent and received, and each verified."""
     client_hello = client_hello or make_hello("labor1")
-    server_hello = server_hello or make_hello("labor2", path=0)
+    server_hello = server_hello or make_hello("labor2")
+    client_intro = client_intro or make_intro("labor1")
+    server_intro = server_intro or make_intro("labor2")
     client, server = Connection(max_payload), Connection(max_payload)
 
     ch = client.send(client_hello)
@@ -126,10 +137,14 @@ def handshake(client_hello: Hello | None = None, server_hello: Hello | None = No
     assert verify_mac(secret, "client", ch_at_server, sh, got_ca.mac)
     assert server.state is ConnState.AUTH  # its own AUTH is still to go
     sa = server.send(Auth(auth_mac(secret, "server", ch_at_server, sh)))
-    assert server.state is ConnState.ESTABLISHED
+    assert server.state is ConnState.INTRO
     assert client.state is ConnState.AUTH
     (got_sa,) = pump(client, sa, chunks)
     assert verify_mac(secret, "server", ch, sh_at_client, got_sa.mac)
+    assert client.state is server.state is ConnState.INTRO  # authenticated, nothing said yet
+    assert pump(server, client.send(client_intro), chunks) == [client_intro]
+    assert server.state is ConnState.INTRO and client.state is ConnState.INTRO
+    assert pump(client, server.send(server_intro), chunks) == [server_intro]
     assert client.state is server.state is ConnState.ESTABLISHED
     return client, server
 
@@ -146,10 +161,13 @@ def at_state(state: ConnState, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Connec
     if state is ConnState.ESTABLISHED:
         return handshake(max_payload=max_payload)[1]
     conn = Connection(max_payload)
-    if state is ConnState.AUTH:
+    if state in (ConnState.AUTH, ConnState.INTRO):
         conn.send(make_hello("labor2"))
         conn.receive_data(Connection().send(make_hello("labor1")))
         assert isinstance(conn.next_event(), Hello)
+    if state is ConnState.INTRO:
+        conn.send(Auth(b"m" * 32))
+        assert isinstance(raw(conn, FrameType.AUTH, b"n" * 32), Auth)
     assert conn.state is state
     return conn
 
@@ -175,6 +193,15 @@ def hello_obj(**changes) -> dict:
     """The JSON object of a valid hello as the encoder writes it, with changes
     (a value of ``...`` deletes the key)."""
     obj = json.loads(Connection().send(make_hello())[HEADER_SIZE:])
+    return _changed(obj, changes)
+
+
+def intro_obj(**changes) -> dict:
+    """Like :func:`hello_obj`, for an intro."""
+    return _changed(json.loads(at_state(ConnState.INTRO).send(make_intro())[HEADER_SIZE:]), changes)
+
+
+def _changed(obj: dict, changes: dict) -> dict:
     for k, v in changes.items():
         if v is ...:
             del obj[k]
@@ -226,9 +253,12 @@ data_events = st.one_of(
 
 naturals = st.integers(0, 2**80)
 hellos = st.builds(
-    Hello, node=st.text(max_size=20), volume=st.text(max_size=20), size=naturals, region_size=naturals,
-    extent_size=naturals, nonce=st.binary(max_size=64), path=naturals, session=st.text(max_size=20),
-    protocol_min=naturals, protocol_max=naturals, info=json_object,
+    Hello, node=st.text(min_size=1, max_size=20), nonce=st.binary(max_size=64),
+    protocol_min=naturals, protocol_max=naturals,
+)
+intros = st.builds(
+    Intro, node=st.text(max_size=20), volume=st.text(max_size=20), size=naturals, region_size=naturals,
+    extent_size=naturals, path=naturals, session=st.text(max_size=20), info=json_object,
 )
 
 # ---------------------------------------------------------- 1. round trips
@@ -268,10 +298,11 @@ def test_data_event_round_trips_both_ways(event):
 
 
 def test_handshake_events_round_trip():
-    ch = make_hello("labor1", path=1, session="abc", info={"role": "primary", "disk": "uptodate",
+    ci = make_intro("labor1", path=1, session="abc", info={"role": "primary", "disk": "uptodate",
                                                             "gens": [5, 4], "weird": {"ü": [None, 1.5]}})
-    sh = make_hello("labor2", path=1, session="abc", info={})
-    handshake(ch, sh)  # asserts each hello and each verified MAC arrives intact
+    si = make_intro("labor2", path=1, session="abc", info={})
+    # asserts each hello, each verified MAC and each intro arrives intact
+    handshake(ci, si, client_hello=make_hello("labor1", protocol_min=2, protocol_max=7))
 
 
 def test_last_frame_holds_the_raw_handshake_frames_only():
@@ -286,6 +317,10 @@ def test_last_frame_holds_the_raw_handshake_frames_only():
     conn.send(Auth(b"a" * 32))
     auth = frame_bytes(FrameType.AUTH, b"b" * 32)
     assert raw_bytes(conn, auth) == Auth(b"b" * 32) and conn.last_frame == auth
+    assert conn.state is ConnState.INTRO
+    conn.send(make_intro("me"))
+    assert raw_bytes(conn, at_state(ConnState.INTRO).send(make_intro("peer"))) == make_intro("peer")
+    assert conn.last_frame == auth  # the intro is not part of the auth transcript
     assert conn.state is ConnState.ESTABLISHED
     assert raw(conn, FrameType.PING, struct.pack("<Q", 1)) == Ping(1)
     assert conn.last_frame == auth  # data frames leave the transcript alone
@@ -341,6 +376,15 @@ def test_any_hello_round_trips_and_reencodes_to_its_transcript(ch, sh):
     assert (server.last_frame, client.last_frame) == (wire_c, wire_s)
     assert Connection().send(got_c) == wire_c
     assert Connection().send(got_s) == wire_s
+
+
+@QUICK
+@given(intros, intros)
+def test_any_intro_round_trips(ci, si):
+    client, server = at_state(ConnState.INTRO), at_state(ConnState.INTRO)
+    assert transfer(client, server, ci) == ci
+    assert transfer(server, client, si) == si
+    assert client.state is server.state is ConnState.ESTABLISHED
 
 
 @QUICK
@@ -445,13 +489,16 @@ frame_payloads = st.one_of(
     st.builds(lambda k, v: json.dumps(hello_obj(**{k: v})).encode(),
               st.sampled_from(sorted(hello_obj())), json_value),
     st.builds(lambda k: json.dumps(hello_obj(**{k: ...})).encode(), st.sampled_from(sorted(hello_obj()))),
+    st.builds(lambda k, v: json.dumps(intro_obj(**{k: v})).encode(),
+              st.sampled_from(sorted(intro_obj())), json_value),
+    st.builds(lambda k: json.dumps(intro_obj(**{k: ...})).encode(), st.sampled_from(sorted(intro_obj()))),
 )
 garbage_frames = st.lists(st.tuples(st.sampled_from(list(FrameType)), frame_payloads), max_size=8)
 
 
 @FUZZ
 @given(garbage_frames, st.lists(st.integers(1, 50), min_size=1, max_size=5),
-       st.sampled_from([ConnState.HELLO, ConnState.AUTH, ConnState.ESTABLISHED]))
+       st.sampled_from([ConnState.HELLO, ConnState.AUTH, ConnState.INTRO, ConnState.ESTABLISHED]))
 def test_checksummed_garbage_frames_only_raise_remote_protocol_error(frames, sizes, state):
     conn = at_state(state, SMALL)
     wire = b"".join(frame_bytes(t, p) for t, p in frames)
@@ -460,7 +507,7 @@ def test_checksummed_garbage_frames_only_raise_remote_protocol_error(frames, siz
     # layout frame is accepted is canonical: it re-encodes to its own bytes.
     assert len(events) <= len(frames)
     for (ftype, payload), ev in zip(frames, events):
-        if not isinstance(ev, (Hello, Auth, Error, State)):
+        if not isinstance(ev, (Hello, Auth, Intro, Error, State)):
             assert wire_of(ev) == frame_bytes(ftype, payload)
 
 
@@ -522,8 +569,8 @@ def _with(frame: bytes, pos: int, value: int) -> bytes:
     pytest.param(b"XM" + _ping_frame()[2:], r"bad frame magic b'XM'", id="bad-magic"),
     pytest.param(_with(_ping_frame(), 2, 99), r"unknown frame type 99", id="unknown-type"),
     pytest.param(_with(_ping_frame(), 2, 0), r"unknown frame type 0", id="type-zero"),
-    pytest.param(_with(_ping_frame(), 2, 4), r"unknown frame type 4", id="type-in-gap"),
-    pytest.param(_with(_ping_frame(), 3, 1), r"frame flags 0x1 not defined in protocol version 1", id="flags"),
+    pytest.param(_with(_ping_frame(), 2, 5), r"unknown frame type 5", id="type-in-gap"),
+    pytest.param(_with(_ping_frame(), 3, 1), r"frame flags 0x1 not defined in protocol version 2", id="flags"),
     pytest.param(_with(_ping_frame(), 3, 0x80), r"frame flags 0x80 not defined", id="flags-high"),
     pytest.param(_with(_ping_frame(), HEADER_SIZE, 43), r"PING frame checksum mismatch", id="payload-byte"),
     pytest.param(_with(_ping_frame(), 2, FrameType.PONG), r"PONG frame checksum mismatch", id="type-byte"),
@@ -610,8 +657,10 @@ def test_auth_of_wrong_size_is_refused(size):
         raw(conn, FrameType.AUTH, b"m" * size)
 
 
-HELLO_INTS = ["size", "region_size", "extent_size", "path", "protocol_min", "protocol_max"]
-HELLO_STRS = ["node", "volume", "session", "nonce"]
+HELLO_INTS = ["protocol_min", "protocol_max"]
+HELLO_STRS = ["node", "nonce"]
+INTRO_INTS = ["size", "region_size", "extent_size", "path"]
+INTRO_STRS = ["node", "volume", "session"]
 
 
 @pytest.mark.parametrize("payload, message", [
@@ -633,8 +682,9 @@ HELLO_STRS = ["node", "volume", "session", "nonce"]
       for k in HELLO_INTS],
     pytest.param(json.dumps(hello_obj(nonce="zz" * 32)).encode(), r"hello field 'nonce' is not hex", id="nonce-zz"),
     pytest.param(json.dumps(hello_obj(nonce="abc")).encode(), r"hello field 'nonce' is not hex", id="nonce-odd"),
-    pytest.param(json.dumps(hello_obj(info=[1])).encode(), r"hello field 'info' is not an object", id="info-list"),
-    pytest.param(json.dumps(hello_obj(info="x")).encode(), r"hello field 'info' is not an object", id="info-str"),
+    pytest.param(json.dumps(hello_obj(node="")).encode(), r"hello field 'node' must be 1..255", id="node-empty"),
+    pytest.param(json.dumps(hello_obj(node="n" * 256)).encode(), r"hello field 'node' must be 1..255",
+                 id="node-long"),
 ])
 def test_malformed_hello_is_named(payload, message):
     conn = Connection()
@@ -643,10 +693,65 @@ def test_malformed_hello_is_named(payload, message):
     assert FrameType.HELLO not in conn.received
 
 
-def test_hello_without_info_means_empty_info():
-    conn = Connection()
-    got = raw(conn, FrameType.HELLO, json.dumps(hello_obj(info=...)).encode())
-    assert isinstance(got, Hello) and got.info == {}
+@pytest.mark.parametrize("payload, message", [
+    pytest.param(b"intro", r"intro frame is not valid JSON", id="not-json"),
+    pytest.param(b"[]", r"intro frame is not a JSON object", id="list"),
+    *[pytest.param(json.dumps(intro_obj(**{k: ...})).encode(),
+                   rf"intro field '{k}' is missing or has the wrong type", id=f"missing-{k}")
+      for k in INTRO_INTS + INTRO_STRS],
+    *[pytest.param(json.dumps(intro_obj(**{k: bad})).encode(),
+                   rf"intro field '{k}' is missing or has the wrong type", id=f"{k}-{type(bad).__name__}")
+      for k in INTRO_INTS for bad in ("4096", 4096.0, True, None, [1])],
+    *[pytest.param(json.dumps(intro_obj(**{k: -1})).encode(), r"intro has a negative number", id=f"negative-{k}")
+      for k in INTRO_INTS],
+    pytest.param(json.dumps(intro_obj(info=[1])).encode(), r"intro field 'info' is not an object", id="info-list"),
+    pytest.param(json.dumps(intro_obj(info="x")).encode(), r"intro field 'info' is not an object", id="info-str"),
+])
+def test_malformed_intro_is_named(payload, message):
+    conn = at_state(ConnState.INTRO)
+    with pytest.raises(RemoteProtocolError, match=message):
+        raw(conn, FrameType.INTRO, payload)
+    assert FrameType.INTRO not in conn.received
+
+
+def test_intro_without_info_means_empty_info():
+    conn = at_state(ConnState.INTRO)
+    got = raw(conn, FrameType.INTRO, json.dumps(intro_obj(info=...)).encode())
+    assert isinstance(got, Intro) and got.info == {}
+
+
+@pytest.mark.parametrize("where", ["hello", "auth", "auth-sent", "auth-received"])
+def test_intro_is_refused_before_authentication_both_ways(where):
+    conn = PRE_AUTH[where]()
+    state = conn.state
+    with pytest.raises(LocalProtocolError, match=rf"INTRO frame sent in state {state.value}"):
+        conn.send(make_intro())
+    with pytest.raises(RemoteProtocolError, match=rf"INTRO frame received in state {state.value}"):
+        raw(conn, FrameType.INTRO, json.dumps(intro_obj()).encode())
+
+
+@pytest.mark.parametrize("state", [ConnState.HELLO, ConnState.AUTH])
+def test_a_frame_before_authentication_is_bounded_to_a_few_kib(state):
+    """A stranger cannot make us buffer a data-sized frame: the length in the
+    header is refused before any of the payload is kept."""
+    conn = at_state(state)
+    assert conn.frame_bound == PREAUTH_MAX_PAYLOAD < conn.max_payload
+    header = struct.pack("<2sBBIQ", b"GM", int(FrameType.HELLO), 0, 8 * 1024 * 1024, 0)
+    conn.receive_data(header)
+    with pytest.raises(RemoteProtocolError, match=rf"exceeds the bound {PREAUTH_MAX_PAYLOAD} before authentication"):
+        conn.next_event()
+    assert conn.state is ConnState.CLOSED
+    # Nor is a large write header taken as a zero-copy frame before authentication.
+    conn = at_state(state)
+    conn.receive_data(struct.pack("<2sBBIQ", b"GM", int(FrameType.WRITE), 0, 8 * 1024 * 1024, 0))
+    assert conn.frame_remainder() is None
+
+
+def test_after_authentication_the_full_bound_applies_again():
+    conn = at_state(ConnState.INTRO)
+    assert conn.frame_bound == DEFAULT_MAX_PAYLOAD
+    big = make_intro("labor1", info={"pad": "z" * 100_000})
+    assert raw_bytes(conn, at_state(ConnState.INTRO).send(big)) == big
 
 
 # ---------------------------------------------------------- 5. state table
@@ -677,6 +782,9 @@ PRE_AUTH = {
     "auth": lambda: at_state(ConnState.AUTH),
     "auth-sent": _half_authenticated,
     "auth-received": _peer_authenticated,
+    # Authenticated, but no intro yet: the volume is not settled, so no data.
+    "intro": lambda: at_state(ConnState.INTRO),
+    "intro-sent": lambda: _sent(at_state(ConnState.INTRO), make_intro()),
 }
 
 
@@ -836,11 +944,11 @@ def test_send_refuses_a_payload_above_max_payload():
     assert transfer(client, server, Ping(5)) == Ping(5)
 
 
-def test_send_bound_applies_before_the_handshake_too():
-    conn = Connection(SMALL)
-    with pytest.raises(LocalProtocolError, match=r"HELLO payload of \d+ bytes exceeds 1024"):
-        conn.send(make_hello(info={"pad": "z" * SMALL}))
-    assert conn.sent == set() and conn.state is ConnState.HELLO
+def test_send_bound_applies_to_the_intro_too():
+    conn = at_state(ConnState.INTRO, SMALL)
+    with pytest.raises(LocalProtocolError, match=r"INTRO payload of \d+ bytes exceeds 1024"):
+        conn.send(make_intro(info={"pad": "z" * SMALL}))
+    assert FrameType.INTRO not in conn.sent and conn.state is ConnState.INTRO
 
 
 def test_default_bound_carries_an_8_mib_write():
@@ -852,16 +960,20 @@ def test_default_bound_carries_an_8_mib_write():
 # ------------------------------------- regressions: bugs found in review
 
 
-@pytest.mark.parametrize("ftype, state", [(FrameType.HELLO, ConnState.HELLO),
-                                          (FrameType.ERROR, ConnState.HELLO),
-                                          (FrameType.STATE, ConnState.ESTABLISHED)],
-                         ids=["hello-pre-auth", "error-pre-auth", "state"])
-@pytest.mark.parametrize("opener", [b"[", b'{"a":'], ids=["arrays", "objects"])
+@pytest.mark.parametrize("ftype, state, opener", [
+    (FrameType.HELLO, ConnState.HELLO, b"["),  # pre-auth: what fits the few-KiB bound
+    (FrameType.ERROR, ConnState.HELLO, b"["),
+    (FrameType.INTRO, ConnState.INTRO, b"["),
+    (FrameType.INTRO, ConnState.INTRO, b'{"a":'),
+    (FrameType.STATE, ConnState.ESTABLISHED, b"["),
+    (FrameType.STATE, ConnState.ESTABLISHED, b'{"a":'),
+], ids=["hello-pre-auth", "error-pre-auth", "intro-arrays", "intro-objects", "state-arrays", "state-objects"])
 def test_deeply_nested_json_is_a_remote_protocol_error(ftype, state, opener):
     # json.loads raises RecursionError here, which once escaped the codec.
     conn = at_state(state)
+    count = PREAUTH_MAX_PAYLOAD if state in (ConnState.HELLO, ConnState.AUTH) else 100_000
     with pytest.raises(RemoteProtocolError, match=rf"{ftype.name.lower()} frame nests JSON too deeply"):
-        raw(conn, ftype, opener * 100_000)
+        raw(conn, ftype, opener * count)
     assert conn.state is ConnState.CLOSED
 
 
@@ -906,7 +1018,7 @@ def test_bytes_after_close_are_dropped_not_buffered():
     ("established", HashRequest(1, 0, 4096, 0), "HashRequest: block size must be positive"),
     ("auth", Auth(b""), r"Auth: MAC of 0 bytes \(16..64 allowed\)"),
     ("auth", Auth(b"m" * 65), r"Auth: MAC of 65 bytes"),
-    ("hello", make_hello(size=-1), "Hello: size is negative"),
+    ("intro", make_intro(size=-1), "Intro: size is negative"),
     ("hello", make_hello(protocol_max=-2), "Hello: protocol_max is negative"),
     ("established", Write(-1, 0, b""), r"Write: seq -1 outside 0..2\*\*64-1"),
     ("established", Write(1, 2**64, b""), r"Write: offset 18446744073709551616 outside"),
@@ -940,14 +1052,16 @@ wild_events = st.one_of(
     st.builds(Bitmap, wide, st.integers(-8, 100) | wide, st.binary(max_size=16), st.booleans()),
     st.builds(Ping, wide),
     st.builds(Auth, st.binary(max_size=80)),
-    st.builds(make_hello, size=wide, region_size=wide, path=wide, protocol_min=wide),
+    st.builds(make_hello, protocol_min=wide, protocol_max=wide),
+    st.builds(make_intro, size=wide, region_size=wide, path=wide),
 )
 
 
 @FUZZ
 @given(wild_events)
 def test_whatever_send_accepts_the_peer_decodes_to_the_same_event(event):
-    state = {Hello: ConnState.HELLO, Auth: ConnState.AUTH}.get(type(event), ConnState.ESTABLISHED)
+    state = {Hello: ConnState.HELLO, Auth: ConnState.AUTH, Intro: ConnState.INTRO}.get(
+        type(event), ConnState.ESTABLISHED)
     try:
         frame = at_state(state).send(event)
     except LocalProtocolError:
@@ -963,18 +1077,18 @@ def test_bitmap_bad_last_flag_is_named():
 
 
 @pytest.mark.parametrize("where, event, message", [
-    ("hello", make_hello(path=True), "Hello: path is not an integer"),
-    ("hello", make_hello(size=4096.0), "Hello: size is not an integer"),
-    ("hello", make_hello(size="4096"), "Hello: size is not an integer"),
+    ("intro", make_intro(path=True), "Intro: path is not an integer"),
+    ("intro", make_intro(size=4096.0), "Intro: size is not an integer"),
+    ("intro", make_intro(size="4096"), "Intro: size is not an integer"),
     ("hello", make_hello(node=5), "Hello: node is not a string"),
-    ("hello", make_hello(session=None), "Hello: session is not a string"),
+    ("intro", make_intro(session=None), "Intro: session is not a string"),
     ("hello", make_hello(nonce="ab" * 32), "Hello: nonce is not bytes"),
-    ("hello", make_hello(info=[("role", "primary")]), "Hello: info is not a dict"),
-    ("hello", make_hello(info={"blob": b"raw"}), "cannot encode Hello"),
+    ("intro", make_intro(info=[("role", "primary")]), "Intro: info is not a dict"),
+    ("intro", make_intro(info={"blob": b"raw"}), "cannot encode Intro"),
     ("established", State([1, 2]), "State: fields is not a dict"),
     ("established", Error(5), "Error: reason is not a string"),
-], ids=["hello-bool-path", "hello-float-size", "hello-str-size", "hello-int-node", "hello-none-session",
-        "hello-str-nonce", "hello-list-info", "hello-bytes-in-info", "state-list", "error-int-reason"])
+], ids=["intro-bool-path", "intro-float-size", "intro-str-size", "hello-int-node", "intro-none-session",
+        "hello-str-nonce", "intro-list-info", "intro-bytes-in-info", "state-list", "error-int-reason"])
 def test_send_refuses_json_the_peer_would_refuse(where, event, message):
     # These used to be encoded (and refused by the peer), or to raise TypeError /
     # AttributeError out of send().
@@ -984,8 +1098,9 @@ def test_send_refuses_json_the_peer_would_refuse(where, event, message):
 
 any_json_ish = json_value | st.binary(max_size=4) | st.tuples(st.integers())
 wild_json_events = st.one_of(
-    st.builds(make_hello, node=st.text(max_size=5) | any_json_ish, size=naturals | any_json_ish,
-              nonce=st.binary(max_size=8) | any_json_ish, info=json_object | any_json_ish),
+    st.builds(make_hello, node=st.text(max_size=5) | any_json_ish, nonce=st.binary(max_size=8) | any_json_ish),
+    st.builds(make_intro, node=st.text(max_size=5) | any_json_ish, size=naturals | any_json_ish,
+              info=json_object | any_json_ish),
     st.builds(State, json_object | any_json_ish),
     st.builds(Error, st.text(max_size=1000) | any_json_ish),
 )
@@ -994,7 +1109,7 @@ wild_json_events = st.one_of(
 @FUZZ
 @given(wild_json_events)
 def test_whatever_json_send_accepts_the_peer_decodes_to_the_same_event(event):
-    state = ConnState.HELLO if isinstance(event, Hello) else ConnState.ESTABLISHED
+    state = {Hello: ConnState.HELLO, Intro: ConnState.INTRO}.get(type(event), ConnState.ESTABLISHED)
     try:
         frame = at_state(state).send(event)
     except LocalProtocolError:

@@ -6,16 +6,29 @@ import pytest
 import trio
 import trio.testing
 
-from transport.auth import new_nonce
-from transport.codec import LARGE_FRAME, Hello, Ping, Pong, Write
-from transport.link import LinkClosed, LinkRefused, client_handshake, server_handshake
+from transport.auth import auth_mac, new_nonce
+from transport.codec import (
+    LARGE_FRAME,
+    PREAUTH_MAX_PAYLOAD,
+    Auth,
+    Connection,
+    FrameType,
+    Hello,
+    Intro,
+    Ping,
+    Pong,
+    Write,
+    frame_bytes,
+)
+from transport.link import HandshakeGate, LinkClosed, LinkRefused, client_handshake, server_handshake
 
 
 def hello(node, **kw):
+    """The intro a member sends once authenticated (named for the old hello)."""
     args = dict(node=node, volume="appslv", size=1 << 30, region_size=65536, extent_size=4 << 20,
-                nonce=new_nonce(), session="s1")
+                session="s1", info={"role": "primary", "generation": {"current": "g1"}})
     args.update(kw)
-    return Hello(**args)
+    return Intro(**args)
 
 
 async def handshake(client_hello, server_hello, *, client_secret="s", server_secret="s"):
@@ -32,8 +45,8 @@ async def handshake(client_hello, server_hello, *, client_secret="s", server_sec
     async with trio.open_nursery() as n:
         n.start_soon(run, "client", lambda: client_handshake(a, client_hello, client_secret, lambda h: None,
                                                             label="client"))
-        n.start_soon(run, "server", lambda: server_handshake(b, server_secret, lambda h: server_hello,
-                                                            label="server"))
+        n.start_soon(run, "server", lambda: server_handshake(b, server_hello.node, server_secret,
+                                                            lambda h: server_hello, label="server"))
     return results["client"], results["server"]
 
 
@@ -57,15 +70,129 @@ async def test_wrong_secret_is_refused_on_both_ends(caplog):
     assert "authentication" in str(server) and "authentication" in str(client)
 
 
+async def raw_exchange(server_fn, frames: list[bytes]) -> tuple[object, list]:
+    """Send raw ``frames`` to a server handshake, then read what it answers
+    until it closes; returns (server result, events received)."""
+    a, b = trio.testing.memory_stream_pair()
+    out = {}
+
+    async def server():
+        try:
+            out["server"] = await server_fn(b)
+        except LinkRefused as e:
+            out["server"] = e
+
+    got = []
+    async with trio.open_nursery() as n:
+        n.start_soon(server)
+        for f in frames:
+            await a.send_all(f)
+        while True:
+            data = await a.receive_some(65536)
+            if not data:
+                break
+            got.append(data)
+    return out["server"], b"".join(got)
+
+
 @pytest.mark.parametrize("kw,why", [
-    (dict(protocol_min=2, protocol_max=3), "no common protocol version: peer speaks 2..3"),
-    (dict(protocol_min=1, protocol_max=0), "protocol range 1..0 is empty"),
+    (dict(protocol_min=3, protocol_max=4), "no common protocol version: peer speaks 3..4"),
+    (dict(protocol_min=2, protocol_max=1), "protocol range 2..1 is empty"),
     (dict(nonce=b"short"), "nonce of 5 bytes"),
 ])
 async def test_unusable_hello_is_refused_with_the_reason(kw, why):
-    client, server = await handshake(hello("labor1", **kw), hello("labor2"))
+    args = dict(node="labor1", nonce=new_nonce())
+    args.update(kw)
+    server, answer = await raw_exchange(
+        lambda b: server_handshake(b, "labor2", "s", lambda h: hello("labor2"), label="s"),
+        [Connection().send(Hello(**args))])
     assert isinstance(server, LinkRefused) and why in str(server)
-    assert isinstance(client, LinkRefused) and why in str(client)  # the peer was told why
+    assert why.encode() in answer  # the peer was told why
+
+
+async def test_nothing_is_judged_or_revealed_before_the_client_proves_the_secret():
+    """A stranger that names a member node and sends a well-formed hello but a
+    wrong proof never reaches the volume (reply_to is not called) and learns
+    nothing about it: the server's answer holds no volume name or state."""
+    asked = []
+
+    def reply_to(intro):
+        asked.append(intro)
+        return hello("labor2")
+
+    client = Connection()
+    first = client.send(Hello(node="labor1", nonce=new_nonce()))
+    # The stranger cannot wait for the server's hello to compute a real MAC;
+    # any 32 bytes will do, and an intro right behind it, as an attacker would.
+    frames = [first]
+    frames.append(frame_bytes(FrameType.AUTH, b"\x01" * 32))
+    frames.append(frame_bytes(FrameType.INTRO, b'{"node":"labor1","volume":"appslv","size":1073741824,'
+                                               b'"region_size":65536,"extent_size":4194304,"path":0,'
+                                               b'"session":"x","info":{"role":"primary"}}'))
+    server, answer = await raw_exchange(
+        lambda b: server_handshake(b, "labor2", "s", reply_to, label="s"), frames)
+    assert isinstance(server, LinkRefused) and "authentication failed" in str(server)
+    assert asked == []
+    assert b"appslv" not in answer and b"primary" not in answer and b"generation" not in answer
+
+
+async def test_a_client_checks_the_server_proof_before_it_says_anything_about_the_volume():
+    """A fake server (wrong secret) gets the client's hello and AUTH, never its intro."""
+    a, b = trio.testing.memory_stream_pair()
+    seen = bytearray()
+
+    async def fake_server():
+        conn = Connection()
+        while True:
+            ev = conn.next_event()
+            if isinstance(ev, Hello):
+                break
+            data = await b.receive_some(4096)
+            seen.extend(data)
+            conn.receive_data(data)
+        theirs = conn.last_frame
+        mine = conn.send(Hello(node="labor2", nonce=new_nonce()))
+        await b.send_all(mine)
+        await b.send_all(conn.send(Auth(auth_mac("wrong", "server", theirs, mine))))
+        with trio.move_on_after(2):
+            while True:
+                data = await b.receive_some(4096)
+                if not data:
+                    break
+                seen.extend(data)
+
+    async def client():
+        with pytest.raises(LinkRefused, match="failed authentication"):
+            await client_handshake(a, hello("labor1"), "s", lambda h: None, label="c")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(fake_server)
+        n.start_soon(client)
+    assert b"appslv" not in seen and b"generation" not in seen
+
+
+async def test_a_pre_auth_frame_larger_than_a_hello_is_refused_before_it_is_buffered():
+    header = bytearray(frame_bytes_header(FrameType.HELLO, 8 * 1024 * 1024))
+    server, answer = await raw_exchange(
+        lambda b: server_handshake(b, "labor2", "s", lambda h: hello("labor2"), label="s"),
+        [bytes(header) + b"x" * 100_000])
+    assert isinstance(server, LinkRefused)
+    assert f"exceeds the bound {PREAUTH_MAX_PAYLOAD} before authentication" in str(server)
+
+
+def frame_bytes_header(ftype, length):
+    """A frame header claiming ``length`` payload bytes (checksum not checked
+    before the length is)."""
+    import struct
+    return struct.pack("<2sBBIQ", b"GM", int(ftype), 0, length, 0)
+
+
+def test_the_handshake_gate_turns_away_connections_beyond_its_limit():
+    gate = HandshakeGate(2, "test listener")
+    assert gate.try_enter() and gate.try_enter()
+    assert not gate.try_enter() and gate.turned_away == 1
+    gate.leave()
+    assert gate.try_enter() and gate.pending == 2
 
 
 async def test_server_refusal_reason_reaches_the_client():
@@ -80,7 +207,7 @@ async def test_server_refusal_reason_reaches_the_client():
 
     async def server():
         with pytest.raises(LinkRefused):
-            await server_handshake(b, "s", lambda h: "volume appslv is down on labor2", label="s")
+            await server_handshake(b, "labor2", "s", lambda h: "volume appslv is down on labor2", label="s")
 
     async with trio.open_nursery() as n:
         n.start_soon(client)
@@ -128,7 +255,8 @@ async def tcp_links():
     async with trio.open_nursery() as n:
         async def serve():
             stream = await listeners[0].accept()
-            results["server"] = await server_handshake(stream, "s", lambda h: hello("labor2"), label="server")
+            results["server"] = await server_handshake(stream, "labor2", "s", lambda h: hello("labor2"),
+                                                       label="server")
 
         n.start_soon(serve)
         stream = await trio.open_tcp_stream("127.0.0.1", port)
