@@ -142,6 +142,11 @@ class VolumeEngine:
         self._gseq = 0
         self._completed_gseq = 0
         self._local_flushed_gseq = 0
+        self._in_sync_gseq = 0  # durable on us and every member in sync (told to members with flushes)
+        self._seen_gseq = 0  # highest sequence of a primary's write applied here (a new primary goes on from it)
+        # A primary we followed went away without handing over: until the next
+        # primary has reconciled the survivors, what each may lack is unknown.
+        self.lost_primary: str | None = None
         self._inflight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -291,6 +296,17 @@ class VolumeEngine:
         # so a member that also wrote meanwhile is seen as split-brain, never
         # silently overwritten (a map from our secondary days may hold an
         # older generation here).
+        # Survivors of a lost primary reconcile before anyone is called up to
+        # date: what we mirrored of its intents is marked for every member
+        # now, and each connected member's session is reopened below, so that
+        # its bitmap (with its own marks of that primary's writes) reaches us.
+        reconcile = self.lost_primary
+        if reconcile is not None:
+            self._fold_lost_primary(reconcile, f"taking over from lost primary {reconcile}")
+        # Our sequence goes on from the last primary's, so members retire what
+        # they mirror of its writes and ours in one order.
+        self._gseq = max(self._gseq, self._seen_gseq)
+        self._completed_gseq = max(self._completed_gseq, self._gseq)
         g = sm.sb.generations.current
         for name, rec in sm.sb.peers.items():
             if rec.copy is None and not sm.out_of_sync_bytes(name) and rec.bitmap_gen != g:
@@ -305,8 +321,16 @@ class VolumeEngine:
             self.loop_device = await trio.to_thread.run_sync(_losetup_attach, self.device_path)
             log.info("%s: loop device %s", self.name, self.loop_device)
         for m in self.members.values():
-            if m.connected:
+            if not m.connected:
+                continue
+            if reconcile is not None and m.session is not None:
+                log.info("%s: reopening the session with %s to reconcile after the loss of %s",
+                         self.name, m.name, reconcile)
+                for p in list(m.session.paths):
+                    await p.aclose(f"new primary {self.node} reconciles after the loss of {reconcile}")
+            else:
                 await self._tell_member_state(m)
+        self.lost_primary = None
         log.info("%s: primary", self.name)
 
     def device_holders(self) -> list[str]:
@@ -553,7 +577,7 @@ class VolumeEngine:
         for m in self.members.values():
             if m.connected and not m.behind and m.peer_disk == DiskState.UPTODATE.value:
                 await self._send_state(m, {"generation": generation})
-                sh = m.ship_flush(self._completed_gseq)
+                sh = m.ship_flush(self._completed_gseq, in_sync=self._in_sync_gseq)
                 if sh is not None and not m.is_async:
                     waits.append(sh)
         for sh in waits:
@@ -570,7 +594,7 @@ class VolumeEngine:
         self._dirty_since_flush = False
         waits = []
         for m in self.members.values():
-            sh = m.ship_flush(point, on_settled=lambda sh, m=m: self._maybe_retire())
+            sh = m.ship_flush(point, on_settled=lambda sh, m=m: self._maybe_retire(), in_sync=self._in_sync_gseq)
             if sh is not None and not m.is_async:
                 waits.append((m, sh))
         await local.device.flush()
@@ -587,6 +611,7 @@ class VolumeEngine:
         for m in self.members.values():
             if m.connected and not m.behind and m.session is not None:
                 point = min(point, max(m.flushed_gseq, m.session_started_gseq))
+        self._in_sync_gseq = max(self._in_sync_gseq, point)
         self.local.note_flushed(point)
 
     async def _auto_flush(self) -> None:
@@ -807,6 +832,8 @@ class VolumeEngine:
             m.bitmap_done = trio.Event()
             m.verdict = self._verdict(hello)
             m.verdict_generation = self.local.statemap.sb.generations.current
+            if m.peer_role == Role.PRIMARY.value:
+                self._primary_claimed(m)
         session = m.session
         session.paths.append(link)
         try:
@@ -842,7 +869,11 @@ class VolumeEngine:
             if rec is not None and rec.disk == DiskState.UPTODATE:
                 self.local.statemap.set_peer_disk(m.name, DiskState.OUTDATED)
         failed = m.end_session(reason)
-        self._appliers.pop(m.name, None)
+        applier = self._appliers.pop(m.name, None)
+        if applier is not None:
+            applier.close()  # nothing more of this session reaches the disk
+        if m.peer_role == Role.PRIMARY.value and self.role != Role.PRIMARY:
+            self._fold_lost_primary(m.name, f"primary {m.name} lost ({reason})")
         self._hash_answerers.pop(m.name, None)
         if failed:
             log.warning("%s: member %s lost with %d shipments unacked: %s", self.name, m.name, len(failed), reason)
@@ -850,6 +881,51 @@ class VolumeEngine:
             log.info("%s: member %s disconnected: %s", self.name, m.name, reason)
         self._maybe_retire()
         self.quorum.notify()
+
+    def _fold_lost_primary(self, primary: str, why: str) -> None:
+        """The primary we followed is gone without handing over (killed, cut
+        off, or replaced by another): a write of it not yet durable on every
+        member in sync may be on some survivors and not on others. Mark the
+        extents we hold hot for it (our mirror of its intents) out of sync for
+        every other member (it lacks none of its own writes; what it wrote that
+        nobody got, its own crash recovery marks). The next primary collects these marks from every survivor
+        through the bitmap exchange of a new session, and copies them before it
+        calls anyone up to date."""
+        if self.local is None:
+            return
+        sm = self.local.statemap
+        empty = [name for name in sm.sb.peers if name != primary and not sm.out_of_sync_bytes(name)]
+        folded = sm.fold_intents(source=primary)
+        # The marks are relative to our current generation. A bitmap that was
+        # empty is now a bitmap of this generation: so the first write a new
+        # primary makes without that member forks the generation, and a member
+        # that wrote meanwhile is seen as split-brain, never silently behind.
+        g = sm.sb.generations.current
+        for name in empty:
+            if sm.sb.peers[name].bitmap_gen != g:
+                sm.set_bitmap_generation(g, member=name)
+        self.lost_primary = primary
+        if folded:
+            log.warning("%s: %s: the %d extents it was writing are marked out of sync for every member until a "
+                        "primary has reconciled them", self.name, why, len(folded))
+        else:
+            log.info("%s: %s; none of its writes were in flight here", self.name, why)
+
+    def _primary_claimed(self, m: MemberLink) -> None:
+        """``m`` says it is primary. Another member we still took for primary is
+        not any more: no write of it reaches our disk again, and what it was
+        writing is folded now, before our bitmap goes to ``m``."""
+        if self.role == Role.PRIMARY:
+            return
+        for other in self.members.values():
+            if other is m or other.peer_role != Role.PRIMARY.value or other.session is None:
+                continue
+            applier = self._appliers.pop(other.name, None)
+            if applier is not None:
+                applier.close()
+            self._fold_lost_primary(other.name, f"{m.name} took over from primary {other.name}")
+            for p in list(other.session.paths):
+                self._nursery_or_daemon().start_soon(p.aclose, f"{m.name} is primary now")
 
     async def _open_session(self, m: MemberLink, link: PeerLink) -> None:
         """First path of a session: exchange bitmaps, then the primary tells the
@@ -1233,7 +1309,10 @@ class VolumeEngine:
     async def _on_state(self, m: MemberLink, fields: dict[str, Any]) -> None:
         sm = self.local.statemap
         if "role" in fields:
+            was = m.peer_role
             m.peer_role = fields["role"]
+            if m.peer_role == Role.PRIMARY.value and was != m.peer_role:
+                self._primary_claimed(m)
         if "take_over_failed" in fields:
             m.reason = f"refused to take over: {fields['take_over_failed']}"
             m._notify()
@@ -1246,6 +1325,8 @@ class VolumeEngine:
                 log.warning("%s: %s sent unknown disk state %r", self.name, m.name, fields["your_disk"])
                 return
             sm.set_disk(disk)
+            if fields.get("role", m.peer_role) == Role.PRIMARY.value:
+                self.lost_primary = None  # a live primary has judged us: we follow it now
             if disk == DiskState.UPTODATE and sm.sb.local_copy is not None:
                 sm.set_local_copy(None)  # the copy we were waiting for is done
             if disk == DiskState.UPTODATE and fields.get("role", m.peer_role) == Role.PRIMARY.value:
@@ -1326,15 +1407,25 @@ class VolumeEngine:
             case _:
                 log.warning("%s: unexpected %s from %s", self.name, type(ev).__name__, m.name)
 
-    async def _apply_write(self, offset: int, data: bytes) -> None:
-        # No intent here: the primary's map covers this write until we ack a
-        # flush for it (see MemberLink.acked_unflushed).
+    async def _apply_write(self, item: Write) -> None:
+        """Apply a primary's write, mirroring its intent: the extent stays hot
+        here until the primary says the write is durable on every member in
+        sync. Should the primary be lost, the survivors' hot extents cover
+        every write one of them may have and another lack (see
+        _fold_lost_primary). The extent is hot before any await, so a session
+        that ends meanwhile finds it in the fold."""
         local = self._require_up()
-        await local.apply(offset, data)
+        length = len(item.data)
+        await local.begin_intent(item.offset, length)
+        try:
+            await local.apply(item.offset, item.data)
+        finally:
+            local.end_intent(item.offset, length, item.gseq)
+        self._seen_gseq = max(self._seen_gseq, item.gseq)
 
-    async def _apply_flush(self) -> None:
+    async def _apply_flush(self, item: Flush) -> None:
         local = self._require_up()
-        await local.flush()
+        await local.flush(durable_everywhere=item.in_sync)
 
     async def _answer_read(self, link: PeerLink, ev: Read) -> None:
         """Send the data, or the errno when the local read fails; a closed link
@@ -1406,6 +1497,7 @@ class VolumeEngine:
             },
             "copy_rate": self.copy_rate,
             "split_brain": {"resolving_towards": self.discarding, "saved_images": list(self.saved_images)},
+            "lost_primary": self.lost_primary,
             "io": {"writes": self.writes, "bytes_written": self.bytes_written,
                    "sequence": self._gseq, "in_flight": self._inflight},
         }

@@ -61,6 +61,7 @@ class Shipment:
     status: int = 0
     path: PeerLink | None = None
     on_settled: Callable[[Shipment], None] | None = None
+    in_sync: int = 0  # a flush's: the volume sequence durable on every member in sync
 
     @property
     def length(self) -> int:
@@ -175,14 +176,19 @@ class MemberLink:
         self._send(path, sh)
         return sh
 
-    def ship_flush(self, gseq: int, on_settled: Callable[[Shipment], None] | None = None) -> Shipment | None:
+    def ship_flush(self, gseq: int, on_settled: Callable[[Shipment], None] | None = None, *,
+                   in_sync: int = 0) -> Shipment | None:
+        """Queue a barrier up to ``gseq``; ``in_sync`` tells the member how far
+        every write is durable on every member in sync (it retires its mirror
+        of our intents up to there)."""
         s = self.session
         if not self.connected or s is None:
             return None
         path = s.pick_path()
         if path is None:
             return None
-        sh = Shipment(s.next_link_seq, gseq, "flush", queued_at=trio.current_time(), on_settled=on_settled)
+        sh = Shipment(s.next_link_seq, gseq, "flush", queued_at=trio.current_time(), on_settled=on_settled,
+                      in_sync=in_sync)
         s.next_link_seq += 1
         s.unsettled[sh.link_seq] = sh
         self._send(path, sh)
@@ -190,7 +196,8 @@ class MemberLink:
 
     def _send(self, path: PeerLink, sh: Shipment) -> None:
         sh.path = path
-        event = Write(sh.link_seq, sh.offset, sh.data) if sh.kind == "write" else Flush(sh.link_seq)
+        event = (Write(sh.link_seq, sh.offset, sh.data, gseq=sh.gseq) if sh.kind == "write"
+                 else Flush(sh.link_seq, in_sync=sh.in_sync))
         try:
             path.send_nowait(event)
             self.bytes_shipped += len(sh.data)
@@ -295,10 +302,12 @@ class MemberLink:
 class Applier:
     """Applies a session's writes and flushes in link sequence order (receiver side).
 
-    ``write(offset, data)`` and ``flush()`` are the local volume's; ``reply``
-    sends an ack on the path the item came by. Writes are issued in order; a
-    write that overlaps one still in flight waits for it; a flush waits for
-    every write issued before it.
+    ``write(item)`` and ``flush(item)`` apply a Write or Flush event to the
+    local volume; the ack goes back on the path the item came by. Writes are
+    issued in order; a write that overlaps one still in flight waits for it; a
+    flush waits for every write issued before it. Once :meth:`close` d (the
+    session ended), nothing more is applied: what was received but not yet
+    issued is dropped, never acknowledged.
     """
 
     def __init__(self, nursery: trio.Nursery, write, flush, *, on_applied=None):
@@ -311,8 +320,16 @@ class Applier:
         self._inflight: dict[int, tuple[int, int, trio.Event]] = {}  # seq -> (start, end, done)
         self._pump_running = False
         self.session_id: str | None = None
+        self.closed = False
+
+    def close(self) -> None:
+        """The session ended: apply nothing more (writes in flight finish)."""
+        self.closed = True
+        self._waiting.clear()
 
     def submit(self, item: Write | Flush, path: PeerLink) -> None:
+        if self.closed:
+            return
         if item.seq < self.next_seq:
             self._nursery.start_soon(self._ack_duplicate, item, path)
             return
@@ -324,7 +341,7 @@ class Applier:
     async def _ack_duplicate(self, item: Write | Flush, path: PeerLink) -> None:
         if isinstance(item, Flush):
             await self._wait_all_before(item.seq)
-            await self._flush()
+            await self._flush(item)
             await _reply(path, FlushAck(item.seq))
         else:
             # Everything below next_seq was issued; wait for this one if in flight.
@@ -335,7 +352,7 @@ class Applier:
 
     async def _pump(self) -> None:
         try:
-            while self.next_seq in self._waiting:
+            while self.next_seq in self._waiting and not self.closed:
                 item, path = self._waiting.pop(self.next_seq)
                 seq = self.next_seq
                 if isinstance(item, Write):
@@ -360,8 +377,12 @@ class Applier:
 
     async def _apply_write(self, item: Write, path: PeerLink, done: trio.Event) -> None:
         status = 0
+        if self.closed:  # issued, but the session ended before it started: not applied, not acked
+            self._inflight.pop(item.seq, None)
+            done.set()
+            return
         try:
-            await self._write(item.offset, item.data)
+            await self._write(item)
         except Exception as e:  # a data-path fault answers with an errno, never kills the daemon
             status = errno_for(e)
             log.error("applying write seq %d at %d failed: %s", item.seq, item.offset, e)
@@ -376,7 +397,7 @@ class Applier:
         await self._wait_all_before(seq)
         status = 0
         try:
-            await self._flush()
+            await self._flush(item)
         except Exception as e:
             status = errno_for(e)
             log.error("flush seq %d failed: %s", item.seq, e)

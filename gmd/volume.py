@@ -204,14 +204,19 @@ class LocalVolume:
         return seq
 
     async def apply(self, offset: int, data: bytes) -> None:
-        """Apply a primary's write as a member: bounds checked, no intent of our
-        own (the primary's map covers it until we acknowledge a flush)."""
+        """Apply a primary's write as a member: bounds checked; the caller
+        mirrors the primary's intent around it (see VolumeEngine._apply_write)."""
         check_range(offset, len(data), self.size, writing=True)
         await self.device.write(offset, data)
 
-    async def flush(self) -> None:
-        """Local barrier: every completed write is durable; idle extents may retire."""
-        done = self._completed_seq
+    async def flush(self, *, durable_everywhere: int | None = None) -> None:
+        """Local barrier: every completed write is durable; idle extents may retire.
+
+        As the primary, or alone, our own completed writes are the measure. A
+        member mirroring the primary's intents passes ``durable_everywhere``,
+        the primary's word on how far its writes are durable on every member in
+        sync: only extents written before that may retire here."""
+        done = self._completed_seq if durable_everywhere is None else durable_everywhere
         await self.device.flush()
         self.note_flushed(done)
 

@@ -550,6 +550,34 @@ class StateMap:
         self._hot.clear()
         return Recovery(True, hot, regions, regions * self.layout.region_size)
 
+    def fold_intents(self, *, source: str | None = None) -> tuple[int, ...]:
+        """The writes behind the hot extents may now differ between members (the
+        primary ``source`` they came from is gone, or a new one takes over):
+        mark every region of every hot extent out of sync for every member but
+        ``source`` (which wrote them, so lacks none of them), then retire the
+        idle extents and restart the flushed sequence (a new primary's sequence
+        is judged afresh). Extents with writes still in flight stay hot and
+        retire once those end. Returns the extents folded; commit afterwards
+        (the out-of-sync pages go to disk before the intent pages)."""
+        hot = tuple(sorted(set(self.intent.search(1)) | set(self._hot)))
+        rpe = self.layout.regions_per_extent
+        for extent in hot:
+            r = range(extent * rpe, min(self.layout.regions, (extent + 1) * rpe))
+            for member in self.oos:
+                if member != source:
+                    self._set_bits(member, r, True)
+        for extent in hot:
+            h = self._hot.get(extent)
+            if h is not None and h.refs > 0:
+                h.last_seq = 0  # retire as soon as its writes end
+                continue
+            self._hot.pop(extent, None)
+            if self.intent[extent]:
+                self.intent[extent] = 0
+                self._touch("intent", extent // BITS_PER_PAGE)
+        self._flushed_seq = 0
+        return hot
+
     def begin_use(self) -> None:
         """Mark the map in use (unclean); commit before the first data write."""
         if self.sb.clean:

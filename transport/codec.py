@@ -135,10 +135,11 @@ class Error:
 
 @dataclass(frozen=True)
 class Write:
-    seq: int
+    seq: int  # the link's sequence (order of application on this connection's session)
     offset: int
     data: bytes
     flags: int = 0
+    gseq: int = 0  # the primary's volume-wide sequence number of this write
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,10 @@ class WriteAck:
 @dataclass(frozen=True)
 class Flush:
     seq: int  # barrier: every write with a lower sequence must be durable first
+    # The primary's sequence up to which every write is durable on every
+    # member in sync: a member keeps the extents of later writes hot (a
+    # mirror of the primary's intents) for when the primary is lost.
+    in_sync: int = 0
 
 
 @dataclass(frozen=True)
@@ -230,7 +235,8 @@ CLOSED = _Sentinel.CLOSED
 
 # ------------------------------------------------------------ payload codecs
 
-_WRITE = struct.Struct("<QQI")
+_WRITE = struct.Struct("<QQIQ")  # link seq, offset, flags, volume seq
+_FLUSH = struct.Struct("<QQ")  # link seq, in-sync volume seq
 _SEQ_STATUS = struct.Struct("<Qi")
 _SEQ = struct.Struct("<Q")
 _READ = struct.Struct("<QQI")
@@ -254,7 +260,7 @@ def _encode_parts(event: Event) -> tuple[FrameType, list]:
     copied here: it is joined once, with whatever else is queued, at send time."""
     match event:
         case Write():
-            return FrameType.WRITE, [_WRITE.pack(event.seq, event.offset, event.flags), event.data]
+            return FrameType.WRITE, [_WRITE.pack(event.seq, event.offset, event.flags, event.gseq), event.data]
         case ReadReply():
             return FrameType.READ_REPLY, [_READ_REPLY.pack(event.request, event.status), event.data]
     ftype, payload = _encode_single(event)
@@ -279,11 +285,11 @@ def _encode_single(event: Event) -> tuple[FrameType, bytes]:
         case Error():
             return FrameType.ERROR, _json({"reason": event.reason})
         case Write():
-            return FrameType.WRITE, _WRITE.pack(event.seq, event.offset, event.flags) + event.data
+            return FrameType.WRITE, _WRITE.pack(event.seq, event.offset, event.flags, event.gseq) + event.data
         case WriteAck():
             return FrameType.WRITE_ACK, _SEQ_STATUS.pack(event.seq, event.status)
         case Flush():
-            return FrameType.FLUSH, _SEQ.pack(event.seq)
+            return FrameType.FLUSH, _FLUSH.pack(event.seq, event.in_sync)
         case FlushAck():
             return FrameType.FLUSH_ACK, _SEQ_STATUS.pack(event.seq, event.status)
         case Read():
@@ -371,15 +377,15 @@ def _decode(ftype: FrameType, payload: bytes) -> Event:
             return Error(str(o.get("reason", "no reason given"))[:1000])
         case FrameType.WRITE:
             _need(payload, _WRITE.size, "write")
-            seq, offset, flags = _WRITE.unpack_from(payload)
+            seq, offset, flags, gseq = _WRITE.unpack_from(payload)
             # A read-only view of the (immutable) payload: the data is not copied again.
-            return Write(seq, offset, memoryview(payload)[_WRITE.size:], flags)
+            return Write(seq, offset, memoryview(payload)[_WRITE.size:], flags, gseq)
         case FrameType.WRITE_ACK:
             _exact(payload, _SEQ_STATUS.size, "write ack")
             return WriteAck(*_SEQ_STATUS.unpack(payload))
         case FrameType.FLUSH:
-            _exact(payload, _SEQ.size, "flush")
-            return Flush(*_SEQ.unpack(payload))
+            _exact(payload, _FLUSH.size, "flush")
+            return Flush(*_FLUSH.unpack(payload))
         case FrameType.FLUSH_ACK:
             _exact(payload, _SEQ_STATUS.size, "flush ack")
             return FlushAck(*_SEQ_STATUS.unpack(payload))
@@ -695,7 +701,7 @@ def _validate(event: Event) -> None:
         case HashRequest():
             if event.block <= 0:
                 bad("block size must be positive")
-    for name in ("seq", "offset", "request", "token", "start"):
+    for name in ("seq", "offset", "request", "token", "start", "gseq", "in_sync"):
         v = getattr(event, name, None)
         if v is not None and not 0 <= v < _U64:
             bad(f"{name} {v} outside 0..2**64-1")

@@ -237,9 +237,9 @@ def bitmaps(draw):
 
 
 data_events = st.one_of(
-    st.builds(Write, u64, u64, small_bytes, u32),
+    st.builds(Write, u64, u64, small_bytes, u32, u64),
     st.builds(WriteAck, u64, i32),
-    st.builds(Flush, u64),
+    st.builds(Flush, u64, u64),
     st.builds(FlushAck, u64, i32),
     st.builds(Read, u64, u64, u32),
     st.builds(ReadReply, u64, i32, small_bytes),
@@ -270,6 +270,8 @@ EXAMPLES = [
     pytest.param(WriteAck(4, 5), id="write-ack-EIO"),
     pytest.param(WriteAck(5, -28), id="write-ack-negative-errno"),
     pytest.param(Flush(6), id="flush"),
+    pytest.param(Flush(7, in_sync=2**64 - 1), id="flush-in-sync"),
+    pytest.param(Write(8, 4096, b"w", gseq=12345), id="write-gseq"),
     pytest.param(FlushAck(6, 0), id="flush-ack"),
     pytest.param(FlushAck(7, 122), id="flush-ack-EDQUOT"),
     pytest.param(Read(8, 4096 * 77, 65536), id="read"),
@@ -544,9 +546,9 @@ def test_oversized_length_is_refused_from_the_header_alone(state):
 
 def test_length_bound_is_inclusive():
     conn = at_state(ConnState.ESTABLISHED, SMALL)
-    at_bound = frame_bytes(FrameType.WRITE, struct.pack("<QQI", 1, 0, 0) + b"x" * (SMALL - 20))
-    assert raw_bytes(conn, at_bound) == Write(1, 0, b"x" * (SMALL - 20))
-    over = frame_bytes(FrameType.WRITE, struct.pack("<QQI", 1, 0, 0) + b"x" * (SMALL - 19))
+    at_bound = frame_bytes(FrameType.WRITE, struct.pack("<QQIQ", 1, 0, 0, 0) + b"x" * (SMALL - 28))
+    assert raw_bytes(conn, at_bound) == Write(1, 0, b"x" * (SMALL - 28))
+    over = frame_bytes(FrameType.WRITE, struct.pack("<QQIQ", 1, 0, 0, 0) + b"x" * (SMALL - 27))
     conn.receive_data(over[:HEADER_SIZE])
     with pytest.raises(RemoteProtocolError, match="exceeds the bound 1024"):
         conn.next_event()
@@ -612,15 +614,16 @@ def test_data_after_eof():
     assert conn.next_event() is CLOSED
 
 
-W = struct.Struct("<QQI")
+W = struct.Struct("<QQIQ")
 
 
 @pytest.mark.parametrize("ftype, payload, message", [
-    (FrameType.WRITE, W.pack(1, 2, 3)[:19], r"write frame of 19 bytes is shorter than its 20-byte header"),
-    (FrameType.WRITE, b"", r"write frame of 0 bytes is shorter than its 20-byte header"),
+    (FrameType.WRITE, W.pack(1, 2, 3, 4)[:27], r"write frame of 27 bytes is shorter than its 28-byte header"),
+    (FrameType.WRITE, b"", r"write frame of 0 bytes is shorter than its 28-byte header"),
     (FrameType.WRITE_ACK, b"\0" * 11, r"write ack frame is 11 bytes, expected 12"),
     (FrameType.WRITE_ACK, b"\0" * 13, r"write ack frame is 13 bytes, expected 12"),
-    (FrameType.FLUSH, b"\0" * 9, r"flush frame is 9 bytes, expected 8"),
+    (FrameType.FLUSH, b"\0" * 9, r"flush frame is 9 bytes, expected 16"),
+    (FrameType.FLUSH, b"\0" * 8, r"flush frame is 8 bytes, expected 16"),
     (FrameType.FLUSH_ACK, b"\0" * 8, r"flush ack frame is 8 bytes, expected 12"),
     (FrameType.READ, b"\0" * 21, r"read frame is 21 bytes, expected 20"),
     (FrameType.READ_REPLY, b"\0" * 11, r"read reply frame of 11 bytes is shorter than its 12-byte header"),
@@ -931,10 +934,10 @@ def test_send_refuses_what_is_not_an_event():
 
 def test_send_refuses_a_payload_above_max_payload():
     client, server = handshake(max_payload=SMALL)
-    at_bound = Write(1, 0, b"x" * (SMALL - 20))
+    at_bound = Write(1, 0, b"x" * (SMALL - 28))
     assert transfer(client, server, at_bound) == at_bound
     with pytest.raises(LocalProtocolError, match=r"WRITE payload of 1025 bytes exceeds 1024"):
-        client.send(Write(2, 0, b"x" * (SMALL - 19)))
+        client.send(Write(2, 0, b"x" * (SMALL - 27)))
     with pytest.raises(LocalProtocolError, match=r"HASH_REPLY payload of 1036 bytes exceeds 1024"):
         client.send(HashReply(3, 0, (1,) * 128))
     with pytest.raises(LocalProtocolError, match=r"STATE payload of \d+ bytes exceeds 1024"):
@@ -1042,7 +1045,7 @@ def test_send_refuses_what_the_peer_would_refuse(where, event, message):
 
 wide = st.integers(-(2**66), 2**66) | u64
 wild_events = st.one_of(
-    st.builds(Write, wide, wide, small_bytes, wide),
+    st.builds(Write, wide, wide, small_bytes, wide, wide),
     st.builds(WriteAck, wide, wide),
     st.builds(FlushAck, wide, wide),
     st.builds(Read, wide, wide, wide),

@@ -268,7 +268,7 @@ async def tcp_links():
 def raw_write_frame(seq, offset, data):
     from transport.codec import _WRITE, FrameType, frame_bytes
 
-    return frame_bytes(FrameType.WRITE, _WRITE.pack(seq, offset, 0) + data)
+    return frame_bytes(FrameType.WRITE, _WRITE.pack(seq, offset, 0, 0) + data)
 
 
 async def test_large_and_small_writes_arrive_intact_over_tcp():
