@@ -155,7 +155,7 @@ def mark_clean(config: Config, node: str, volume: str, *, force: bool = False, d
 def offline_status(config: Config, node: str, volume: str) -> dict[str, Any]:
     """``gmd status VOLUME --json`` answered from the state map, daemon not running.
 
-    The shape is the stable one of shared/DESIGN.md; links are ``unknown`` and
+    The shape is the stable one of docs/DESIGN.md; links are ``unknown`` and
     nothing is running, so ``copy`` is null and ``pending_copy`` says what a
     restarted daemon would resume.
     """

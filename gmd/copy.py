@@ -1,6 +1,6 @@
 """Bringing a member back: full copy behind a fence, mini-copy from its bitmap.
 
-One engine, two region sets (shared/DESIGN.md, "Copy, mini-copy, merge"):
+One engine, two region sets (docs/DESIGN.md, "Bringing members back"):
 
 * **full copy**: regions from the member's persisted fence to the end of the
   volume; the fence advances (and is committed) only after the member has

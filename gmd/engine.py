@@ -1,6 +1,6 @@
 """The volume engine: one volume on one node, its role, write pipeline and member links.
 
-Write path on the primary (shared/DESIGN.md, "The write path"):
+Write path on the primary (docs/DESIGN.md, "The write path"):
 
 1. bounds: a request that does not fit is refused whole (EINVAL/ENOSPC);
 2. order: a write waits for every in-flight write it overlaps, then gets the

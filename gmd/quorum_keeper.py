@@ -1,5 +1,5 @@
-"""Who may write: the votes of one volume on this node (shared/DESIGN.md,
-"Generations, quorum, split-brain").
+"""Who may write: the votes of one volume on this node (docs/DESIGN.md,
+"Who may write: votes, quorum, witness").
 
 Votes present are this member's, every connected member's, and a witness's
 while it grants them. A primary completes a write only with a quorum (a strict

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 class LinkState(StrEnum):
-    """A member link as operators see it (shared/DESIGN.md)."""
+    """A member link as operators see it (docs/DESIGN.md, "States")."""
 
     LOCAL = "local"
     CONNECTING = "connecting"

@@ -1,6 +1,6 @@
 """The state map of one member: in-memory bitmaps, crash-safe commits, recovery.
 
-Invariants kept here (shared/DESIGN.md, "State map invariants"):
+Invariants kept here (docs/DESIGN.md, "The state map on disk"):
 
 * On-disk out-of-sync bits are exact for every extent that is not hot in the
   on-disk intent bitmap. A caller that sets an out-of-sync bit outside a durably

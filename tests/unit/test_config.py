@@ -21,7 +21,7 @@ from gmd.config import (
 
 BASE_DIR = Path("/etc/gmd")
 
-# The example from DESIGN.md, "Operator interface", verbatim.
+# The example from docs/DESIGN.md, "Configuration", verbatim.
 DESIGN_EXAMPLE = """\
 secret = "change-me"                 # peer authentication
 
