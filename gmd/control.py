@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,18 @@ def request(path: str | os.PathLike[str], req: dict[str, Any], *, timeout: float
     """
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
+    deadline = time.monotonic() + timeout
     try:
-        try:
-            s.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise ControlUnavailable(f"no gmd daemon at {path} ({e.strerror})") from None
+        while True:
+            try:
+                s.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                raise ControlUnavailable(f"no gmd daemon at {path} ({e.strerror})") from None
+            except BlockingIOError:  # its listen backlog is full: it is busy accepting
+                if time.monotonic() > deadline:
+                    raise ControlUnavailable(f"daemon at {path} accepts no connection (backlog full)") from None
+                time.sleep(0.01)
         s.sendall(json.dumps(req).encode() + b"\n")
         buf = bytearray()
         while not buf.endswith(b"\n"):
