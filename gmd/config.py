@@ -15,6 +15,8 @@ File format::
     address = ["10.0.0.1:7799", ...]  # required: "host:port" or a list of them
                                       #   (IPv6 as "[::1]:7799"); one per path
     control = "/run/gmd/NAME.sock"    # control socket   (this default)
+    control_timeout = 10              # seconds a control client has to send its
+                                      #   request line (this default; >= 1)
     mount = "/run/gmd/NAME"           # FUSE mount point (this default)
     votes = 1                         # integer >= 0     (this default)
 
@@ -119,6 +121,7 @@ DEFAULT_EXTENT_SIZE = 4 * MiB
 MIN_REGION_SIZE = 4096
 MAX_MEMBERS = 8
 DEFAULT_VOTES = 1
+DEFAULT_CONTROL_TIMEOUT = 10  # seconds a control client may take to send its request line
 QUORUM_LOSS_POLICIES = ("suspend", "fail")
 SPLIT_BRAIN_POLICIES = ("disconnect", "discard-secondary", "discard-younger-primary", "discard-least-changes")
 MAX_SIZE = 2**63 - 1  # byte offsets travel as signed 64-bit integers
@@ -240,6 +243,7 @@ class Node:
     mount: Path
     votes: int
     listen: tuple[Address, ...] = ()  # where the daemon binds; default: addresses
+    control_timeout: int = DEFAULT_CONTROL_TIMEOUT  # seconds to send a control request line
 
     @property
     def listen_addresses(self) -> tuple[Address, ...]:
@@ -640,7 +644,7 @@ class _Parser:
         nodes = {}
         for name, table in tables.items():
             key = _join("nodes", name)
-            self.check_keys(table, key, ("address", "listen", "control", "mount", "votes"))
+            self.check_keys(table, key, ("address", "listen", "control", "control_timeout", "mount", "votes"))
             addresses = self.addresses_of(table, key)
             listen: tuple[Address, ...] = ()
             if "listen" in table:
@@ -666,7 +670,9 @@ class _Parser:
                     )
                 self.node_paths[path] = where
             votes = self.integer(table.get("votes", DEFAULT_VOTES), _join(key, "votes"), 0)
-            nodes[name] = Node(name, addresses, control, mount, votes, listen)
+            control_timeout = self.integer(table.get("control_timeout", DEFAULT_CONTROL_TIMEOUT),
+                                           _join(key, "control_timeout"), 1)
+            nodes[name] = Node(name, addresses, control, mount, votes, listen, control_timeout)
         return nodes
 
     def witnesses(self, value: object, nodes: Mapping[str, Node]) -> dict[str, Witness]:

@@ -1,9 +1,15 @@
 """The control socket: a Unix socket (mode 0600) speaking JSON lines.
 
-Request: one JSON object per line, ``{"op": "status", "volume": "appslv"}``.
-Reply: one JSON object per line, ``{"ok": true, ...}`` or
+Request: one JSON object per line, ``{"op": "status", "volume": "appslv"}``,
+checked against the schema in :mod:`gmd.requests` (every op, its fields and
+their types). Reply: one JSON object per line, ``{"ok": true, ...}`` or
 ``{"ok": false, "error": "...", "exit_code": 1}``. The CLI is the only client;
-the ops are those of :meth:`gmd.daemon.NodeDaemon.handle_control`.
+the ops are carried out by :meth:`gmd.daemon.NodeDaemon.handle_control`.
+
+The daemon serves at most :data:`MAX_CONTROL_CLIENTS` connections at a time
+(more get the error reply "too many control connections" and are closed), and a
+client must send its whole request line within the node's ``control_timeout``
+(:data:`gmd.config.DEFAULT_CONTROL_TIMEOUT` seconds unless configured).
 """
 
 from __future__ import annotations
@@ -11,10 +17,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
-MAX_REQUEST = 1 << 20
+MAX_REQUEST = 1 << 20  # bytes of one request line
+MAX_CONTROL_CLIENTS = 64  # control connections served at once
 
 
 class ControlUnavailable(Exception):
@@ -28,11 +36,18 @@ def request(path: str | os.PathLike[str], req: dict[str, Any], *, timeout: float
     """
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
+    deadline = time.monotonic() + timeout
     try:
-        try:
-            s.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise ControlUnavailable(f"no gmd daemon at {path} ({e.strerror})") from None
+        while True:
+            try:
+                s.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                raise ControlUnavailable(f"no gmd daemon at {path} ({e.strerror})") from None
+            except BlockingIOError:  # its listen backlog is full: it is busy accepting
+                if time.monotonic() > deadline:
+                    raise ControlUnavailable(f"daemon at {path} accepts no connection (backlog full)") from None
+                time.sleep(0.01)
         s.sendall(json.dumps(req).encode() + b"\n")
         buf = bytearray()
         while not buf.endswith(b"\n"):

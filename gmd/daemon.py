@@ -31,10 +31,13 @@ from transport.link import (
 )
 from transport.tls import TlsContexts, make_contexts
 
-from .config import Address, Config
-from .control import MAX_REQUEST, prepare_socket_path
+from statemap.errors import StateMapError
+
+from .config import Address, Config, ConfigError
+from .control import MAX_CONTROL_CLIENTS, MAX_REQUEST, prepare_socket_path
 from .engine import VolumeEngine
-from .errors import GmdError, exit_code_for
+from .errors import ExitCode, GmdError, exit_code_for
+from .requests import check_request, decode_line, op_of
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ class NodeDaemon:
         self.nursery: trio.Nursery | None = None
         self.listen_addresses: list[tuple[str, int]] = []
         self._stopping = trio.Event()
+        self._control_clients = 0  # control connections being served now
+        self._control_full_logged = False
         self.tls: TlsContexts | None = None
         if config.tls is not None:
             try:
@@ -175,7 +180,7 @@ class NodeDaemon:
         finally:
             os.umask(old_umask)
         os.chmod(path, 0o600)
-        sock.listen(16)
+        sock.listen(MAX_CONTROL_CLIENTS)
         listener = trio.SocketListener(sock)
         log.info("%s: control socket %s", self.node, path)
         task_status.started()
@@ -188,33 +193,63 @@ class NodeDaemon:
                 pass
 
     async def _control_client(self, stream: trio.SocketStream) -> None:
-        buf = bytearray()
+        """One control connection: one request line in (within the node's
+        ``control_timeout``), one reply line out. At most MAX_CONTROL_CLIENTS at
+        a time: beyond that a connection gets a one-line refusal, so idle clients
+        cannot hold the daemon's file descriptors or memory."""
+        timeout = self.node_config.control_timeout
         try:
-            while b"\n" not in buf:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    return
-                buf += chunk
-                if len(buf) > MAX_REQUEST:
-                    await stream.send_all(b'{"ok": false, "error": "request too large", "exit_code": 2}\n')
-                    return
-            line = bytes(buf.split(b"\n", 1)[0])
+            if self._control_clients >= MAX_CONTROL_CLIENTS:
+                if not self._control_full_logged:  # once per overload, not once per connection
+                    log.warning("%s: %d control connections open; refusing more until one ends",
+                                self.node, self._control_clients)
+                    self._control_full_logged = True
+                with trio.move_on_after(timeout):
+                    await stream.send_all(_error_line("too many control connections", ExitCode.FAILED))
+                return
+            self._control_clients += 1
             try:
-                req = json.loads(line)
-                if not isinstance(req, dict):
-                    raise ValueError("request is not a JSON object")
-                reply = await self.handle_control(req)
-            except (ValueError, KeyError) as e:
-                reply = {"ok": False, "error": f"bad request: {e}", "exit_code": 2}
-            except Exception as e:  # every failure becomes an answer, never a dead daemon
-                if not isinstance(e, GmdError):
-                    log.exception("control request %r failed", line[:200])
-                reply = {"ok": False, "error": str(e), "exit_code": int(exit_code_for(e))}
-            await stream.send_all(json.dumps(reply).encode() + b"\n")
+                reply = await self._control_exchange(stream, timeout)
+                if reply is not None:
+                    with trio.move_on_after(timeout):  # a client that never reads its reply
+                        await stream.send_all(json.dumps(reply).encode() + b"\n")
+            finally:
+                self._control_clients -= 1
+                if self._control_clients < MAX_CONTROL_CLIENTS:
+                    self._control_full_logged = False
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             await stream.aclose()
+
+    async def _control_exchange(self, stream: trio.SocketStream, timeout: float) -> dict[str, Any] | None:
+        """Read one request line and answer it; None if the client went away."""
+        buf = bytearray()
+        with trio.move_on_after(timeout) as idle:
+            while b"\n" not in buf:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return None
+                buf += chunk
+                if len(buf) > MAX_REQUEST:
+                    log.warning("%s: control request refused: longer than %d bytes", self.node, MAX_REQUEST)
+                    return _error_reply("request too large", ExitCode.USAGE)
+        if idle.cancelled_caught:
+            log.info("%s: control client sent no complete request within %d s; closed", self.node, timeout)
+            return _error_reply(f"no complete request line within {timeout} s", ExitCode.USAGE)
+        line = bytes(buf.split(b"\n", 1)[0])
+        op = "request"
+        try:
+            value = decode_line(line)
+            op = op_of(value) or op
+            return await self.handle_control(value)
+        except EXPECTED_ERRORS as e:
+            # Bad input or a refusal: the reason is the whole story, no traceback.
+            log.warning("%s: control %s failed: %s", self.node, op, _one_line(e))
+            return _error_reply(str(e), exit_code_for(e))
+        except Exception as e:  # a bug: every failure becomes an answer, never a dead daemon
+            log.exception("%s: control request %r failed", self.node, line[:200])
+            return _error_reply(f"{type(e).__name__}: {e}", exit_code_for(e))
 
     async def reload(self) -> dict[str, Any]:
         """``gmd reload``: re-read the config file and apply what can change while
@@ -263,19 +298,21 @@ class NodeDaemon:
         return {"added": added}
 
     def _engine(self, req: dict[str, Any]) -> VolumeEngine:
-        name = req.get("volume")
-        if not isinstance(name, str) or name not in self.engines:
+        name = req["volume"]
+        if name not in self.engines:
             known = ", ".join(self.engines) or "none"
             raise GmdError(f"node {self.node} has no volume {name!r} (volumes here: {known})")
         return self.engines[name]
 
-    async def handle_control(self, req: dict[str, Any]) -> dict[str, Any]:
-        """One control request; the reply carries ``ok`` and the op's result."""
-        op = req.get("op")
+    async def handle_control(self, request: Any) -> dict[str, Any]:
+        """One control request (decoded JSON), checked against :data:`gmd.requests.OPS`
+        before anything is done; the reply carries ``ok`` and the op's result."""
+        req = check_request(request)
+        op = req["op"]
         if op == "ping":
             return {"ok": True, "node": self.node, "pid": os.getpid()}
         if op == "status":
-            if req.get("volume") is None:
+            if req["volume"] is None:
                 out = []
                 for e in self.engines.values():
                     out.append(e.status() if e.is_up else {"volume": e.name, "node": self.node, "daemon": True, "up": False})
@@ -285,48 +322,54 @@ class NodeDaemon:
                 return {"ok": True, "status": None, "up": False}
             return {"ok": True, "status": engine.status(), "up": True}
         if op == "up":
-            await self._engine(req).up(loop=bool(req.get("loop")))
+            await self._engine(req).up(loop=req["loop"])
             return {"ok": True}
         if op == "down":
-            await self._engine(req).down(force=bool(req.get("force")))
+            await self._engine(req).down(force=req["force"])
             return {"ok": True}
         if op == "primary":
             engine = self._engine(req)
-            await engine.promote(force=bool(req.get("force")))
+            await engine.promote(force=req["force"])
             return {"ok": True, "device": engine.device_path, "loop": engine.loop_device}
         if op == "secondary":
-            await self._engine(req).demote(force=bool(req.get("force")))
+            await self._engine(req).demote(force=req["force"])
             return {"ok": True}
         if op == "verify":  # starts it; the client follows it in the status (it may take hours)
             return {"ok": True, "members": self._engine(req).start_verify()}
         if op == "resync":
-            rate = req.get("rate")
-            if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or rate < 0):
-                raise ValueError(f"rate must be a non-negative number of bytes per second, not {rate!r}")
-            return {"ok": True, "started": self._engine(req).resync(rate)}
-        if op == "resolve":
-            if req.get("discard") != "local":
-                raise ValueError("resolve needs 'discard': 'local' (run it on the side whose changes go)")
-            return {"ok": True, **(await self._engine(req).resolve(dry_run=bool(req.get("dry_run"))))}
+            return {"ok": True, "started": self._engine(req).resync(req["rate"])}
+        if op == "resolve":  # the schema allows only discard "local"
+            return {"ok": True, **(await self._engine(req).resolve(dry_run=req["dry_run"]))}
         if op == "switchover":
-            target = req.get("to")
-            if not isinstance(target, str):
-                raise ValueError("switchover needs 'to': the node to hand the primary role to")
-            return {"ok": True, **(await self._engine(req).switchover(target))}
+            return {"ok": True, **(await self._engine(req).switchover(req["to"]))}
         if op == "reload":
             return {"ok": True, **(await self.reload())}
         if op == "quorum":
             engine = self._engine(req)
-            if "expected_votes" in req:
-                ev = req["expected_votes"]
-                if ev is not None and (not isinstance(ev, int) or isinstance(ev, bool)):
-                    raise ValueError(f"expected_votes must be a positive integer or null, not {ev!r}")
-                return {"ok": True, "quorum": await engine.set_expected_votes(ev)}
+            if "expected_votes" in req:  # null: back to the configured sum
+                return {"ok": True, "quorum": await engine.set_expected_votes(req["expected_votes"])}
             return {"ok": True, "quorum": engine.status()["quorum"]}
         if op == "stop":
             self.stop()
             return {"ok": True}
-        raise ValueError(f"unknown op {op!r}")
+        raise AssertionError(f"op {op!r} is in gmd.requests.OPS but has no branch here")
+
+
+# What a control request may fail with in ordinary use (bad input, a refusal, a
+# damaged or missing state map, a config that does not load): logged as one line.
+EXPECTED_ERRORS = (GmdError, StateMapError, ConfigError, OSError)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _error_reply(message: str, code: int) -> dict[str, Any]:
+    return {"ok": False, "error": message, "exit_code": int(code)}
+
+
+def _error_line(message: str, code: int) -> bytes:
+    return json.dumps(_error_reply(message, code)).encode() + b"\n"
 
 
 async def run_daemon(config: Config, node: str, mount: bool = True) -> None:

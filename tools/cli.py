@@ -20,6 +20,7 @@ from typing import Any
 from gmd import __version__, admin, control
 from gmd.config import Config, ConfigError, load_config, parse_size, resolve_config_path, resolve_node
 from gmd.errors import ExitCode, GmdError, UsageError, exit_code_for
+from gmd.requests import check_request
 
 
 class DaemonRefused(GmdError):
@@ -349,6 +350,7 @@ def cmd_quorum(args: argparse.Namespace) -> int:
 
 
 def _daemon_request(config: Config, node: str, req: dict[str, Any]) -> dict[str, Any]:
+    check_request(req)  # the daemon's schema: a request it would refuse is a bug here
     reply = control.request(config.node(node).control, req)
     if not reply.get("ok"):
         raise DaemonRefused(reply.get("error", "daemon refused"), reply.get("exit_code", 1))

@@ -139,8 +139,14 @@ def test_defaults_for_minimal_config():
     cfg = parse(volume())
     assert cfg.node("a").votes == 1
     assert cfg.node("a").control == Path("/run/gmd/a.sock")
+    assert cfg.node("a").control_timeout == 10
     vol = cfg.volume("v")
     assert (vol.region_size, vol.extent_size, vol.mode) == (65536, 4 * 1024**2, "mwc")
+
+
+def test_control_timeout_is_read_per_node():
+    cfg = parse(NODES.replace("[nodes.b]", "[nodes.b]\ncontrol_timeout = 2"))
+    assert (cfg.node("a").control_timeout, cfg.node("b").control_timeout) == (10, 2)
 
 
 def test_witnesses_and_volumes_are_optional():
@@ -372,6 +378,10 @@ def test_unknown_keys(text, key, fragments):
          ["got boolean true"]),
         (NODES.replace('[nodes.b]', '[nodes.b]\nvotes = -1'), "nodes.b.votes",
          ["-1 is too small"]),
+        (NODES.replace('[nodes.b]', '[nodes.b]\ncontrol_timeout = 0'), "nodes.b.control_timeout",
+         ["0 is too small (expected an integer >= 1)"]),
+        (NODES.replace('[nodes.b]', '[nodes.b]\ncontrol_timeout = "10s"'), "nodes.b.control_timeout",
+         ['got string "10s"']),
         (NODES.replace('"10.0.0.2:7799"', "7799"), "nodes.b.address",
          ['"host:port" string or a list', "got integer 7799"]),
         (NODES.replace('"10.0.0.2:7799"', "[]"), "nodes.b.address", ["empty list"]),
