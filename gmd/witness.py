@@ -108,15 +108,14 @@ class WitnessDaemon:
 
     def _load(self):
         try:
-            text = self.state_path.read_bytes().decode()
+            data = self.state_path.read_bytes()
         except FileNotFoundError:
             return {}
         except OSError as e:
             raise GmdError(f"witness {self.name}: cannot read its state file {self.state_path}: {e}") from None
-        except UnicodeDecodeError:
-            text = "\ufffd"  # not text: reported as damaged below
         try:
-            records, ignored = WitnessBook.records_from_json(json.loads(text))
+            # Bytes that are not text or not JSON raise ValueError here too.
+            records, ignored = WitnessBook.records_from_json(json.loads(data))
         except ValueError as e:
             # Starting empty could let an outdated member be promoted: refuse.
             raise GmdError(
