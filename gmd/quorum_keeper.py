@@ -67,6 +67,9 @@ class QuorumKeeper:
         self._lock = trio.Lock()
         self._suspended_since: float | None = None
         self.superseded: str | None = None  # a witness said another node is primary
+        # The volume's identity, sent with every claim so a witness judges it only
+        # by this volume's own registration (None: a map from before identities).
+        self.identity: str | None = None
 
     # ----------------------------------------------------------- arithmetic
 
@@ -154,8 +157,8 @@ class QuorumKeeper:
     # ---------------------------------------------------------- witnesses
 
     def _claim_fields(self, current: str, history: list[str], outdated: frozenset[str]) -> dict[str, Any]:
-        return {"volume": self.engine.name, "current": current, "history": list(history),
-                "outdated": sorted(outdated)}
+        return {"volume": self.engine.name, "identity": self.identity or None, "current": current,
+                "history": list(history), "outdated": sorted(outdated)}
 
     async def ask_witnesses(self, op: str, current: str, history: list[str], outdated: frozenset[str]) -> int:
         """``renew`` or ``promote`` at every witness at once; the votes granted."""

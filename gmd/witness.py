@@ -5,17 +5,29 @@ like peers (same handshake, same secret, TLS if configured) with an empty
 volume name, then send requests as STATE frames and get one STATE reply each:
 
     {"id": 7, "op": "renew" | "promote" | "query" | "release", "volume": "appslv",
-     "current": GEN, "history": [GEN, ...], "outdated": [NODE, ...]}
-    -> {"id": 7, "granted": true, "reason": "...", "superseded": false, "votes": 1}
+     "identity": "9f0c…" | null, "current": GEN, "history": [GEN, ...], "outdated": [NODE, ...]}
+    -> {"id": 7, "granted": true, "reason": "...", "notes": ["..."], "superseded": false, "votes": 1}
 
-The decisions are :class:`quorum.witness.WitnessBook`'s. The witness writes its
-registrations (generation and outdated set per volume) to its state file before
-it answers a request that changed them, so a restarted witness still refuses a
-member that a primary wrote without.
+    {"id": 8, "op": "status", "volume": "appslv"}
+    -> {"id": 8, "granted": false, "reason": "status", "votes": 0,
+        "records": [{"volume", "identity", "generation", "parent", "outdated", "primary", "lease"}, ...]}
+
+The decisions are :class:`quorum.witness.WitnessBook`'s. A claim is judged only
+against the record of its volume's identity (``identity`` missing or null: a map
+from before identities); ``notes`` (also appended to ``reason``) names records of
+the same volume name under other identities, which were not applied.
+
+The witness writes its registrations (generation and outdated set per volume
+and identity) to its state file before it answers a request that changed them,
+so a restarted witness still refuses a member that a primary wrote without. It
+holds an exclusive lock on ``<state>.lock`` for its whole life: two witnesses
+never share one state file.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import functools
 import json
 import logging
@@ -27,7 +39,8 @@ from typing import Any
 
 import trio
 
-from quorum.witness import RENEW_INTERVAL, Claim, WitnessBook
+from quorum.witness import RENEW_INTERVAL, Claim, WitnessBook, check_identity, short_identity
+from statemap.fileio import write_new_file
 from transport.codec import Intro, State
 from transport.link import (
     PREAUTH_CONNECTIONS,
@@ -57,7 +70,8 @@ def _witness_intro(name: str, path: int = 0, session: str = "") -> Intro:
 
 
 class WitnessDaemon:
-    """Serves one configured witness until :meth:`stop`."""
+    """Serves one configured witness until :meth:`stop`; holds its state file's
+    lock from construction until :meth:`close`."""
 
     def __init__(self, config: Config, name: str):
         if name not in config.witnesses:
@@ -67,7 +81,6 @@ class WitnessDaemon:
         self.name = name
         self.witness = config.witnesses[name]
         self.state_path: Path = self.witness.state
-        self.book = WitnessBook(trio.current_time(), self._load())
         self.listen_addresses: list[tuple[str, int]] = []
         self._stopping = trio.Event()
         self.tls: TlsContexts | None = None
@@ -76,39 +89,62 @@ class WitnessDaemon:
                 self.tls = make_contexts(config.tls.cert, config.tls.key, config.tls.ca)
             except (OSError, ssl.SSLError) as e:
                 raise GmdError(f"{config.path}: tls: cannot load certificate, key or CA: {e}") from None
+        self._lock_fd: int | None = lock_state_file(self.state_path, f"witness {name}")
+        try:
+            _remove_stale_temp_files(self.state_path)
+            records = self._load()
+        except BaseException:
+            self.close()
+            raise
+        self.book = WitnessBook(trio.current_time(), records)
+        # Decide-and-save runs one request at a time: no answer may rest on a
+        # registration another request has changed but not yet written.
+        self._book_lock = trio.Lock()
+        self._noted: set[tuple[str, str | None, str]] = set()  # other-identity notes already logged
+
+    def close(self) -> None:
+        """Release the state file's lock (the process's exit does too)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _load(self):
         try:
-            text = self.state_path.read_text()
+            data = self.state_path.read_bytes()
         except FileNotFoundError:
             return {}
         except OSError as e:
             raise GmdError(f"witness {self.name}: cannot read its state file {self.state_path}: {e}") from None
         try:
-            return WitnessBook.records_from_json(json.loads(text))
+            # Bytes that are not text or not JSON raise ValueError here too.
+            records, ignored = WitnessBook.records_from_json(json.loads(data))
         except ValueError as e:
             # Starting empty could let an outdated member be promoted: refuse.
             raise GmdError(
                 f"witness {self.name}: state file {self.state_path} is damaged ({e}). It records which members "
                 "a primary wrote without; move it aside only once every volume's primary is known to be "
                 "running (it registers again within a second)") from None
+        if ignored:
+            log.warning("witness %s: state file %s is format 1 (from before volume identities): its "
+                        "registrations of %s are ignored, as they name no volume identity and so cannot be "
+                        "matched to any volume's life; each primary registers again when it renews", self.name,
+                        self.state_path, ", ".join(ignored))
+        return records
 
-    def _save(self) -> None:
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+    def holdings_lines(self) -> list[str]:
+        """What the witness holds, one line per record (for the start log)."""
+        rows = self.book.holdings(trio.current_time())
+        if not rows:
+            return [f"witness {self.name}: holds no registrations"]
+        return [f"witness {self.name}: holds volume {r['volume']} identity {short_identity(r['identity'])}: "
+                f"generation {r['generation'] or '(none)'}, primary {r['primary'] or '(none)'}, "
+                f"outdated: {', '.join(r['outdated']) or 'none'}" for r in rows]
+
+    async def _save(self) -> None:
         data = json.dumps(self.book.to_json(), indent=1).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.state_path)
-        dfd = os.open(self.state_path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        # fsyncs take long on a busy disk: off the event loop, so other nodes'
+        # requests and the links' keepalives go on meanwhile.
+        await trio.to_thread.run_sync(write_state_file, self.state_path, data)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -123,6 +159,8 @@ class WitnessDaemon:
             log.info("witness %s: listening on %s; granting nothing for the first %.1f s", self.name,
                      ", ".join(f"{h}:{p}" for h, p in self.listen_addresses),
                      self.book.quiet_until - trio.current_time())
+            for line in self.holdings_lines():
+                log.info("%s", line)
             task_status.started(self)
             await self._stopping.wait()
             n.cancel_scope.cancel()
@@ -160,53 +198,123 @@ class WitnessDaemon:
                 while True:
                     ev = await link.receive()
                     if isinstance(ev, State):
-                        await link.send(State(self._answer(node, ev.fields)))
+                        await link.send(State(await self._answer(node, ev.fields)))
             except LinkClosed as e:
                 log.info("witness %s: node %s disconnected: %s", self.name, node, e)
             n.cancel_scope.cancel()
 
-    def _answer(self, node: str, req: dict[str, Any]) -> dict[str, Any]:
+    async def _answer(self, node: str, req: dict[str, Any]) -> dict[str, Any]:
+        """The reply to one request from ``node``; a bad request is answered as such."""
         rid = req.get("id")
         try:
             op, volume = req.get("op"), req.get("volume")
             vol = self.config.volumes.get(volume) if isinstance(volume, str) else None
             if vol is None or node not in vol.members:
                 raise ValueError(f"{node} is not a member of a volume {volume!r}")
+            if op == "status":
+                return {"id": rid, "granted": False, "reason": "status", "votes": 0,
+                        "records": self.book.holdings(trio.current_time(), volume)}
             current, history, outdated = req.get("current"), req.get("history", []), req.get("outdated", [])
             if not isinstance(current, str) or not isinstance(history, list) or not isinstance(outdated, list) \
                     or not all(isinstance(x, str) for x in [*history, *outdated]):
                 raise ValueError("bad generation or outdated list")
-            claim = Claim(volume, node, current, tuple(history), frozenset(outdated))
-            now = trio.current_time()
-            if op == "release":
-                self.book.release(volume, node)
-                return {"id": rid, "granted": True, "reason": "released", "votes": 0}
-            if op not in ("renew", "promote", "query"):
+            identity = check_identity(req.get("identity"))
+            claim = Claim(volume, node, current, tuple(history), frozenset(outdated), identity)
+            if op not in ("renew", "promote", "query", "release"):
                 raise ValueError(f"unknown op {op!r}")
-            before = self.book.to_json()
-            decision = getattr(self.book, op)(claim, now)
-            if decision.record_changed:
-                try:
-                    self._save()
-                except OSError as e:
-                    # Unsaved, the grant could be forgotten by a restart: withdraw it.
-                    self.book = WitnessBook(now, WitnessBook.records_from_json(before), fresh_start=True)
-                    log.error("witness %s: cannot write %s: %s; granting nothing", self.name, self.state_path, e)
-                    return {"id": rid, "granted": False, "reason": f"witness cannot save its state: {e}",
-                            "votes": 0}
-                log.info("witness %s: %s: %s registered generation %s (outdated: %s)", self.name, volume, node,
-                         current, ", ".join(sorted(outdated)) or "none")
-            if op != "query" and not decision.granted:
-                log.info("witness %s: %s: %s %s refused: %s", self.name, volume, op, node, decision.reason)
-            return {"id": rid, "granted": decision.granted, "reason": decision.reason,
-                    "superseded": decision.superseded, "votes": self.witness.votes if decision.granted else 0}
+            async with self._book_lock:
+                return await self._decide(rid, op, claim)
         except ValueError as e:
             return {"id": rid, "granted": False, "reason": f"bad request: {e}", "votes": 0}
+
+    async def _decide(self, rid: Any, op: str, claim: Claim) -> dict[str, Any]:
+        now = trio.current_time()
+        if op == "release":
+            self.book.release(claim.volume, claim.node, claim.identity)
+            return {"id": rid, "granted": True, "reason": "released", "votes": 0}
+        before = self.book.to_json()
+        decision = getattr(self.book, op)(claim, now)
+        self._log_notes(claim, decision.notes)
+        if decision.record_changed:
+            try:
+                await self._save()
+            except OSError as e:
+                # Unsaved, the grant could be forgotten by a restart: withdraw it.
+                self.book = WitnessBook(now, WitnessBook.records_from_json(before)[0], fresh_start=True)
+                log.error("witness %s: cannot write %s: %s; granting nothing", self.name, self.state_path, e)
+                return {"id": rid, "granted": False, "reason": f"witness cannot save its state: {e}", "votes": 0}
+            log.info("witness %s: %s (identity %s): %s registered generation %s (outdated: %s)", self.name,
+                     claim.volume, short_identity(claim.identity), claim.node, claim.current,
+                     ", ".join(sorted(claim.outdated)) or "none")
+        if op != "query" and not decision.granted:
+            log.info("witness %s: %s: %s %s refused: %s", self.name, claim.volume, op, claim.node, decision.reason)
+        return {"id": rid, "granted": decision.granted, "reason": decision.reason, "notes": list(decision.notes),
+                "superseded": decision.superseded, "votes": self.witness.votes if decision.granted else 0}
+
+    def _log_notes(self, claim: Claim, notes: tuple[str, ...]) -> None:
+        # Once per witness life for each claimed identity and note: the same
+        # request repeats every second.
+        for note in notes:
+            key = (claim.volume, claim.identity, note)
+            if key not in self._noted:
+                self._noted.add(key)
+                log.warning("witness %s: %s claims volume %s with identity %s; %s", self.name, claim.node,
+                            claim.volume, short_identity(claim.identity), note)
+
+
+def lock_state_file(state: Path, who: str) -> int:
+    """Lock ``<state>.lock`` exclusively for this process's life and write its pid
+    there; the open descriptor is returned. GmdError naming the path (and the
+    holder's pid) if another process holds it."""
+    lock_path = state.with_name(state.name + ".lock")
+    try:
+        state.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise GmdError(f"{who}: cannot open the lock of its state file, {lock_path}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise GmdError(f"{who}: cannot lock {lock_path}: {e.strerror}") from None
+        raise GmdError(f"{who}: state file {state} is in use by another witness (pid {holder or 'unknown'} "
+                       f"holds {lock_path}); two witnesses may not share one state file: give each its own "
+                       "'state' path") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _remove_stale_temp_files(state: Path) -> None:
+    # Left by a witness killed while saving; with the lock held, none is in use.
+    prefix = f".{state.name}.tmp"
+    try:
+        names = os.listdir(state.parent)
+    except OSError:
+        return
+    for stale in names:
+        if stale.startswith(prefix):
+            (state.parent / stale).unlink(missing_ok=True)
+
+
+def write_state_file(path: Path, data: bytes) -> None:
+    """Replace the witness state file atomically and durably (temp, fsync,
+    rename, directory fsync); blocking, so it runs in a thread."""
+    write_new_file(path, len(data), [(0, data)], mode=0o600)
 
 
 async def run_witness(config: Config, name: str) -> None:
     """``gmd witness``: serve until SIGTERM/SIGINT."""
     daemon = WitnessDaemon(config, name)
+    try:
+        await _serve_until_signal(daemon, name)
+    finally:
+        daemon.close()
+
+
+async def _serve_until_signal(daemon: WitnessDaemon, name: str) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as outer:
 
