@@ -152,15 +152,20 @@ class Generations:
     ``current`` changes when a new generation starts (the first write after the
     primary lost touch with a member); ``bitmap`` is the generation the out-of-sync
     bitmaps are relative to; ``history`` holds the previous ``current`` values,
-    newest first.
+    newest first. ``identity`` names the volume's life: created once, when a member
+    first becomes a copy source, and carried by every member that holds that life's
+    data (None while this member has none, e.g. a fresh or ``gmd clean`` disk).
+    Records written before it existed decode with None.
     """
 
     current: str = NO_GENERATION
     bitmap: str = NO_GENERATION
     history: list[str] = field(default_factory=list)
+    identity: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"current": self.current, "bitmap": self.bitmap, "history": list(self.history)}
+        return {"current": self.current, "bitmap": self.bitmap, "history": list(self.history),
+                "identity": self.identity}
 
 
 @dataclass
@@ -240,6 +245,8 @@ class Superblock:
             "generations.history",
             "a list of strings",
         )
+        identity = gens.get("identity")  # absent in maps written before it existed
+        _expect(identity is None or isinstance(identity, str), "generations.identity", "null or a string")
         peers_raw = raw.get("peers")
         _expect(isinstance(peers_raw, dict), "peers", "an object")
         peers: dict[str, PeerRecord] = {}
@@ -278,7 +285,7 @@ class Superblock:
             role=_enum(Role, raw.get("role"), "role"),
             disk=_enum(DiskState, raw.get("disk"), "disk"),
             clean=raw["clean"],
-            generations=Generations(gens["current"], gens["bitmap"], list(hist)),
+            generations=Generations(gens["current"], gens["bitmap"], list(hist), identity or None),
             peers=peers,
             local_copy=Fence.from_json(raw.get("local_copy"), "local_copy"),
             expected_votes=ev,

@@ -682,6 +682,30 @@ class StateMap:
         self._touch_sb()
 
     @property
+    def identity(self) -> str | None:
+        """The volume identity this member's data belongs to, or None if it has none
+        yet (a fresh map, or a copy target waiting to receive a source's life)."""
+        return self.sb.generations.identity
+
+    def adopt_identity(self, identity: str) -> None:
+        """Take the volume identity a member learned from its primary; durable at the
+        next commit, like every superblock change. Refuses to replace a different
+        identity: that member belongs to another volume's life (``gmd clean`` it)."""
+        if not isinstance(identity, str) or not identity:
+            raise ValueError(f"volume identity {identity!r} is not a non-empty string")
+        gens = self.sb.generations
+        if gens.identity == identity:
+            return
+        if gens.identity:
+            raise StateMapError(
+                f"{self.io.name}: state map belongs to volume identity {gens.identity}, "
+                f"refusing to adopt another one ({identity}); 'gmd clean' this member to "
+                "let it receive a full copy"
+            )
+        gens.identity = identity
+        self._touch_sb()
+
+    @property
     def is_fresh(self) -> bool:
         """True for a map whose member never held data of any generation."""
         g = self.sb.generations
@@ -691,7 +715,8 @@ class StateMap:
 
     def make_copy_source(self, *, full_copy: bool = True) -> None:
         """``gmddirty``: this member's data is the truth; every other member gets
-        a full copy from it. Starts a new generation.
+        a full copy from it. Starts a new generation, and the volume identity if
+        the map has none yet (an existing one is kept: same volume, new generation).
 
         ``full_copy=False`` is the operator's word that the other members hold
         identical data already (all freshly zeroed, say): they need nothing, and a
@@ -703,12 +728,16 @@ class StateMap:
         self._clear_intents()
         self.set_local_copy(None)
         self.set_disk(DiskState.UPTODATE)
+        if not self.sb.generations.identity:
+            # The volume's life starts here; a later gmd dirty keeps it.
+            self.sb.generations.identity = secrets.token_hex(16)
         self.start_new_generation()
         self.set_bitmap_generation(self.sb.generations.current)
 
     def make_copy_target(self) -> None:
         """``gmdclean``: this member's data is to be replaced by a full copy from
-        an up-to-date member; it has nothing to send anyone."""
+        an up-to-date member; it has nothing to send anyone. Its volume identity is
+        cleared: it takes the source's with the copy (:meth:`adopt_identity`)."""
         for member in self.oos:
             self._set_bits(member, range(self.layout.regions), False)
             self.set_peer_copy(member, None)
@@ -719,6 +748,7 @@ class StateMap:
             gens.history = [gens.current, *gens.history][:HISTORY_LENGTH]
         gens.current = NO_GENERATION
         gens.bitmap = NO_GENERATION
+        gens.identity = None  # it will receive the source's life, and its identity
         self.set_local_copy(Fence(CopyKind.FULL, 0))
         self.set_disk(DiskState.INCONSISTENT)
         self._touch_sb()

@@ -466,3 +466,70 @@ def test_recovery_ors_intent_bits_even_under_a_clean_flag(smpath):
     assert rec.needed and rec.hot_extents == (5,)
     assert sm.out_of_sync_bytes("labor2") == 4 * MiB
     sm.close()
+
+
+# ------------------------------------------------------------ volume identity
+
+
+def test_copy_source_creates_the_volume_identity_once_and_keeps_it(smpath):
+    sm = make(smpath)
+    assert sm.identity is None  # a fresh map belongs to no volume life yet
+    sm.make_copy_source()
+    sm.commit()
+    sm = reopen(sm, smpath)
+    ident = sm.identity
+    assert isinstance(ident, str) and len(ident) == 32 and int(ident, 16) >= 0
+    first_gen = sm.sb.generations.current
+    sm.make_copy_source()  # gmd dirty again: new generation, same volume
+    sm.commit()
+    sm = reopen(sm, smpath)
+    assert sm.identity == ident and sm.sb.generations.current != first_gen
+    sm.close()
+    other = make(smpath.with_name("other.sm"))
+    other.make_copy_source()
+    assert other.identity not in (None, ident)  # another volume's life, another identity
+    other.close()
+
+
+def test_copy_target_clears_the_identity_and_adopts_its_sources(smpath):
+    sm = make(smpath)
+    sm.make_copy_source()
+    sm.commit()
+    source_identity = sm.identity
+    sm.make_copy_target()
+    sm.commit()
+    sm = reopen(sm, smpath)
+    assert sm.identity is None
+    sm.adopt_identity("0123456789abcdef0123456789abcdef")
+    sm.adopt_identity("0123456789abcdef0123456789abcdef")  # the same again: nothing to do
+    sm.commit()
+    sm = reopen(sm, smpath)
+    assert sm.identity == "0123456789abcdef0123456789abcdef" != source_identity
+    with pytest.raises(StateMapError, match="refusing to adopt another"):
+        sm.adopt_identity("f" * 32)
+    with pytest.raises(ValueError):
+        sm.adopt_identity("")
+    assert sm.identity == "0123456789abcdef0123456789abcdef"
+    sm.close()
+
+
+def test_a_generations_record_without_identity_decodes_as_none():
+    from statemap.format import Superblock
+
+    sb = StateMap.new_superblock(peers=["labor2"], **GEOMETRY)
+    raw = sb.to_json()
+    del raw["generations"]["identity"]  # as written before identities existed
+    assert Superblock.from_json(raw).generations.identity is None
+    raw["generations"]["identity"] = "abc"
+    assert Superblock.from_json(raw).generations.identity == "abc"
+
+
+def test_offline_status_shows_the_identity(cluster_config):
+    from gmd import admin
+
+    _path, config = cluster_config
+    admin.init_volume(config, "labor1", "appslv")
+    assert admin.offline_status(config, "labor1", "appslv")["state_map"]["identity"] is None
+    admin.mark_dirty(config, "labor1", "appslv")
+    ident = admin.offline_status(config, "labor1", "appslv")["state_map"]["identity"]
+    assert ident and len(ident) == 32
