@@ -237,12 +237,8 @@ class StateMap:
     def open(cls, path: str | os.PathLike[str], *, readonly: bool = False, **kw) -> StateMap:
         """Open the map at ``path``. Read-write opens take an exclusive lock so an
         offline command cannot change a map a running daemon is using."""
-        try:
-            io = FileIO(path, readonly=readonly)
-        except FileNotFoundError:
-            raise StateMapError(f"{path}: no state map here (create it with 'gmd init')") from None
-        except OSError as e:
-            raise StateMapError(f"{path}: cannot open state map: {e.strerror}") from None
+        io = _open_file(path, readonly=readonly)
+        assert io is not None
         try:
             if not readonly:
                 _lock_exclusive(io, str(path))
@@ -852,14 +848,34 @@ def ensure_not_in_use(path: str | os.PathLike[str]) -> None:
     """Raise :class:`StateMapBusy` if a process holds the map at ``path`` open for
     writing; a missing file is not in use. Reads nothing, so it works on a map
     too damaged to open."""
-    try:
-        io = FileIO(path, readonly=True)
-    except FileNotFoundError:
+    io = _open_file(path, readonly=True, missing_ok=True)
+    if io is None:
         return
     try:
         _lock_exclusive(io, str(path))
     finally:
         io.close()
+
+
+def _open_file(path: str | os.PathLike[str], *, readonly: bool, missing_ok: bool = False) -> FileIO | None:
+    """Open the map file, saying in one line what is wrong with the path if not
+    (None for a missing file when ``missing_ok``)."""
+    try:
+        return FileIO(path, readonly=readonly)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise StateMapError(f"{path}: no such file: no state map here (create it with 'gmd init')") from None
+    except IsADirectoryError:
+        raise StateMapError(f"{path}: is a directory, not a state map file") from None
+    except PermissionError:
+        mode = "read" if readonly else "read and write"
+        raise StateMapError(
+            f"{path}: permission denied: this user may not {mode} the state map "
+            "(run gmd as the user that owns it)"
+        ) from None
+    except OSError as e:
+        raise StateMapError(f"{path}: cannot open state map: {e.strerror}") from None
 
 
 def _lock_exclusive(io: StateMapIO, path: str) -> None:

@@ -12,7 +12,7 @@ from statemap.faultio import FaultIO
 from statemap.fileio import FileIO
 from statemap.format import CHECKSUM_OFFSET, NO_GENERATION, PAGE, SLOT_SIZE, Fence
 from statemap.states import CopyKind, DiskState, Role
-from statemap.statemap import StateMap, StateMapBusy
+from statemap.statemap import StateMap, StateMapBusy, ensure_not_in_use
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 GEOMETRY = dict(volume="appslv", size=256 * MiB, region_size=64 * KiB, extent_size=4 * MiB, member="labor1")
@@ -533,3 +533,76 @@ def test_offline_status_shows_the_identity(cluster_config):
     admin.mark_dirty(config, "labor1", "appslv")
     ident = admin.offline_status(config, "labor1", "appslv")["state_map"]["identity"]
     assert ident and len(ident) == 32
+
+
+# ------------------------------------------------------- what the path is
+
+
+@pytest.mark.parametrize("readonly", [True, False])
+def test_a_directory_where_the_map_belongs_is_named_as_such(tmp_path, readonly):
+    (tmp_path / "appslv.sm").mkdir()
+    with pytest.raises(StateMapError) as e:
+        StateMap.open(tmp_path / "appslv.sm", readonly=readonly)
+    assert str(e.value) == f"{tmp_path / 'appslv.sm'}: is a directory, not a state map file"
+    with pytest.raises(StateMapError, match="is a directory"):
+        ensure_not_in_use(tmp_path / "appslv.sm")
+
+
+def test_a_missing_map_says_no_such_file(tmp_path):
+    with pytest.raises(StateMapError, match=r"nope\.sm: no such file"):
+        StateMap.open(tmp_path / "nope.sm", readonly=True)
+    ensure_not_in_use(tmp_path / "nope.sm")  # nothing there, so nothing in use
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_map_says_permission_denied(smpath):
+    make(smpath).close()
+    os.chmod(smpath, 0o200)
+    try:
+        with pytest.raises(StateMapError, match=r"appslv\.sm: permission denied: this user may not read the"):
+            StateMap.open(smpath, readonly=True)
+        os.chmod(smpath, 0o400)
+        with pytest.raises(StateMapError, match="may not read and write"):
+            StateMap.open(smpath)
+    finally:
+        os.chmod(smpath, 0o600)
+
+
+def test_permission_denied_is_said_in_one_line(smpath, monkeypatch):
+    """The same mapping without needing a non-root user: what the open raises."""
+    import statemap.statemap as smmod
+
+    def refuse(path, readonly=False):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(smmod, "FileIO", refuse)
+    with pytest.raises(StateMapError, match=r"appslv\.sm: permission denied: this user may not read and write"):
+        StateMap.open(smpath)
+
+
+def test_a_fifo_where_the_map_belongs_is_refused_not_waited_on(tmp_path):
+    import threading
+
+    os.mkfifo(tmp_path / "appslv.sm")
+    got = []
+
+    def try_open():
+        try:
+            StateMap.open(tmp_path / "appslv.sm", readonly=True)
+        except StateMapError as e:
+            got.append(str(e))
+
+    t = threading.Thread(target=try_open, daemon=True)  # a blocked open must not hang the run
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "opening a FIFO as a state map blocked"
+    assert got and "not a regular file" in got[0]
+
+
+def test_offline_status_on_a_directory_says_so(cluster_config, tmp_path):
+    from gmd import admin
+
+    _path, config = cluster_config
+    (tmp_path / "data/labor1/appslv.sm").mkdir(parents=True)
+    with pytest.raises(StateMapError, match="appslv.sm: is a directory"):
+        admin.offline_status(config, "labor1", "appslv")
