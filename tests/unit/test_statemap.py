@@ -1,4 +1,4 @@
-"""State map behaviour: round trips, torn superblocks, corruption, sparse cost,
+"""State map behaviour: round trips, torn superblocks, corruption, commit cost,
 recovery of hot extents, lazy retirement, copy source/target, locking."""
 
 import os
@@ -10,7 +10,9 @@ import xxhash
 from statemap.errors import GeometryMismatch, StateMapCorrupt, StateMapError, StateMapVersionError
 from statemap.faultio import FaultIO
 from statemap.fileio import FileIO
-from statemap.format import CHECKSUM_OFFSET, NO_GENERATION, PAGE, SLOT_SIZE, Fence
+from statemap.format import (
+    AREA_INTENT, CHECKSUM_OFFSET, INTENT_SLOT, NO_GENERATION, PAGE, SLOT_SIZE, Fence, encode_page, map_id,
+)
 from statemap.states import CopyKind, DiskState, Role
 from statemap.statemap import StateMap, StateMapBusy, ensure_not_in_use
 
@@ -207,10 +209,12 @@ def test_geometry_mismatch_names_the_field(smpath, field, value):
     sm.close()
 
 
-def test_one_tebibyte_map_costs_what_changed_not_the_volume_size(smpath):
+def test_one_tebibyte_map_commits_cost_what_changed_not_the_volume_size(smpath):
     sm = make(smpath, size=TiB, in_use=False)
     sm.close()
-    assert os.stat(smpath).st_blocks * 512 <= 64 * KiB  # sparse: two superblock pages
+    # Every page is written at creation (a hole would read as "in sync"): for
+    # 1 TiB in 64 KiB regions that is about 2 MiB per member slot.
+    assert os.stat(smpath).st_blocks * 512 >= os.stat(smpath).st_size
     io = CountingIO(smpath)
     sm = StateMap.load(io)
     sm.begin_use()
@@ -226,9 +230,8 @@ def test_one_tebibyte_map_costs_what_changed_not_the_volume_size(smpath):
     assert sm.durable_changes >= need
     assert io.bytes_written == PAGE
     sm.close()
-    assert os.stat(smpath).st_blocks * 512 <= 128 * KiB
     sm = StateMap.open(smpath)
-    assert sm.out_of_sync_bytes("labor2") == 64 * KiB
+    assert sm.out_of_sync_bytes("labor2") == 64 * KiB and not sm.warnings
     sm.close()
 
 
@@ -459,7 +462,7 @@ def test_recovery_ors_intent_bits_even_under_a_clean_flag(smpath):
     sm.close()
     with open(smpath, "r+b") as f:  # a hot extent 5 under a clean superblock
         f.seek(2 * PAGE)
-        f.write(bytes([0b100000]))
+        f.write(encode_page(AREA_INTENT, INTENT_SLOT, 0, map_id(sm.sb.uuid), bytes([0b100000])))
     sm = StateMap.open(smpath)
     assert sm.sb.clean
     rec = sm.recover()
