@@ -209,6 +209,7 @@ def offline_status(config: Config, node: str, volume: str) -> dict[str, Any]:
                 "recovery_needed": (not sb.clean) or bool(sm.intent.any()),
                 "hot_extents": sm.intent.count(1),
                 "generation": sb.generations.current,
+                "identity": sb.generations.identity,
                 "updated": sb.updated,
                 "warnings": list(sm.warnings),
             },

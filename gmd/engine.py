@@ -1493,6 +1493,7 @@ class VolumeEngine:
                 "path": str(cfg.members[self.node].statemap), "clean": sm.sb.clean,
                 "recovery_needed": False, "hot_extents": len(sm.hot_extents()),
                 "generation": sm.sb.generations.current, "updated": sm.sb.updated,
+                "identity": sm.identity,
                 "warnings": list(sm.warnings),
             },
             "copy_rate": self.copy_rate,

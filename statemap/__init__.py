@@ -1,6 +1,6 @@
 """The on-disk state map of one volume member.
 
-Superblocks in two checksummed slots, the intent (activity) bitmap at extent
+Superblocks in two checksummed slots, self-checking bitmap pages, the intent (activity) bitmap at extent
 granularity, one out-of-sync bitmap per other member at region granularity, the
 generation history and the copy/merge fences, with crash-safe updates.
 
@@ -12,12 +12,12 @@ the thread that does the I/O.
 """
 
 from .errors import GeometryMismatch, StateMapCorrupt, StateMapError, StateMapFull, StateMapVersionError
-from .format import NO_GENERATION, Fence, Layout, Superblock
+from .format import FORMAT_VERSION, NO_GENERATION, Fence, Layout, Superblock
 from .states import CopyKind, DiskState, Role
-from .statemap import CommitPlan, Recovery, StateMap, StateMapBusy, ensure_not_in_use
+from .statemap import BadPage, CommitPlan, Recovery, StateMap, StateMapBusy, ensure_not_in_use
 
 __all__ = [
-    "CommitPlan", "CopyKind", "DiskState", "Fence", "GeometryMismatch", "Layout",
+    "BadPage", "CommitPlan", "CopyKind", "DiskState", "FORMAT_VERSION", "Fence", "GeometryMismatch", "Layout",
     "NO_GENERATION", "Recovery", "Role", "StateMap", "StateMapBusy", "StateMapCorrupt",
     "StateMapError", "StateMapFull", "StateMapVersionError", "Superblock", "ensure_not_in_use",
 ]

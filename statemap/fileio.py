@@ -13,7 +13,9 @@ directory, so a crash leaves either the old file or the new one, never a mix.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -50,7 +52,20 @@ class FileIO:
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False):
         self.name = str(path)
         self.readonly = readonly
-        self._fd = os.open(self.name, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO put where a map belongs must fail below, not
+        # hang; it changes nothing for a regular file.
+        fd = os.open(self.name, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            mode = os.fstat(fd).st_mode
+            # A directory opens read-only; its st_size would pass for a tiny map.
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), self.name)
+            if not stat.S_ISREG(mode):
+                raise OSError(errno.EINVAL, "not a regular file", self.name)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
 
     def pread(self, offset: int, length: int) -> bytes:
         out = bytearray()

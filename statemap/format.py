@@ -1,7 +1,7 @@
-"""On-disk format of a state map file (version 1).
+"""On-disk format of a state map file (version 2; version 1 is still read).
 
 All offsets and sizes are in bytes; all integers little-endian. The file is made of
-4 KiB pages and is sparse: pages never written are holes and read as zeros.
+4 KiB pages, every one written when the map is created (no holes).
 
 Layout::
 
@@ -11,14 +11,11 @@ Layout::
     then, per slot    out-of-sync bitmap for one other member, one bit per region
                       (bit set = that member may differ from this one there)
 
-Bit ``i`` of a bitmap is bit ``i % 8`` (least significant first) of byte ``i // 8``.
-Every bitmap area starts on a page boundary and is a whole number of pages long.
-
 A superblock slot is one page::
 
     offset  size  field
-    0       8     magic  b"GMDSMAP\\0"
-    8       2     format version (1)
+    0       8     magic  b"GMDSMAP\0"
+    8       2     format version (2; 1 for maps written before bitmap pages had headers)
     10      2     reserved, zero
     12      4     payload length in bytes
     16      8     sequence number (the valid slot with the higher one wins)
@@ -29,6 +26,27 @@ Slots are written alternately (sequence ``n`` goes to slot ``n % 2``), so a torn
 superblock write leaves the previous superblock intact in the other slot. The JSON
 payload is described by :class:`Superblock`; unknown keys are preserved on rewrite
 so that a newer minor writer's fields survive an older one.
+
+A bitmap page (version 2) checks itself the way a slot does::
+
+    offset  size  field
+    0       8     magic  b"GMDPAGE\0"
+    8       1     area: 1 intent, 2 out-of-sync
+    9       1     reserved, zero
+    10      2     member slot of an out-of-sync page (0xFFFF for intent)
+    12      4     page index within its area
+    16      8     map id: xxh64 of the superblock's uuid (a page of another map fails)
+    24      8     xxh64 of the whole 4096-byte page with these 8 bytes zeroed
+    32      4064  bits: BITS_PER_PAGE of them
+
+Bit ``i`` of an area is bit ``i % 8`` (least significant first) of byte
+``(i % BITS_PER_PAGE) // 8`` of the bits of page ``i // BITS_PER_PAGE``. A page
+that fails its check (zeroed, torn, misplaced, of another map) is never trusted:
+the reader assumes the worst for what it covers (see :mod:`statemap.statemap`).
+
+Version 1 had no page header: a page held ``PAGE * 8`` bits and pages never
+written were sparse holes reading as zeros. :class:`Layout` of ``version=1``
+still describes it, so such a map can be read and upgraded.
 """
 
 from __future__ import annotations
@@ -46,7 +64,8 @@ from .states import CopyKind, DiskState, Role
 PAGE = 4096
 SECTOR = 512
 MAGIC = b"GMDSMAP\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LEGACY_VERSION = 1  # still read (read-only), upgraded when opened read-write
 SLOT_SIZE = PAGE
 HEADER = struct.Struct("<8sHHIQQ")  # magic, version, reserved, length, seq, checksum
 CHECKSUM_OFFSET = 24
@@ -56,20 +75,77 @@ HISTORY_LENGTH = 4
 NO_GENERATION = "0" * 16  # the generation of a map that never held data
 
 
-def pages_for_bits(nbits: int) -> int:
+PAGE_MAGIC = b"GMDPAGE\0"
+PAGE_HEADER = struct.Struct("<8sBBHIQQ")  # magic, area, reserved, slot, index, map id, checksum
+PAGE_CHECKSUM_OFFSET = 24
+PAGE_BITS_OFFSET = PAGE_HEADER.size
+PAGE_BITS_BYTES = PAGE - PAGE_HEADER.size
+BITS_PER_PAGE = PAGE_BITS_BYTES * 8  # 32512 in version 2
+LEGACY_BITS_PER_PAGE = PAGE * 8  # version 1: the whole page held bits
+AREA_INTENT = 1
+AREA_OUT_OF_SYNC = 2
+INTENT_SLOT = 0xFFFF  # the slot field of an intent page
+AREA_NAMES = {AREA_INTENT: "intent", AREA_OUT_OF_SYNC: "out-of-sync"}
+
+
+def pages_for_bits(nbits: int, bits_per_page: int = BITS_PER_PAGE) -> int:
     """Number of whole pages a bitmap of ``nbits`` bits occupies."""
-    nbytes = (nbits + 7) // 8
-    return max(1, (nbytes + PAGE - 1) // PAGE)
+    return max(1, (nbits + bits_per_page - 1) // bits_per_page)
+
+
+def map_id(uuid: str) -> int:
+    """The 64-bit id a bitmap page carries to say which map it belongs to."""
+    return xxhash.xxh64_intdigest(uuid.encode())
+
+
+def encode_page(area: int, slot: int, index: int, owner: int, bits: bytes) -> bytes:
+    """One checksummed version-2 bitmap page holding ``bits`` (at most
+    :data:`PAGE_BITS_BYTES`; zero padded) for page ``index`` of an area."""
+    if len(bits) > PAGE_BITS_BYTES:
+        raise ValueError(f"{len(bits)} bytes of bits do not fit one page ({PAGE_BITS_BYTES})")
+    buf = bytearray(PAGE)
+    PAGE_HEADER.pack_into(buf, 0, PAGE_MAGIC, area, 0, slot, index, owner, 0)
+    buf[PAGE_BITS_OFFSET : PAGE_BITS_OFFSET + len(bits)] = bits
+    struct.pack_into("<Q", buf, PAGE_CHECKSUM_OFFSET, xxhash.xxh64_intdigest(bytes(buf)))
+    return bytes(buf)
+
+
+def check_page(data: bytes, area: int, slot: int, index: int, owner: int) -> str | None:
+    """Why ``data`` is not a good page ``index`` of that area of map ``owner``, or None."""
+    if len(data) != PAGE:
+        return f"short page ({len(data)} bytes)"
+    if not any(data):
+        return "page is all zeros (never written, or zeroed)"
+    magic, p_area, _reserved, p_slot, p_index, p_owner, checksum = PAGE_HEADER.unpack_from(data, 0)
+    if magic != PAGE_MAGIC:
+        return f"bad magic {magic!r}"
+    zeroed = bytearray(data)
+    struct.pack_into("<Q", zeroed, PAGE_CHECKSUM_OFFSET, 0)
+    if xxhash.xxh64_intdigest(bytes(zeroed)) != checksum:
+        return "checksum mismatch (torn or damaged write)"
+    if p_owner != owner:
+        return "page belongs to another state map (map id differs)"
+    if (p_area, p_slot, p_index) != (area, slot, index):
+        where = AREA_NAMES.get(p_area, f"area {p_area}")
+        return f"misplaced page: it says {where} slot {p_slot} page {p_index}"
+    return None
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each area of a state map lives, derived from the volume's geometry."""
+    """Where each area of a state map lives, derived from the volume's geometry and
+    the format version (which fixes how many bits a page holds). All offset
+    arithmetic lives here."""
 
     size: int
     region_size: int
     extent_size: int
     peer_slots: int
+    version: int = FORMAT_VERSION
+
+    @property
+    def bits_per_page(self) -> int:
+        return LEGACY_BITS_PER_PAGE if self.version == LEGACY_VERSION else BITS_PER_PAGE
 
     @property
     def regions(self) -> int:
@@ -88,18 +164,38 @@ class Layout:
         return 2 * SLOT_SIZE
 
     @property
+    def intent_pages(self) -> int:
+        return pages_for_bits(self.extents, self.bits_per_page)
+
+    @property
     def intent_bytes(self) -> int:
-        return pages_for_bits(self.extents) * PAGE
+        return self.intent_pages * PAGE
+
+    @property
+    def oos_pages(self) -> int:
+        return pages_for_bits(self.regions, self.bits_per_page)
 
     @property
     def oos_bytes(self) -> int:
-        return pages_for_bits(self.regions) * PAGE
+        return self.oos_pages * PAGE
 
     def oos_offset(self, slot: int) -> int:
         """File offset of the out-of-sync bitmap in member slot ``slot``."""
         if not 0 <= slot < self.peer_slots:
             raise ValueError(f"member slot {slot} out of range 0..{self.peer_slots - 1}")
         return self.intent_offset + self.intent_bytes + slot * self.oos_bytes
+
+    def page_offset(self, area: int, slot: int, index: int) -> int:
+        """File offset of page ``index`` of the intent area, or of the out-of-sync
+        area of member ``slot``."""
+        base = self.intent_offset if area == AREA_INTENT else self.oos_offset(slot)
+        return base + index * PAGE
+
+    def page_bits(self, area: int, index: int) -> range:
+        """The bit numbers (extents, or regions) page ``index`` of an area covers."""
+        nbits = self.extents if area == AREA_INTENT else self.regions
+        bpp = self.bits_per_page
+        return range(index * bpp, min(nbits, (index + 1) * bpp))
 
     @property
     def file_size(self) -> int:
@@ -152,15 +248,20 @@ class Generations:
     ``current`` changes when a new generation starts (the first write after the
     primary lost touch with a member); ``bitmap`` is the generation the out-of-sync
     bitmaps are relative to; ``history`` holds the previous ``current`` values,
-    newest first.
+    newest first. ``identity`` names the volume's life: created once, when a member
+    first becomes a copy source, and carried by every member that holds that life's
+    data (None while this member has none, e.g. a fresh or ``gmd clean`` disk).
+    Records written before it existed decode with None.
     """
 
     current: str = NO_GENERATION
     bitmap: str = NO_GENERATION
     history: list[str] = field(default_factory=list)
+    identity: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"current": self.current, "bitmap": self.bitmap, "history": list(self.history)}
+        return {"current": self.current, "bitmap": self.bitmap, "history": list(self.history),
+                "identity": self.identity}
 
 
 @dataclass
@@ -190,7 +291,11 @@ class Superblock:
 
     @property
     def layout(self) -> Layout:
-        return Layout(self.size, self.region_size, self.extent_size, self.peer_slots)
+        return self.layout_of(FORMAT_VERSION)
+
+    def layout_of(self, version: int) -> Layout:
+        """The layout of a map of this geometry written in format ``version``."""
+        return Layout(self.size, self.region_size, self.extent_size, self.peer_slots, version)
 
     def to_json(self) -> dict[str, Any]:
         out = dict(self.extra)
@@ -240,6 +345,8 @@ class Superblock:
             "generations.history",
             "a list of strings",
         )
+        identity = gens.get("identity")  # absent in maps written before it existed
+        _expect(identity is None or isinstance(identity, str), "generations.identity", "null or a string")
         peers_raw = raw.get("peers")
         _expect(isinstance(peers_raw, dict), "peers", "an object")
         peers: dict[str, PeerRecord] = {}
@@ -278,7 +385,7 @@ class Superblock:
             role=_enum(Role, raw.get("role"), "role"),
             disk=_enum(DiskState, raw.get("disk"), "disk"),
             clean=raw["clean"],
-            generations=Generations(gens["current"], gens["bitmap"], list(hist)),
+            generations=Generations(gens["current"], gens["bitmap"], list(hist), identity or None),
             peers=peers,
             local_copy=Fence.from_json(raw.get("local_copy"), "local_copy"),
             expected_votes=ev,
@@ -315,8 +422,9 @@ def _enum(enum_type: Any, value: Any, key: str) -> Any:
         raise _PayloadError(f"field {key!r} is {value!r}, not one of: {choices}") from None
 
 
-def encode_slot(sb: Superblock, seq: int) -> bytes:
-    """Serialize ``sb`` with sequence number ``seq`` into one checksummed slot."""
+def encode_slot(sb: Superblock, seq: int, version: int = FORMAT_VERSION) -> bytes:
+    """Serialize ``sb`` with sequence number ``seq`` into one checksummed slot
+    (``version`` other than the current one only for tests of old maps)."""
     payload = json.dumps(sb.to_json(), sort_keys=True, separators=(",", ":")).encode()
     if HEADER.size + len(payload) > SLOT_SIZE:
         from .errors import StateMapFull
@@ -326,7 +434,7 @@ def encode_slot(sb: Superblock, seq: int) -> bytes:
             "(too many members or names too long)"
         )
     buf = bytearray(SLOT_SIZE)
-    HEADER.pack_into(buf, 0, MAGIC, FORMAT_VERSION, 0, len(payload), seq, 0)
+    HEADER.pack_into(buf, 0, MAGIC, version, 0, len(payload), seq, 0)
     buf[HEADER.size : HEADER.size + len(payload)] = payload
     struct.pack_into("<Q", buf, CHECKSUM_OFFSET, xxhash.xxh64_intdigest(bytes(buf)))
     return bytes(buf)
@@ -339,6 +447,7 @@ class SlotReading:
     superblock: Superblock | None
     seq: int
     problem: str | None
+    version: int = FORMAT_VERSION
 
 
 def decode_slot(data: bytes) -> SlotReading:
@@ -375,11 +484,12 @@ def decode_slot(data: bytes) -> SlotReading:
         return SlotReading(None, seq, f"payload is not JSON: {e}")
     except _PayloadError as e:
         return SlotReading(None, seq, f"payload invalid: {e}")
-    return SlotReading(sb, seq, None)
+    return SlotReading(sb, seq, None, version)
 
 
-def pick_slot(a: SlotReading, b: SlotReading, path: str) -> tuple[Superblock, int, list[str]]:
-    """Choose the valid slot with the higher sequence; warnings say what was skipped.
+def pick_slot(a: SlotReading, b: SlotReading, path: str) -> tuple[Superblock, int, int, list[str]]:
+    """Choose the valid slot with the higher sequence: (superblock, sequence, format
+    version, warnings saying what was skipped).
 
     Raises :class:`StateMapCorrupt` when neither slot is valid.
     """
@@ -396,4 +506,4 @@ def pick_slot(a: SlotReading, b: SlotReading, path: str) -> tuple[Superblock, in
         if r.superblock is None and r.problem != "slot is empty (all zeros)":
             warnings.append(f"{path}: superblock slot {other} ignored: {r.problem}; using slot {name}")
     assert best.superblock is not None
-    return best.superblock, best.seq, warnings
+    return best.superblock, best.seq, best.version, warnings

@@ -15,6 +15,12 @@ Invariants kept here (docs/DESIGN.md, "The state map on disk"):
   Marks and intents are refused until :meth:`StateMap.begin_use` cleared it, and
   recovery ORs whatever intent bits it finds even in a map marked clean.
 
+Every bitmap page carries a checksummed header (:mod:`statemap.format`), so a
+torn, zeroed or misplaced page is detected when the map is read and never
+trusted: it reads as all ones (its regions out of sync, its extents hot), is
+named in :attr:`StateMap.warnings` and the log, and is rewritten with that
+content when the map is writable. A commit may therefore tear a page freely.
+
 A commit is three phases, each ``pwrite`` of whole 4 KiB pages then ``fsync``,
 skipped when empty: out-of-sync pages, intent pages, superblock (the superblock
 goes first instead when the commit clears the clean flag). A crash anywhere
@@ -45,25 +51,35 @@ from bitarray import bitarray
 from .errors import GeometryMismatch, StateMapCorrupt, StateMapError, StateMapFull
 from .fileio import FileIO, StateMapIO, write_new_file
 from .format import (
+    AREA_INTENT,
+    AREA_OUT_OF_SYNC,
+    BITS_PER_PAGE,
     DEFAULT_PEER_SLOTS,
+    FORMAT_VERSION,
     HISTORY_LENGTH,
+    INTENT_SLOT,
+    LEGACY_VERSION,
     MAX_NAME,
     NO_GENERATION,
     PAGE,
+    PAGE_BITS_BYTES,
+    PAGE_BITS_OFFSET,
     SLOT_SIZE,
     Fence,
     Layout,
     PeerRecord,
     Superblock,
+    check_page,
     decode_slot,
+    encode_page,
     encode_slot,
+    map_id,
     pick_slot,
 )
 from .states import CopyKind, DiskState, Role
 
 log = logging.getLogger(__name__)
 
-BITS_PER_PAGE = PAGE * 8
 DEFAULT_HOT_LIMIT = 1024
 
 
@@ -75,6 +91,16 @@ class StateMapBusy(StateMapError):
 class _HotExtent:
     refs: int = 0  # writes in flight to this extent
     last_seq: int = 0  # sequence number of the newest write to it
+
+
+@dataclass(frozen=True)
+class BadPage:
+    """A bitmap page that failed its check when the map was read."""
+
+    area: str  # "intent" or "oos:<member>", as in the dirty-page keys
+    slot: int | None  # the member slot of an out-of-sync page
+    page: int  # index within its area
+    problem: str
 
 
 @dataclass(frozen=True)
@@ -141,12 +167,17 @@ def check_geometry_values(size: int, region_size: int, extent_size: int) -> None
 class StateMap:
     """One member's state map, loaded in memory, written back by commits."""
 
-    def __init__(self, io: StateMapIO, sb: Superblock, seq: int, *, hot_limit: int = DEFAULT_HOT_LIMIT):
+    def __init__(self, io: StateMapIO, sb: Superblock, seq: int, *, version: int = FORMAT_VERSION,
+                 hot_limit: int = DEFAULT_HOT_LIMIT):
         self.io = io
         self.sb = sb
-        self.layout: Layout = sb.layout
+        self.version = version  # LEGACY_VERSION: read as found, never written
+        self.layout: Layout = sb.layout_of(version)
+        self._bpp = self.layout.bits_per_page
+        self._owner = map_id(sb.uuid)
         self.hot_limit = hot_limit
         self.warnings: list[str] = []
+        self.bad_pages: list[BadPage] = []  # pages that failed their check at load
         self._seq = seq
         self.intent = _new_bits(self.layout.extents)
         self.oos: dict[str, bitarray] = {}
@@ -205,29 +236,20 @@ class StateMap:
     def create(cls, path: str | os.PathLike[str], **kw) -> StateMap:
         """Create (atomically replacing any file there) and open a new map at ``path``.
 
-        Keyword arguments as for :meth:`new_superblock`. Only the two superblock
-        pages are written; the bitmaps are holes in a sparse file.
+        Keyword arguments as for :meth:`new_superblock`. Every page is written
+        (a hole or a zeroed page is damage, not "all in sync"), so later commits
+        are plain overwrites.
         """
         sb = cls.new_superblock(**kw)
-        lay = sb.layout
-        write_new_file(
-            Path(path),
-            lay.file_size,
-            [(0, encode_slot(sb, 2)), (SLOT_SIZE, encode_slot(sb, 1))],
-            # The superblocks and the intent bitmap are rewritten on the write
-            # path; allocating them now (32 KiB for 1 TiB) keeps those commits
-            # plain overwrites. The out-of-sync bitmaps stay sparse.
-            allocate=lay.intent_offset + lay.intent_bytes,
-        )
+        write_new_file(Path(path), sb.layout.file_size, _image(sb, 0, None, {}))
         return cls.open(path)
 
     @classmethod
     def create_in(cls, io: StateMapIO, **kw) -> StateMap:
         """Create a new map inside an (empty) :class:`StateMapIO`; for tests."""
         sb = cls.new_superblock(**kw)
-        io.pwrite(SLOT_SIZE, encode_slot(sb, 1), "superblock:B")
-        io.pwrite(0, encode_slot(sb, 2), "superblock:A")
-        io.pwrite(sb.layout.file_size - 1, b"\0", "extend")
+        for offset, data in _image(sb, 0, None, {}):
+            io.pwrite(offset, data, "create")
         io.fsync()
         return cls.load(io)
 
@@ -237,19 +259,35 @@ class StateMap:
     def open(cls, path: str | os.PathLike[str], *, readonly: bool = False, **kw) -> StateMap:
         """Open the map at ``path``. Read-write opens take an exclusive lock so an
         offline command cannot change a map a running daemon is using."""
-        try:
-            io = FileIO(path, readonly=readonly)
-        except FileNotFoundError:
-            raise StateMapError(f"{path}: no state map here (create it with 'gmd init')") from None
-        except OSError as e:
-            raise StateMapError(f"{path}: cannot open state map: {e.strerror}") from None
+        io = _open_file(path, readonly=readonly)
+        assert io is not None
         try:
             if not readonly:
                 _lock_exclusive(io, str(path))
-            return cls.load(io, **kw)
+            sm = cls.load(io, **kw)
         except BaseException:
             io.close()
             raise
+        if sm.version != FORMAT_VERSION and not readonly:
+            return cls._upgrade(sm, Path(path), **kw)
+        return sm
+
+    @classmethod
+    def _upgrade(cls, old: StateMap, path: Path, **kw) -> StateMap:
+        """Rewrite a version-1 map (open, locked, read) as version 2 beside it and
+        rename it over: a crash leaves the old map or the new one, never a mix."""
+        oos = {old.sb.peers[name].slot: bits for name, bits in old.oos.items()}
+        try:
+            write_new_file(path, old.sb.layout.file_size, _image(old.sb, old._seq, old.intent, oos))
+        except OSError as e:
+            old.close()
+            raise StateMapError(
+                f"{path}: cannot upgrade the state map to format {FORMAT_VERSION}: {e.strerror}; "
+                "the version-1 map is unchanged"
+            ) from None
+        old.close()
+        log.warning("%s: state map upgraded from format %d to %d", path, old.version, FORMAT_VERSION)
+        return cls.open(path, **kw)
 
     @classmethod
     def load(cls, io: StateMapIO, **kw) -> StateMap:
@@ -263,29 +301,89 @@ class StateMap:
             )
         a = decode_slot(io.pread(0, SLOT_SIZE))
         b = decode_slot(io.pread(SLOT_SIZE, SLOT_SIZE))
-        sb, seq, warnings = pick_slot(a, b, path)
+        sb, seq, version, warnings = pick_slot(a, b, path)
         try:
             check_geometry_values(sb.size, sb.region_size, sb.extent_size)
         except ValueError as e:
             raise StateMapCorrupt(f"{path}: superblock holds an impossible geometry: {e}") from None
-        if size < sb.layout.file_size:
-            raise StateMapCorrupt(
-                f"{path}: truncated: {size} bytes, but its geometry needs {sb.layout.file_size}"
-            )
-        sm = cls(io, sb, seq, **kw)
+        needed = sb.layout_of(version).file_size
+        if size < needed:
+            raise StateMapCorrupt(f"{path}: truncated: {size} bytes, but its geometry needs {needed}")
+        sm = cls(io, sb, seq, version=version, **kw)
         for w in warnings:
             log.warning("%s", w)
         sm.warnings = warnings
         lay = sm.layout
-        sm.intent = sm._read_bits(lay.intent_offset, lay.intent_bytes, lay.extents)
-        for name, peer in sb.peers.items():
-            sm.oos[name] = sm._read_bits(lay.oos_offset(peer.slot), lay.oos_bytes, lay.regions)
+        if version == LEGACY_VERSION:
+            sm.intent = sm._read_legacy_bits(lay.intent_offset, lay.intent_bytes, lay.extents)
+            for name, peer in sb.peers.items():
+                sm.oos[name] = sm._read_legacy_bits(lay.oos_offset(peer.slot), lay.oos_bytes, lay.regions)
+        else:
+            sm.intent = sm._read_area(AREA_INTENT, INTENT_SLOT, None)
+            for name, peer in sb.peers.items():
+                sm.oos[name] = sm._read_area(AREA_OUT_OF_SYNC, peer.slot, name)
+        writable = not getattr(io, "readonly", False)
+        for bad in sm.bad_pages:
+            w = sm._bad_page_warning(bad, rewritten=writable)
+            log.warning("%s", w)
+            sm.warnings.append(w)
         for extent in sm.intent.search(1):
             sm._hot[extent] = _HotExtent()
+        if sm.bad_pages and writable:
+            # Put the pessimistic content on disk now, so the damage is repaired
+            # (and stays assumed-worst) whatever this process does next.
+            for bad in sm.bad_pages:
+                sm._touch(bad.area, bad.page)
+            sm.commit()
         sm.durable_changes = sm.changes
         return sm
 
-    def _read_bits(self, offset: int, length: int, nbits: int) -> bitarray:
+    def _read_area(self, area: int, slot: int, member: str | None) -> bitarray:
+        """Read one version-2 bitmap area, checking every page; a page that fails
+        reads as all ones (every extent hot, every region out of sync) and is
+        listed in :attr:`bad_pages`."""
+        lay = self.layout
+        npages = lay.intent_pages if area == AREA_INTENT else lay.oos_pages
+        nbits = lay.extents if area == AREA_INTENT else lay.regions
+        offset = lay.page_offset(area, slot, 0)
+        data = memoryview(self.io.pread(offset, npages * PAGE))
+        if len(data) != npages * PAGE:
+            raise StateMapCorrupt(f"{self.io.name}: short read of {len(data)} bytes at offset {offset}")
+        key = "intent" if member is None else f"oos:{member}"
+        payload = bytearray()
+        for i in range(npages):
+            page = data[i * PAGE : (i + 1) * PAGE]
+            problem = check_page(page, area, slot, i, self._owner)
+            if problem is None:
+                payload += page[PAGE_BITS_OFFSET:]
+            else:
+                payload += b"\xff" * PAGE_BITS_BYTES
+                self.bad_pages.append(BadPage(key, None if member is None else slot, i, problem))
+        bits = bitarray(endian="little")
+        bits.frombytes(bytes(payload))
+        del bits[nbits:]
+        return bits
+
+    def _bad_page_warning(self, bad: BadPage, *, rewritten: bool) -> str:
+        """One line naming the file, area, member slot and page, and what is assumed."""
+        done = "; page rewritten so" if rewritten else ";"
+        if bad.area == "intent":
+            cover = self.layout.page_bits(AREA_INTENT, bad.page)
+            return (
+                f"{self.io.name}: intent bitmap page {bad.page} (extents {cover.start}..{cover.stop - 1}) "
+                f"is damaged: {bad.problem}{done} every extent it covers counts as hot "
+                "(recovery marks them out of sync for every member)"
+            )
+        member = bad.area.split(":", 1)[1]
+        cover = self.layout.page_bits(AREA_OUT_OF_SYNC, bad.page)
+        return (
+            f"{self.io.name}: out-of-sync bitmap of member {member} (slot {bad.slot}) page {bad.page} "
+            f"(regions {cover.start}..{cover.stop - 1}) is damaged: {bad.problem}{done} every region "
+            f"it covers counts as out of sync for {member}"
+        )
+
+    def _read_legacy_bits(self, offset: int, length: int, nbits: int) -> bitarray:
+        """Read a version-1 bitmap: raw pages, holes read as zeros."""
         bits = _new_bits(nbits)
         for start, n in self.io.data_extents(offset, length):
             data = self.io.pread(start, n)
@@ -378,8 +476,8 @@ class StateMap:
         # Walk page by page so each touched page is marked dirty once.
         start = regions.start
         while start < regions.stop:
-            page = start // BITS_PER_PAGE
-            stop = min(regions.stop, (page + 1) * BITS_PER_PAGE)
+            page = start // self._bpp
+            stop = min(regions.stop, (page + 1) * self._bpp)
             n_set = bits.count(1, start, stop)
             delta = (stop - start - n_set) if value else n_set
             if delta:
@@ -452,13 +550,13 @@ class StateMap:
             if hot is None:
                 hot = self._hot[extent] = _HotExtent()
                 self.intent[extent] = 1
-                self._touch("intent", extent // BITS_PER_PAGE)
+                self._touch("intent", extent // self._bpp)
                 need = self.changes
             else:
                 self._hot.move_to_end(extent)
-                if (("intent", extent // BITS_PER_PAGE) in self._dirty.pages) and self.intent[extent]:
+                if (("intent", extent // self._bpp) in self._dirty.pages) and self.intent[extent]:
                     # Set, or set again after a retirement, but not yet on disk.
-                    need = max(need, self._dirty.pages[("intent", extent // BITS_PER_PAGE)])
+                    need = max(need, self._dirty.pages[("intent", extent // self._bpp)])
             hot.refs += 1
         if len(self._hot) > self.hot_limit:
             self.retire_idle(len(self._hot) - self.hot_limit)
@@ -476,7 +574,7 @@ class StateMap:
             self._require_in_use()
             self._hot[extent] = _HotExtent()
             self.intent[extent] = 1
-            self._touch("intent", extent // BITS_PER_PAGE)
+            self._touch("intent", extent // self._bpp)
             need = self.changes
         return need
 
@@ -509,7 +607,7 @@ class StateMap:
             if self._retirable(self._hot[extent]):
                 del self._hot[extent]
                 self.intent[extent] = 0
-                self._touch("intent", extent // BITS_PER_PAGE)
+                self._touch("intent", extent // self._bpp)
                 retired += 1
         return retired
 
@@ -520,7 +618,7 @@ class StateMap:
         """True if every extent of the range is hot in the on-disk intent bitmap, so
         out-of-sync marks inside it may be committed lazily."""
         for extent in self.extents_of(offset, length):
-            if not self.intent[extent] or ("intent", extent // BITS_PER_PAGE) in self._dirty.pages:
+            if not self.intent[extent] or ("intent", extent // self._bpp) in self._dirty.pages:
                 return False
         return True
 
@@ -546,7 +644,7 @@ class StateMap:
                 self._set_bits(member, r, True)
         for extent in hot:
             self.intent[extent] = 0
-            self._touch("intent", extent // BITS_PER_PAGE)
+            self._touch("intent", extent // self._bpp)
         self._hot.clear()
         return Recovery(True, hot, regions, regions * self.layout.region_size)
 
@@ -669,7 +767,7 @@ class StateMap:
         self.sb.peers[member] = PeerRecord(slot=free[0], copy=Fence(CopyKind.FULL, 0))
         # The slot may hold bits of a member removed earlier: start from zeros.
         self.oos[member] = _new_bits(self.layout.regions)
-        for page in range(self.layout.oos_bytes // PAGE):
+        for page in range(self.layout.oos_pages):
             self._touch(f"oos:{member}", page)
         self._touch_sb()
         try:
@@ -710,6 +808,30 @@ class StateMap:
         self._touch_sb()
 
     @property
+    def identity(self) -> str | None:
+        """The volume identity this member's data belongs to, or None if it has none
+        yet (a fresh map, or a copy target waiting to receive a source's life)."""
+        return self.sb.generations.identity
+
+    def adopt_identity(self, identity: str) -> None:
+        """Take the volume identity a member learned from its primary; durable at the
+        next commit, like every superblock change. Refuses to replace a different
+        identity: that member belongs to another volume's life (``gmd clean`` it)."""
+        if not isinstance(identity, str) or not identity:
+            raise ValueError(f"volume identity {identity!r} is not a non-empty string")
+        gens = self.sb.generations
+        if gens.identity == identity:
+            return
+        if gens.identity:
+            raise StateMapError(
+                f"{self.io.name}: state map belongs to volume identity {gens.identity}, "
+                f"refusing to adopt another one ({identity}); 'gmd clean' this member to "
+                "let it receive a full copy"
+            )
+        gens.identity = identity
+        self._touch_sb()
+
+    @property
     def is_fresh(self) -> bool:
         """True for a map whose member never held data of any generation."""
         g = self.sb.generations
@@ -719,7 +841,8 @@ class StateMap:
 
     def make_copy_source(self, *, full_copy: bool = True) -> None:
         """``gmddirty``: this member's data is the truth; every other member gets
-        a full copy from it. Starts a new generation.
+        a full copy from it. Starts a new generation, and the volume identity if
+        the map has none yet (an existing one is kept: same volume, new generation).
 
         ``full_copy=False`` is the operator's word that the other members hold
         identical data already (all freshly zeroed, say): they need nothing, and a
@@ -731,12 +854,16 @@ class StateMap:
         self._clear_intents()
         self.set_local_copy(None)
         self.set_disk(DiskState.UPTODATE)
+        if not self.sb.generations.identity:
+            # The volume's life starts here; a later gmd dirty keeps it.
+            self.sb.generations.identity = secrets.token_hex(16)
         self.start_new_generation()
         self.set_bitmap_generation(self.sb.generations.current)
 
     def make_copy_target(self) -> None:
         """``gmdclean``: this member's data is to be replaced by a full copy from
-        an up-to-date member; it has nothing to send anyone."""
+        an up-to-date member; it has nothing to send anyone. Its volume identity is
+        cleared: it takes the source's with the copy (:meth:`adopt_identity`)."""
         for member in self.oos:
             self._set_bits(member, range(self.layout.regions), False)
             self.set_peer_copy(member, None)
@@ -747,6 +874,7 @@ class StateMap:
             gens.history = [gens.current, *gens.history][:HISTORY_LENGTH]
         gens.current = NO_GENERATION
         gens.bitmap = NO_GENERATION
+        gens.identity = None  # it will receive the source's life, and its identity
         self.set_local_copy(Fence(CopyKind.FULL, 0))
         self.set_disk(DiskState.INCONSISTENT)
         self._touch_sb()
@@ -754,7 +882,7 @@ class StateMap:
     def _clear_intents(self) -> None:
         for extent in self.intent.search(1):
             self.intent[extent] = 0
-            self._touch("intent", extent // BITS_PER_PAGE)
+            self._touch("intent", extent // self._bpp)
         self._hot.clear()
 
     def local_out_of_sync_bytes(self) -> int:
@@ -774,21 +902,25 @@ class StateMap:
         if not self.has_unsaved_changes:
             self.durable_changes = self.changes
             return None
+        if self.version != FORMAT_VERSION:
+            raise StateMapError(
+                f"{self.io.name}: a format-{self.version} state map read as it is cannot be "
+                "written; open it read-write with StateMap.open to upgrade it"
+            )
         lay = self.layout
         oos_phase: list[tuple[int, bytes, str]] = []
         intent_phase: list[tuple[int, bytes, str]] = []
         for (area, page), _version in sorted(self._dirty.pages.items()):
-            lo = page * BITS_PER_PAGE
             if area == "intent":
-                data = self._page_bytes(self.intent, lo)
-                intent_phase.append((lay.intent_offset + page * PAGE, data, "intent"))
+                data = _encode_area_page(self.intent, AREA_INTENT, INTENT_SLOT, page, self._owner)
+                intent_phase.append((lay.page_offset(AREA_INTENT, INTENT_SLOT, page), data, "intent"))
             else:
                 member = area.split(":", 1)[1]
                 if member not in self.sb.peers:
                     continue  # the member was removed; its slot is not ours to write
-                data = self._page_bytes(self.oos[member], lo)
-                offset = lay.oos_offset(self.sb.peers[member].slot) + page * PAGE
-                oos_phase.append((offset, data, area))
+                slot = self.sb.peers[member].slot
+                data = _encode_area_page(self.oos[member], AREA_OUT_OF_SYNC, slot, page, self._owner)
+                oos_phase.append((lay.page_offset(AREA_OUT_OF_SYNC, slot, page), data, area))
         sb_phase: list[tuple[int, bytes, str]] = []
         seq = None
         if self._sb_version is not None:
@@ -809,11 +941,6 @@ class StateMap:
             sb_version=self._sb_version,
             seq=seq,
         )
-
-    @staticmethod
-    def _page_bytes(bits: bitarray, lo: int) -> bytes:
-        data = bits[lo : lo + BITS_PER_PAGE].tobytes()
-        return data + bytes(PAGE - len(data))
 
     def finish_commit(self, plan: CommitPlan) -> None:
         """Record that ``plan`` ran to completion (every phase fsynced)."""
@@ -846,18 +973,66 @@ class StateMap:
         return plan.bytes
 
 
+def _encode_area_page(bits: bitarray, area: int, slot: int, page: int, owner: int) -> bytes:
+    """Page ``page`` of a bitmap area, with its self-checking header."""
+    lo = page * BITS_PER_PAGE
+    return encode_page(area, slot, page, owner, bits[lo : lo + BITS_PER_PAGE].tobytes())
+
+
+def _image(sb: Superblock, seq: int, intent: bitarray | None, oos: dict[int, bitarray]) -> list[tuple[int, bytes]]:
+    """Every page of a version-2 map holding ``sb`` (sequences ``seq + 1`` and
+    ``seq + 2`` in the two slots), ``intent`` and the out-of-sync bitmaps by
+    member slot; areas not given are all zeros (nothing hot, all in sync)."""
+    lay = sb.layout
+    owner = map_id(sb.uuid)
+    pieces = [
+        (((seq + 1) % 2) * SLOT_SIZE, encode_slot(sb, seq + 1)),
+        (((seq + 2) % 2) * SLOT_SIZE, encode_slot(sb, seq + 2)),
+    ]
+
+    def area_bytes(bits: bitarray | None, area: int, slot: int, npages: int) -> bytes:
+        if bits is None:
+            bits = _new_bits(0)
+        return b"".join(_encode_area_page(bits, area, slot, i, owner) for i in range(npages))
+
+    pieces.append((lay.intent_offset, area_bytes(intent, AREA_INTENT, INTENT_SLOT, lay.intent_pages)))
+    for slot in range(sb.peer_slots):
+        pieces.append((lay.oos_offset(slot), area_bytes(oos.get(slot), AREA_OUT_OF_SYNC, slot, lay.oos_pages)))
+    return pieces
+
+
 def ensure_not_in_use(path: str | os.PathLike[str]) -> None:
     """Raise :class:`StateMapBusy` if a process holds the map at ``path`` open for
     writing; a missing file is not in use. Reads nothing, so it works on a map
     too damaged to open."""
-    try:
-        io = FileIO(path, readonly=True)
-    except FileNotFoundError:
+    io = _open_file(path, readonly=True, missing_ok=True)
+    if io is None:
         return
     try:
         _lock_exclusive(io, str(path))
     finally:
         io.close()
+
+
+def _open_file(path: str | os.PathLike[str], *, readonly: bool, missing_ok: bool = False) -> FileIO | None:
+    """Open the map file, saying in one line what is wrong with the path if not
+    (None for a missing file when ``missing_ok``)."""
+    try:
+        return FileIO(path, readonly=readonly)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise StateMapError(f"{path}: no such file: no state map here (create it with 'gmd init')") from None
+    except IsADirectoryError:
+        raise StateMapError(f"{path}: is a directory, not a state map file") from None
+    except PermissionError:
+        mode = "read" if readonly else "read and write"
+        raise StateMapError(
+            f"{path}: permission denied: this user may not {mode} the state map "
+            "(run gmd as the user that owns it)"
+        ) from None
+    except OSError as e:
+        raise StateMapError(f"{path}: cannot open state map: {e.strerror}") from None
 
 
 def _lock_exclusive(io: StateMapIO, path: str) -> None:

@@ -11,7 +11,9 @@ since, each possibly torn at a sector boundary. The recovered map must:
 * hold every out-of-sync bit that was set before the last completed commit and
   is still set, and every bit set since inside an extent that was durably hot
   (the invariant that lets the write path skip a metadata write per write);
-* hold nothing that was never set, except whole hot extents ORed in by recovery.
+* hold nothing that was never set, except whole hot extents ORed in by recovery
+  and whole pages found damaged, which read as all ones (all out of sync, all
+  hot); and only a page whose write was torn may be found damaged.
 """
 
 import os
@@ -21,7 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from statemap.faultio import FaultIO, SimulatedCrash
-from statemap.format import SECTOR, Fence
+from statemap.format import AREA_INTENT, AREA_OUT_OF_SYNC, INTENT_SLOT, SECTOR, Fence
 from statemap.states import CopyKind, DiskState
 from statemap.statemap import StateMap
 
@@ -164,7 +166,7 @@ class StateMapCrashMachine(RuleBasedStateMachine):
             if data.draw(st.booleans(), label=f"torn {i}"):
                 torn[i] = data.draw(st.integers(0, len(self.io.pending[i].data) // SECTOR - 1), label="sectors")
         image = self.io.crash_image(landed, torn)
-        self._recover_from(image)
+        self._recover_from(image, {self.io.pending[i].offset for i in torn})
 
     # --------------------------------------------------------------- checking
 
@@ -173,29 +175,39 @@ class StateMapCrashMachine(RuleBasedStateMachine):
         self.dur_intent = set(self.cur_intent)
         self.dur_sb = self._sb_view()
 
-    def _recover_from(self, image):
+    def _recover_from(self, image, torn_offsets):
         io = FaultIO(image=image)
         sm = StateMap.load(io)  # must never refuse: one slot is always whole
+        # A damaged page is one whose write tore, never one that was written whole.
+        damaged = {m: set() for m in MEMBERS}
+        damaged_hot = set()
+        for bad in sm.bad_pages:
+            if bad.area == "intent":
+                assert sm.layout.page_offset(AREA_INTENT, INTENT_SLOT, bad.page) in torn_offsets, bad
+                damaged_hot |= set(sm.layout.page_bits(AREA_INTENT, bad.page))
+            else:
+                assert sm.layout.page_offset(AREA_OUT_OF_SYNC, bad.slot, bad.page) in torn_offsets, bad
+                damaged[bad.area.split(":")[1]] |= set(sm.layout.page_bits(AREA_OUT_OF_SYNC, bad.page))
+        assert len(sm.warnings) >= len(sm.bad_pages)
         view = (
             sm.sb.disk,
             tuple((n, p.disk, p.copy.fence if p.copy else None) for n, p in sorted(sm.sb.peers.items())),
         )
         assert view in (self.dur_sb[:2], self.cur_sb[:2]), "superblock is neither old nor new"
         on_disk_hot = {e for e in range(EXTENTS) if sm.intent[e]}
-        assert on_disk_hot <= self.dur_intent | self.cur_intent
+        assert on_disk_hot <= self.dur_intent | self.cur_intent | damaged_hot
         rec = sm.recover()
         assert set(rec.hot_extents) == on_disk_hot
         sm.commit()
-        hot_regions = set().union(*(ext_regions(e) for e in self.dur_intent | self.cur_intent)) if (
-            self.dur_intent | self.cur_intent
-        ) else set()
+        ever_hot = self.dur_intent | self.cur_intent | damaged_hot
+        hot_regions = set().union(*(ext_regions(e) for e in ever_hot)) if ever_hot else set()
         dur_hot_regions = set().union(*(ext_regions(e) for e in self.dur_intent)) if self.dur_intent else set()
         for m in MEMBERS:
             got = set(sm.out_of_sync_regions(m).search(1))
             must = self.cur[m] & (self.dur[m] | dur_hot_regions)
             lost = must - got
             assert not lost, f"member {m}: lost out-of-sync regions {sorted(lost)[:10]}"
-            extra = got - (self.dur[m] | self.cur[m] | hot_regions)
+            extra = got - (self.dur[m] | self.cur[m] | hot_regions | damaged[m])
             assert not extra, f"member {m}: invented regions {sorted(extra)[:10]}"
         # Carry on with the recovered map, as the restarted daemon would.
         self.io = io
