@@ -147,7 +147,10 @@ class NodeDaemon:
                 return f"node {self.node} has no member of volume {hello.volume}"
             reason = engine.check_peer_hello(hello)
             if reason:
-                return reason
+                # Authenticated: the peer may see who refuses it, and judge us too.
+                if engine.local is None or engine._going_down:
+                    return reason
+                return engine.make_intro(hello.path, hello.session), reason
             engine_box.append(engine)
             return engine.make_intro(hello.path, hello.session)
 

@@ -300,6 +300,11 @@ class VolumeEngine:
         # date: what we mirrored of its intents is marked for every member
         # now, and each connected member's session is reopened below, so that
         # its bitmap (with its own marks of that primary's writes) reaches us.
+        if sm.identity is None:
+            # A map from before volume identities: the primary gives the volume
+            # one now, and its members learn it when told their disk state.
+            sm.adopt_identity(secrets.token_hex(16))
+            log.info("%s: volume identity %s… created by the primary", self.name, sm.identity[:8])
         reconcile = self.lost_primary
         if reconcile is not None:
             self._fold_lost_primary(reconcile, f"taking over from lost primary {reconcile}")
@@ -649,6 +654,10 @@ class VolumeEngine:
             "marked": {name: splitbrain.marked_summary(sm.out_of_sync_regions(name)) for name in sm.sb.peers},
             "discard_local": self.discarding,  # the peer we yield to in a split-brain resolution
             "promoted_at": sm.sb.promoted_at,
+            "identity": sm.identity,  # which life of the volume our data belongs to
+            # A copy target (gmd clean) waits for a full copy whatever the
+            # primary's map says about it.
+            "awaiting_full_copy": sm.sb.local_copy is not None and sm.sb.local_copy.kind == CopyKind.FULL,
         }
 
     def _generation_info(self) -> dict[str, Any]:
@@ -681,6 +690,11 @@ class VolumeEngine:
                 return (f"volume {self.name} {field_name} mismatch: {self.node} has {ours}, "
                         f"{hello.node} has {theirs}")
         info = hello.info
+        ours, theirs = self.local.statemap.identity, info.get("identity")
+        if ours and isinstance(theirs, str) and theirs and theirs != ours:
+            return (f"{hello.node} holds another life of volume {self.name} (identity {theirs[:8]}…, ours "
+                    f"{ours[:8]}…): it was created or rebuilt apart from ours, so nothing of it relates to "
+                    f"our data; run 'gmd clean {self.name}' on the member that is to receive a full copy")
         if info.get("role") == Role.PRIMARY and self.role == Role.PRIMARY:
             return f"both {self.node} and {hello.node} are primary for {self.name} (split-brain risk)"
         verdict = self._verdict(hello)
@@ -699,6 +713,8 @@ class VolumeEngine:
                 return None
             if loser is not None:
                 why += f", but {loser} is primary: demote it and it resolves"
+        if verdict == Verdict.UNRELATED and ours and theirs == ours:
+            return self._too_old(hello)
         if verdict in (Verdict.SPLIT_BRAIN, Verdict.UNRELATED):
             reason = (f"{verdict.value}: {self.node} and {hello.node} hold diverging data of {self.name}; "
                       "nothing is overwritten, the link stays down")
@@ -712,6 +728,36 @@ class VolumeEngine:
             return (f"{hello.node} holds newer data of {self.name} than primary {self.node}; "
                     "refusing to connect (split-brain risk)")
         return None
+
+    def _too_old(self, hello: Intro) -> str:
+        """Same volume identity, no generation in common: one side's map comes
+        from a time further back than the history reaches (a restored backup).
+        Nothing relates the two by bitmap; the older one needs a full copy, and
+        is not up to date meanwhile."""
+        sm = self.local.statemap
+        peer_primary = hello.info.get("role") == Role.PRIMARY.value
+        if peer_primary and self.role != Role.PRIMARY:
+            old = self.node
+            if sm.sb.disk == DiskState.UPTODATE:
+                sm.set_disk(DiskState.OUTDATED)
+        elif self.role == Role.PRIMARY:
+            old = hello.node
+            rec = sm.sb.peers.get(hello.node)
+            if rec is not None and rec.disk == DiskState.UPTODATE:
+                sm.set_peer_disk(hello.node, DiskState.OUTDATED)
+            self.members[hello.node].peer_disk = DiskState.OUTDATED.value
+        else:
+            old = None
+        who = (f"{old}'s data" if old else f"the data of {self.node} or {hello.node}")
+        clean_on = old or "the member whose map was restored"
+        reason = (f"{who} is too old to relate by history to the other's: both are volume {self.name} "
+                  f"(identity {sm.identity[:8]}…), but no generation is in common (a map restored from an "
+                  f"old backup?). A full copy is needed: run 'gmd clean {self.name}' on {clean_on}, then "
+                  "'gmd up' it")
+        m = self.members[hello.node]
+        if not m.connected:
+            m.set_state(LinkState.STANDALONE, reason)
+        return reason
 
     def _verdict(self, hello: Intro) -> Verdict:
         g = hello.info.get("generation", {})
@@ -1265,7 +1311,8 @@ class VolumeEngine:
         await self.local.writer.sync_all()
         m.peer_disk = DiskState.UPTODATE.value
         log.info("%s: member %s is uptodate", self.name, m.name)
-        await self._send_state(m, {"your_disk": DiskState.UPTODATE.value, "generation": sm.sb.generations.current})
+        await self._send_state(m, {"your_disk": DiskState.UPTODATE.value, "generation": sm.sb.generations.current,
+                                   "identity": sm.identity})
 
     async def _tell_member_state(self, m: MemberLink) -> None:
         """As primary: decide a newly connected member's disk state and tell it."""
@@ -1274,6 +1321,8 @@ class VolumeEngine:
         rec = sm.sb.peers[m.name]
         if verdict == Verdict.PEER_NEEDS_FULL and rec.copy is None:
             sm.set_peer_copy(m.name, Fence(CopyKind.FULL, 0))
+        if (m.peer_hello_info or {}).get("awaiting_full_copy") is True and rec.copy is None:
+            sm.set_peer_copy(m.name, Fence(CopyKind.FULL, 0))  # cleaned by its operator: replace it all
         if verdict == Verdict.SPLIT_BRAIN and rec.copy is None and not self._bitmaps_share_ancestor(m):
             sm.set_peer_copy(m.name, Fence(CopyKind.FULL, 0))  # the peer discards; no common bitmap base
         if rec.copy is not None and rec.copy.fence < self.config.size:
@@ -1289,7 +1338,7 @@ class VolumeEngine:
             sm.set_bitmap_generation(sm.sb.generations.current, member=m.name)
         await self.local.writer.sync_all()
         m.peer_disk = disk.value
-        fields: dict[str, Any] = {"role": self.role.value, "your_disk": disk.value}
+        fields: dict[str, Any] = {"role": self.role.value, "your_disk": disk.value, "identity": sm.identity}
         if disk == DiskState.UPTODATE:
             fields["generation"] = sm.sb.generations.current
         await self._send_state(m, fields)
@@ -1324,8 +1373,19 @@ class VolumeEngine:
             except ValueError:
                 log.warning("%s: %s sent unknown disk state %r", self.name, m.name, fields["your_disk"])
                 return
+            from_primary = fields.get("role", m.peer_role) == Role.PRIMARY.value
+            identity = fields.get("identity")
+            if from_primary and isinstance(identity, str) and identity and sm.identity != identity:
+                if sm.identity is not None:
+                    log.error("%s: primary %s speaks for another life of the volume (identity %s…, ours %s…); "
+                              "closing the session", self.name, m.name, identity[:8], sm.identity[:8])
+                    for p in list(m.session.paths) if m.session else []:
+                        await p.aclose("another life of the volume")
+                    return
+                sm.adopt_identity(identity)  # our data becomes a copy of that volume's
+                log.info("%s: volume identity %s… learned from primary %s", self.name, identity[:8], m.name)
             sm.set_disk(disk)
-            if fields.get("role", m.peer_role) == Role.PRIMARY.value:
+            if from_primary:
                 self.lost_primary = None  # a live primary has judged us: we follow it now
             if disk == DiskState.UPTODATE and sm.sb.local_copy is not None:
                 sm.set_local_copy(None)  # the copy we were waiting for is done

@@ -67,9 +67,6 @@ class QuorumKeeper:
         self._lock = trio.Lock()
         self._suspended_since: float | None = None
         self.superseded: str | None = None  # a witness said another node is primary
-        # The volume's identity, sent with every claim so a witness judges it only
-        # by this volume's own registration (None: a map from before identities).
-        self.identity: str | None = None
 
     # ----------------------------------------------------------- arithmetic
 
@@ -155,6 +152,13 @@ class QuorumKeeper:
                 "suspended_writes_since": self._suspended_since, "witnesses": witnesses}
 
     # ---------------------------------------------------------- witnesses
+
+    @property
+    def identity(self) -> str | None:
+        """The volume's identity, sent with every claim so a witness judges it only
+        by this volume's own registration (None: a map from before identities)."""
+        local = self.engine.local
+        return local.statemap.identity if local is not None else None
 
     def _claim_fields(self, current: str, history: list[str], outdated: frozenset[str]) -> dict[str, Any]:
         return {"volume": self.engine.name, "identity": self.identity or None, "current": current,

@@ -239,6 +239,12 @@ class WitnessBook:
         lease = self._lease(claim.volume, now)
         if lease is not None and not lease.held_by(claim):
             return f"{lease.holder(claim)} holds the primary lease for {claim.volume}"
+        if claim.identity is None and any(v == claim.volume and i is not None for v, i in self.records):
+            # Its map predates the identity its primary registered with (a
+            # member learns it from the primary): it cannot be judged by that
+            # registration, and a fresh one must not make it primary.
+            return (f"{claim.node}'s state map carries no volume identity, but volume {claim.volume} is "
+                    "registered here with one: its place in that volume's life is unknown")
         return self._behind(self._lookup(claim), claim)
 
     def release(self, volume: str, node: str, identity: str | None = None) -> None:

@@ -18,6 +18,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import trio
 
@@ -43,6 +44,7 @@ from .codec import (
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
+REFUSED = "refused"  # intro info key: the server refuses this connection, for this reason
 # Connections one listener lets sit in their handshake (unauthenticated) at
 # once; each may hold at most one small pre-auth frame (codec.PREAUTH_MAX_PAYLOAD).
 PREAUTH_CONNECTIONS = 32
@@ -403,6 +405,14 @@ async def client_handshake(
                 raise LinkRefused(f"refused by peer {remote.node}: {theirs_intro.reason}")
             if not isinstance(theirs_intro, Intro):
                 raise RemoteProtocolError(f"expected INTRO, got {type(theirs_intro).__name__}")
+            refused = theirs_intro.info.get(REFUSED)
+            if refused is not None:
+                # The server refuses, and says who it is so that this side can
+                # judge it too (and show what it found, e.g. that our data is
+                # the stale one).
+                if intro_problem(remote, theirs_intro) is None:
+                    check_remote(theirs_intro)
+                raise LinkRefused(f"refused by peer {remote.node}: {refused}")
             reason = intro_problem(remote, theirs_intro) or check_remote(theirs_intro)
             if reason:
                 await _refuse(stream, conn, reason)
@@ -417,7 +427,7 @@ async def server_handshake(
     stream: trio.abc.Stream,
     node: str,
     secret: str,
-    reply_to: Callable[[Intro], Intro | str],
+    reply_to: Callable[[Intro], Intro | str | tuple[Intro, str]],
     *,
     label: str,
     max_payload: int | None = None,
@@ -426,8 +436,9 @@ async def server_handshake(
 
     The client must prove the secret before anything it says is looked at and
     before we prove ours; only then ``reply_to`` turns its intro into ours, or
-    returns a refusal reason (unknown volume, geometry mismatch...). Raises
-    :class:`LinkRefused` (logged).
+    returns a refusal reason (unknown volume, geometry mismatch...), or both
+    (our intro, the reason): the client then learns who refused it, marked
+    :data:`REFUSED`, and judges us too. Raises :class:`LinkRefused` (logged).
     """
     conn = Connection() if max_payload is None else Connection(max_payload)
     try:
@@ -456,6 +467,11 @@ async def server_handshake(
             if not isinstance(intro, Intro):
                 raise RemoteProtocolError(f"expected INTRO, got {type(intro).__name__}")
             reply = intro_problem(remote, intro) or reply_to(intro)
+            if isinstance(reply, tuple):
+                ours, reason = reply
+                await stream.send_all(conn.send(replace(ours, info={**ours.info, REFUSED: reason})))
+                await _refuse(stream, conn, reason)
+                raise LinkRefused(f"refusing peer {remote.node}: {reason}")
             if isinstance(reply, str):
                 await _refuse(stream, conn, reply)
                 raise LinkRefused(f"refusing peer {remote.node}: {reply}")

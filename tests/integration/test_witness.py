@@ -122,11 +122,9 @@ def test_a_damaged_state_file_is_one_line_naming_it(tmp_path):
     assert err.startswith(f"gmd: error: witness W: state file {state} is damaged (")
 
 
-async def start_primary_with_identity(daemon, procs, identity):
-    """Like test_replication.start_primary, with the claims' identity set before
-    the volume comes up (the engine sets it from the state map once it has one)."""
+async def start_primary(daemon, procs):
+    """Like test_replication.start_primary."""
     eng = daemon.engines["appslv"]
-    eng.quorum.identity = identity
     for p in procs.values():
         await trio.to_thread.run_sync(lambda p=p: p.request(op="up", volume="appslv"))
     await eng.up()
@@ -142,20 +140,26 @@ async def test_a_volume_rebuilt_with_the_same_names_is_not_judged_by_its_old_lif
     generation forked); the second's primary, with its own identity, keeps
     writing with the witness when its secondary dies."""
     shared = tmp_path / "shared-witness.json"
-    for life, identity in ((1, OLD), (2, NEW)):
+    identities = []
+    for life in (1, 2):
         d = tmp_path / f"cluster{life}"
         d.mkdir()
         ports = free_ports(1)
         table = witness_table("W", ports[0], votes=1).replace('state = "data/W/witness.json"', f'state = "{shared}"')
         # labor1 holds 2 votes: with labor2 (1) it has quorum; alone it needs the witness (1): 2 of 4 < 3.
         cfg = write_config(d, [NodeSpec("labor1", votes=2), NodeSpec("labor2")], mode="sync", extra_tables=table)
-        init_in_sync(cfg, "labor1", ["labor2"])
+        init_in_sync(cfg, "labor1", ["labor2"])  # gmd init + gmd dirty: each life gets its own identity
         w = WitnessProcess(cfg, "W", d)
         try:
             w.start()
             with daemon_processes(cfg, ["labor2"], d) as procs:
                 async with in_process_daemon(cfg, "labor1") as daemon:
-                    eng = await start_primary_with_identity(daemon, procs, identity)
+                    eng = await start_primary(daemon, procs)
+                    identities.append(eng.statemap.identity)
+                    assert eng.status()["state_map"]["identity"] == identities[-1]
+                    # The secondary learned it from its primary.
+                    await wait_for(lambda: procs["labor2"].status()["state_map"]["identity"] == identities[-1],
+                                   what="labor2 adopts the volume identity")
                     await wait_for(lambda: eng.status()["quorum"]["witnesses"]["W"]["granted"], what="lease")
                     await eng.write(0, b"a" * 4096)
                     procs["labor2"].kill()
@@ -168,10 +172,12 @@ async def test_a_volume_rebuilt_with_the_same_names_is_not_judged_by_its_old_lif
         finally:
             w.stop()
         if life == 2:
+            OLD, NEW = identities
+            assert OLD and NEW and OLD != NEW
             log = w.log()
             assert f"labor1 claims volume appslv with identity {NEW[:8]}\u2026; witness also holds volume " \
                    f"appslv under identity {OLD[:8]}\u2026, a different volume's life: not applied" in log
     saved = json.loads(shared.read_text())["records"]
-    assert {(r["identity"], r["primary"]) for r in saved} == {(OLD, "labor1"), (NEW, "labor1")}
+    assert {(r["identity"], r["primary"]) for r in saved} == {(identities[0], "labor1"), (identities[1], "labor1")}
     assert all(r["outdated"] == ["labor2"] for r in saved)
     assert os.path.exists(f"{shared}.lock")
