@@ -175,9 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------ helpers
 
 
+# The long-running services log what they do (coming up, members, holdings);
+# the one-shot commands only what went wrong.
+SERVICE_COMMANDS = frozenset({"daemon", "witness"})
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
+    quiet_level = logging.INFO if getattr(args, "command", None) in SERVICE_COMMANDS else logging.WARNING
     level = logging.DEBUG if getattr(args, "debug", False) else (
-        logging.ERROR if getattr(args, "quiet", False) else logging.WARNING)
+        logging.ERROR if getattr(args, "quiet", False) else quiet_level)
     logging.basicConfig(level=level, stream=sys.stderr, format="gmd: %(levelname)s: %(message)s")
 
 

@@ -66,9 +66,16 @@ def test_a_second_witness_on_the_same_state_file_refuses_to_start(tmp_path):
         again.stop()
 
 
+class OperatorWitness(WitnessProcess):
+    """``gmd witness`` as an operator starts it: no --debug."""
+
+    def argv(self) -> list[str]:
+        return [a for a in super().argv() if a != "--debug"]
+
+
 def test_the_witness_logs_what_it_holds_at_start(tmp_path):
     cfg = witness_config(tmp_path)
-    w = WitnessProcess(cfg, "W", tmp_path)
+    w = OperatorWitness(cfg, "W", tmp_path)
     try:
         w.start()
     finally:
