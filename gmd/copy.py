@@ -521,15 +521,13 @@ async def _copy_items(engine: VolumeEngine, m: MemberLink, progress: CopyProgres
     await pacer.pace(nbytes)
     theirs = [await hashes.get(i) if hashes.wanted(i) else None for i in indexes]
     shipments: list[list] = []
-    tokens = []
+    # Under the range locks (taken together, in turn with application
+    # writes: see engine._RangeLocks): no application write to these items is
+    # in flight, and any later one is queued after this copy. The items are
+    # read once, for hashing and shipping alike (holes are not read), in one
+    # trip to a thread.
+    token = await engine.lock_ranges(ranges)
     try:
-        # Under the range locks: no application write to these items is in
-        # flight, and any later one is queued after this copy. The items are
-        # read once, for hashing and shipping alike (holes are not read), in
-        # one trip to a thread. Locks are taken in offset order and an
-        # application write holds one range only, so this cannot deadlock.
-        for offset, length in ranges:
-            tokens.append(await engine.lock_range(offset, offset + length))
         read = await local.device.read_hashed_ranges(ranges, rs)
         for (offset, _), (ours, data), their in zip(ranges, read, theirs):
             if their is not None:
@@ -549,8 +547,7 @@ async def _copy_items(engine: VolumeEngine, m: MemberLink, progress: CopyProgres
                 engine.copy_bytes_sent += len(piece)
             shipments.append(item)
     finally:
-        for token in tokens:
-            engine.unlock_range(token)
+        engine.unlock_range(token)
     await trio.lowlevel.checkpoint()  # let waiting application writes take the lock
     return shipments
 

@@ -98,25 +98,44 @@ class _WriteCtx:
 
 
 class _RangeLocks:
-    """Serializes overlapping in-flight writes (intervals, FIFO per overlap)."""
+    """Serializes overlapping in-flight writes and copy reads: intervals, first
+    come first served per overlap. A request waits for every earlier one it
+    overlaps, held or itself still waiting, so a copy's long chunk is not
+    starved by a stream of short application writes (which, to an ``async``
+    member fallen behind, complete at local speed). One request may cover
+    several ranges, taken together: waits only ever point at earlier
+    requests, so there is no deadlock."""
 
     def __init__(self):
-        self._held: dict[int, tuple[int, int, trio.Event]] = {}
+        self._held: dict[int, tuple[list[tuple[int, int]], trio.Event]] = {}  # held or waiting, by age
         self._next = 0
 
     async def acquire(self, start: int, end: int) -> int:
-        while True:
-            blockers = [ev for s, e, ev in self._held.values() if s < end and start < e]
-            if not blockers:
-                break
-            await blockers[0].wait()
+        return await self.acquire_many([(start, end)])
+
+    async def acquire_many(self, ranges: list[tuple[int, int]]) -> int:
+        """Take every [start, end) of ``ranges`` at once; returns the token."""
         self._next += 1
-        self._held[self._next] = (start, end, trio.Event())
-        return self._next
+        token = self._next
+        ahead = [ev for held, ev in self._held.values()
+                 if any(s < e2 and s2 < e for s, e in ranges for s2, e2 in held)]
+        self._held[token] = (list(ranges), trio.Event())
+        try:
+            for ev in ahead:
+                await ev.wait()
+        except BaseException:  # cancelled while waiting: later requests must not wait for it
+            self.release(token)
+            raise
+        return token
 
     def release(self, token: int) -> None:
-        _s, _e, ev = self._held.pop(token)
+        _ranges, ev = self._held.pop(token)
         ev.set()
+
+    async def wait_held(self) -> None:
+        """Wait until every request made until now is released (not those made later)."""
+        for _ranges, ev in list(self._held.values()):
+            await ev.wait()
 
     @property
     def busy(self) -> int:
@@ -910,6 +929,10 @@ class VolumeEngine:
 
     async def lock_range(self, start: int, end: int) -> int:
         return await self._locks.acquire(start, end)
+
+    async def lock_ranges(self, ranges: list[tuple[int, int]]) -> int:
+        """Lock several (offset, length) ranges together (one token)."""
+        return await self._locks.acquire_many([(offset, offset + length) for offset, length in ranges])
 
     def unlock_range(self, token: int) -> None:
         self._locks.release(token)
