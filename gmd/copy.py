@@ -13,8 +13,15 @@ differing regions move (a target seeded from a backup copies fast). A region is
 read and queued to the member under the engine's range lock, so the copy can
 never reorder with an application write to it: whichever takes the lock first
 is applied first on the member, in link order. The copy stops, leaving its
-bits and fence for the next attempt, as soon as the member is lost or falls
-behind.
+bits and fence for the next attempt, as soon as the member is lost.
+
+An ``async`` member whose queue overflowed (*behind*) is sent no application
+writes, only copy data: a write to a region the copy has already read is in
+the bitmap alone. So a pass clears a region's bit only if the region was not
+marked again after the pass read it (:class:`RemarkedRegions`); the next pass
+takes it. Once a pass leaves little to copy and the queue has room, the member
+takes writes in its queue again and the last pass runs as for a returning
+member (:func:`_ship_again_if_room`).
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ SKIP_COMPARE_AFTER = 64  # regions a mini-copy compares before it may stop compa
 
 
 class CopyAborted(Exception):
-    """The member went away or fell behind; progress so far is kept."""
+    """The member went away, or regions were marked again; progress so far is kept."""
 
 
 @dataclass
@@ -89,16 +96,8 @@ class CopyProgress:
                 **({"differing_regions": self.regions_differing} if self.kind == "verify" else {})}
 
 
-class UnsentRegions:
-    """Per member, the regions written while it could not be sent the write
-    (away, or an ``async`` member fallen behind): those surely differ on it,
-    so its mini-copy ships them without comparing hashes first, as DRBD and
-    OpenVMS mini-copy do. Comparing pays off only for regions that *may*
-    differ: writes in flight when a link broke, hot extents after a crash.
-
-    Kept in memory only: it is an optimisation, never needed for
-    correctness (shipping an equal region costs bytes, nothing else), so after
-    a restart every out-of-sync region is compared again."""
+class MemberRegions:
+    """A set of regions per member, in memory (one bit per region)."""
 
     def __init__(self, size: int, region_size: int):
         self.regions = (size + region_size - 1) // region_size
@@ -109,12 +108,33 @@ class UnsentRegions:
         return slice(offset // self.region_size, (offset + max(length, 1) - 1) // self.region_size + 1)
 
     def note(self, member: str, offset: int, length: int) -> None:
-        """``member`` was not sent a write to [offset, offset+length)."""
+        """Add the regions of [offset, offset+length) for ``member``."""
         bits = self._bits.get(member)
         if bits is None:
             bits = self._bits[member] = bitarray(self.regions)
             bits.setall(0)
         bits[self._span(offset, length)] = 1
+
+    def forget(self, member: str, offset: int, length: int) -> None:
+        """Remove the regions of [offset, offset+length) for ``member``."""
+        bits = self._bits.get(member)
+        if bits is not None:
+            bits[self._span(offset, length)] = 0
+
+
+class UnsentRegions(MemberRegions):
+    """Per member, the regions written while it could not be sent the write
+    (away, or an ``async`` member fallen behind): those surely differ on it,
+    so its mini-copy ships them without comparing hashes first, as DRBD and
+    OpenVMS mini-copy do. Comparing pays off only for regions that *may*
+    differ: writes in flight when a link broke, hot extents after a crash.
+
+    Kept in memory only: it is an optimisation, never needed for
+    correctness (shipping an equal region costs bytes, nothing else), so after
+    a restart every out-of-sync region is compared again.
+
+    :meth:`note`: ``member`` was not sent a write to the range;
+    :meth:`forget`: the range was copied to it."""
 
     def all_unsent(self, member: str, offset: int, length: int) -> bool:
         """Every region of [offset, offset+length) had a write ``member`` was not sent."""
@@ -122,11 +142,26 @@ class UnsentRegions:
         span = self._span(offset, length)
         return bits is not None and span.stop <= len(bits) and bits[span].all()
 
-    def forget(self, member: str, offset: int, length: int) -> None:
-        """The regions of [offset, offset+length) were copied to ``member``."""
+
+class RemarkedRegions(MemberRegions):
+    """Per member, the regions marked out of sync since a copy pass last read
+    them (:meth:`note` at every mark, :meth:`forget` when a pass reads the
+    range under its range lock). A pass clears a region's bit only if it is
+    not here (:meth:`kept`): a member that fell behind gets no application
+    writes, so a write racing with the copy of its region reaches it only by
+    the next pass. (A member that takes writes gets them after the copied
+    data, in link order; one it failed is marked and kept too, which costs
+    a region's copy, nothing else.)
+
+    In memory only: the marks themselves are in the state map; a pass after a
+    restart reads every region it clears."""
+
+    def kept(self, member: str, first: int, end: int) -> list[int]:
+        """The regions of [first, end) marked since a pass read them."""
         bits = self._bits.get(member)
-        if bits is not None:
-            bits[self._span(offset, length)] = 0
+        if bits is None:
+            return []
+        return [first + i for i in bits[first:end].search(1)]
 
 
 def chunk_for_rate(rate: int, region_size: int) -> int:
@@ -203,9 +238,41 @@ async def copy_member(engine: VolumeEngine, m: MemberLink) -> None:
             for r in range(first, end, chunk // rs):
                 work.append((r * rs, min(end, r + chunk // rs) * rs - r * rs))
         await _copy_ranges(engine, m, progress, work, chunk, full=False)
+    if m.behind:
+        await _ship_again_if_room(engine, m)
+        if m.behind:
+            raise CopyAborted(f"{m.name} is still behind ({sm.out_of_sync_bytes(m.name)} bytes marked during the "
+                              "pass); another pass follows")
     if sm.out_of_sync_regions(m.name).any():
         raise CopyAborted("regions were marked again while copying; another pass follows")
     await engine.member_caught_up(m)
+
+
+QUEUE_POLL = 0.05  # seconds between looks at a behind member's draining queue
+
+
+async def _ship_again_if_room(engine: VolumeEngine, m: MemberLink) -> None:
+    """A pass to ``m``, an ``async`` member that fell behind, is done. If the
+    writes marked during it come to at most half its queue (the link keeps up
+    with the application), queue writes to it again once the queue has
+    drained to half as well, so one burst does not overflow it at once:
+    that hysteresis keeps it from flapping. Writes refused before that are
+    marked when this returns; the next pass copies them, and every later
+    write is queued after the copied data (range lock, link order).
+    Otherwise it stays behind, and the next pass copies what was marked."""
+    sm = engine.statemap
+    room = m.queue_limit // 2
+    left = sm.out_of_sync_bytes(m.name)
+    if left > room:
+        return
+    while m.queued_bytes > room:  # nothing is queued while behind: it only drains
+        if not m.connected:
+            raise CopyAborted(f"{m.name} went away")
+        await trio.sleep(QUEUE_POLL)
+    if not m.connected:
+        raise CopyAborted(f"{m.name} went away")
+    m.ship_again(f"{left} bytes left to copy, {m.queued_bytes} of {m.queue_limit} bytes queued")
+    await engine.drain_writes_in_flight()
 
 
 async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgress,
@@ -521,15 +588,16 @@ async def _copy_items(engine: VolumeEngine, m: MemberLink, progress: CopyProgres
     await pacer.pace(nbytes)
     theirs = [await hashes.get(i) if hashes.wanted(i) else None for i in indexes]
     shipments: list[list] = []
-    tokens = []
+    # Under the range locks (taken together, in turn with application
+    # writes: see engine._RangeLocks): no application write to these items is
+    # in flight, and any later one is queued after this copy. The items are
+    # read once, for hashing and shipping alike (holes are not read), in one
+    # trip to a thread.
+    token = await engine.lock_ranges(ranges)
     try:
-        # Under the range locks: no application write to these items is in
-        # flight, and any later one is queued after this copy. The items are
-        # read once, for hashing and shipping alike (holes are not read), in
-        # one trip to a thread. Locks are taken in offset order and an
-        # application write holds one range only, so this cannot deadlock.
         for offset, length in ranges:
-            tokens.append(await engine.lock_range(offset, offset + length))
+            # Marks from here on (a write after the read) keep their bits.
+            engine.remarked.forget(m.name, offset, length)
         read = await local.device.read_hashed_ranges(ranges, rs)
         for (offset, _), (ours, data), their in zip(ranges, read, theirs):
             if their is not None:
@@ -540,17 +608,16 @@ async def _copy_items(engine: VolumeEngine, m: MemberLink, progress: CopyProgres
             item: list = []
             for first, end in _runs(differ):
                 piece = data.blocks(first, end)
-                sh = m.ship_write(engine.completed_sequence, offset + first * rs, piece, settled)
+                sh = m.ship_write(engine.completed_sequence, offset + first * rs, piece, settled, copy=True)
                 if sh is None:
-                    raise CopyAborted(f"{m.name} cannot take writes (away or behind)")
+                    raise CopyAborted(f"{m.name} went away")
                 budget.shipped(len(piece))
                 item.append(sh)
                 progress.sent_bytes += len(piece)
                 engine.copy_bytes_sent += len(piece)
             shipments.append(item)
     finally:
-        for token in tokens:
-            engine.unlock_range(token)
+        engine.unlock_range(token)
     await trio.lowlevel.checkpoint()  # let waiting application writes take the lock
     return shipments
 
@@ -565,18 +632,21 @@ async def _record(engine: VolumeEngine, m: MemberLink, done: list[tuple[int, int
     await sh.done.wait()
     if not sh.ok:
         raise CopyAborted(f"{m.name} did not acknowledge a flush")
-    if m.behind or not m.connected:
-        # An application write may have been marked instead of shipped since a
-        # region was copied: its bit must stay.
-        raise CopyAborted(f"{m.name} fell behind during the copy")
+    if not m.connected:
+        raise CopyAborted(f"{m.name} went away")
     sm = engine.statemap
     rs = engine.config.region_size
     if full:
+        # Writes refused while it is behind are in the bitmap (below the fence
+        # too), for the mini-copy that follows.
         end = max(off + length for off, length in done)
         sm.advance_peer_fence(m.name, end)
     else:
         for off, length in done:
-            sm.clear_out_of_sync(m.name, range(off // rs, (off + length) // rs))
+            first, end = off // rs, (off + length) // rs
+            kept = set(engine.remarked.kept(m.name, first, end))  # written after this pass read them
+            for a, b in _runs([r for r in range(first, end) if r not in kept]):
+                sm.clear_out_of_sync(m.name, range(a, b))
     await engine.local.writer.sync_all()
 
 

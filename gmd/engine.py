@@ -64,8 +64,8 @@ from .errors import GmdError, UsageError, errno_for
 from . import splitbrain
 from .disk import _pread_full
 from .quorum_keeper import QuorumKeeper
-from .copy import UnsentRegions
-from .replication import Applier, HashAnswerer, LinkState, MemberLink, Shipment
+from .copy import RemarkedRegions, UnsentRegions
+from .replication import Applier, HashAnswerer, LinkState, MemberLink, Replication, Shipment
 from .volume import LocalVolume
 
 if TYPE_CHECKING:
@@ -98,25 +98,44 @@ class _WriteCtx:
 
 
 class _RangeLocks:
-    """Serializes overlapping in-flight writes (intervals, FIFO per overlap)."""
+    """Serializes overlapping in-flight writes and copy reads: intervals, first
+    come first served per overlap. A request waits for every earlier one it
+    overlaps, held or itself still waiting, so a copy's long chunk is not
+    starved by a stream of short application writes (which, to an ``async``
+    member fallen behind, complete at local speed). One request may cover
+    several ranges, taken together: waits only ever point at earlier
+    requests, so there is no deadlock."""
 
     def __init__(self):
-        self._held: dict[int, tuple[int, int, trio.Event]] = {}
+        self._held: dict[int, tuple[list[tuple[int, int]], trio.Event]] = {}  # held or waiting, by age
         self._next = 0
 
     async def acquire(self, start: int, end: int) -> int:
-        while True:
-            blockers = [ev for s, e, ev in self._held.values() if s < end and start < e]
-            if not blockers:
-                break
-            await blockers[0].wait()
+        return await self.acquire_many([(start, end)])
+
+    async def acquire_many(self, ranges: list[tuple[int, int]]) -> int:
+        """Take every [start, end) of ``ranges`` at once; returns the token."""
         self._next += 1
-        self._held[self._next] = (start, end, trio.Event())
-        return self._next
+        token = self._next
+        ahead = [ev for held, ev in self._held.values()
+                 if any(s < e2 and s2 < e for s, e in ranges for s2, e2 in held)]
+        self._held[token] = (list(ranges), trio.Event())
+        try:
+            for ev in ahead:
+                await ev.wait()
+        except BaseException:  # cancelled while waiting: later requests must not wait for it
+            self.release(token)
+            raise
+        return token
 
     def release(self, token: int) -> None:
-        _s, _e, ev = self._held.pop(token)
+        _ranges, ev = self._held.pop(token)
         ev.set()
+
+    async def wait_held(self) -> None:
+        """Wait until every request made until now is released (not those made later)."""
+        for _ranges, ev in list(self._held.values()):
+            await ev.wait()
 
     @property
     def busy(self) -> int:
@@ -133,7 +152,7 @@ class VolumeEngine:
         self.local: LocalVolume | None = None
         self.role = Role.SECONDARY
         self.members: dict[str, MemberLink] = {
-            name: MemberLink(name, m.mode, queue_limit=config.async_queue)
+            name: MemberLink(name, m.mode, queue_limit=config.async_queue, volume=config.name)
             for name, m in config.members.items() if name != self.node
         }
         self._nursery: trio.Nursery | None = None
@@ -152,6 +171,7 @@ class VolumeEngine:
         self._idle.set()
         self._appliers: dict[str, Applier] = {}
         self.unsent = UnsentRegions(config.size, config.region_size)  # regions members surely miss
+        self.remarked = RemarkedRegions(config.size, config.region_size)  # marked since a copy pass read them
         self._hash_answerers: dict[str, HashAnswerer] = {}  # member -> answers its hash requests
         self._dirty_since_flush = False
         self.role_epoch = 0  # bumped on every role change: FUSE handles of an older epoch get EIO
@@ -553,6 +573,7 @@ class VolumeEngine:
             return
         if not sent:
             self.unsent.note(m.name, offset, length)
+        self.remarked.note(m.name, offset, length)  # a copy pass that read these regions before keeps their bits
         sm = local.statemap
         rec = sm.sb.peers.get(m.name)
         if rec is not None and rec.disk == DiskState.UPTODATE:
@@ -561,6 +582,8 @@ class VolumeEngine:
         if m.connected and m.peer_disk == DiskState.UPTODATE.value:
             m.peer_disk = DiskState.OUTDATED.value
             await self._send_state(m, {"your_disk": DiskState.OUTDATED.value})
+        if m.behind and m.connected and self.role == Role.PRIMARY:
+            self._start_copy(m)  # an async member that fell behind is caught up while its link is up
 
     async def commit_fork(self, generation: str, newly_away: list[MemberLink]) -> None:
         """Start generation ``generation`` because the members in ``newly_away``
@@ -1036,6 +1059,10 @@ class VolumeEngine:
     async def lock_range(self, start: int, end: int) -> int:
         return await self._locks.acquire(start, end)
 
+    async def lock_ranges(self, ranges: list[tuple[int, int]]) -> int:
+        """Lock several (offset, length) ranges together (one token)."""
+        return await self._locks.acquire_many([(offset, offset + length) for offset, length in ranges])
+
     def unlock_range(self, token: int) -> None:
         self._locks.release(token)
 
@@ -1051,23 +1078,42 @@ class VolumeEngine:
             self._copying.add(m.name)
             self._nursery_or_daemon().start_soon(self._copy_loop, m)
 
+    async def drain_writes_in_flight(self) -> None:
+        """Wait until every application write in flight now has finished (not
+        those started later): each one a member refused is marked by then."""
+        await self._locks.wait_held()
+
     async def _copy_loop(self, m: MemberLink) -> None:
+        """Copy to ``m`` while it is connected and this node primary, pass after
+        pass, until it is level and takes writes (also an ``async`` member that
+        fell behind: it is caught up while its link stays up)."""
         from .copy import CopyAborted, copy_member
 
         try:
-            while self.role == Role.PRIMARY and self.local is not None and m.connected and not m.behind:
+            while self.role == Role.PRIMARY and self.local is not None and m.connected:
+                m.set_replication(Replication.CATCHING_UP, f"{self.statemap.out_of_sync_bytes(m.name)} bytes out "
+                                  f"of sync; copying{' while writes are marked' if m.behind else ''}")
                 try:
                     await copy_member(self, m)
-                    return
                 except (CopyAborted, LinkClosed) as e:
                     log.info("%s: copy to %s stopped: %s", self.name, m.name, e)
                     await trio.sleep(0.1)
+                    continue
                 except Exception as e:  # a copy's failure never takes the daemon (and the volume) down
                     log.error("%s: copy to %s failed: %r; retrying", self.name, m.name, e)
                     await trio.sleep(1.0)
+                    continue
+                # No await from this check to the end of the loop: a member that
+                # falls behind after it starts a new loop (_mark_away).
+                if not m.behind and not self.statemap.out_of_sync_bytes(m.name):
+                    m.set_replication(Replication.SHIPPING, "level with the primary; writes are shipped to it")
+                    return
         finally:
             self._copying.discard(m.name)
             self.copies.pop(m.name, None)
+            if m.connected and m.replication is Replication.CATCHING_UP:
+                # Stopped short (demoted, volume down): say how writes reach it now.
+                m.set_replication(Replication.BEHIND if m.behind else Replication.SHIPPING, "copy stopped")
 
     def start_verify(self) -> dict[str, str]:
         """``gmd verify``: start comparing every connected up-to-date member with
@@ -1263,7 +1309,8 @@ class VolumeEngine:
         new = [name for name in config.members if name != self.node and name not in self.members]
         self.config = config
         for name in new:
-            self.members[name] = MemberLink(name, config.members[name].mode, queue_limit=config.async_queue)
+            self.members[name] = MemberLink(name, config.members[name].mode, queue_limit=config.async_queue,
+                                            volume=config.name)
         if self.local is not None:
             self.local.config = config
             self.local.add_new_members()
@@ -1308,8 +1355,10 @@ class VolumeEngine:
             sm.set_peer_copy(m.name, None)
         sm.set_peer_disk(m.name, DiskState.UPTODATE)
         sm.set_bitmap_generation(sm.sb.generations.current, member=m.name)
+        m.peer_disk = DiskState.UPTODATE.value  # before the await: a write marked meanwhile sets it back
         await self.local.writer.sync_all()
-        m.peer_disk = DiskState.UPTODATE.value
+        if sm.sb.peers[m.name].disk != DiskState.UPTODATE:
+            return  # a write was marked for it meanwhile (and it was told); the copy loop goes on
         log.info("%s: member %s is uptodate", self.name, m.name)
         await self._send_state(m, {"your_disk": DiskState.UPTODATE.value, "generation": sm.sb.generations.current,
                                    "identity": sm.identity})
@@ -1538,6 +1587,8 @@ class VolumeEngine:
                 "last_verify": self.verify_reports.get(name),
                 "pending_copy": _fence_json(rec.copy if rec else None),
                 "behind": m.behind,
+                # shipping / behind (async queue overflowed) / catching-up (a copy runs): see Replication
+                "replication": m.replication.value if m.connected and self.role == Role.PRIMARY else None,
                 "reason": m.reason,
                 "peer_role": m.peer_role if m.connected else None,
                 "paths": len([p for p in m.session.paths if not p.closed]) if m.session else 0,

@@ -11,6 +11,13 @@ Settlement: each shipment ends exactly once, ``ok`` (the member acked it) or not
 (the session died, or the member answered with an error). The engine turns an
 unsuccessful settlement into out-of-sync bits; nothing is ever assumed delivered.
 
+An ``async`` member's queue is bounded in bytes (:attr:`MemberLink.queue_limit`).
+When a write would overflow it, the member falls *behind*: from then on writes
+are not queued but marked in its out-of-sync bitmap, and the engine catches it
+up by mini-copy while the link stays up (:class:`Replication` has the states
+and the transitions). Copy data is shipped in link order like any write but
+counted apart from the queue: the copy bounds its own bytes in flight.
+
 Concurrency rules: link sequence numbers are assigned and frames queued without
 an ``await`` in between, so queue order is sequence order; a session's
 shipments are failed in one synchronous sweep when its last path closes.
@@ -46,6 +53,24 @@ class LinkState(StrEnum):
     UNKNOWN = "unknown"
 
 
+class Replication(StrEnum):
+    """How the primary keeps a connected member current (DRBD's replication
+    state, beside the link and disk states); ``gmd status`` shows it.
+
+    ``shipping`` → ``behind``: an ``async`` member's queue overflowed; writes
+    are marked in its bitmap, not queued. ``behind`` → ``catching-up``: a
+    mini-copy runs (at once; also for a member returning with marked regions).
+    While catching up, an overflowed member goes back to having writes queued
+    once a pass left little to copy and the queue has room
+    (:meth:`MemberLink.ship_again`); the copy then finishes as it does for a
+    returning member. ``catching-up`` → ``shipping``: nothing is left to copy
+    and writes are queued again. A new session starts at ``shipping``."""
+
+    SHIPPING = "shipping"
+    BEHIND = "behind"
+    CATCHING_UP = "catching-up"
+
+
 @dataclass(eq=False)
 class Shipment:
     """One write or flush sent to one member."""
@@ -62,6 +87,7 @@ class Shipment:
     path: PeerLink | None = None
     on_settled: Callable[[Shipment], None] | None = None
     in_sync: int = 0  # a flush's: the volume sequence durable on every member in sync
+    copy: bool = False  # copy data: outside the async queue and its limit
 
     @property
     def length(self) -> int:
@@ -100,8 +126,9 @@ class Session:
 class MemberLink:
     """The primary's (and the secondary's) state for one remote member."""
 
-    def __init__(self, name: str, mode: str, *, queue_limit: int):
+    def __init__(self, name: str, mode: str, *, queue_limit: int, volume: str = ""):
         self.name = name
+        self.volume = volume  # for log lines
         self.mode = mode
         self.queue_limit = queue_limit
         self.state = LinkState.DISCONNECTED
@@ -110,8 +137,10 @@ class MemberLink:
         self.peer_role: str | None = None
         self.peer_disk: str | None = None
         self.peer_hello_info: dict = {}
-        self.queued_bytes = 0  # async: bytes shipped, not yet acked
-        self.behind = False  # async overflow: falls back to bitmap tracking
+        self.queued_bytes = 0  # async: bytes of writes shipped, not yet acked (copy data apart)
+        self.copy_bytes = 0  # bytes of copy data shipped, not yet acked
+        self.behind = False  # async overflow: writes are marked in the bitmap, not queued
+        self.replication = Replication.SHIPPING
         self.flushed_gseq = 0  # highest flush point the member acked
         self.changed = trio.Event()  # set on every state change (status --watch, tests)
         self.bytes_shipped = 0
@@ -143,36 +172,66 @@ class MemberLink:
             self.reason = reason
             self._notify()
 
+    def set_replication(self, state: Replication, why: str, level: int = logging.INFO) -> None:
+        """Move to replication ``state``, logging one line saying ``why``."""
+        if state is self.replication:
+            return
+        log.log(level, "%s: member %s: replication %s -> %s: %s", self.volume, self.name,
+                self.replication.value, state.value, why)
+        self.replication = state
+        self._notify()
+
+    def ship_again(self, why: str) -> None:
+        """A member that fell behind takes writes in its queue again (the
+        caller waits for the writes already refused to be marked, see
+        :meth:`VolumeEngine.drain_writes_in_flight`)."""
+        if self.behind:
+            self.behind = False
+            log.info("%s: member %s: writes are queued to it again: %s", self.volume, self.name, why)
+            self._notify()
+
     def lag(self, now: float) -> tuple[int, float]:
-        """(bytes, seconds) an async member trails the primary by."""
+        """(bytes, seconds) an async member trails the primary by (queued
+        writes; copy data is not counted)."""
         s = self.session
-        if s is None or not s.unsettled:
+        queued = [sh.queued_at for sh in s.unsettled.values() if not sh.copy] if s is not None else []
+        if not queued:
             return 0, 0.0
-        oldest = min(sh.queued_at for sh in s.unsettled.values())
-        return self.queued_bytes, max(0.0, now - oldest)
+        return self.queued_bytes, max(0.0, now - min(queued))
 
     # -------------------------------------------------------------- shipping
 
-    def ship_write(self, gseq: int, offset: int, data: bytes, on_settled: Callable[[Shipment], None]) -> Shipment | None:
+    def ship_write(self, gseq: int, offset: int, data: bytes, on_settled: Callable[[Shipment], None], *,
+                   copy: bool = False) -> Shipment | None:
         """Queue a write to this member; None if it cannot take it (not connected,
         behind, or the async queue is full — the caller marks it out of sync).
+        ``copy`` data is taken while behind too, outside the queue's limit.
         Synchronous: queue order is sequence order."""
         s = self.session
-        if not self.connected or s is None or self.behind:
+        if not self.connected or s is None or (self.behind and not copy):
             return None
-        if self.is_async and self.queued_bytes + len(data) > self.queue_limit:
-            log.warning("%s: async queue full (%d bytes); falling back to bitmap tracking",
-                        self.name, self.queued_bytes)
+        if not copy and self.is_async and self.queued_bytes + len(data) > self.queue_limit:
+            full = f"async queue full ({self.queued_bytes} of {self.queue_limit} bytes)"
             self.behind = True
+            if self.replication is Replication.SHIPPING:
+                self.set_replication(Replication.BEHIND, f"{full}; writes are marked in the bitmap until a "
+                                     "mini-copy catches it up", logging.WARNING)
+            else:
+                log.warning("%s: member %s: %s while catching up; writes are marked in the bitmap again",
+                            self.volume, self.name, full)
             self._notify()
             return None
         path = s.pick_path()
         if path is None:
             return None
-        sh = Shipment(s.next_link_seq, gseq, "write", offset, data, trio.current_time(), on_settled=on_settled)
+        sh = Shipment(s.next_link_seq, gseq, "write", offset, data, trio.current_time(), on_settled=on_settled,
+                      copy=copy)
         s.next_link_seq += 1
         s.unsettled[sh.link_seq] = sh
-        self.queued_bytes += len(data)
+        if copy:
+            self.copy_bytes += len(data)
+        else:
+            self.queued_bytes += len(data)
         self._send(path, sh)
         return sh
 
@@ -225,7 +284,10 @@ class MemberLink:
         if sh is None:
             return  # a duplicate ack for a resent shipment
         if sh.kind == "write":
-            self.queued_bytes -= sh.length
+            if sh.copy:
+                self.copy_bytes -= sh.length
+            else:
+                self.queued_bytes -= sh.length
             if ack.status == 0:
                 self.acked_unflushed.append((sh.gseq, sh.offset, sh.length))
         elif ack.status == 0:
@@ -289,6 +351,9 @@ class MemberLink:
             failed = sorted(s.unsettled.values(), key=lambda x: x.link_seq)
             s.unsettled.clear()
             self.queued_bytes = 0
+            self.copy_bytes = 0
+            self.behind = False  # the next session starts afresh from the bitmap exchange
+            self.replication = Replication.SHIPPING
             for send in self.reads.values():
                 send.close()  # waiting readers see EndOfChannel and try elsewhere
             self.reads.clear()
