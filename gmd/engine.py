@@ -321,10 +321,14 @@ class VolumeEngine:
         # now, and each connected member's session is reopened below, so that
         # its bitmap (with its own marks of that primary's writes) reaches us.
         if sm.identity is None:
-            # A map from before volume identities: the primary gives the volume
-            # one now, and its members learn it when told their disk state.
-            sm.adopt_identity(secrets.token_hex(16))
-            log.info("%s: volume identity %s… created by the primary", self.name, sm.identity[:8])
+            # A map from before volume identities: take the one a connected
+            # member already learned, or give the volume one now; members
+            # learn it when told their disk state.
+            known = sorted({i for m in self.members.values() if m.connected
+                            and isinstance(i := (m.peer_hello_info or {}).get("identity"), str) and i})
+            sm.adopt_identity(known[0] if len(known) == 1 else secrets.token_hex(16))
+            log.info("%s: volume identity %s… %s", self.name, sm.identity[:8],
+                     "learned from a member" if len(known) == 1 else "created by the primary")
         reconcile = self.lost_primary
         if reconcile is not None:
             self._fold_lost_primary(reconcile, f"taking over from lost primary {reconcile}")
@@ -1525,11 +1529,11 @@ class VolumeEngine:
         that ends meanwhile finds it in the fold."""
         local = self._require_up()
         length = len(item.data)
-        await local.begin_intent(item.offset, length)
+        await local.begin_intent(item.offset, length, mirror=True)
         try:
             await local.apply(item.offset, item.data)
         finally:
-            local.end_intent(item.offset, length, item.gseq)
+            local.end_intent(item.offset, length, item.gseq, mirror=True)
         self._seen_gseq = max(self._seen_gseq, item.gseq)
 
     async def _apply_flush(self, item: Flush) -> None:

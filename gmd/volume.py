@@ -222,10 +222,13 @@ class LocalVolume:
 
     # ------------------------------------------------------------ state-map hooks
 
-    async def begin_intent(self, offset: int, length: int) -> None:
+    async def begin_intent(self, offset: int, length: int, *, mirror: bool = False) -> None:
         """Make the extents of a write hot on disk before its data is issued
-        (``mwc``/``async``; a no-op in ``sync`` mode, which logs no intent)."""
-        if not self.uses_intent:
+        (``mwc``/``async``; a no-op in ``sync`` mode, which logs no intent of its
+        own). With ``mirror`` (a member applying its primary's write) always:
+        every member mirrors the primary's intents, whatever its own mode, so
+        the survivors of a lost primary can reconcile."""
+        if not (self.uses_intent or mirror):
             return
         sm = self.statemap
         need = sm.intent_acquire(offset, length)
@@ -240,10 +243,11 @@ class LocalVolume:
                 need = max(need, sm.intent_prefetch(range(last + 1, last + 1 + INTENT_LOOKAHEAD)))
             await self.writer.sync_to(need)
 
-    def end_intent(self, offset: int, length: int, seq: int) -> None:
-        """The write ``seq`` completed everywhere it was going."""
+    def end_intent(self, offset: int, length: int, seq: int, *, mirror: bool = False) -> None:
+        """The write ``seq`` completed everywhere it was going (``mirror``: as
+        for :meth:`begin_intent`)."""
         self._completed_seq = max(self._completed_seq, seq)
-        if self.uses_intent:
+        if self.uses_intent or mirror:
             self.statemap.intent_release(offset, length, seq)
 
     def note_flushed(self, seq: int) -> None:

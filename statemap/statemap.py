@@ -672,7 +672,7 @@ class StateMap:
             self._hot.pop(extent, None)
             if self.intent[extent]:
                 self.intent[extent] = 0
-                self._touch("intent", extent // BITS_PER_PAGE)
+                self._touch("intent", extent // self._bpp)
         self._flushed_seq = 0
         return hot
 
