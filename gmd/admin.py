@@ -19,7 +19,7 @@ from statemap import DiskState, StateMap, ensure_not_in_use
 
 from .config import Config, ConfigError, Member, VolumeConfig
 from .disk import create_sparse_file, device_size
-from .errors import Refused, UsageError
+from .errors import Refused
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def _member(config: Config, volume: str, node: str) -> tuple[VolumeConfig, Membe
         vol = config.volume(volume)
         return vol, config.member(volume, node)
     except ConfigError as e:
-        raise UsageError(e.message) from None
+        raise Refused("config", message=e.message) from None
 
 
 def _open_checked(vol: VolumeConfig, member: Member, node: str, *, readonly: bool = False) -> StateMap:

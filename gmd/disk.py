@@ -16,7 +16,7 @@ from pathlib import Path
 import trio
 import xxhash
 
-from .errors import DeviceError, OutOfRange, Refused
+from .errors import OutOfRange, Refused
 
 
 def check_range(offset: int, length: int, size: int, *, writing: bool) -> None:
@@ -73,14 +73,14 @@ class BackingDevice:
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
-            raise DeviceError(f"{self.path}: cannot open backing device: {e.strerror}") from None
+            raise Refused("device-cannot-open", path=self.path, why=e.strerror) from None
 
     async def read(self, offset: int, length: int) -> bytes:
         check_range(offset, length, self.size, writing=False)
         data = await trio.to_thread.run_sync(_pread_full, self._fd, length, offset, limiter=self._limiter)
         if len(data) != length:
             # A file shrunk behind our back: never hand out short data silently.
-            raise DeviceError(f"{self.path}: short read ({len(data)} of {length} bytes at {offset})")
+            raise Refused("device-short-read", path=self.path, got=len(data), length=length, offset=offset)
         return data
 
     async def read_hashed(self, offset: int, length: int, block: int, *,
@@ -235,7 +235,7 @@ def _read_hashed(fd: int, offset: int, length: int, block: int, keep_data: bool,
         rlen = min(end, offset + last * block) - roff
         data = _pread_full(fd, rlen, roff)
         if len(data) != rlen:
-            raise DeviceError(f"{path}: short read ({len(data)} of {rlen} bytes at {roff})")
+            raise Refused("device-short-read", path=path, got=len(data), length=rlen, offset=roff)
         with memoryview(data) as view:
             for i in range(first, last):
                 hashes[i] = xxhash.xxh3_64_intdigest(view[(i - first) * block:(i - first + 1) * block])

@@ -9,6 +9,7 @@ scattered through the engine.
 from __future__ import annotations
 
 import errno
+from dataclasses import dataclass
 from enum import IntEnum
 
 from statemap.errors import StateMapError
@@ -46,34 +47,123 @@ class DeviceError(GmdError):
     """The backing device failed or does not fit the volume."""
 
 
-# Every rule that refuses an operation, keyed by a short stable name.
-REFUSALS = {
-    "map-exists": (
+@dataclass(frozen=True)
+class Refusal:
+    """One rule that refuses an operation (or one failure an operator sees):
+    its wording (``str.format`` fields), the errno an I/O request or a reply
+    carries, and the exit code the CLI returns."""
+
+    message: str
+    errno: int = errno.EPERM
+    exit_code: ExitCode = ExitCode.FAILED
+
+
+_F, _U = ExitCode.FAILED, ExitCode.USAGE
+
+# Every rule that refuses an operation, and every failure the CLI can print,
+# keyed by a short stable name. Code raises Refused(name, **fields); tests refer
+# to the names. Keep the wording here, nowhere else.
+REFUSALS: dict[str, Refusal] = {
+    # -- gmd init, dirty, clean (offline)
+    "map-exists": Refusal(
         "{path}: a state map exists already; 'gmd init --force' replaces it, after "
-        "which this member needs a full copy"
-    ),
-    "device-too-small": (
-        "{path}: backing device holds {actual} bytes but volume {volume} needs {size}"
-    ),
-    "device-not-file-or-block": "{path}: backing device is neither a regular file nor a block device",
-    "clean-would-discard": (
+        "which this member needs a full copy", errno.EEXIST),
+    "device-too-small": Refusal(
+        "{path}: backing device holds {actual} bytes but volume {volume} needs {size}", errno.ENOSPC),
+    "device-not-file-or-block": Refusal(
+        "{path}: backing device is neither a regular file nor a block device", errno.ENODEV),
+    "device-cannot-open": Refusal("{path}: cannot open backing device: {why}", errno.EIO),
+    "device-short-read": Refusal("{path}: short read ({got} of {length} bytes at {offset})", errno.EIO),
+    "clean-would-discard": Refusal(
         "{volume} on {node}: this copy is {disk}; marking it the copy target discards its "
-        "data at the next connect. Add --force if that is what you want"
-    ),
-    "dirty-would-overwrite": (
+        "data at the next connect. Add --force if that is what you want"),
+    "dirty-would-overwrite": Refusal(
         "{volume} on {node}: this copy is {disk}; making it the copy source overwrites the "
-        "other members with it. Add --force if you are sure it holds the newest data"
-    ),
+        "other members with it. Add --force if you are sure it holds the newest data"),
+    # -- configuration and the command line
+    "config": Refusal("{message}", errno.EINVAL, _U),
+    "no-such-volume": Refusal("node {node} has no volume {volume!r} (volumes here: {known})", errno.ENOENT, _U),
+    "no-such-witness": Refusal("{path}: no witness {name!r} (witnesses: {known})", errno.ENOENT, _U),
+    "not-a-member": Refusal("{target} is not a member of {volume} (members: {members})", errno.ENOENT, _U),
+    "expected-votes-too-small": Refusal("expected votes must be at least 1, not {votes}", errno.EINVAL, _U),
+    "bad-rate": Refusal("--rate: {message}", errno.EINVAL, _U),
+    "watch-needs-terminal": Refusal("--watch redraws for a terminal; use --json without it in scripts",
+                                    errno.ENOTTY, _U),
+    "tls-files": Refusal("{path}: tls: cannot load certificate, key or CA: {why}", errno.EINVAL),
+    "reload-refused": Refusal("reload of {path} refused, nothing applied: {problems}", errno.EINVAL),
+    "daemon-not-running": Refusal("{why}; start it with 'gmd daemon --node {node}'", errno.ECONNREFUSED),
+    "daemon-not-running-reload": Refusal("{why}; nothing to reload", errno.ECONNREFUSED),
+    "daemon-not-running-verify": Refusal("{why}; verify runs in the primary's daemon", errno.ECONNREFUSED),
+    # -- the volume's state
+    "volume-down": Refusal("volume {volume} is down on {node} (run 'gmd up {volume}')", errno.ENXIO, _U),
+    "other-primary": Refusal("{volume}: {others} is primary; demote it first (or use switchover)", errno.EBUSY),
+    "peer-newer": Refusal(
+        "{volume}: {newer} holds newer data than {node}; promoting {node} would lose it. Promote {first} instead",
+        errno.ESTALE),
+    "no-quorum": Refusal(
+        "{volume}: no quorum: {votes} of {needed} votes needed ({expected} expected) are present{witnesses}. "
+        "A primary out of sight may still be writing. If it is known to be down: 'gmd primary {volume} "
+        "--force' (or 'gmd quorum {volume} --expected-votes N'); if both sides are forced, their data diverges",
+        errno.EAGAIN),
+    "not-uptodate": Refusal(
+        "{volume}: local disk is {disk}, not uptodate; promoting it would serve stale or inconsistent data. "
+        "'gmd primary --force' makes this copy the source (other members then get a full copy)", errno.ESTALE),
+    "device-in-use": Refusal(
+        "{volume}: device in use ({holders}); unmount or close it first, or add --force to demote anyway "
+        "(its users then get I/O errors)", errno.EBUSY),
+    "losetup-failed": Refusal("losetup could not attach {path}: {why}", errno.EIO),
+    # -- split-brain
+    "no-split-brain": Refusal(
+        "{volume}: no split-brain to resolve on {node} (no member is standalone for diverging data)", errno.ENOENT),
+    "resolve-on-primary": Refusal(
+        "{volume}: {node} is primary; demote it first ('gmd secondary {volume}'), then resolve: the side that "
+        "discards must not be in use", errno.EBUSY),
+    # -- switchover
+    "switchover-refused": Refusal("{volume}: switchover to {target} refused: {problems}. {node} stays primary",
+                                  errno.EAGAIN),
+    "switchover-target-lost": Refusal(
+        "{volume}: {target} was lost during the switchover; {node} is primary again", errno.EAGAIN),
+    "switchover-no-take-over": Refusal(
+        "{volume}: {target} did not take over within {timeout:.0f} s ({why}); {node} is primary again",
+        errno.ETIMEDOUT),
+    "switchover-stranded": Refusal(
+        "{volume}: {target} did not take over ({why}), and {node} could not become primary again: {error}",
+        errno.EIO),
+    # -- the witness
+    "witness-state-unreadable": Refusal("witness {name}: cannot read its state file {path}: {why}", errno.EIO),
+    "witness-state-damaged": Refusal(
+        "witness {name}: state file {path} is damaged ({why}). It records which members a primary wrote "
+        "without; move it aside only once every volume's primary is known to be running (it registers again "
+        "within a second)", errno.EIO),
+    "witness-lock-unopenable": Refusal("{who}: cannot open the lock of its state file, {path}: {why}", errno.EIO),
+    "witness-lock-failed": Refusal("{who}: cannot lock {path}: {why}", errno.EIO),
+    "witness-state-shared": Refusal(
+        "{who}: state file {state} is in use by another witness (pid {holder} holds {path}); two witnesses "
+        "may not share one state file: give each its own 'state' path", errno.EBUSY),
 }
 
 
 class Refused(GmdError):
-    """An operation a rule does not allow; ``rule`` names the entry in REFUSALS."""
+    """An operation a rule does not allow; ``rule`` names the entry in REFUSALS,
+    which gives the wording, the errno and the exit code."""
+
+    def __new__(cls, rule: str, **details: object):
+        # A refusal of the command line itself is also a UsageError.
+        if cls is Refused and REFUSALS[rule].exit_code == ExitCode.USAGE:
+            cls = UsageRefused
+        return super().__new__(cls)
 
     def __init__(self, rule: str, **details: object):
+        entry = REFUSALS[rule]
         self.rule = rule
         self.details = details
-        super().__init__(REFUSALS[rule].format(**details))
+        self.errno = entry.errno
+        self.exit_code = entry.exit_code
+        super().__init__(entry.message.format(**details))
+
+
+class UsageRefused(Refused, UsageError):
+    """A :class:`Refused` whose entry has the usage exit code."""
 
 
 def exit_code_for(exc: BaseException) -> ExitCode:
@@ -87,7 +177,7 @@ def exit_code_for(exc: BaseException) -> ExitCode:
 
 def errno_for(exc: BaseException) -> int:
     """The errno an I/O request gets for an exception (FUSE edge, wire replies)."""
-    if isinstance(exc, OutOfRange):
+    if isinstance(exc, (OutOfRange, Refused)):
         return exc.errno
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno

@@ -56,7 +56,7 @@ from transport.link import (
 from transport.tls import TlsContexts, make_contexts
 
 from .config import Address, Config
-from .errors import GmdError
+from .errors import Refused
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class WitnessDaemon:
     def __init__(self, config: Config, name: str):
         if name not in config.witnesses:
             known = ", ".join(config.witnesses) or "none"
-            raise GmdError(f"{config.path}: no witness {name!r} (witnesses: {known})")
+            raise Refused("no-such-witness", path=config.path, name=name, known=known)
         self.config = config
         self.name = name
         self.witness = config.witnesses[name]
@@ -88,7 +88,7 @@ class WitnessDaemon:
             try:
                 self.tls = make_contexts(config.tls.cert, config.tls.key, config.tls.ca)
             except (OSError, ssl.SSLError) as e:
-                raise GmdError(f"{config.path}: tls: cannot load certificate, key or CA: {e}") from None
+                raise Refused("tls-files", path=config.path, why=e) from None
         self._lock_fd: int | None = lock_state_file(self.state_path, f"witness {name}")
         try:
             _remove_stale_temp_files(self.state_path)
@@ -114,16 +114,13 @@ class WitnessDaemon:
         except FileNotFoundError:
             return {}
         except OSError as e:
-            raise GmdError(f"witness {self.name}: cannot read its state file {self.state_path}: {e}") from None
+            raise Refused("witness-state-unreadable", name=self.name, path=self.state_path, why=e) from None
         try:
             # Bytes that are not text or not JSON raise ValueError here too.
             records, ignored = WitnessBook.records_from_json(json.loads(data))
         except ValueError as e:
             # Starting empty could let an outdated member be promoted: refuse.
-            raise GmdError(
-                f"witness {self.name}: state file {self.state_path} is damaged ({e}). It records which members "
-                "a primary wrote without; move it aside only once every volume's primary is known to be "
-                "running (it registers again within a second)") from None
+            raise Refused("witness-state-damaged", name=self.name, path=self.state_path, why=e) from None
         if ignored:
             log.warning("witness %s: state file %s is format 1 (from before volume identities): its "
                         "registrations of %s are ignored, as they name no volume identity and so cannot be "
@@ -271,17 +268,16 @@ def lock_state_file(state: Path, who: str) -> int:
         state.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as e:
-        raise GmdError(f"{who}: cannot open the lock of its state file, {lock_path}: {e.strerror}") from None
+        raise Refused("witness-lock-unopenable", who=who, path=lock_path, why=e.strerror) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
         os.close(fd)
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise GmdError(f"{who}: cannot lock {lock_path}: {e.strerror}") from None
-        raise GmdError(f"{who}: state file {state} is in use by another witness (pid {holder or 'unknown'} "
-                       f"holds {lock_path}); two witnesses may not share one state file: give each its own "
-                       "'state' path") from None
+            raise Refused("witness-lock-failed", who=who, path=lock_path, why=e.strerror) from None
+        raise Refused("witness-state-shared", who=who, state=state, holder=holder or "unknown",
+                      path=lock_path) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
