@@ -41,7 +41,8 @@ import trio
 
 from quorum.witness import RENEW_INTERVAL, Claim, WitnessBook, check_identity, short_identity
 from statemap.fileio import write_new_file
-from transport.codec import Intro, State
+from transport.codec import Intro, RemoteProtocolError, State
+from transport.messages import WitnessReply, WitnessRequest, decode
 from transport.link import (
     PREAUTH_CONNECTIONS,
     HandshakeGate,
@@ -202,25 +203,23 @@ class WitnessDaemon:
 
     async def _answer(self, node: str, req: dict[str, Any]) -> dict[str, Any]:
         """The reply to one request from ``node``; a bad request is answered as such."""
-        rid = req.get("id")
+        rid = req.get("id") if isinstance(req, dict) else None
         try:
-            op, volume = req.get("op"), req.get("volume")
-            vol = self.config.volumes.get(volume) if isinstance(volume, str) else None
+            try:
+                r = decode(WitnessRequest, req, "witness request")
+            except RemoteProtocolError as e:
+                raise ValueError(str(e)) from None
+            vol = self.config.volumes.get(r.volume)
             if vol is None or node not in vol.members:
-                raise ValueError(f"{node} is not a member of a volume {volume!r}")
-            if op == "status":
+                raise ValueError(f"{node} is not a member of a volume {r.volume!r}")
+            if r.op == "status":
                 return {"id": rid, "granted": False, "reason": "status", "votes": 0,
-                        "records": self.book.holdings(trio.current_time(), volume)}
-            current, history, outdated = req.get("current"), req.get("history", []), req.get("outdated", [])
-            if not isinstance(current, str) or not isinstance(history, list) or not isinstance(outdated, list) \
-                    or not all(isinstance(x, str) for x in [*history, *outdated]):
-                raise ValueError("bad generation or outdated list")
-            identity = check_identity(req.get("identity"))
-            claim = Claim(volume, node, current, tuple(history), frozenset(outdated), identity)
-            if op not in ("renew", "promote", "query", "release"):
-                raise ValueError(f"unknown op {op!r}")
+                        "records": self.book.holdings(trio.current_time(), r.volume)}
+            if r.current is None:
+                raise ValueError(f"{r.op} needs the claimed generation ('current')")
+            claim = Claim(r.volume, node, r.current, r.history, frozenset(r.outdated), check_identity(r.identity))
             async with self._book_lock:
-                return await self._decide(rid, op, claim)
+                return await self._decide(rid, r.op, claim)
         except ValueError as e:
             return {"id": rid, "granted": False, "reason": f"bad request: {e}", "votes": 0}
 
@@ -404,7 +403,13 @@ class WitnessClient:
             except (LinkClosed, trio.TooSlowError):
                 return
             if isinstance(ev, State):
-                ch = self._waiting.pop(ev.fields.get("id"), None)
+                try:
+                    reply = decode(WitnessReply, ev.fields, f"reply of witness {self.name}")
+                except RemoteProtocolError as e:
+                    log.warning("%s: closing the link: %s", link.label, e)
+                    await link.aclose(f"protocol error: {e}")
+                    return
+                ch = self._waiting.pop(reply.id, None)
                 if ch is not None:
                     ch.send_nowait(ev.fields)
                     ch.close()
