@@ -114,12 +114,12 @@ class LineReader:
         :class:`LineTooLong` once more than ``limit`` bytes came without a newline."""
         while True:
             end = self._buffer.find(b"\n")
+            if (end if end >= 0 else len(self._buffer)) > self._limit:
+                raise LineTooLong(f"line longer than {self._limit} bytes")
             if end >= 0:
                 line = bytes(self._buffer[:end])
                 del self._buffer[:end + 1]
                 return line
-            if len(self._buffer) > self._limit:
-                raise LineTooLong(f"request line longer than {self._limit} bytes")
             chunk = await self._stream.receive_some(RECEIVE_CHUNK)
             if not chunk:
                 return None
