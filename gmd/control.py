@@ -10,18 +10,22 @@ The daemon serves at most :data:`MAX_CONTROL_CLIENTS` connections at a time
 (more get the error reply "too many control connections" and are closed), and a
 client must send its whole request line within the node's ``control_timeout``
 (:data:`gmd.config.DEFAULT_CONTROL_TIMEOUT` seconds unless configured).
+
+The socket machinery (safe bind, line splitting, the client) is
+:mod:`transport.jsonlines`, shared with the WAN emulator's control socket.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import os
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
+from transport import jsonlines
+
 MAX_REQUEST = 1 << 20  # bytes of one request line
+MAX_REPLY = 64 * MAX_REQUEST  # bytes of one reply line (a status of many volumes)
 MAX_CONTROL_CLIENTS = 64  # control connections served at once
 
 
@@ -29,57 +33,52 @@ class ControlUnavailable(Exception):
     """No daemon answers on the control socket."""
 
 
+def _unavailable(path: str | os.PathLike[str], exc: OSError) -> ControlUnavailable:
+    if isinstance(exc, jsonlines.NoReply):
+        return ControlUnavailable(f"daemon at {path}: {exc}")
+    if isinstance(exc, TimeoutError) and exc.errno == errno.EAGAIN:
+        return ControlUnavailable(f"daemon at {path} accepts no connection (backlog full)")
+    return ControlUnavailable(f"no gmd daemon at {path} ({exc.strerror or exc})")
+
+
 def request(path: str | os.PathLike[str], req: dict[str, Any], *, timeout: float = 60.0) -> dict[str, Any]:
-    """Send one request to the daemon at ``path`` and return its reply (blocking).
+    """Send one request to the daemon at ``path`` and return its reply (blocking;
+    from trio code use :func:`request_async`).
 
     Raises :class:`ControlUnavailable` when nothing listens there.
     """
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            try:
-                s.connect(str(path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError) as e:
-                raise ControlUnavailable(f"no gmd daemon at {path} ({e.strerror})") from None
-            except BlockingIOError:  # its listen backlog is full: it is busy accepting
-                if time.monotonic() > deadline:
-                    raise ControlUnavailable(f"daemon at {path} accepts no connection (backlog full)") from None
-                time.sleep(0.01)
-        s.sendall(json.dumps(req).encode() + b"\n")
-        buf = bytearray()
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                raise ControlUnavailable(f"daemon at {path} closed the connection without answering")
-            buf += chunk
-            if len(buf) > 64 * MAX_REQUEST:
-                raise ControlUnavailable("reply too large")
-        return json.loads(buf.decode())
-    finally:
-        s.close()
+        return jsonlines.request(path, req, timeout=timeout, max_reply=MAX_REPLY)
+    except (FileNotFoundError, ConnectionRefusedError, jsonlines.NoReply) as e:
+        raise _unavailable(path, e) from None
+    except TimeoutError as e:
+        if e.errno != errno.EAGAIN:
+            raise
+        raise _unavailable(path, e) from None
+
+
+async def request_async(path: str | os.PathLike[str], req: dict[str, Any], *,
+                        timeout: float = 60.0) -> dict[str, Any]:
+    """:func:`request` for trio code: never blocks the event loop."""
+    try:
+        return await jsonlines.request_async(path, req, timeout=timeout, max_reply=MAX_REPLY)
+    except (FileNotFoundError, ConnectionRefusedError, jsonlines.NoReply) as e:
+        raise _unavailable(path, e) from None
 
 
 def daemon_listening(path: str | os.PathLike[str]) -> bool:
-    """True if a process accepts connections on the control socket ``path``."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(2)
-    try:
-        s.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
+    """True if a process accepts connections on the control socket ``path`` (blocking)."""
+    return jsonlines.socket_answers(path)
 
 
 def prepare_socket_path(path: Path) -> None:
     """Make the directory; remove a stale socket a killed daemon left behind.
-    Refuses if a live daemon still answers there."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    if path.exists() or path.is_symlink():
-        if daemon_listening(path):
-            raise RuntimeError(f"another gmd daemon is already running on control socket {path}")
-        path.unlink()
+    Refuses if a live daemon still answers there, or if something other than a
+    socket is in the way. Blocking (it probes the socket): run it in a thread
+    from trio code."""
+    try:
+        jsonlines.prepare_socket_path(path)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise RuntimeError(f"another gmd daemon is already running on control socket {path}") from None
+        raise

@@ -9,11 +9,9 @@ state maps marked clean, links closed) before the process exits.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import signal
-import socket
 import ssl
 from typing import Any
 
@@ -29,6 +27,7 @@ from transport.link import (
     connect_secured,
     server_handshake,
 )
+from transport import jsonlines
 from transport.tls import TlsContexts, make_contexts
 
 from statemap.errors import StateMapError
@@ -175,16 +174,9 @@ class NodeDaemon:
 
     async def _serve_control(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         path = self.node_config.control
-        prepare_socket_path(path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # the socket is created 0600: control is root's
-        try:
-            await sock.bind(str(path))
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, 0o600)
-        sock.listen(MAX_CONTROL_CLIENTS)
-        listener = trio.SocketListener(sock)
+        # The stale-socket probe connects: a thread, so the loop never blocks on it.
+        await trio.to_thread.run_sync(prepare_socket_path, path)
+        listener = await jsonlines.open_listener(path, MAX_CONTROL_CLIENTS)
         log.info("%s: control socket %s", self.node, path)
         task_status.started()
         try:
@@ -215,7 +207,7 @@ class NodeDaemon:
                 reply = await self._control_exchange(stream, timeout)
                 if reply is not None:
                     with trio.move_on_after(timeout):  # a client that never reads its reply
-                        await stream.send_all(json.dumps(reply).encode() + b"\n")
+                        await stream.send_all(jsonlines.encode(reply))
             finally:
                 self._control_clients -= 1
                 if self._control_clients < MAX_CONTROL_CLIENTS:
@@ -227,20 +219,17 @@ class NodeDaemon:
 
     async def _control_exchange(self, stream: trio.SocketStream, timeout: float) -> dict[str, Any] | None:
         """Read one request line and answer it; None if the client went away."""
-        buf = bytearray()
         with trio.move_on_after(timeout) as idle:
-            while b"\n" not in buf:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    return None
-                buf += chunk
-                if len(buf) > MAX_REQUEST:
-                    log.warning("%s: control request refused: longer than %d bytes", self.node, MAX_REQUEST)
-                    return _error_reply("request too large", ExitCode.USAGE)
+            try:
+                line = await jsonlines.LineReader(stream, MAX_REQUEST).next_line()
+            except jsonlines.LineTooLong:
+                log.warning("%s: control request refused: longer than %d bytes", self.node, MAX_REQUEST)
+                return _error_reply("request too large", ExitCode.USAGE)
+            if line is None:
+                return None
         if idle.cancelled_caught:
             log.info("%s: control client sent no complete request within %d s; closed", self.node, timeout)
             return _error_reply(f"no complete request line within {timeout} s", ExitCode.USAGE)
-        line = bytes(buf.split(b"\n", 1)[0])
         op = "request"
         try:
             value = decode_line(line)
@@ -372,7 +361,7 @@ def _error_reply(message: str, code: int) -> dict[str, Any]:
 
 
 def _error_line(message: str, code: int) -> bytes:
-    return json.dumps(_error_reply(message, code)).encode() + b"\n"
+    return jsonlines.encode(_error_reply(message, code))
 
 
 async def run_daemon(config: Config, node: str, mount: bool = True) -> None:

@@ -60,6 +60,7 @@ import xxhash
 from gmd import admin, control
 from gmd.config import Config, load_config, parse_size
 from tools.bench_write import machine
+from tools.cluster_config import NodeSpec, write_cluster_config
 from tools.procs import (
     die_with_parent,
     free_port,
@@ -128,19 +129,13 @@ def file_hash(path: Path) -> int:
 
 
 def write_config(directory: Path, size: int) -> Config:
-    text = ['secret = "bench"\n']
-    for n in (PRIMARY, MEMBER):
-        # The primary's site holds 2 of 3 votes: it keeps quorum (and keeps
-        # writing) while the member is down for the mini-copy scenarios.
-        votes = 2 if n == PRIMARY else 1
-        text.append(f'[nodes.{n}]\naddress = "127.0.0.1:{free_port()}"\ncontrol = "run/{n}.sock"\n'
-                    f'mount = "run/{n}"\nvotes = {votes}\n')
-    text.append(f'[volumes.vol]\nsize = {size}\nregion_size = "64KiB"\nmode = "mwc"\n')
-    for n in (PRIMARY, MEMBER):
-        text.append(f'[volumes.vol.members.{n}]\ndevice = "data/{n}.img"\nstatemap = "data/{n}.sm"\n')
+    # The primary's site holds 2 of 3 votes: it keeps quorum (and keeps
+    # writing) while the member is down for the mini-copy scenarios.
+    specs = [NodeSpec(n, votes=2 if n == PRIMARY else 1,
+                      member={"device": f"data/{n}.img", "statemap": f"data/{n}.sm"}) for n in (PRIMARY, MEMBER)]
     (directory / "data").mkdir()
-    path = directory / "gmd.toml"
-    path.write_text("".join(text))
+    path = write_cluster_config(directory, specs, volume="vol", size=size, mode="mwc", secret="bench",
+                                volume_settings={"region_size": "64KiB"})
     return load_config(path)
 
 

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,10 +31,11 @@ from pathlib import Path
 
 import trio
 
-from gmd import admin
+from gmd import admin, control
 from gmd.config import load_config, parse_size
 from gmd.daemon import NodeDaemon
-from tools.procs import die_with_parent, free_port, stop_process
+from tools.cluster_config import NodeSpec, write_cluster_config
+from tools.procs import die_with_parent, stop_process
 
 MiB = 1 << 20
 SETUPS = ("local", "sync", "mwc", "async")
@@ -45,14 +45,9 @@ BACKING = "zeroed"  # or "fallocated" (--backing)
 def write_config(directory: Path, setup: str, size: int) -> Path:
     nodes = ["bench1"] if setup == "local" else ["bench1", "bench2"]
     mode = "mwc" if setup == "local" else setup
-    text = ['secret = "bench"\n']
-    for n in nodes:
-        text.append(f'[nodes.{n}]\naddress = "127.0.0.1:{free_port()}"\ncontrol = "run/{n}.sock"\nmount = "run/{n}"\n')
-    text.append(f'[volumes.vol]\nsize = {size}\nmode = "{mode}"\nasync_queue = "256MiB"\n')
-    for n in nodes:
-        text.append(f'[volumes.vol.members.{n}]\ndevice = "data/{n}.img"\nstatemap = "data/{n}.sm"\n')
-    path = directory / "gmd.toml"
-    path.write_text("".join(text))
+    specs = [NodeSpec(n, member={"device": f"data/{n}.img", "statemap": f"data/{n}.sm"}) for n in nodes]
+    path = write_cluster_config(directory, specs, volume="vol", size=size, mode=mode, secret="bench",
+                                volume_settings={"async_queue": "256MiB"})
     cfg = load_config(path)
     for n in nodes:
         admin.init_volume(cfg, n, "vol")
@@ -71,12 +66,6 @@ def write_config(directory: Path, setup: str, size: int) -> Path:
     return path
 
 
-def _die_with_parent() -> None:
-    import ctypes
-
-    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphan daemons
-
-
 def start_member(config: Path, log: Path) -> subprocess.Popen:
     gmd = str(Path(sys.executable).parent / "gmd")
     proc = subprocess.Popen([gmd, "daemon", "--config", str(config), "--node", "bench2", "--no-mount"],
@@ -86,8 +75,6 @@ def start_member(config: Path, log: Path) -> subprocess.Popen:
     if not line.startswith(b"ready"):
         proc.kill()
         raise RuntimeError(f"member daemon did not start: {line!r}; see {log}")
-    from gmd import control
-
     reply = control.request(load_config(config).node("bench2").control, {"op": "up", "volume": "vol"})
     if not reply.get("ok"):
         raise RuntimeError(f"member up failed: {reply}")

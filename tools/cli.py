@@ -21,6 +21,8 @@ from gmd import __version__, admin, control
 from gmd.config import Config, ConfigError, load_config, parse_size, resolve_config_path, resolve_node
 from gmd.errors import ExitCode, GmdError, UsageError, exit_code_for
 from gmd.requests import check_request
+from tools.demo import run_demo
+from tools.status_text import format_status, human_bytes
 
 
 class DaemonRefused(GmdError):
@@ -200,16 +202,6 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False))
 
 
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 # ----------------------------------------------------------------- commands
 
 
@@ -257,15 +249,15 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tools.demo import run_demo
-
     return run_demo(keep=args.keep)
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: trio and the whole engine would slow every
+    # other command (status, dirty, ...) that never runs a daemon.
     import trio
 
-    from gmd.daemon import run_daemon
+    from gmd.entry import run_daemon
 
     config, node = _load(args)
     trio.run(run_daemon, config, node, not args.no_mount)
@@ -273,9 +265,9 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def cmd_witness(args: argparse.Namespace) -> int:
-    import trio
+    import trio  # here, not at the top: see cmd_daemon
 
-    from gmd.witness import run_witness
+    from gmd.entry import run_witness
 
     config = load_config(resolve_config_path(getattr(args, "config", None), os.environ))
     if args.name not in config.witnesses:
@@ -502,73 +494,6 @@ def _status_once(args: argparse.Namespace) -> int:
         for st in results:
             print(format_status(st))
     return ExitCode.FAILED if failed else ExitCode.OK
-
-
-def format_status(st: dict[str, Any]) -> str:
-    """The human form of one volume's status."""
-    if "error" in st:
-        return f"{st['volume']} on {st['node']}: cannot read status: {st['error']}"
-    source = "daemon" if st.get("daemon") else "daemon not running; from the state map"
-    sm = st["state_map"]
-    q = st["quorum"]
-    lines = [
-        f"{st['volume']} on {st['node']}: {st['role']}, mode {st['mode']}, "
-        f"{human_bytes(st['size'])} ({source})",
-        f"  state map {sm['path']}: "
-        f"{'in use' if st.get('daemon') else ('clean' if sm['clean'] else 'NOT clean (recovery at next start)')}, "
-        f"generation {sm['generation']}, updated {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(sm['updated']))}",
-        f"  quorum: {q.get('votes', '?')} votes present, {q['needed']} of {q['expected']} expected needed"
-        + (f" (operator override {q['expected_override']})" if q.get("expected_override") else "")
-        + ("" if "ok" not in q else (": quorum" if q["ok"] else ": NO QUORUM"))
-        + ("; FORCED primary (writes go on without quorum)" if q.get("forced") else ""),
-    ]
-    for w, ws in (q.get("witnesses") or {}).items():
-        lines.append(f"  witness {w}: " + ("connected" if ws["connected"] else f"unreachable ({ws['reason']})")
-                     + (", its votes count here" if ws["granted"] else f", votes not granted ({ws['why']})"))
-    if st.get("device"):
-        lines.append(f"  device {st['device']}" + (f", loop device {st['loop']}" if st.get("loop") else ""))
-    sb = st.get("split_brain") or {}
-    if sb.get("resolving_towards"):
-        lines.append(f"  resolving a split-brain: this side's changes give way to {sb['resolving_towards']}'s")
-    for image in sb.get("saved_images", []):
-        lines.append(f"  discarded data saved (read-only): {image} (regions listed in {image}.json)")
-    for w in sm.get("warnings", []):
-        lines.append(f"  warning: {w}")
-    rows = [("member", "disk", "link", "mode", "out of sync", "note")]
-    for name, m in st["members"].items():
-        note = ""
-        pc = m.get("pending_copy")
-        if pc:
-            note = f"{pc['kind']} copy pending from {human_bytes(pc['fence'])}"
-        cp = m.get("copy")
-        if cp:
-            eta = f", ETA {cp['eta_s']:.0f} s" if cp.get("eta_s") else ""
-            note = (f"{cp['kind']} copy {human_bytes(cp['done_bytes'])} of {human_bytes(cp['total_bytes'])}, "
-                    f"{human_bytes(cp['rate_bytes_per_s'])}/s{eta}")
-        vf = m.get("verify")
-        if vf:
-            eta = f", ETA {vf['eta_s']:.0f} s" if vf.get("eta_s") else ""
-            note = (note + "; " if note else "") + (
-                f"verify {human_bytes(vf['done_bytes'])} of {human_bytes(vf['total_bytes'])}, "
-                f"{human_bytes(vf['rate_bytes_per_s'])}/s{eta}, {vf['differing_regions']} differing so far")
-        if m.get("lag_bytes"):
-            note = (note + "; " if note else "") + f"lag {human_bytes(m['lag_bytes'])} / {m['lag_seconds']:.1f} s"
-        if m.get("behind"):
-            note = (note + "; " if note else "") + "async queue overflowed: tracking in bitmap"
-        if m.get("reason") and m["link"] in ("standalone", "disconnected"):
-            note = (note + "; " if note else "") + m["reason"]
-        rows.append((name, m["disk"], m["link"], m.get("mode") or "", human_bytes(m["out_of_sync_bytes"]), note))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    for name, m in st["members"].items():
-        lv = m.get("last_verify")
-        if lv:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lv["finished"]))
-            what = (f"not finished ({lv['skipped']}) after {human_bytes(lv['compared_bytes'])}" if "skipped" in lv
-                    else f"{human_bytes(lv['compared_bytes'])} compared, {lv['differing_regions']} differing regions")
-            lines.append(f"  last verify of {name}: {when}, {what}")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------- entry

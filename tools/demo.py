@@ -24,7 +24,9 @@ import xxhash
 
 from gmd import admin, control
 from gmd.config import load_config
-from tools.procs import die_with_parent, free_port, stop_process, unmount_fuse
+from tools.cluster_config import NodeSpec, write_cluster_config
+from tools.procs import die_with_parent, stop_process, unmount_fuse
+from tools.status_text import format_status
 
 NODES = ("labor1", "labor2")
 SIZE = "256MiB"
@@ -70,15 +72,8 @@ class Demo:
         self.config = None
 
     def write_config(self) -> None:
-        text = ['secret = "demo-secret"\n']
-        for n in NODES:
-            text.append(f'\n[nodes.{n}]\naddress = "127.0.0.1:{free_port()}"\n'
-                        f'control = "run/{n}.sock"\nmount = "run/{n}"\n')
-        text.append(f'\n[volumes.appslv]\nsize = "{SIZE}"\nmode = "mwc"\n')
-        for n in NODES:
-            text.append(f'\n[volumes.appslv.members.{n}]\ndevice = "data/{n}/appslv.img"\n'
-                        f'statemap = "data/{n}/appslv.sm"\n')
-        self.config_path.write_text("".join(text))
+        self.config_path = write_cluster_config(self.dir, [NodeSpec(n) for n in NODES], size=SIZE,
+                                                secret="demo-secret")
         self.config = load_config(self.config_path)
 
     def start_daemon(self, node: str) -> None:
@@ -176,8 +171,6 @@ class Demo:
         self.wait("labor2 to be uptodate", lambda: self.status("labor1")["members"]["labor2"]["disk"] == "uptodate")
         say(f"xxh3-128 of labor1's backing file: {h1}")
         say(f"xxh3-128 of labor2's backing file: {h2}")
-        from tools.cli import format_status
-
         print(format_status(self.status("labor1")), flush=True)
         if h1 != h2:
             say("FAILED: the member's copy differs from the primary's")

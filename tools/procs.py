@@ -1,4 +1,5 @@
-"""Small process, port and mount helpers shared by the demo and the benchmarks."""
+"""Small process, port and mount helpers shared by the demo, the benchmarks
+and the tests (the one definition of each)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,30 @@ from pathlib import Path
 PR_SET_PDEATHSIG = 1
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports on 127.0.0.1 that were free a moment ago (all
+    held open together while they are picked, so none repeats)."""
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    return free_ports(1)[0]
 
 
 def die_with_parent() -> None:
-    """preexec_fn: SIGKILL the child when this process dies, however it dies."""
+    """preexec_fn: SIGKILL the child when this process dies, however it dies
+    (even by SIGKILL), so no daemon outlives a killed run."""
     ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
@@ -38,6 +52,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 60) -> None:
 
 
 def is_mounted(path: str | os.PathLike[str]) -> bool:
+    """True if something is mounted at ``path`` (symlinks resolved)."""
     target = os.path.realpath(path)
     with open("/proc/self/mounts") as f:
         return any(line.split()[1] == target for line in f if len(line.split()) > 1)

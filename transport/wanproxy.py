@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import json
 import logging
 import math
@@ -79,7 +78,6 @@ import os
 import random
 import signal
 import socket
-import stat
 import struct
 import sys
 from collections import deque
@@ -87,6 +85,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+
+from . import jsonlines
 
 __all__ = [
     "DEFAULT_BUFFER_LIMIT",
@@ -110,6 +110,8 @@ MAX_CHUNK = 64 << 10
 PARTITION_MODES = ("blackhole", "reset")
 #: The longest control request line accepted.
 MAX_CONTROL_LINE = 64 << 10
+#: The longest control reply :func:`control_request` accepts.
+MAX_REPLY = 1 << 20
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 
@@ -602,19 +604,18 @@ def apply_control_request(proxy: WanProxy, request: Any) -> dict[str, Any]:
 
 
 async def _control_client(proxy: WanProxy, stream: trio.SocketStream) -> None:
+    """Answer request lines on one connection until the client closes it."""
     async with stream:
-        buffer = b""
+        reader = jsonlines.LineReader(stream, MAX_CONTROL_LINE)
         try:
             while True:
-                while b"\n" not in buffer:
-                    if len(buffer) > MAX_CONTROL_LINE:
-                        await stream.send_all(b'{"ok": false, "error": "request line too long"}\n')
-                        return
-                    data = await stream.receive_some(MAX_CHUNK)
-                    if not data:
-                        return
-                    buffer += data
-                line, buffer = buffer.split(b"\n", 1)
+                try:
+                    line = await reader.next_line()
+                except jsonlines.LineTooLong:
+                    await stream.send_all(jsonlines.encode({"ok": False, "error": "request line too long"}))
+                    return
+                if line is None:
+                    return
                 if not line.strip():
                     continue
                 try:
@@ -623,52 +624,26 @@ async def _control_client(proxy: WanProxy, stream: trio.SocketStream) -> None:
                     reply: dict[str, Any] = {"ok": False, "error": f"not JSON: {exc}"}
                 else:
                     reply = apply_control_request(proxy, request)
-                await stream.send_all(json.dumps(reply).encode() + b"\n")
+                await stream.send_all(jsonlines.encode(reply))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
-
-
-def _prepare_socket_path(path: str) -> None:
-    """Remove a stale control socket at ``path``; refuse anything else there."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.EEXIST, "it exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)  # stale: nobody listens
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, "another process is listening on it")
 
 
 async def _serve_control(proxy: WanProxy, path: str, *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the control socket at ``path`` (mode 0600) until cancelled, then
     remove it."""
-    _prepare_socket_path(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
+    # The stale-socket probe connects: a thread, so the proxy's loop never blocks on it.
+    await trio.to_thread.run_sync(jsonlines.prepare_socket_path, path)
+    listener = await jsonlines.open_listener(path, 16)
     try:
-        await sock.bind(path)
-    finally:
-        os.umask(old_umask)
-    try:
-        os.chmod(path, 0o600)
-        sock.listen(16)
-        listener = trio.SocketListener(sock)
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
                 stream = await listener.accept()
                 nursery.start_soon(_control_client, proxy, stream)
     finally:
-        sock.close()
+        listener.socket.close()  # synchronous: an await here would be cancelled first
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -679,21 +654,11 @@ def control_request(path: str | os.PathLike[str], request: dict[str, Any],
                     timeout: float = 10.0) -> dict[str, Any]:
     """Send one request to a proxy's control socket and return its reply.
 
-    Blocking (stdlib sockets), for tests and drills. Raises ``OSError`` if the
-    socket cannot be reached or closes without a reply, ``TimeoutError`` after
-    ``timeout`` seconds.
+    Blocking, for tests and drills. Raises ``OSError`` if the socket cannot be
+    reached or closes without a reply (:class:`transport.jsonlines.NoReply`, a
+    ``ConnectionError``), ``TimeoutError`` after ``timeout`` seconds.
     """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(os.fspath(path))
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        buffer = b""
-        while b"\n" not in buffer:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError(f"control socket {os.fspath(path)} closed without a reply")
-            buffer += data
-    return json.loads(buffer.split(b"\n", 1)[0])
+    return jsonlines.request(path, request, timeout=timeout, max_reply=MAX_REPLY)
 
 
 # --- process mode ---------------------------------------------------------------

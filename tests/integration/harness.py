@@ -8,75 +8,46 @@ SIGKILL) in a ``finally``, whatever the test did; readiness is the daemon's own
 from __future__ import annotations
 
 import os
+import select
 import signal
-import socket
 import subprocess
 import sys
+import tomllib
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import trio
 import xxhash
 
 from gmd import admin, control
 from gmd.config import load_config
 from gmd.daemon import NodeDaemon
+from tools import cluster_config
+from tools.cluster_config import NodeSpec, write_cluster_config
+from tools.procs import die_with_parent, free_ports, unmount_fuse
+
+__all__ = [
+    "GMD", "MiB", "DaemonProcess", "NodeSpec", "WitnessProcess", "backing", "daemon_processes", "die_with_parent",
+    "file_hash", "free_ports", "in_process_daemon", "init_in_sync", "status_of", "wait_for", "witness_table",
+    "write_config",
+]
 
 GMD = str(Path(sys.executable).parent / "gmd")
 MiB = 1 << 20
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports that were free a moment ago on 127.0.0.1."""
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-@dataclass
-class NodeSpec:
-    name: str
-    paths: int = 1  # addresses (paths) of this node
-    mode: str | None = None  # member mode override
-    votes: int | None = None  # the node's votes (config default 1)
-    listen: list[int] = field(default_factory=list)
-    address: list[int] = field(default_factory=list)
-
-
 def write_config(directory: Path, nodes: list[NodeSpec], *, size: str = "64MiB", mode: str = "mwc",
                  secret: str = "test-secret", extra_volume: str = "", name: str = "gmd.toml",
                  extra_tables: str = "") -> Path:
-    """A cluster config with volume ``appslv`` on every node; ports come from
-    each spec's ``address``/``listen`` (filled with free ports when empty)."""
-    parts = [f'secret = "{secret}"\n']
-    for spec in nodes:
-        if not spec.address:
-            spec.address = free_ports(spec.paths)
-        addr = ", ".join(f'"127.0.0.1:{p}"' for p in spec.address)
-        listen = ""
-        if spec.listen:
-            listen = "listen = [" + ", ".join(f'"127.0.0.1:{p}"' for p in spec.listen) + "]\n"
-        votes = f"votes = {spec.votes}\n" if spec.votes is not None else ""
-        parts.append(f"\n[nodes.{spec.name}]\naddress = [{addr}]\n{listen}{votes}"
-                     f'control = "run/{spec.name}.sock"\nmount = "run/{spec.name}"\n')
-    parts.append(extra_tables)
-    parts.append(f'\n[volumes.appslv]\nsize = "{size}"\nmode = "{mode}"\n{extra_volume}\n')
-    for spec in nodes:
-        parts.append(f'\n[volumes.appslv.members.{spec.name}]\ndevice = "data/{spec.name}/appslv.img"\n'
-                     f'statemap = "data/{spec.name}/appslv.sm"\n')
-        if spec.mode:
-            parts.append(f'mode = "{spec.mode}"\n')
-    path = directory / name
-    path.write_text("".join(parts))
-    return path
+    """A cluster config with volume ``appslv`` on every node (through the one
+    writer, :func:`tools.cluster_config.write_cluster_config`); ports come from
+    each spec's ``address``/``listen`` (filled with free ports when empty).
+    ``extra_volume`` (keys of the volume's table) and ``extra_tables`` (whole
+    tables) are TOML text, merged in."""
+    return write_cluster_config(directory, nodes, name=name, size=size, mode=mode, secret=secret,
+                                volume_settings=tomllib.loads(extra_volume), tables=tomllib.loads(extra_tables))
 
 
 def init_in_sync(config_path: Path, primary: str, others: list[str]) -> None:
@@ -129,10 +100,7 @@ class DaemonProcess:
 
     def remove_dead_mount(self) -> None:
         """A daemon killed with SIGKILL leaves its FUSE mount; tests clean up."""
-        mount = os.path.realpath(load_config(self.config).node(self.node).mount)
-        with open("/proc/self/mounts") as f:
-            if any(line.split()[1] == mount for line in f if len(line.split()) > 1):
-                subprocess.run(["fusermount3", "-u", "-z", mount], capture_output=True)
+        unmount_fuse(load_config(self.config).node(self.node).mount)
 
     def stop(self) -> int:
         """SIGTERM and wait; SIGKILL if it does not stop in time. Returns the exit code."""
@@ -171,23 +139,11 @@ class WitnessProcess(DaemonProcess):
 
 
 def witness_table(name: str, port: int, votes: int = 1) -> str:
-    """A ``[witnesses.NAME]`` table for :func:`write_config`'s ``extra_tables``."""
-    return (f'\n[witnesses.{name}]\naddress = "127.0.0.1:{port}"\nvotes = {votes}\n'
-            f'state = "data/{name}/witness.json"\n')
-
-
-def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL if the test process dies first (even by
-    SIGKILL), so no daemon outlives a killed test run."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    """A ``[witnesses.NAME]`` table (TOML text) for :func:`write_config`'s ``extra_tables``."""
+    return tomli_w.dumps(cluster_config.witness_table(name, port, votes))
 
 
 def _readline_with_deadline(proc: subprocess.Popen, timeout: float) -> bytes:
-    import select
-
     fd = proc.stdout.fileno()
     ready, _, _ = select.select([fd], [], [], timeout)
     if not ready:

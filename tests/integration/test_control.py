@@ -22,10 +22,8 @@ from .harness import GMD, DaemonProcess, NodeSpec, daemon_processes, init_in_syn
 
 def one_node_cluster(tmp_path: Path, *, control_timeout: int | None = None) -> Path:
     """Volume appslv with one member, labor1 (it has quorum alone)."""
-    cfg = write_config(tmp_path, [NodeSpec("labor1")])
-    if control_timeout is not None:
-        text = cfg.read_text().replace("[nodes.labor1]\n", f"[nodes.labor1]\ncontrol_timeout = {control_timeout}\n")
-        cfg.write_text(text)
+    node = {} if control_timeout is None else {"control_timeout": control_timeout}
+    cfg = write_config(tmp_path, [NodeSpec("labor1", node=node)])
     init_in_sync(cfg, "labor1", [])
     return cfg
 
