@@ -86,6 +86,7 @@ REFUSALS: dict[str, Refusal] = {
     "no-such-witness": Refusal("{path}: no witness {name!r} (witnesses: {known})", errno.ENOENT, _U),
     "not-a-member": Refusal("{target} is not a member of {volume} (members: {members})", errno.ENOENT, _U),
     "expected-votes-too-small": Refusal("expected votes must be at least 1, not {votes}", errno.EINVAL, _U),
+    "expected-votes-option": Refusal("--expected-votes must be at least 1, not {votes}", errno.EINVAL, _U),
     "bad-rate": Refusal("--rate: {message}", errno.EINVAL, _U),
     "watch-needs-terminal": Refusal("--watch redraws for a terminal; use --json without it in scripts",
                                     errno.ENOTTY, _U),

@@ -19,7 +19,7 @@ from typing import Any
 
 from gmd import __version__, admin, control
 from gmd.config import Config, ConfigError, load_config, parse_size, resolve_config_path, resolve_node
-from gmd.errors import ExitCode, GmdError, UsageError, exit_code_for
+from gmd.errors import ExitCode, GmdError, Refused, UsageError, exit_code_for
 from gmd.requests import check_request
 from tools.demo import run_demo
 from tools.status_text import format_status, human_bytes
@@ -194,7 +194,7 @@ def _load(args: argparse.Namespace) -> tuple[Config, str]:
     try:
         node = resolve_node(getattr(args, "node", None), os.environ, config)
     except ConfigError as e:
-        raise UsageError(e.message) from None
+        raise Refused("config", message=e.message) from None
     return config, node
 
 
@@ -272,7 +272,7 @@ def cmd_witness(args: argparse.Namespace) -> int:
     config = load_config(resolve_config_path(getattr(args, "config", None), os.environ))
     if args.name not in config.witnesses:
         known = ", ".join(config.witnesses) or "none"
-        raise UsageError(f"no witness {args.name!r} in {config.path} (witnesses: {known})")
+        raise Refused("no-such-witness", path=config.path, name=args.name, known=known)
     trio.run(run_witness, config, args.name)
     return ExitCode.OK
 
@@ -283,7 +283,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     try:
         reply = _daemon_request(config, node, req)
     except control.ControlUnavailable as e:
-        raise GmdError(f"{e}; start it with 'gmd daemon --node {node}'") from None
+        raise Refused("daemon-not-running", why=e, node=node) from None
     p = reply["plan"]
     if args.json:
         _print_json(reply)
@@ -318,7 +318,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     try:
         reply = _daemon_request(config, node, {"op": "reload"})
     except control.ControlUnavailable as e:
-        raise GmdError(f"{e}; nothing to reload") from None
+        raise Refused("daemon-not-running-reload", why=e) from None
     added = reply["added"]
     if not added:
         print(f"{node}: config reloaded; nothing added")
@@ -332,14 +332,14 @@ def cmd_quorum(args: argparse.Namespace) -> int:
     req: dict[str, Any] = {"op": "quorum", "volume": args.volume}
     if args.expected_votes is not None:
         if args.expected_votes < 1:
-            raise UsageError(f"--expected-votes must be at least 1, not {args.expected_votes}")
+            raise Refused("expected-votes-option", votes=args.expected_votes)
         req["expected_votes"] = args.expected_votes
     elif args.reset:
         req["expected_votes"] = None
     try:
         reply = _daemon_request(config, node, req)
     except control.ControlUnavailable as e:
-        raise GmdError(f"{e}; start it with 'gmd daemon --node {node}'") from None
+        raise Refused("daemon-not-running", why=e, node=node) from None
     q = reply["quorum"]
     print(f"{args.volume} on {node}: {q['votes']} votes present, {q['needed']} of {q['expected']} expected needed"
           + (f" (operator override {q['expected_override']})" if q.get("expected_override") else "")
@@ -385,7 +385,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if progress:
             sys.stderr.write("\n")
     except control.ControlUnavailable as e:
-        raise GmdError(f"{e}; verify runs in the primary's daemon") from None
+        raise Refused("daemon-not-running-verify", why=e) from None
     report = {name: (members[name]["last_verify"] if name in running else {"skipped": what})
               for name, what in started.items()}
     if args.json:
@@ -409,7 +409,7 @@ def cmd_volume_op(args: argparse.Namespace) -> int:
     try:
         config.volume(args.volume)
     except ConfigError as e:
-        raise UsageError(e.message) from None
+        raise Refused("config", message=e.message) from None
     req: dict[str, Any] = {"op": args.command, "volume": args.volume}
     if args.command in ("primary", "down", "secondary"):
         req["force"] = args.force
@@ -421,11 +421,11 @@ def cmd_volume_op(args: argparse.Namespace) -> int:
         try:
             req["rate"] = parse_size(args.rate, file="--rate", key="rate", minimum=0)
         except ConfigError as e:
-            raise UsageError(f"--rate: {e.message}") from None
+            raise Refused("bad-rate", message=e.message) from None
     try:
         reply = _daemon_request(config, node, req)
     except control.ControlUnavailable as e:
-        raise GmdError(f"{e}; start it with 'gmd daemon --node {node}'") from None
+        raise Refused("daemon-not-running", why=e, node=node) from None
     if args.command == "switchover":
         print(f"{args.volume}: {reply['primary']} is primary now, {reply['secondary']} secondary")
         return ExitCode.OK
@@ -453,7 +453,7 @@ def _volume_status(config: Config, node: str, name: str) -> dict[str, Any]:
 def cmd_status(args: argparse.Namespace) -> int:
     if getattr(args, "watch", False):
         if args.json:
-            raise UsageError("--watch redraws for a terminal; use --json without it in scripts")
+            raise Refused("watch-needs-terminal")
         try:
             while True:
                 out = io.StringIO()
