@@ -10,7 +10,7 @@ One engine, two region sets (docs/DESIGN.md, "Bringing members back"):
 
 For each chunk the member's region hashes (xxh3) are compared with ours and only
 differing regions move (a target seeded from a backup copies fast). A region is
-read and queued to the member under the engine's range lock, so the copy can
+read and queued to the member under the write path's range lock, so the copy can
 never reorder with an application write to it: whichever takes the lock first
 is applied first on the member, in link order. The copy stops, leaving its
 bits and fence for the next attempt, as soon as the member is lost.
@@ -39,7 +39,7 @@ from statemap import DiskState
 from transport.link import LinkClosed
 
 if TYPE_CHECKING:
-    from .engine import VolumeEngine
+    from .copyengine import CopyEngine
     from .replication import MemberLink
 
 log = logging.getLogger(__name__)
@@ -211,47 +211,45 @@ def _runs(indexes: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-async def copy_member(engine: VolumeEngine, m: MemberLink) -> None:
+async def copy_member(copier: CopyEngine, m: MemberLink) -> None:
     """Bring member ``m`` up to date from this primary; returns when it is, or
     raises :class:`CopyAborted` with progress kept."""
-    sm = engine.statemap
-    size, rs = engine.config.size, engine.config.region_size
+    sm = copier.statemap
+    size, rs = copier.config.size, copier.config.region_size
     rec = sm.sb.peers[m.name]
-    chunk = chunk_for_rate(engine.copy_rate, rs)
+    chunk = chunk_for_rate(copier.rate, rs)
     if rec.copy is not None:
         start = rec.copy.fence - rec.copy.fence % rs
         progress = CopyProgress(rec.copy.kind.value, size - start)  # "full" copy or "merge"
-        engine.copies[m.name] = progress
-        engine.copy_history.append((m.name, progress))
+        copier.pass_started(m.name, progress)
         during = DiskState.COPYING if rec.copy.kind.value == "full" else DiskState.MERGING
-        await engine.tell_member(m, {"your_disk": during.value})
-        await _copy_ranges(engine, m, progress, [(off, min(chunk, size - off)) for off in range(start, size, chunk)],
+        await copier.tell_member(m, {"your_disk": during.value})
+        await _copy_ranges(copier, m, progress, [(off, min(chunk, size - off)) for off in range(start, size, chunk)],
                            chunk, full=True)
     # Regions written while it was away (also below a full copy's fence).
     regions = list(sm.out_of_sync_regions(m.name).search(1))
     if regions:
         progress = CopyProgress("mini", len(regions) * rs)  # mini-copy, or the mini-merge after a crash
-        engine.copies[m.name] = progress
-        engine.copy_history.append((m.name, progress))
+        copier.pass_started(m.name, progress)
         work = []
         for first, end in _runs(regions):
             for r in range(first, end, chunk // rs):
                 work.append((r * rs, min(end, r + chunk // rs) * rs - r * rs))
-        await _copy_ranges(engine, m, progress, work, chunk, full=False)
+        await _copy_ranges(copier, m, progress, work, chunk, full=False)
     if m.behind:
-        await _ship_again_if_room(engine, m)
+        await _ship_again_if_room(copier, m)
         if m.behind:
             raise CopyAborted(f"{m.name} is still behind ({sm.out_of_sync_bytes(m.name)} bytes marked during the "
                               "pass); another pass follows")
     if sm.out_of_sync_regions(m.name).any():
         raise CopyAborted("regions were marked again while copying; another pass follows")
-    await engine.member_caught_up(m)
+    await copier.member_caught_up(m)
 
 
 QUEUE_POLL = 0.05  # seconds between looks at a behind member's draining queue
 
 
-async def _ship_again_if_room(engine: VolumeEngine, m: MemberLink) -> None:
+async def _ship_again_if_room(copier: CopyEngine, m: MemberLink) -> None:
     """A pass to ``m``, an ``async`` member that fell behind, is done. If the
     writes marked during it come to at most half its queue (the link keeps up
     with the application), queue writes to it again once the queue has
@@ -260,7 +258,7 @@ async def _ship_again_if_room(engine: VolumeEngine, m: MemberLink) -> None:
     marked when this returns; the next pass copies them, and every later
     write is queued after the copied data (range lock, link order).
     Otherwise it stays behind, and the next pass copies what was marked."""
-    sm = engine.statemap
+    sm = copier.statemap
     room = m.queue_limit // 2
     left = sm.out_of_sync_bytes(m.name)
     if left > room:
@@ -272,10 +270,10 @@ async def _ship_again_if_room(engine: VolumeEngine, m: MemberLink) -> None:
     if not m.connected:
         raise CopyAborted(f"{m.name} went away")
     m.ship_again(f"{left} bytes left to copy, {m.queued_bytes} of {m.queue_limit} bytes queued")
-    await engine.drain_writes_in_flight()
+    await copier.drain_writes_in_flight()
 
 
-async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgress,
+async def _copy_ranges(copier: CopyEngine, m: MemberLink, progress: CopyProgress,
                        work: list[tuple[int, int]], chunk: int, *, full: bool) -> None:
     """Copy ``work`` (chunks in offset order) with :data:`COPY_WORKERS` workers.
 
@@ -295,10 +293,10 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
     # worker's batches and the look-aheads: they would otherwise read ahead
     # of the limit the operator set to spare the disks.
     batch = min(BATCH, chunk)
-    hashes = _HashPrefetch(m, work, ends, engine.config.region_size, progress, min(HASH_AHEAD, 4 * chunk),
-                           surely_differ=lambda i: engine.unsent.all_unsent(m.name, *work[i]))
-    budget = CopyBudget(lambda: engine.last_write_at)
-    pacer = RatePacer(lambda: engine.copy_rate)
+    hashes = _HashPrefetch(m, work, ends, copier.config.region_size, progress, min(HASH_AHEAD, 4 * chunk),
+                           surely_differ=lambda i: copier.unsent.all_unsent(m.name, *work[i]))
+    budget = CopyBudget(lambda: copier.last_write_at)
+    pacer = RatePacer(lambda: copier.rate)
 
     def settled(sh) -> None:
         budget.settled(sh)
@@ -306,16 +304,16 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
             # The member has the data now (not yet durably: its bit stays until
             # a flush is acknowledged). Should this pass be cut short, the next
             # compares these regions instead of shipping them again unasked.
-            engine.unsent.forget(m.name, sh.offset, sh.length)
+            copier.unsent.forget(m.name, sh.offset, sh.length)
 
-    read_ahead = _ReadAhead(engine.local.device, work, ends, min(READ_AHEAD, 8 * chunk))
+    read_ahead = _ReadAhead(copier.local.device, work, ends, min(READ_AHEAD, 8 * chunk))
 
     async def record_if_due(force: bool = False) -> None:
         if record_lock.locked() and not force:
             return  # another worker is recording; this one keeps copying
         async with record_lock:
             if tracker.pending_bytes() >= FLUSH_EVERY or (force and tracker.pending_bytes()):
-                await _record(engine, m, tracker.snapshot(full=full), full=full)
+                await _record(copier, m, tracker.snapshot(full=full), full=full)
 
     async def worker() -> None:
         window: deque[tuple[int, list]] = deque()
@@ -328,7 +326,7 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
             await read_ahead.advance(indexes[0])
             length = sum(work[i][1] for i in indexes)
             await budget.wait_room(length)
-            shipped = await _copy_items(engine, m, progress, work, indexes, hashes, budget, pacer, settled)
+            shipped = await _copy_items(copier, m, progress, work, indexes, hashes, budget, pacer, settled)
             window.extend(zip(indexes, shipped))
             in_window += length
             # Settle what the member has acknowledged already (progress, the
@@ -349,7 +347,7 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
             for _ in range(min(COPY_WORKERS, len(work))):
                 n.start_soon(worker)
     await record_if_due(force=True)
-    log.info("%s: %s pass to %s done: %d bytes compared, %d bytes sent", engine.name, progress.kind,
+    log.info("%s: %s pass to %s done: %d bytes compared, %d bytes sent", copier.name, progress.kind,
              m.name, progress.done_bytes, progress.sent_bytes)
 
 
@@ -572,13 +570,13 @@ async def _chunk_acked(m: MemberLink, tracker: _Progress, progress: CopyProgress
     progress.done_bytes += work[index][1]
 
 
-async def _copy_items(engine: VolumeEngine, m: MemberLink, progress: CopyProgress, work: list[tuple[int, int]],
+async def _copy_items(copier: CopyEngine, m: MemberLink, progress: CopyProgress, work: list[tuple[int, int]],
                       indexes: list[int], hashes: _HashPrefetch, budget: CopyBudget,
                       pacer: RatePacer, settled) -> list[list]:
     """Ship the regions of the work items ``indexes`` that differ on the
     member; returns each item's shipments (not yet acknowledged)."""
-    rs = engine.config.region_size
-    local = engine.local
+    rs = copier.config.region_size
+    local = copier.local
     ranges = [work[i] for i in indexes]
     nbytes = sum(length for _, length in ranges)
     progress.compared_bytes += nbytes
@@ -589,15 +587,15 @@ async def _copy_items(engine: VolumeEngine, m: MemberLink, progress: CopyProgres
     theirs = [await hashes.get(i) if hashes.wanted(i) else None for i in indexes]
     shipments: list[list] = []
     # Under the range locks (taken together, in turn with application
-    # writes: see engine._RangeLocks): no application write to these items is
+    # writes: see gmd.writepath.RangeLocks): no application write to these items is
     # in flight, and any later one is queued after this copy. The items are
     # read once, for hashing and shipping alike (holes are not read), in one
     # trip to a thread.
-    token = await engine.lock_ranges(ranges)
+    token = await copier.lock_ranges(ranges)
     try:
         for offset, length in ranges:
             # Marks from here on (a write after the read) keep their bits.
-            engine.remarked.forget(m.name, offset, length)
+            copier.remarked.forget(m.name, offset, length)
         read = await local.device.read_hashed_ranges(ranges, rs)
         for (offset, _), (ours, data), their in zip(ranges, read, theirs):
             if their is not None:
@@ -608,25 +606,25 @@ async def _copy_items(engine: VolumeEngine, m: MemberLink, progress: CopyProgres
             item: list = []
             for first, end in _runs(differ):
                 piece = data.blocks(first, end)
-                sh = m.ship_write(engine.completed_sequence, offset + first * rs, piece, settled, copy=True)
+                sh = m.ship_write(copier.completed_sequence, offset + first * rs, piece, settled, copy=True)
                 if sh is None:
                     raise CopyAborted(f"{m.name} went away")
                 budget.shipped(len(piece))
                 item.append(sh)
                 progress.sent_bytes += len(piece)
-                engine.copy_bytes_sent += len(piece)
+                copier.bytes_sent += len(piece)
             shipments.append(item)
     finally:
-        engine.unlock_range(token)
+        copier.unlock_range(token)
     await trio.lowlevel.checkpoint()  # let waiting application writes take the lock
     return shipments
 
 
-async def _record(engine: VolumeEngine, m: MemberLink, done: list[tuple[int, int]], *, full: bool) -> None:
+async def _record(copier: CopyEngine, m: MemberLink, done: list[tuple[int, int]], *, full: bool) -> None:
     """Make the copied data durable on the member, then record the progress."""
     if not done:
         return
-    sh = m.ship_flush(engine.completed_sequence)
+    sh = m.ship_flush(copier.completed_sequence)
     if sh is None:
         raise CopyAborted(f"{m.name} went away")
     await sh.done.wait()
@@ -634,8 +632,8 @@ async def _record(engine: VolumeEngine, m: MemberLink, done: list[tuple[int, int
         raise CopyAborted(f"{m.name} did not acknowledge a flush")
     if not m.connected:
         raise CopyAborted(f"{m.name} went away")
-    sm = engine.statemap
-    rs = engine.config.region_size
+    sm = copier.statemap
+    rs = copier.config.region_size
     if full:
         # Writes refused while it is behind are in the bitmap (below the fence
         # too), for the mini-copy that follows.
@@ -644,16 +642,16 @@ async def _record(engine: VolumeEngine, m: MemberLink, done: list[tuple[int, int
     else:
         for off, length in done:
             first, end = off // rs, (off + length) // rs
-            kept = set(engine.remarked.kept(m.name, first, end))  # written after this pass read them
+            kept = set(copier.remarked.kept(m.name, first, end))  # written after this pass read them
             for a, b in _runs([r for r in range(first, end) if r not in kept]):
                 sm.clear_out_of_sync(m.name, range(a, b))
-    await engine.local.writer.sync_all()
+    await copier.local.writer.sync_all()
 
 
 VERIFY_AHEAD = 2  # chunks whose member hashes a verify asks for ahead of its own hashing
 
 
-async def verify_member(engine: VolumeEngine, m: MemberLink, progress: CopyProgress | None = None) -> dict[str, Any]:
+async def verify_member(copier: CopyEngine, m: MemberLink, progress: CopyProgress | None = None) -> dict[str, Any]:
     """Compare every region of ``m`` with ours, online. A difference is re-checked
     under the region's range lock after the member acknowledged a flush (so no
     write to it is in flight anywhere); a real one is marked out of sync.
@@ -661,10 +659,10 @@ async def verify_member(engine: VolumeEngine, m: MemberLink, progress: CopyProgr
     The member hashes its chunks ahead of ours, so both disks read at once;
     ``progress`` (kind "verify") counts the bytes compared, and the pass keeps
     to the copy rate limit: it reads the whole volume on both sides."""
-    size, rs = engine.config.size, engine.config.region_size
-    local = engine.local
+    size, rs = copier.config.size, copier.config.region_size
+    local = copier.local
     progress = progress or CopyProgress("verify", size)
-    pacer = RatePacer(lambda: engine.copy_rate)
+    pacer = RatePacer(lambda: copier.rate)
     chunks = [(offset, min(CHUNK, size - offset)) for offset in range(0, size, CHUNK)]
     answers: dict[int, tuple[int, ...] | BaseException] = {}
     arrived: dict[int, trio.Event] = {}
@@ -691,31 +689,31 @@ async def verify_member(engine: VolumeEngine, m: MemberLink, progress: CopyProgr
                 if isinstance(theirs, BaseException):
                     raise CopyAborted(f"hashing on {m.name}: {theirs}")
                 for i in range(len(theirs)):
-                    if ours[i] != theirs[i] and await _differs_when_quiet(engine, m, offset + i * rs, rs):
+                    if ours[i] != theirs[i] and await _differs_when_quiet(copier, m, offset + i * rs, rs):
                         real.append(offset // rs + i)
                 progress.done_bytes += length
                 progress.compared_bytes += length
                 progress.regions_compared += len(ours)
                 progress.regions_differing = len(real)
-    sm = engine.statemap
+    sm = copier.statemap
     for r in real:
         sm.mark_regions_out_of_sync(m.name, range(r, r + 1))
     if real:
         sm.set_peer_disk(m.name, DiskState.OUTDATED)
         m.peer_disk = DiskState.OUTDATED.value
-        await engine.tell_member(m, {"your_disk": DiskState.OUTDATED.value})
-    await engine.local.writer.sync_all()
+        await copier.tell_member(m, {"your_disk": DiskState.OUTDATED.value})
+    await copier.local.writer.sync_all()
     return {"compared_bytes": size, "differing_regions": len(real),
             "first_offsets": [r * rs for r in real[:10]]}
 
 
-async def _differs_when_quiet(engine: VolumeEngine, m: MemberLink, offset: int, length: int) -> bool:
+async def _differs_when_quiet(copier: CopyEngine, m: MemberLink, offset: int, length: int) -> bool:
     """Re-check one region under its range lock, after the member acknowledged a
     flush: no write to it is in flight anywhere, so a difference now is real."""
-    rs = engine.config.region_size
-    token = await engine.lock_range(offset, offset + length)
+    rs = copier.config.region_size
+    token = await copier.lock_range(offset, offset + length)
     try:
-        sh = m.ship_flush(engine.completed_sequence)
+        sh = m.ship_flush(copier.completed_sequence)
         if sh is None:
             raise CopyAborted(f"{m.name} went away during verify")
         await sh.done.wait()
@@ -723,7 +721,7 @@ async def _differs_when_quiet(engine: VolumeEngine, m: MemberLink, offset: int, 
             (again,) = await m.region_hashes(offset, length, rs)
         except (LinkClosed, OSError) as e:
             raise CopyAborted(f"hashing on {m.name}: {e}") from None
-        (now,) = await engine.local.region_hashes(offset, length, rs)
+        (now,) = await copier.local.region_hashes(offset, length, rs)
     finally:
-        engine.unlock_range(token)
+        copier.unlock_range(token)
     return again != now

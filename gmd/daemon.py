@@ -148,7 +148,7 @@ class NodeDaemon:
             reason = engine.check_peer_hello(hello)
             if reason:
                 # Authenticated: the peer may see who refuses it, and judge us too.
-                if engine.local is None or engine._going_down:
+                if engine.local is None or engine.going_down:
                     return reason
                 return engine.make_intro(hello.path, hello.session), reason
             engine_box.append(engine)

@@ -302,5 +302,5 @@ class QuorumKeeper:
             if votes < needed:
                 return False
         if fork_for:
-            await e.commit_fork(current, fork_for)
+            await e.writepath.commit_fork(current, fork_for)
         return True
