@@ -104,9 +104,9 @@ class CopyEngine:
         await self.engine.peerstate.send_state(m, fields)
 
     def start_copy(self, m: MemberLink) -> None:
-        if m.name not in self._copying:
+        if m.name not in self._copying and self.engine.running:
             self._copying.add(m.name)
-            self.engine.nursery_or_daemon().start_soon(self._copy_loop, m)
+            self.engine.spawn(self._copy_loop, m)
 
     async def _copy_loop(self, m: MemberLink) -> None:
         """Copy to ``m`` while it is connected and this node primary, pass after
@@ -153,7 +153,7 @@ class CopyEngine:
                 answer[m.name] = f"not connected and uptodate ({m.peer_disk or 'unknown'})"
             else:
                 self.verifying[m.name] = CopyProgress("verify", self.engine.config.size)
-                self.engine.nursery_or_daemon().start_soon(self._verify_member, m, self.verifying[m.name])
+                self.engine.spawn(self._verify_member, m, self.verifying[m.name])
                 answer[m.name] = "started"
         return answer
 

@@ -54,6 +54,9 @@ class FrameDispatch:
         self._hash_answerers.pop(member, None)
 
     async def dispatch(self, m: MemberLink, link: PeerLink, ev) -> None:
+        if not self.engine.running:  # going down: its tasks are gone, and so is what they served
+            await link.aclose(f"volume {self.engine.name} going down on {self.engine.node}")
+            return
         match ev:
             case WriteAck() | FlushAck():
                 m.on_ack(ev)
@@ -63,7 +66,7 @@ class FrameDispatch:
                     return
                 applier = self._appliers.get(m.name)
                 if applier is None or applier.session_id != m.session.id:
-                    applier = Applier(self.engine.nursery_or_daemon(), self._apply_write, self._apply_flush)
+                    applier = Applier(self.engine.nursery, self._apply_write, self._apply_flush)
                     applier.session_id = m.session.id
                     self._appliers[m.name] = applier
                 applier.submit(ev, link)
@@ -76,14 +79,14 @@ class FrameDispatch:
             case Pong():
                 pass
             case Read():
-                self.engine.nursery_or_daemon().start_soon(self._answer_read, link, ev)
+                self.engine.spawn(self._answer_read, link, ev)
             case ReadReply() | HashReply():
                 m.on_read_reply(ev)
             case HashRequest():
                 answerer = self._hash_answerers.get(m.name)
                 if answerer is None:
                     answerer = HashAnswerer(
-                        self.engine.nursery_or_daemon(),
+                        self.engine.nursery,
                         lambda ranges, block: self.engine.require_up().hashes_of_ranges(ranges, block),
                         lambda offset, length, block: self.engine.require_up().device.check_hash_request(
                             offset, length, block))

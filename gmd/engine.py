@@ -23,7 +23,9 @@ front and the control requests; they delegate to the part that owns the job.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -31,7 +33,7 @@ from statemap import Role
 from transport.codec import Intro
 from transport.link import PeerLink
 
-from .config import VolumeConfig
+from .config import Address, VolumeConfig
 from .copyengine import CopyEngine
 from .dispatch import FrameDispatch
 from .errors import GmdError, UsageError
@@ -44,25 +46,51 @@ from .roles import Roles
 from .sessions import Sessions
 from .status import volume_status
 from .volume import LocalVolume
+from .witness import WitnessClient
 from .writepath import WritePath
 
-if TYPE_CHECKING:
-    from .daemon import NodeDaemon
-
 log = logging.getLogger(__name__)
+
+DOWN_GRACE = 30.0  # seconds a volume's tasks have to end once cancelled (they end at their next checkpoint)
 
 
 class NotPrimary(GmdError):
     pass
 
 
-class VolumeEngine:
-    """One volume on this node: up/down, the shared state, and its parts."""
+@dataclass(frozen=True)
+class NodePorts:
+    """What a volume engine needs of the node that hosts it, and nothing more."""
 
-    def __init__(self, daemon: NodeDaemon, config: VolumeConfig):
-        self.daemon = daemon
+    # (engine, address, path index, session id, *, poke=False) -> an authenticated path to a member
+    dial: Callable[..., Awaitable[PeerLink]]
+    peer_addresses: Callable[[str], Sequence[Address]]  # a member node's addresses, as configured now
+    limiter: trio.CapacityLimiter  # threads for the local volume's blocking disk calls
+    witnesses: Mapping[str, WitnessClient]  # witness name -> its client (its votes, its answers)
+    host: Callable[[], trio.Nursery]  # hosts the volume's runner task, which owns all its other tasks
+
+
+@dataclass(frozen=True)
+class DeviceFront:
+    """Where the volume's file is shown while this node is primary (the node's
+    FUSE mount), and how many handles of it are open."""
+
+    path: str
+    open_handles: Callable[[], int]
+
+
+class VolumeEngine:
+    """One volume on this node: up/down, the shared state, and its parts.
+
+    Every task of the volume runs in its own nursery, opened by :meth:`up`
+    and gone when :meth:`down` returns. Whoever shows the volume's file (the
+    FUSE front) attaches itself with :meth:`attach_front` and learns of role
+    changes through :meth:`subscribe_role_change`."""
+
+    def __init__(self, config: VolumeConfig, node: str, ports: NodePorts):
+        self.ports = ports
         self.config = config
-        self.node = daemon.node
+        self.node = node
         self.local: LocalVolume | None = None
         self.role = Role.SECONDARY
         self.role_epoch = 0  # bumped on every role change: FUSE handles of an older epoch get EIO
@@ -72,7 +100,10 @@ class VolumeEngine:
         }
         self._nursery: trio.Nursery | None = None
         self._cancel: trio.CancelScope | None = None
+        self._stopped: trio.Event | None = None  # set when the runner and every task of the volume ended
         self.going_down = False
+        self.front: DeviceFront | None = None
+        self._role_watchers: list[Callable[[VolumeEngine], None]] = []
         self.quorum = QuorumKeeper(self)
         self.writepath = WritePath(self)
         self.roles = Roles(self)
@@ -109,7 +140,7 @@ class VolumeEngine:
         self.roles.want_loop = self.roles.want_loop or loop
         if self.local is not None:
             return
-        self.local = await LocalVolume.open(self.config, self.node, self.daemon.limiter)
+        self.local = await LocalVolume.open(self.config, self.node, self.ports.limiter)
         self.going_down = False
         self.role = Role.SECONDARY
         sm = self.local.statemap
@@ -118,22 +149,62 @@ class VolumeEngine:
             await self.local.writer.sync_all()
         for name, m in self.members.items():
             m.peer_disk = sm.sb.peers[name].disk.value if name in sm.sb.peers else None
-        self.daemon.nursery.start_soon(self._run)
+        # Started, not just scheduled: a path accepted right after finds the nursery.
+        await self.ports.host().start(self._run)
         log.info("%s: up (disk %s)", self.name, sm.sb.disk.value)
 
-    async def _run(self) -> None:
-        with trio.CancelScope() as scope:
-            self._cancel = scope
-            async with trio.open_nursery() as n:
-                self._nursery = n
-                for peer in self.members:
-                    if self.node < peer:  # the lower name dials; the other accepts
-                        n.start_soon(self.sessions.dial_loop, peer)
-                    else:
-                        n.start_soon(self.sessions.poke, peer)
-                n.start_soon(self.writepath.auto_flush)
-                n.start_soon(self.quorum.run)
-        self._nursery = None
+    async def _run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The volume's runner: owns its nursery, and every task in it, until down."""
+        stopped = self._stopped = trio.Event()
+        try:
+            with trio.CancelScope() as scope:
+                self._cancel = scope
+                async with trio.open_nursery() as n:
+                    self._nursery = n
+                    for peer in self.members:
+                        if self.node < peer:  # the lower name dials; the other accepts
+                            n.start_soon(self.sessions.dial_loop, peer)
+                        else:
+                            n.start_soon(self.sessions.poke, peer)
+                    n.start_soon(self.writepath.auto_flush)
+                    n.start_soon(self.quorum.run)
+                    task_status.started()
+        finally:
+            self._nursery = None
+            stopped.set()
+
+    @property
+    def running(self) -> bool:
+        """The volume's nursery is open: its tasks may be started."""
+        return self._nursery is not None
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The volume's own nursery (only while :attr:`running`)."""
+        if self._nursery is None:
+            raise UsageError(f"volume {self.name} is down on {self.node}")
+        return self._nursery
+
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Start a task of this volume in its own nursery. Once the volume is
+        going down there is nothing left for one to do (no local volume, no
+        role, no session), so none starts."""
+        if self._nursery is None:
+            log.debug("%s: volume down; %s not started", self.name, getattr(fn, "__name__", fn))
+            return
+        self._nursery.start_soon(fn, *args)
+
+    def attach_front(self, front: DeviceFront) -> None:
+        """The front that shows this volume's file (see :attr:`Roles.device_path`)."""
+        self.front = front
+
+    def subscribe_role_change(self, callback: Callable[[VolumeEngine], None]) -> None:
+        """Call ``callback(engine)`` after every role change (promote, demote)."""
+        self._role_watchers.append(callback)
+
+    def role_changed(self) -> None:
+        for callback in list(self._role_watchers):
+            callback(self)
 
     async def down(self, *, force: bool = False) -> None:
         """Demote if primary, close member sessions, close the local member cleanly."""
@@ -150,6 +221,13 @@ class VolumeEngine:
                 self.sessions.end_session(m, "volume down")
         if self._cancel is not None:
             self._cancel.cancel()
+        if self._stopped is not None:
+            # Every task of the volume ends before its files close: none is left behind.
+            with trio.move_on_after(DOWN_GRACE) as waited:
+                await self._stopped.wait()
+            if waited.cancelled_caught:
+                raise GmdError(f"{self.name}: its tasks did not end within {DOWN_GRACE:.0f} s of going down; "
+                               "the state map stays marked dirty (crash recovery runs at the next start)")
         local, self.local = self.local, None
         await local.close()
         for m in self.members.values():
@@ -161,9 +239,6 @@ class VolumeEngine:
         if self.role != Role.PRIMARY:
             raise NotPrimary(f"{self.name} is not primary on {self.node}")
         return local
-
-    def nursery_or_daemon(self) -> trio.Nursery:
-        return self._nursery or self.daemon.nursery
 
     async def add_members(self, config: VolumeConfig) -> list[str]:
         """Take a config that adds members to this volume (``gmd reload``), while

@@ -95,7 +95,7 @@ class PeerState:
             m.reason = f"refused to take over: {fields['take_over_failed']}"
             m._notify()
         if fields.get("take_over") and self.engine.role != Role.PRIMARY:
-            self.engine.nursery_or_daemon().start_soon(self.engine.roles.take_over, m)
+            self.engine.spawn(self.engine.roles.take_over, m)
         if "your_disk" in fields:
             try:
                 disk = DiskState(fields["your_disk"])

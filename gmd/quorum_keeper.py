@@ -72,7 +72,7 @@ class QuorumKeeper:
 
     @property
     def _clients(self):
-        return self.engine.daemon.witness_clients
+        return self.engine.ports.witnesses
 
     def notify(self) -> None:
         """Something that counts for quorum changed (a member, a witness, a role)."""
@@ -81,8 +81,7 @@ class QuorumKeeper:
 
     def expected(self) -> int:
         e = self.engine
-        all_votes = [m.votes for m in e.config.members.values()] + [
-            w.votes for w in e.daemon.config.witnesses.values()]
+        all_votes = [m.votes for m in e.config.members.values()] + [c.votes for c in self._clients.values()]
         return expected_votes(all_votes, e.statemap.sb.expected_votes)
 
     def needed(self) -> int:

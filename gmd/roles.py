@@ -108,7 +108,7 @@ class Roles:
         sm.set_role(Role.PRIMARY)
         sm.set_promoted_at(time.time())
         await local.writer.sync_all()
-        self.role_changed()
+        self.engine.role_changed()
         if self.want_loop and self.device_path is not None:
             self.loop_device = await trio.to_thread.run_sync(_losetup_attach, self.device_path)
             log.info("%s: loop device %s", self.engine.name, self.loop_device)
@@ -125,24 +125,18 @@ class Roles:
         self.engine.sessions.lost_primary = None
         log.info("%s: primary", self.engine.name)
 
-    def device_holders(self) -> list[str]:
+    async def device_holders(self) -> list[str]:
         """Who keeps the device in use: open handles of the volume file (other than
         our own loop device's) and mounts of the loop device."""
         holders = []
-        fs = self.engine.daemon.fs
-        if fs is not None:
-            n = fs.open_handles(self.engine) - (1 if self.loop_device else 0)
+        front = self.engine.front
+        if front is not None:
+            n = front.open_handles() - (1 if self.loop_device else 0)
             if n > 0:
                 holders.append(f"{n} open handle(s) of {self.device_path}")
         if self.loop_device is not None:
-            try:
-                with open("/proc/self/mounts") as f:
-                    for line in f:
-                        parts = line.split()
-                        if parts and parts[0] == self.loop_device:
-                            holders.append(f"{self.loop_device} mounted on {parts[1]}")
-            except OSError:
-                pass
+            mounts = await trio.to_thread.run_sync(_mounts_of, self.loop_device)  # no file I/O on the event loop
+            holders.extend(f"{self.loop_device} mounted on {where}" for where in mounts)
         return holders
 
     async def demote(self, *, force: bool = False) -> None:
@@ -152,7 +146,7 @@ class Roles:
         local = self.engine.require_up()
         if self.engine.role != Role.PRIMARY:
             return
-        holders = self.device_holders()
+        holders = await self.device_holders()
         if holders and not force:
             raise GmdError(f"{self.engine.name}: device in use ({'; '.join(holders)}); unmount or close it first, "
                            "or add --force to demote anyway (its users then get I/O errors)")
@@ -164,7 +158,7 @@ class Roles:
             self.loop_device = None
         self.engine.role = Role.SECONDARY  # no new writes from here on
         self.engine.role_epoch += 1
-        self.role_changed()
+        self.engine.role_changed()
         self.engine.quorum.notify()  # suspended writes wake and fail
         await self.engine.writepath.idle.wait()
         await self.engine.writepath.flush_barrier()
@@ -177,15 +171,11 @@ class Roles:
                 await self.engine.peerstate.send_state(m, {"role": Role.SECONDARY.value})
         log.info("%s: secondary", self.engine.name)
 
-    def role_changed(self) -> None:
-        if self.engine.daemon.fs is not None:
-            self.engine.daemon.fs.role_changed(self.engine)
-
     @property
     def device_path(self) -> str | None:
         """The volume's file in the node's mount, while this node is primary."""
-        if self.engine.role == Role.PRIMARY and self.engine.daemon.fs is not None:
-            return str(self.engine.daemon.node_config.mount / self.engine.name)
+        if self.engine.role == Role.PRIMARY and self.engine.front is not None:
+            return self.engine.front.path
         return None
 
     async def switchover(self, target: str) -> dict[str, Any]:
@@ -261,3 +251,12 @@ def _losetup_detach(dev: str) -> None:
         log.warning("losetup -d %s: %s", dev, r.stderr.strip())
 
 
+
+
+def _mounts_of(device: str) -> list[str]:
+    """Where ``device`` is mounted, from /proc/self/mounts (empty if unreadable)."""
+    try:
+        with open("/proc/self/mounts") as f:
+            return [parts[1] for line in f if (parts := line.split()) and parts[0] == device]
+    except OSError:
+        return []

@@ -53,7 +53,6 @@ class Sessions:
         path is in, keep every other path dialled into the same session. The
         session lives while any path lives."""
         m = self.engine.members[peer]
-        node = self.engine.daemon.config.node(peer)
         backoff = REDIAL_MIN
         while self.engine.local is not None:
             session_id = secrets.token_hex(8)
@@ -63,9 +62,10 @@ class Sessions:
             first: PeerLink | None = None
             first_index = 0
             last_error = "no address"
-            for i, addr in enumerate(node.addresses):
+            addresses = self.engine.ports.peer_addresses(peer)
+            for i, addr in enumerate(addresses):
                 try:
-                    first = await self.engine.daemon.dial(self.engine, addr, i, session_id)
+                    first = await self.engine.ports.dial(self.engine, addr, i, session_id)
                     first_index = i
                     break
                 except LinkRefused as e:
@@ -83,7 +83,7 @@ class Sessions:
                 continue
             backoff = REDIAL_MIN
             async with trio.open_nursery() as n:
-                for i, addr in enumerate(node.addresses):
+                for i, addr in enumerate(addresses):
                     n.start_soon(self._keep_path, m, i, addr, session_id, first if i == first_index else None)
 
     async def poke(self, peer: str) -> None:
@@ -91,10 +91,9 @@ class Sessions:
         rather than at its next retry: an authenticated handshake whose hello
         says "poke", closed at once; no session. A returning member is then
         caught up within a round trip, not a redial interval."""
-        node = self.engine.daemon.config.node(peer)
-        for i, addr in enumerate(node.addresses):
+        for i, addr in enumerate(self.engine.ports.peer_addresses(peer)):
             try:
-                link = await self.engine.daemon.dial(self.engine, addr, i, "poke", poke=True)
+                link = await self.engine.ports.dial(self.engine, addr, i, "poke", poke=True)
             except LinkRefused as e:
                 log.debug("%s: poking %s at %s: %s", self.engine.name, peer, addr, e)
                 continue
@@ -122,7 +121,7 @@ class Sessions:
                 if not self._session_alive(m, session_id):
                     return
                 try:
-                    link = await self.engine.daemon.dial(self.engine, addr, index, session_id)
+                    link = await self.engine.ports.dial(self.engine, addr, index, session_id)
                 except LinkRefused:
                     await trio.sleep(0.5)
                     continue
@@ -246,7 +245,7 @@ class Sessions:
             self.engine.frames.stop_applying(other.name)
             self.fold_lost_primary(other.name, f"{m.name} took over from primary {other.name}")
             for p in list(other.session.paths):
-                self.engine.nursery_or_daemon().start_soon(p.aclose, f"{m.name} is primary now")
+                self.engine.spawn(p.aclose, f"{m.name} is primary now")
 
     async def _open_session(self, m: MemberLink, link: PeerLink) -> None:
         """First path of a session: exchange bitmaps, then the primary tells the

@@ -270,7 +270,7 @@ class WritePath:
             if sh.ok:
                 self._settle_part(ctx)
             else:
-                self.engine.nursery_or_daemon().start_soon(self._async_failed, m, ctx)
+                self.engine.spawn(self._async_failed, m, ctx)
         return settled
 
     async def _async_failed(self, m: MemberLink, ctx: _WriteCtx) -> None:
