@@ -30,17 +30,18 @@ import logging
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from enum import StrEnum
+from typing import Any, Protocol
 
 import trio
 from bitarray import bitarray
 
-from statemap import DiskState
+from statemap import CopyKind, DiskState, StateMap
 from transport.link import LinkClosed
 
-if TYPE_CHECKING:
-    from .copyengine import CopyEngine
-    from .replication import MemberLink
+from .config import VolumeConfig
+from .replication import MemberLink
+from .volume import LocalVolume
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,51 @@ class CopyAborted(Exception):
     """The member went away, or regions were marked again; progress so far is kept."""
 
 
+class CopySource(Protocol):
+    """What a pass needs of the primary's copy orchestration
+    (:class:`gmd.copyengine.CopyEngine`), and nothing more."""
+
+    rate: int  # bytes/s per member copy; 0: unlimited
+    bytes_sent: int  # bytes the passes shipped (after hash compare)
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def config(self) -> VolumeConfig: ...
+    @property
+    def statemap(self) -> StateMap: ...
+    @property
+    def local(self) -> LocalVolume: ...
+    @property
+    def unsent(self) -> UnsentRegions: ...
+    @property
+    def remarked(self) -> RemarkedRegions: ...
+    @property
+    def last_write_at(self) -> float: ...
+    @property
+    def completed_sequence(self) -> int: ...
+
+    def pass_started(self, member: str, progress: CopyProgress) -> None: ...
+    async def lock_range(self, start: int, end: int) -> int: ...
+    async def lock_ranges(self, ranges: list[tuple[int, int]]) -> int: ...  # (offset, length) pairs, one token
+    def unlock_range(self, token: int) -> None: ...
+    async def drain_writes_in_flight(self) -> None: ...
+    async def member_caught_up(self, m: MemberLink) -> None: ...
+    async def tell_member(self, m: MemberLink, fields: dict[str, Any]) -> None: ...
+
+
+class PassKind(StrEnum):
+    """What a pass does, with the values the status shows."""
+
+    FULL = "full"  # a full copy behind its fence (CopyKind.FULL)
+    MERGE = "merge"  # a full merge after a sync-mode crash (CopyKind.MERGE)
+    MINI = "mini"  # the regions of the member's bitmap
+    VERIFY = "verify"  # a compare only (gmd verify)
+
+
 @dataclass
 class CopyProgress:
-    kind: str  # "full" or "mini"
+    kind: PassKind
     total_bytes: int
     done_bytes: int = 0
     sent_bytes: int = 0  # bytes that differed and were shipped
@@ -79,7 +122,7 @@ class CopyProgress:
         from a backup, finds most regions equal: those keep comparing.)"""
         self.regions_compared += regions
         self.regions_differing += differing
-        if (self.compare and self.kind == "mini" and self.regions_compared >= SKIP_COMPARE_AFTER
+        if (self.compare and self.kind is PassKind.MINI and self.regions_compared >= SKIP_COMPARE_AFTER
                 and self.regions_differing >= 0.9 * self.regions_compared):
             self.compare = False
             log.info("mini-copy: %d of the first %d regions differ; shipping the rest without comparing",
@@ -90,10 +133,10 @@ class CopyProgress:
         elapsed = max(1e-6, trio.current_time() - self.started)
         rate = self.done_bytes / elapsed
         left = self.total_bytes - self.done_bytes
-        return {"kind": self.kind, "done_bytes": self.done_bytes, "total_bytes": self.total_bytes,
+        return {"kind": self.kind.value, "done_bytes": self.done_bytes, "total_bytes": self.total_bytes,
                 "sent_bytes": self.sent_bytes, "rate_bytes_per_s": int(rate),
                 "eta_s": round(left / rate, 1) if rate > 0 and left > 0 else (0.0 if left <= 0 else None),
-                **({"differing_regions": self.regions_differing} if self.kind == "verify" else {})}
+                **({"differing_regions": self.regions_differing} if self.kind is PassKind.VERIFY else {})}
 
 
 class MemberRegions:
@@ -211,7 +254,7 @@ def _runs(indexes: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-async def copy_member(copier: CopyEngine, m: MemberLink) -> None:
+async def copy_member(copier: CopySource, m: MemberLink) -> None:
     """Bring member ``m`` up to date from this primary; returns when it is, or
     raises :class:`CopyAborted` with progress kept."""
     sm = copier.statemap
@@ -220,16 +263,16 @@ async def copy_member(copier: CopyEngine, m: MemberLink) -> None:
     chunk = chunk_for_rate(copier.rate, rs)
     if rec.copy is not None:
         start = rec.copy.fence - rec.copy.fence % rs
-        progress = CopyProgress(rec.copy.kind.value, size - start)  # "full" copy or "merge"
+        progress = CopyProgress(PassKind(rec.copy.kind.value), size - start)  # full copy or merge
         copier.pass_started(m.name, progress)
-        during = DiskState.COPYING if rec.copy.kind.value == "full" else DiskState.MERGING
+        during = DiskState.COPYING if rec.copy.kind is CopyKind.FULL else DiskState.MERGING
         await copier.tell_member(m, {"your_disk": during.value})
         await _copy_ranges(copier, m, progress, [(off, min(chunk, size - off)) for off in range(start, size, chunk)],
                            chunk, full=True)
     # Regions written while it was away (also below a full copy's fence).
     regions = list(sm.out_of_sync_regions(m.name).search(1))
     if regions:
-        progress = CopyProgress("mini", len(regions) * rs)  # mini-copy, or the mini-merge after a crash
+        progress = CopyProgress(PassKind.MINI, len(regions) * rs)  # mini-copy, or the mini-merge after a crash
         copier.pass_started(m.name, progress)
         work = []
         for first, end in _runs(regions):
@@ -249,7 +292,7 @@ async def copy_member(copier: CopyEngine, m: MemberLink) -> None:
 QUEUE_POLL = 0.05  # seconds between looks at a behind member's draining queue
 
 
-async def _ship_again_if_room(copier: CopyEngine, m: MemberLink) -> None:
+async def _ship_again_if_room(copier: CopySource, m: MemberLink) -> None:
     """A pass to ``m``, an ``async`` member that fell behind, is done. If the
     writes marked during it come to at most half its queue (the link keeps up
     with the application), queue writes to it again once the queue has
@@ -273,7 +316,7 @@ async def _ship_again_if_room(copier: CopyEngine, m: MemberLink) -> None:
     await copier.drain_writes_in_flight()
 
 
-async def _copy_ranges(copier: CopyEngine, m: MemberLink, progress: CopyProgress,
+async def _copy_ranges(copier: CopySource, m: MemberLink, progress: CopyProgress,
                        work: list[tuple[int, int]], chunk: int, *, full: bool) -> None:
     """Copy ``work`` (chunks in offset order) with :data:`COPY_WORKERS` workers.
 
@@ -347,7 +390,7 @@ async def _copy_ranges(copier: CopyEngine, m: MemberLink, progress: CopyProgress
             for _ in range(min(COPY_WORKERS, len(work))):
                 n.start_soon(worker)
     await record_if_due(force=True)
-    log.info("%s: %s pass to %s done: %d bytes compared, %d bytes sent", copier.name, progress.kind,
+    log.info("%s: %s pass to %s done: %d bytes compared, %d bytes sent", copier.name, progress.kind.value,
              m.name, progress.done_bytes, progress.sent_bytes)
 
 
@@ -526,7 +569,7 @@ class _HashPrefetch:
         if not self.progress.compare:
             return
         limit = self.ahead
-        if self.progress.kind == "mini" and self.progress.regions_compared < SKIP_COMPARE_AFTER:
+        if self.progress.kind is PassKind.MINI and self.progress.regions_compared < SKIP_COMPARE_AFTER:
             limit = min(limit, SKIP_COMPARE_AFTER * self.block)
         start = max(self.asked, indexes[-1] + 1)
         end = _ahead_end(self.ends, indexes[0], start, limit)
@@ -570,7 +613,7 @@ async def _chunk_acked(m: MemberLink, tracker: _Progress, progress: CopyProgress
     progress.done_bytes += work[index][1]
 
 
-async def _copy_items(copier: CopyEngine, m: MemberLink, progress: CopyProgress, work: list[tuple[int, int]],
+async def _copy_items(copier: CopySource, m: MemberLink, progress: CopyProgress, work: list[tuple[int, int]],
                       indexes: list[int], hashes: _HashPrefetch, budget: CopyBudget,
                       pacer: RatePacer, settled) -> list[list]:
     """Ship the regions of the work items ``indexes`` that differ on the
@@ -620,7 +663,7 @@ async def _copy_items(copier: CopyEngine, m: MemberLink, progress: CopyProgress,
     return shipments
 
 
-async def _record(copier: CopyEngine, m: MemberLink, done: list[tuple[int, int]], *, full: bool) -> None:
+async def _record(copier: CopySource, m: MemberLink, done: list[tuple[int, int]], *, full: bool) -> None:
     """Make the copied data durable on the member, then record the progress."""
     if not done:
         return
@@ -651,7 +694,7 @@ async def _record(copier: CopyEngine, m: MemberLink, done: list[tuple[int, int]]
 VERIFY_AHEAD = 2  # chunks whose member hashes a verify asks for ahead of its own hashing
 
 
-async def verify_member(copier: CopyEngine, m: MemberLink, progress: CopyProgress | None = None) -> dict[str, Any]:
+async def verify_member(copier: CopySource, m: MemberLink, progress: CopyProgress | None = None) -> dict[str, Any]:
     """Compare every region of ``m`` with ours, online. A difference is re-checked
     under the region's range lock after the member acknowledged a flush (so no
     write to it is in flight anywhere); a real one is marked out of sync.
@@ -661,7 +704,7 @@ async def verify_member(copier: CopyEngine, m: MemberLink, progress: CopyProgres
     to the copy rate limit: it reads the whole volume on both sides."""
     size, rs = copier.config.size, copier.config.region_size
     local = copier.local
-    progress = progress or CopyProgress("verify", size)
+    progress = progress or CopyProgress(PassKind.VERIFY, size)
     pacer = RatePacer(lambda: copier.rate)
     chunks = [(offset, min(CHUNK, size - offset)) for offset in range(0, size, CHUNK)]
     answers: dict[int, tuple[int, ...] | BaseException] = {}
@@ -700,14 +743,14 @@ async def verify_member(copier: CopyEngine, m: MemberLink, progress: CopyProgres
         sm.mark_regions_out_of_sync(m.name, range(r, r + 1))
     if real:
         sm.set_peer_disk(m.name, DiskState.OUTDATED)
-        m.peer_disk = DiskState.OUTDATED.value
+        m.peer_disk = DiskState.OUTDATED
         await copier.tell_member(m, {"your_disk": DiskState.OUTDATED.value})
     await copier.local.writer.sync_all()
     return {"compared_bytes": size, "differing_regions": len(real),
             "first_offsets": [r * rs for r in real[:10]]}
 
 
-async def _differs_when_quiet(copier: CopyEngine, m: MemberLink, offset: int, length: int) -> bool:
+async def _differs_when_quiet(copier: CopySource, m: MemberLink, offset: int, length: int) -> bool:
     """Re-check one region under its range lock, after the member acknowledged a
     flush: no write to it is in flight anywhere, so a difference now is real."""
     rs = copier.config.region_size

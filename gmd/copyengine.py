@@ -20,7 +20,7 @@ import trio
 from statemap import DiskState, Role
 from transport.link import LinkClosed
 
-from .copy import CopyAborted, CopyProgress, copy_member, verify_member
+from .copy import CopyAborted, CopyProgress, PassKind, copy_member, verify_member
 from .replication import MemberLink, Replication
 
 if TYPE_CHECKING:
@@ -149,10 +149,10 @@ class CopyEngine:
         for m in self.engine.members.values():
             if m.name in self.verifying:
                 answer[m.name] = "already being verified"
-            elif not (m.connected and m.peer_disk == DiskState.UPTODATE.value):
+            elif not (m.connected and m.peer_disk == DiskState.UPTODATE):
                 answer[m.name] = f"not connected and uptodate ({m.peer_disk or 'unknown'})"
             else:
-                self.verifying[m.name] = CopyProgress("verify", self.engine.config.size)
+                self.verifying[m.name] = CopyProgress(PassKind.VERIFY, self.engine.config.size)
                 self.engine.spawn(self._verify_member, m, self.verifying[m.name])
                 answer[m.name] = "started"
         return answer
@@ -205,7 +205,7 @@ class CopyEngine:
         started = []
         for m in self.engine.members.values():
             marked = self.engine.statemap.out_of_sync_bytes(m.name)
-            if m.connected and (marked or m.peer_disk != DiskState.UPTODATE.value):
+            if m.connected and (marked or m.peer_disk != DiskState.UPTODATE):
                 self.start_copy(m)
                 started.append(m.name)
         return started

@@ -33,7 +33,7 @@ from transport.tls import TlsContexts, make_contexts
 
 from statemap.errors import StateMapError
 
-from .config import Address, Config, ConfigError
+from .config import Address, Config, ConfigError, load_config
 from .control import MAX_CONTROL_CLIENTS, MAX_REQUEST, prepare_socket_path
 from .engine import NodePorts, VolumeEngine
 from .errors import ExitCode, GmdError, exit_code_for
@@ -274,8 +274,6 @@ class NodeDaemon:
         volumes are in use: members added to a volume, volumes added for this
         node (they stay down until 'gmd up'). Anything else is refused with the
         differences named, and nothing is applied."""
-        from .config import load_config
-
         new = load_config(self.config.path)
         problems = []
         if self.node not in new.nodes:

@@ -148,7 +148,7 @@ class VolumeEngine:
             sm.set_role(Role.SECONDARY)  # a daemon always comes up secondary
             await self.local.writer.sync_all()
         for name, m in self.members.items():
-            m.peer_disk = sm.sb.peers[name].disk.value if name in sm.sb.peers else None
+            m.peer_disk = sm.sb.peers[name].disk if name in sm.sb.peers else None
         # Started, not just scheduled: a path accepted right after finds the nursery.
         await self.ports.host().start(self._run)
         log.info("%s: up (disk %s)", self.name, sm.sb.disk.value)

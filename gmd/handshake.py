@@ -134,7 +134,7 @@ class Handshake:
             rec = sm.sb.peers.get(hello.node)
             if rec is not None and rec.disk == DiskState.UPTODATE:
                 sm.set_peer_disk(hello.node, DiskState.OUTDATED)
-            self.engine.members[hello.node].peer_disk = DiskState.OUTDATED.value
+            self.engine.members[hello.node].peer_disk = DiskState.OUTDATED
         else:
             old = None
         who = (f"{old}'s data" if old else f"the data of {self.engine.node} or {hello.node}")

@@ -14,7 +14,7 @@ from statemap import CopyKind, DiskState, Fence, Role
 from transport.codec import State
 from transport.link import LinkClosed
 
-from .replication import MemberLink
+from .replication import MemberLink, disk_of, role_of
 
 if TYPE_CHECKING:
     from .engine import VolumeEngine
@@ -35,7 +35,7 @@ class PeerState:
             sm.set_peer_copy(m.name, None)
         sm.set_peer_disk(m.name, DiskState.UPTODATE)
         sm.set_bitmap_generation(sm.sb.generations.current, member=m.name)
-        m.peer_disk = DiskState.UPTODATE.value  # before the await: a write marked meanwhile sets it back
+        m.peer_disk = DiskState.UPTODATE  # before the await: a write marked meanwhile sets it back
         await self.engine.local.writer.sync_all()
         if sm.sb.peers[m.name].disk != DiskState.UPTODATE:
             return  # a write was marked for it meanwhile (and it was told); the copy loop goes on
@@ -66,7 +66,7 @@ class PeerState:
         if disk == DiskState.UPTODATE:
             sm.set_bitmap_generation(sm.sb.generations.current, member=m.name)
         await self.engine.local.writer.sync_all()
-        m.peer_disk = disk.value
+        m.peer_disk = disk
         fields: dict[str, Any] = {"role": self.engine.role.value, "your_disk": disk.value, "identity": sm.identity}
         if disk == DiskState.UPTODATE:
             fields["generation"] = sm.sb.generations.current
@@ -88,8 +88,8 @@ class PeerState:
         sm = self.engine.local.statemap
         if "role" in fields:
             was = m.peer_role
-            m.peer_role = fields["role"]
-            if m.peer_role == Role.PRIMARY.value and was != m.peer_role:
+            m.peer_role = role_of(fields["role"])
+            if m.peer_role == Role.PRIMARY and was != m.peer_role:
                 self.engine.sessions.primary_claimed(m)
         if "take_over_failed" in fields:
             m.reason = f"refused to take over: {fields['take_over_failed']}"
@@ -102,7 +102,7 @@ class PeerState:
             except ValueError:
                 log.warning("%s: %s sent unknown disk state %r", self.engine.name, m.name, fields["your_disk"])
                 return
-            from_primary = fields.get("role", m.peer_role) == Role.PRIMARY.value
+            from_primary = fields.get("role", m.peer_role) == Role.PRIMARY
             identity = fields.get("identity")
             if from_primary and isinstance(identity, str) and identity and sm.identity != identity:
                 if sm.identity is not None:
@@ -118,7 +118,7 @@ class PeerState:
                 self.engine.sessions.lost_primary = None  # a live primary has judged us: we follow it now
             if disk == DiskState.UPTODATE and sm.sb.local_copy is not None:
                 sm.set_local_copy(None)  # the copy we were waiting for is done
-            if disk == DiskState.UPTODATE and fields.get("role", m.peer_role) == Role.PRIMARY.value:
+            if disk == DiskState.UPTODATE and fields.get("role", m.peer_role) == Role.PRIMARY:
                 # Level with the primary: nothing of ours is missing there.
                 sm.clear_out_of_sync(m.name, range(sm.layout.regions))
                 if self.engine.resolver.discarding == m.name:
@@ -129,7 +129,7 @@ class PeerState:
         if "generation" in fields and sm.sb.disk == DiskState.UPTODATE:
             sm.adopt_generation(str(fields["generation"]))
         if "disk" in fields:
-            m.peer_disk = fields["disk"]
+            m.peer_disk = disk_of(fields["disk"])
         await self.engine.local.writer.sync_all()
         m._notify()
 

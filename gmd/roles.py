@@ -47,7 +47,7 @@ class Roles:
         # A verdict from before we caught up (and adopted a newer generation) is stale.
         newer = [m.name for m in self.engine.members.values()
                  if m.connected and m.verdict in (Verdict.LOCAL_BEHIND, Verdict.LOCAL_NEEDS_FULL)
-                 and getattr(m, "verdict_generation", None) == sm.sb.generations.current]
+                 and m.verdict_generation == sm.sb.generations.current]
         if newer and not force:
             raise GmdError(f"{self.engine.name}: {', '.join(newer)} holds newer data than {self.engine.node}; "
                            f"promoting {self.engine.node} would lose it. Promote {newer[0]} instead")
@@ -216,9 +216,9 @@ class Roles:
                            "primary again")
         await self.engine.peerstate.send_state(m, {"take_over": True})
         with trio.move_on_after(SWITCHOVER_TIMEOUT):
-            while not (m.connected and m.peer_role == Role.PRIMARY.value):
+            while not (m.connected and m.peer_role == Role.PRIMARY):
                 await m.changed.wait()
-        if m.connected and m.peer_role == Role.PRIMARY.value:
+        if m.connected and m.peer_role == Role.PRIMARY:
             log.info("%s: switchover done: %s is primary, %s secondary", self.engine.name, target, self.engine.node)
             return {"primary": target, "secondary": self.engine.node}
         reason = m.reason or "no answer"

@@ -24,7 +24,7 @@ from statemap.format import PAGE
 from transport.codec import Bitmap, Intro, Ping
 from transport.link import LinkClosed, LinkRefused, PeerLink
 
-from .replication import LinkState, MemberLink, Session
+from .replication import LinkState, MemberLink, Session, disk_of, role_of
 
 if TYPE_CHECKING:
     from .engine import VolumeEngine
@@ -148,14 +148,14 @@ class Sessions:
             m.session = Session(sid, m.name)
             m.session_started_gseq = self.engine.writepath.completed_gseq
             m.flushed_gseq = self.engine.writepath.completed_gseq
-            m.peer_role = hello.info.get("role")
-            m.peer_disk = hello.info.get("disk")
+            m.peer_role = role_of(hello.info.get("role"))
+            m.peer_disk = disk_of(hello.info.get("disk"))
             m.peer_hello_info = hello.info
             m.behind = False
             m.bitmap_done = trio.Event()
             m.verdict = self.engine.handshake.verdict(hello)
             m.verdict_generation = self.engine.local.statemap.sb.generations.current
-            if m.peer_role == Role.PRIMARY.value:
+            if m.peer_role == Role.PRIMARY:
                 self.primary_claimed(m)
         session = m.session
         session.paths.append(link)
@@ -193,7 +193,7 @@ class Sessions:
                 self.engine.local.statemap.set_peer_disk(m.name, DiskState.OUTDATED)
         failed = m.end_session(reason)
         self.engine.frames.stop_applying(m.name)  # nothing more of this session reaches the disk
-        if m.peer_role == Role.PRIMARY.value and self.engine.role != Role.PRIMARY:
+        if m.peer_role == Role.PRIMARY and self.engine.role != Role.PRIMARY:
             self.fold_lost_primary(m.name, f"primary {m.name} lost ({reason})")
         self.engine.frames.forget(m.name)
         if failed:
@@ -240,7 +240,7 @@ class Sessions:
         if self.engine.role == Role.PRIMARY:
             return
         for other in self.engine.members.values():
-            if other is m or other.peer_role != Role.PRIMARY.value or other.session is None:
+            if other is m or other.peer_role != Role.PRIMARY or other.session is None:
                 continue
             self.engine.frames.stop_applying(other.name)
             self.fold_lost_primary(other.name, f"{m.name} took over from primary {other.name}")

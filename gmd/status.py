@@ -36,15 +36,15 @@ def volume_status(engine: VolumeEngine) -> dict[str, Any]:
     for name, m in engine.members.items():
         rec = sm.sb.peers.get(name)
         lag_bytes, lag_s = m.lag(now) if m.is_async else (0, 0.0)
-        disk = m.peer_disk if m.connected else DiskState.UNKNOWN.value
+        disk = m.peer_disk if m.connected else DiskState.UNKNOWN
         if m.connected and engine.role == Role.PRIMARY and rec is not None:
-            disk = rec.disk.value
+            disk = rec.disk
         elif not m.connected and rec is not None and rec.disk in (DiskState.OUTDATED, DiskState.INCONSISTENT):
             # Out of sight, but our own map proves it is behind; never claim
             # uptodate for a member we cannot see.
-            disk = rec.disk.value
+            disk = rec.disk
         members[name] = {
-            "disk": disk or DiskState.UNKNOWN.value,
+            "disk": (disk or DiskState.UNKNOWN).value,
             "link": m.state.value,
             "mode": m.mode,
             "out_of_sync_bytes": sm.out_of_sync_bytes(name) if rec else cfg.size,
@@ -58,7 +58,7 @@ def volume_status(engine: VolumeEngine) -> dict[str, Any]:
             # shipping / behind (async queue overflowed) / catching-up (a copy runs): see Replication
             "replication": m.replication.value if m.connected and engine.role == Role.PRIMARY else None,
             "reason": m.reason,
-            "peer_role": m.peer_role if m.connected else None,
+            "peer_role": m.peer_role.value if m.connected and m.peer_role else None,
             "paths": len([p for p in m.session.paths if not p.closed]) if m.session else 0,
         }
     return {

@@ -154,7 +154,7 @@ class WritePath:
             await self._merge_before_read(offset, length)
             return await local.read(offset, length)
         for m in self.engine.members.values():
-            if m.connected and m.peer_disk == DiskState.UPTODATE.value:
+            if m.connected and m.peer_disk == DiskState.UPTODATE:
                 try:
                     data = b""
                     for start in range(offset, offset + length, MAX_REMOTE_READ):
@@ -295,8 +295,8 @@ class WritePath:
         if rec is not None and rec.disk == DiskState.UPTODATE:
             sm.set_peer_disk(m.name, DiskState.OUTDATED)
         await local.mark_out_of_sync(m.name, offset, length)
-        if m.connected and m.peer_disk == DiskState.UPTODATE.value:
-            m.peer_disk = DiskState.OUTDATED.value
+        if m.connected and m.peer_disk == DiskState.UPTODATE:
+            m.peer_disk = DiskState.OUTDATED
             await self.engine.peerstate.send_state(m, {"your_disk": DiskState.OUTDATED.value})
         if m.behind and m.connected and self.engine.role == Role.PRIMARY:
             self.engine.copier.start_copy(m)  # an async member that fell behind is caught up while its link is up
@@ -319,7 +319,7 @@ class WritePath:
                  ", ".join(m.name for m in newly_away))
         waits = []
         for m in self.engine.members.values():
-            if m.connected and not m.behind and m.peer_disk == DiskState.UPTODATE.value:
+            if m.connected and not m.behind and m.peer_disk == DiskState.UPTODATE:
                 await self.engine.peerstate.send_state(m, {"generation": generation})
                 sh = m.ship_flush(self.completed_gseq, in_sync=self._in_sync_gseq)
                 if sh is not None and not m.is_async:
