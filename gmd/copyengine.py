@@ -20,7 +20,8 @@ import trio
 from statemap import DiskState, Role
 from transport.link import LinkClosed
 
-from .copy import CopyAborted, CopyProgress, PassKind, copy_member, verify_member
+from .copy import CopyAborted, copy_member, verify_member
+from .copystate import CopyProgress, PassKind
 from .replication import MemberLink, Replication
 
 if TYPE_CHECKING:

@@ -37,7 +37,7 @@ import trio
 from statemap import CopyKind, DiskState, Role
 from transport.link import LinkClosed
 
-from .copy import RemarkedRegions, UnsentRegions
+from .copystate import RemarkedRegions, UnsentRegions
 from .disk import check_range
 from .errors import errno_for
 from .replication import MemberLink, Shipment
