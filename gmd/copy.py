@@ -10,7 +10,7 @@ One engine, two region sets (docs/DESIGN.md, "Bringing members back"):
 
 For each chunk the member's region hashes (xxh3) are compared with ours and only
 differing regions move (a target seeded from a backup copies fast). A region is
-read and queued to the member under the engine's range lock, so the copy can
+read and queued to the member under the write path's range lock, so the copy can
 never reorder with an application write to it: whichever takes the lock first
 is applied first on the member, in link order. The copy stops, leaving its
 bits and fence for the next attempt, as soon as the member is lost.
@@ -29,175 +29,74 @@ from __future__ import annotations
 import logging
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
-from bitarray import bitarray
 
-from statemap import DiskState
+from statemap import CopyKind, DiskState, StateMap
 from transport.link import LinkClosed
 
-if TYPE_CHECKING:
-    from .engine import VolumeEngine
-    from .replication import MemberLink
+from .config import VolumeConfig
+from .copystate import (
+    CHUNK,
+    SKIP_COMPARE_AFTER,
+    CopyBudget,
+    CopyProgress,
+    PassKind,
+    PassTracker,
+    RatePacer,
+    RemarkedRegions,
+    UnsentRegions,
+    chunk_for_rate,
+)
+from .replication import MemberLink
+from .volume import LocalVolume
 
 log = logging.getLogger(__name__)
 
-CHUNK = 8 * 1024 * 1024  # bytes compared per hash request, read at once, locked while read
 FLUSH_EVERY = 32 * 1024 * 1024  # bytes copied between durable progress points
 COPY_WORKERS = 4  # chunks hashed, read and shipped concurrently
 WINDOW = 1  # CHUNKs' worth of bytes per worker shipped and not yet acknowledged (besides the one being shipped)
 HASH_AHEAD = 4 * CHUNK  # bytes of a pass whose member hashes are asked for ahead of the copy cursor
 READ_AHEAD = 64 * 1024 * 1024  # bytes of the pass the primary's disk is asked to read ahead of the cursor
-YIELD_FOR = 0.1  # seconds after an application write during which the copy keeps one chunk in flight
 BATCH = 1024 * 1024  # bytes of small work items (a mini-copy's regions) a worker takes, reads and ships at once
-PACE_STEP = 0.1  # seconds' worth of bytes per chunk when a rate limit is set
-SKIP_COMPARE_AFTER = 64  # regions a mini-copy compares before it may stop comparing
 
 
 class CopyAborted(Exception):
     """The member went away, or regions were marked again; progress so far is kept."""
 
 
-@dataclass
-class CopyProgress:
-    kind: str  # "full" or "mini"
-    total_bytes: int
-    done_bytes: int = 0
-    sent_bytes: int = 0  # bytes that differed and were shipped
-    compared_bytes: int = 0  # bytes whose hashes were requested (paced by the rate limit)
-    compare: bool = True  # compare hashes before shipping (see note_compared)
-    regions_compared: int = 0
-    regions_differing: int = 0
+class CopySource(Protocol):
+    """What a pass needs of the primary's copy orchestration
+    (:class:`gmd.copyengine.CopyEngine`), and nothing more."""
 
-    def note_compared(self, regions: int, differing: int) -> None:
-        """A mini-copy's regions were written while the member was away: when
-        nearly all of the first ones differ, comparing the rest only costs a
-        round trip and a read on the member each, so the pass ships them
-        directly. (A merge after a crash, or a full copy to a target restored
-        from a backup, finds most regions equal: those keep comparing.)"""
-        self.regions_compared += regions
-        self.regions_differing += differing
-        if (self.compare and self.kind == "mini" and self.regions_compared >= SKIP_COMPARE_AFTER
-                and self.regions_differing >= 0.9 * self.regions_compared):
-            self.compare = False
-            log.info("mini-copy: %d of the first %d regions differ; shipping the rest without comparing",
-                     self.regions_differing, self.regions_compared)
-    started: float = field(default_factory=trio.current_time)
+    rate: int  # bytes/s per member copy; 0: unlimited
+    bytes_sent: int  # bytes the passes shipped (after hash compare)
 
-    def to_json(self) -> dict[str, Any]:
-        elapsed = max(1e-6, trio.current_time() - self.started)
-        rate = self.done_bytes / elapsed
-        left = self.total_bytes - self.done_bytes
-        return {"kind": self.kind, "done_bytes": self.done_bytes, "total_bytes": self.total_bytes,
-                "sent_bytes": self.sent_bytes, "rate_bytes_per_s": int(rate),
-                "eta_s": round(left / rate, 1) if rate > 0 and left > 0 else (0.0 if left <= 0 else None),
-                **({"differing_regions": self.regions_differing} if self.kind == "verify" else {})}
+    @property
+    def name(self) -> str: ...
+    @property
+    def config(self) -> VolumeConfig: ...
+    @property
+    def statemap(self) -> StateMap: ...
+    @property
+    def local(self) -> LocalVolume: ...
+    @property
+    def unsent(self) -> UnsentRegions: ...
+    @property
+    def remarked(self) -> RemarkedRegions: ...
+    @property
+    def last_write_at(self) -> float: ...
+    @property
+    def completed_sequence(self) -> int: ...
 
-
-class MemberRegions:
-    """A set of regions per member, in memory (one bit per region)."""
-
-    def __init__(self, size: int, region_size: int):
-        self.regions = (size + region_size - 1) // region_size
-        self.region_size = region_size
-        self._bits: dict[str, bitarray] = {}
-
-    def _span(self, offset: int, length: int) -> slice:
-        return slice(offset // self.region_size, (offset + max(length, 1) - 1) // self.region_size + 1)
-
-    def note(self, member: str, offset: int, length: int) -> None:
-        """Add the regions of [offset, offset+length) for ``member``."""
-        bits = self._bits.get(member)
-        if bits is None:
-            bits = self._bits[member] = bitarray(self.regions)
-            bits.setall(0)
-        bits[self._span(offset, length)] = 1
-
-    def forget(self, member: str, offset: int, length: int) -> None:
-        """Remove the regions of [offset, offset+length) for ``member``."""
-        bits = self._bits.get(member)
-        if bits is not None:
-            bits[self._span(offset, length)] = 0
-
-
-class UnsentRegions(MemberRegions):
-    """Per member, the regions written while it could not be sent the write
-    (away, or an ``async`` member fallen behind): those surely differ on it,
-    so its mini-copy ships them without comparing hashes first, as DRBD and
-    OpenVMS mini-copy do. Comparing pays off only for regions that *may*
-    differ: writes in flight when a link broke, hot extents after a crash.
-
-    Kept in memory only: it is an optimisation, never needed for
-    correctness (shipping an equal region costs bytes, nothing else), so after
-    a restart every out-of-sync region is compared again.
-
-    :meth:`note`: ``member`` was not sent a write to the range;
-    :meth:`forget`: the range was copied to it."""
-
-    def all_unsent(self, member: str, offset: int, length: int) -> bool:
-        """Every region of [offset, offset+length) had a write ``member`` was not sent."""
-        bits = self._bits.get(member)
-        span = self._span(offset, length)
-        return bits is not None and span.stop <= len(bits) and bits[span].all()
-
-
-class RemarkedRegions(MemberRegions):
-    """Per member, the regions marked out of sync since a copy pass last read
-    them (:meth:`note` at every mark, :meth:`forget` when a pass reads the
-    range under its range lock). A pass clears a region's bit only if it is
-    not here (:meth:`kept`): a member that fell behind gets no application
-    writes, so a write racing with the copy of its region reaches it only by
-    the next pass. (A member that takes writes gets them after the copied
-    data, in link order; one it failed is marked and kept too, which costs
-    a region's copy, nothing else.)
-
-    In memory only: the marks themselves are in the state map; a pass after a
-    restart reads every region it clears."""
-
-    def kept(self, member: str, first: int, end: int) -> list[int]:
-        """The regions of [first, end) marked since a pass read them."""
-        bits = self._bits.get(member)
-        if bits is None:
-            return []
-        return [first + i for i in bits[first:end].search(1)]
-
-
-def chunk_for_rate(rate: int, region_size: int) -> int:
-    """Bytes per chunk for a pass under a rate limit of ``rate`` bytes/s (0:
-    none): about :data:`PACE_STEP` seconds' worth, in whole regions, at most
-    :data:`CHUNK`. A copy paced in 8 MiB steps at 1 MiB/s would send 8 MiB
-    at once and then fall silent for 8 s: the average is right, but a WAN
-    link sees bursts."""
-    if not rate:
-        return CHUNK
-    regions = int(rate * PACE_STEP) // region_size
-    return max(region_size, min(CHUNK, regions * region_size))
-
-
-class RatePacer:
-    """Holds a copy pass to the rate limit, read afresh at every step, so a
-    rate changed mid-copy (``gmd resync --rate``) applies from then on: a
-    pacer that divided all bytes so far by the new rate would stall a copy
-    slowed down after a fast start for as long as its history at the new
-    rate would have taken. A step waits for its own bytes' time before it
-    goes (the limit is never exceeded); time lost while the copy ran slower
-    than the limit is not made up in a burst."""
-
-    def __init__(self, rate):
-        self._rate = rate  # () -> bytes/s now; 0 for none
-        self._next: float | None = None  # when the next step may start
-
-    async def pace(self, nbytes: int) -> None:
-        rate = self._rate()
-        if not rate:
-            self._next = None
-            return
-        now = trio.current_time()
-        start = now if self._next is None else max(now, self._next)
-        self._next = start + nbytes / rate
-        await trio.sleep_until(self._next)
+    def pass_started(self, member: str, progress: CopyProgress) -> None: ...
+    async def lock_range(self, start: int, end: int) -> int: ...
+    async def lock_ranges(self, ranges: list[tuple[int, int]]) -> int: ...  # (offset, length) pairs, one token
+    def unlock_range(self, token: int) -> None: ...
+    async def drain_writes_in_flight(self) -> None: ...
+    async def member_caught_up(self, m: MemberLink) -> None: ...
+    async def tell_member(self, m: MemberLink, fields: dict[str, Any]) -> None: ...
 
 
 def _runs(indexes: list[int]) -> list[tuple[int, int]]:
@@ -211,47 +110,45 @@ def _runs(indexes: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-async def copy_member(engine: VolumeEngine, m: MemberLink) -> None:
+async def copy_member(copier: CopySource, m: MemberLink) -> None:
     """Bring member ``m`` up to date from this primary; returns when it is, or
     raises :class:`CopyAborted` with progress kept."""
-    sm = engine.statemap
-    size, rs = engine.config.size, engine.config.region_size
+    sm = copier.statemap
+    size, rs = copier.config.size, copier.config.region_size
     rec = sm.sb.peers[m.name]
-    chunk = chunk_for_rate(engine.copy_rate, rs)
+    chunk = chunk_for_rate(copier.rate, rs)
     if rec.copy is not None:
         start = rec.copy.fence - rec.copy.fence % rs
-        progress = CopyProgress(rec.copy.kind.value, size - start)  # "full" copy or "merge"
-        engine.copies[m.name] = progress
-        engine.copy_history.append((m.name, progress))
-        during = DiskState.COPYING if rec.copy.kind.value == "full" else DiskState.MERGING
-        await engine.tell_member(m, {"your_disk": during.value})
-        await _copy_ranges(engine, m, progress, [(off, min(chunk, size - off)) for off in range(start, size, chunk)],
+        progress = CopyProgress(PassKind(rec.copy.kind.value), size - start)  # full copy or merge
+        copier.pass_started(m.name, progress)
+        during = DiskState.COPYING if rec.copy.kind is CopyKind.FULL else DiskState.MERGING
+        await copier.tell_member(m, {"your_disk": during.value})
+        await _copy_ranges(copier, m, progress, [(off, min(chunk, size - off)) for off in range(start, size, chunk)],
                            chunk, full=True)
     # Regions written while it was away (also below a full copy's fence).
     regions = list(sm.out_of_sync_regions(m.name).search(1))
     if regions:
-        progress = CopyProgress("mini", len(regions) * rs)  # mini-copy, or the mini-merge after a crash
-        engine.copies[m.name] = progress
-        engine.copy_history.append((m.name, progress))
+        progress = CopyProgress(PassKind.MINI, len(regions) * rs)  # mini-copy, or the mini-merge after a crash
+        copier.pass_started(m.name, progress)
         work = []
         for first, end in _runs(regions):
             for r in range(first, end, chunk // rs):
                 work.append((r * rs, min(end, r + chunk // rs) * rs - r * rs))
-        await _copy_ranges(engine, m, progress, work, chunk, full=False)
+        await _copy_ranges(copier, m, progress, work, chunk, full=False)
     if m.behind:
-        await _ship_again_if_room(engine, m)
+        await _ship_again_if_room(copier, m)
         if m.behind:
             raise CopyAborted(f"{m.name} is still behind ({sm.out_of_sync_bytes(m.name)} bytes marked during the "
                               "pass); another pass follows")
     if sm.out_of_sync_regions(m.name).any():
         raise CopyAborted("regions were marked again while copying; another pass follows")
-    await engine.member_caught_up(m)
+    await copier.member_caught_up(m)
 
 
 QUEUE_POLL = 0.05  # seconds between looks at a behind member's draining queue
 
 
-async def _ship_again_if_room(engine: VolumeEngine, m: MemberLink) -> None:
+async def _ship_again_if_room(copier: CopySource, m: MemberLink) -> None:
     """A pass to ``m``, an ``async`` member that fell behind, is done. If the
     writes marked during it come to at most half its queue (the link keeps up
     with the application), queue writes to it again once the queue has
@@ -260,7 +157,7 @@ async def _ship_again_if_room(engine: VolumeEngine, m: MemberLink) -> None:
     marked when this returns; the next pass copies them, and every later
     write is queued after the copied data (range lock, link order).
     Otherwise it stays behind, and the next pass copies what was marked."""
-    sm = engine.statemap
+    sm = copier.statemap
     room = m.queue_limit // 2
     left = sm.out_of_sync_bytes(m.name)
     if left > room:
@@ -272,10 +169,10 @@ async def _ship_again_if_room(engine: VolumeEngine, m: MemberLink) -> None:
     if not m.connected:
         raise CopyAborted(f"{m.name} went away")
     m.ship_again(f"{left} bytes left to copy, {m.queued_bytes} of {m.queue_limit} bytes queued")
-    await engine.drain_writes_in_flight()
+    await copier.drain_writes_in_flight()
 
 
-async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgress,
+async def _copy_ranges(copier: CopySource, m: MemberLink, progress: CopyProgress,
                        work: list[tuple[int, int]], chunk: int, *, full: bool) -> None:
     """Copy ``work`` (chunks in offset order) with :data:`COPY_WORKERS` workers.
 
@@ -288,17 +185,17 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
     the member's writing overlap instead of taking turns on one round trip
     each (counted in bytes, not items: 64 KiB regions one round trip apiece
     would leave the link idle)."""
-    tracker = _Progress(work)
+    tracker = PassTracker(work)
     record_lock = trio.Lock()
     ends = _ends(work)
     # Under a rate limit, chunks are smaller (chunk_for_rate), and so are a
     # worker's batches and the look-aheads: they would otherwise read ahead
     # of the limit the operator set to spare the disks.
     batch = min(BATCH, chunk)
-    hashes = _HashPrefetch(m, work, ends, engine.config.region_size, progress, min(HASH_AHEAD, 4 * chunk),
-                           surely_differ=lambda i: engine.unsent.all_unsent(m.name, *work[i]))
-    budget = CopyBudget(lambda: engine.last_write_at)
-    pacer = RatePacer(lambda: engine.copy_rate)
+    hashes = _HashPrefetch(m, work, ends, copier.config.region_size, progress, min(HASH_AHEAD, 4 * chunk),
+                           surely_differ=lambda i: copier.unsent.all_unsent(m.name, *work[i]))
+    budget = CopyBudget(lambda: copier.last_write_at)
+    pacer = RatePacer(lambda: copier.rate)
 
     def settled(sh) -> None:
         budget.settled(sh)
@@ -306,16 +203,16 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
             # The member has the data now (not yet durably: its bit stays until
             # a flush is acknowledged). Should this pass be cut short, the next
             # compares these regions instead of shipping them again unasked.
-            engine.unsent.forget(m.name, sh.offset, sh.length)
+            copier.unsent.forget(m.name, sh.offset, sh.length)
 
-    read_ahead = _ReadAhead(engine.local.device, work, ends, min(READ_AHEAD, 8 * chunk))
+    read_ahead = _ReadAhead(copier.local.device, work, ends, min(READ_AHEAD, 8 * chunk))
 
     async def record_if_due(force: bool = False) -> None:
         if record_lock.locked() and not force:
             return  # another worker is recording; this one keeps copying
         async with record_lock:
             if tracker.pending_bytes() >= FLUSH_EVERY or (force and tracker.pending_bytes()):
-                await _record(engine, m, tracker.snapshot(full=full), full=full)
+                await _record(copier, m, tracker.snapshot(full=full), full=full)
 
     async def worker() -> None:
         window: deque[tuple[int, list]] = deque()
@@ -328,7 +225,7 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
             await read_ahead.advance(indexes[0])
             length = sum(work[i][1] for i in indexes)
             await budget.wait_room(length)
-            shipped = await _copy_items(engine, m, progress, work, indexes, hashes, budget, pacer, settled)
+            shipped = await _copy_items(copier, m, progress, work, indexes, hashes, budget, pacer, settled)
             window.extend(zip(indexes, shipped))
             in_window += length
             # Settle what the member has acknowledged already (progress, the
@@ -349,7 +246,7 @@ async def _copy_ranges(engine: VolumeEngine, m: MemberLink, progress: CopyProgre
             for _ in range(min(COPY_WORKERS, len(work))):
                 n.start_soon(worker)
     await record_if_due(force=True)
-    log.info("%s: %s pass to %s done: %d bytes compared, %d bytes sent", engine.name, progress.kind,
+    log.info("%s: %s pass to %s done: %d bytes compared, %d bytes sent", copier.name, progress.kind.value,
              m.name, progress.done_bytes, progress.sent_bytes)
 
 
@@ -371,52 +268,6 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
     while isinstance(e, BaseExceptionGroup):
         e = e.exceptions[0]
     return e
-
-
-class _Progress:
-    """Which chunks of a pass are taken and acknowledged, and which of those
-    still wait to be made durable and recorded."""
-
-    def __init__(self, work: list[tuple[int, int]]):
-        self.work = work
-        self.next = 0  # the shared cursor: chunks [0, next) are taken
-        self.unrecorded: set[int] = set()  # acknowledged since the last record
-        self._ahead: set[int] = set()  # acknowledged beyond the prefix
-        self.prefix = 0  # chunks [0, prefix) are all acknowledged
-        self.recorded_prefix = 0
-
-    def take(self, max_bytes: int) -> list[int]:
-        """The next chunks in order, as many as fit in ``max_bytes`` (at least
-        one while any are left): a mini-copy's small regions travel together."""
-        first = self.next
-        taken = 0
-        while self.next < len(self.work) and (self.next == first or taken + self.work[self.next][1] <= max_bytes):
-            taken += self.work[self.next][1]
-            self.next += 1
-        return list(range(first, self.next))
-
-    def ack(self, index: int) -> None:
-        self.unrecorded.add(index)
-        self._ahead.add(index)
-        while self.prefix in self._ahead:
-            self._ahead.remove(self.prefix)
-            self.prefix += 1
-
-    def pending_bytes(self) -> int:
-        return sum(self.work[i][1] for i in self.unrecorded)
-
-    def snapshot(self, *, full: bool) -> list[tuple[int, int]]:
-        """What a flush sent now makes durable, as chunks to record: for a full
-        copy the finished prefix (its end is the new fence), else every
-        acknowledged chunk. Taken before the flush is sent."""
-        if full:
-            done = [self.work[i] for i in range(self.recorded_prefix, self.prefix)]
-            self.recorded_prefix = self.prefix
-            self.unrecorded = {i for i in self.unrecorded if i >= self.prefix}
-        else:
-            done = [self.work[i] for i in sorted(self.unrecorded)]
-            self.unrecorded = set()
-        return done
 
 
 def _ends(work: list[tuple[int, int]]) -> list[int]:
@@ -462,42 +313,6 @@ class _ReadAhead:
                 self.asked = end
 
 
-class CopyBudget:
-    """How many copied bytes may be on their way to the member, unacknowledged.
-
-    Copy data and application writes share the member's link, in order: an
-    application write queued behind copy data waits for all of it to arrive
-    (over a WAN, 64 MiB is half a second at 1 Gbit/s). While the application
-    is writing (one started in the last :data:`YIELD_FOR` seconds) the copy
-    keeps a single chunk in flight; otherwise the workers' windows alone
-    bound it."""
-
-    def __init__(self, last_write_at):
-        self._last_write_at = last_write_at  # () -> trio time of the latest application write
-        self.in_flight = 0
-        self._room = trio.Event()
-
-    def limit(self, chunk: int) -> float:
-        busy = trio.current_time() - self._last_write_at() < YIELD_FOR
-        return chunk if busy else float("inf")
-
-    async def wait_room(self, length: int) -> None:
-        """Wait until ``length`` more bytes may be shipped (one chunk always may)."""
-        while self.in_flight > 0 and self.in_flight + length > self.limit(length):
-            if self._room.is_set():
-                self._room = trio.Event()
-            with trio.move_on_after(YIELD_FOR):  # the application may stop writing meanwhile
-                await self._room.wait()
-
-    def shipped(self, length: int) -> None:
-        self.in_flight += length
-
-    def settled(self, sh) -> None:
-        """A shipment's ack (or failure) arrived: its bytes are no longer in flight."""
-        self.in_flight -= len(sh.data)
-        self._room.set()
-
-
 class _HashPrefetch:
     """The member's region hashes of the pass's work items, asked for up to
     :data:`HASH_AHEAD` bytes (less under a rate limit) ahead of the cursor; a
@@ -528,7 +343,7 @@ class _HashPrefetch:
         if not self.progress.compare:
             return
         limit = self.ahead
-        if self.progress.kind == "mini" and self.progress.regions_compared < SKIP_COMPARE_AFTER:
+        if self.progress.kind is PassKind.MINI and self.progress.regions_compared < SKIP_COMPARE_AFTER:
             limit = min(limit, SKIP_COMPARE_AFTER * self.block)
         start = max(self.asked, indexes[-1] + 1)
         end = _ahead_end(self.ends, indexes[0], start, limit)
@@ -562,7 +377,7 @@ class _HashPrefetch:
         return answer
 
 
-async def _chunk_acked(m: MemberLink, tracker: _Progress, progress: CopyProgress,
+async def _chunk_acked(m: MemberLink, tracker: PassTracker, progress: CopyProgress,
                        work: list[tuple[int, int]], index: int, shipments: list) -> None:
     for sh in shipments:
         await sh.done.wait()
@@ -572,13 +387,13 @@ async def _chunk_acked(m: MemberLink, tracker: _Progress, progress: CopyProgress
     progress.done_bytes += work[index][1]
 
 
-async def _copy_items(engine: VolumeEngine, m: MemberLink, progress: CopyProgress, work: list[tuple[int, int]],
+async def _copy_items(copier: CopySource, m: MemberLink, progress: CopyProgress, work: list[tuple[int, int]],
                       indexes: list[int], hashes: _HashPrefetch, budget: CopyBudget,
                       pacer: RatePacer, settled) -> list[list]:
     """Ship the regions of the work items ``indexes`` that differ on the
     member; returns each item's shipments (not yet acknowledged)."""
-    rs = engine.config.region_size
-    local = engine.local
+    rs = copier.config.region_size
+    local = copier.local
     ranges = [work[i] for i in indexes]
     nbytes = sum(length for _, length in ranges)
     progress.compared_bytes += nbytes
@@ -589,15 +404,15 @@ async def _copy_items(engine: VolumeEngine, m: MemberLink, progress: CopyProgres
     theirs = [await hashes.get(i) if hashes.wanted(i) else None for i in indexes]
     shipments: list[list] = []
     # Under the range locks (taken together, in turn with application
-    # writes: see engine._RangeLocks): no application write to these items is
+    # writes: see gmd.writepath.RangeLocks): no application write to these items is
     # in flight, and any later one is queued after this copy. The items are
     # read once, for hashing and shipping alike (holes are not read), in one
     # trip to a thread.
-    token = await engine.lock_ranges(ranges)
+    token = await copier.lock_ranges(ranges)
     try:
         for offset, length in ranges:
             # Marks from here on (a write after the read) keep their bits.
-            engine.remarked.forget(m.name, offset, length)
+            copier.remarked.forget(m.name, offset, length)
         read = await local.device.read_hashed_ranges(ranges, rs)
         for (offset, _), (ours, data), their in zip(ranges, read, theirs):
             if their is not None:
@@ -608,25 +423,25 @@ async def _copy_items(engine: VolumeEngine, m: MemberLink, progress: CopyProgres
             item: list = []
             for first, end in _runs(differ):
                 piece = data.blocks(first, end)
-                sh = m.ship_write(engine.completed_sequence, offset + first * rs, piece, settled, copy=True)
+                sh = m.ship_write(copier.completed_sequence, offset + first * rs, piece, settled, copy=True)
                 if sh is None:
                     raise CopyAborted(f"{m.name} went away")
                 budget.shipped(len(piece))
                 item.append(sh)
                 progress.sent_bytes += len(piece)
-                engine.copy_bytes_sent += len(piece)
+                copier.bytes_sent += len(piece)
             shipments.append(item)
     finally:
-        engine.unlock_range(token)
+        copier.unlock_range(token)
     await trio.lowlevel.checkpoint()  # let waiting application writes take the lock
     return shipments
 
 
-async def _record(engine: VolumeEngine, m: MemberLink, done: list[tuple[int, int]], *, full: bool) -> None:
+async def _record(copier: CopySource, m: MemberLink, done: list[tuple[int, int]], *, full: bool) -> None:
     """Make the copied data durable on the member, then record the progress."""
     if not done:
         return
-    sh = m.ship_flush(engine.completed_sequence)
+    sh = m.ship_flush(copier.completed_sequence)
     if sh is None:
         raise CopyAborted(f"{m.name} went away")
     await sh.done.wait()
@@ -634,8 +449,8 @@ async def _record(engine: VolumeEngine, m: MemberLink, done: list[tuple[int, int
         raise CopyAborted(f"{m.name} did not acknowledge a flush")
     if not m.connected:
         raise CopyAborted(f"{m.name} went away")
-    sm = engine.statemap
-    rs = engine.config.region_size
+    sm = copier.statemap
+    rs = copier.config.region_size
     if full:
         # Writes refused while it is behind are in the bitmap (below the fence
         # too), for the mini-copy that follows.
@@ -644,16 +459,16 @@ async def _record(engine: VolumeEngine, m: MemberLink, done: list[tuple[int, int
     else:
         for off, length in done:
             first, end = off // rs, (off + length) // rs
-            kept = set(engine.remarked.kept(m.name, first, end))  # written after this pass read them
+            kept = set(copier.remarked.kept(m.name, first, end))  # written after this pass read them
             for a, b in _runs([r for r in range(first, end) if r not in kept]):
                 sm.clear_out_of_sync(m.name, range(a, b))
-    await engine.local.writer.sync_all()
+    await copier.local.writer.sync_all()
 
 
 VERIFY_AHEAD = 2  # chunks whose member hashes a verify asks for ahead of its own hashing
 
 
-async def verify_member(engine: VolumeEngine, m: MemberLink, progress: CopyProgress | None = None) -> dict[str, Any]:
+async def verify_member(copier: CopySource, m: MemberLink, progress: CopyProgress | None = None) -> dict[str, Any]:
     """Compare every region of ``m`` with ours, online. A difference is re-checked
     under the region's range lock after the member acknowledged a flush (so no
     write to it is in flight anywhere); a real one is marked out of sync.
@@ -661,10 +476,10 @@ async def verify_member(engine: VolumeEngine, m: MemberLink, progress: CopyProgr
     The member hashes its chunks ahead of ours, so both disks read at once;
     ``progress`` (kind "verify") counts the bytes compared, and the pass keeps
     to the copy rate limit: it reads the whole volume on both sides."""
-    size, rs = engine.config.size, engine.config.region_size
-    local = engine.local
-    progress = progress or CopyProgress("verify", size)
-    pacer = RatePacer(lambda: engine.copy_rate)
+    size, rs = copier.config.size, copier.config.region_size
+    local = copier.local
+    progress = progress or CopyProgress(PassKind.VERIFY, size)
+    pacer = RatePacer(lambda: copier.rate)
     chunks = [(offset, min(CHUNK, size - offset)) for offset in range(0, size, CHUNK)]
     answers: dict[int, tuple[int, ...] | BaseException] = {}
     arrived: dict[int, trio.Event] = {}
@@ -691,31 +506,31 @@ async def verify_member(engine: VolumeEngine, m: MemberLink, progress: CopyProgr
                 if isinstance(theirs, BaseException):
                     raise CopyAborted(f"hashing on {m.name}: {theirs}")
                 for i in range(len(theirs)):
-                    if ours[i] != theirs[i] and await _differs_when_quiet(engine, m, offset + i * rs, rs):
+                    if ours[i] != theirs[i] and await _differs_when_quiet(copier, m, offset + i * rs, rs):
                         real.append(offset // rs + i)
                 progress.done_bytes += length
                 progress.compared_bytes += length
                 progress.regions_compared += len(ours)
                 progress.regions_differing = len(real)
-    sm = engine.statemap
+    sm = copier.statemap
     for r in real:
         sm.mark_regions_out_of_sync(m.name, range(r, r + 1))
     if real:
         sm.set_peer_disk(m.name, DiskState.OUTDATED)
-        m.peer_disk = DiskState.OUTDATED.value
-        await engine.tell_member(m, {"your_disk": DiskState.OUTDATED.value})
-    await engine.local.writer.sync_all()
+        m.peer_disk = DiskState.OUTDATED
+        await copier.tell_member(m, {"your_disk": DiskState.OUTDATED.value})
+    await copier.local.writer.sync_all()
     return {"compared_bytes": size, "differing_regions": len(real),
             "first_offsets": [r * rs for r in real[:10]]}
 
 
-async def _differs_when_quiet(engine: VolumeEngine, m: MemberLink, offset: int, length: int) -> bool:
+async def _differs_when_quiet(copier: CopySource, m: MemberLink, offset: int, length: int) -> bool:
     """Re-check one region under its range lock, after the member acknowledged a
     flush: no write to it is in flight anywhere, so a difference now is real."""
-    rs = engine.config.region_size
-    token = await engine.lock_range(offset, offset + length)
+    rs = copier.config.region_size
+    token = await copier.lock_range(offset, offset + length)
     try:
-        sh = m.ship_flush(engine.completed_sequence)
+        sh = m.ship_flush(copier.completed_sequence)
         if sh is None:
             raise CopyAborted(f"{m.name} went away during verify")
         await sh.done.wait()
@@ -723,7 +538,7 @@ async def _differs_when_quiet(engine: VolumeEngine, m: MemberLink, offset: int, 
             (again,) = await m.region_hashes(offset, length, rs)
         except (LinkClosed, OSError) as e:
             raise CopyAborted(f"hashing on {m.name}: {e}") from None
-        (now,) = await engine.local.region_hashes(offset, length, rs)
+        (now,) = await copier.local.region_hashes(offset, length, rs)
     finally:
-        engine.unlock_range(token)
+        copier.unlock_range(token)
     return again != now

@@ -32,13 +32,17 @@ from transport.tls import TlsContexts, make_contexts
 
 from statemap.errors import StateMapError
 
-from .config import Address, Config, ConfigError
+from .config import Address, Config, ConfigError, load_config
 from .control import MAX_CONTROL_CLIENTS, MAX_REQUEST, prepare_socket_path
-from .engine import VolumeEngine
+from .engine import NodePorts, VolumeEngine
 from .errors import ExitCode, GmdError, exit_code_for
+from .fuse import VolumeFS, serve_fuse
 from .requests import check_request, decode_line, op_of
+from .witness import WitnessClient
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE = 60.0  # seconds one volume has to go down cleanly when the daemon stops
 
 
 class NodeDaemon:
@@ -63,34 +67,43 @@ class NodeDaemon:
                 self.tls = make_contexts(config.tls.cert, config.tls.key, config.tls.ca)
             except (OSError, ssl.SSLError) as e:
                 raise GmdError(f"{config.path}: tls: cannot load certificate, key or CA: {e}") from None
-        from .witness import WitnessClient
-
         self.witness_clients = {w: WitnessClient(config, node, w, self.tls) for w in config.witnesses}
+        # What a volume engine gets of this node: no back-pointer to the daemon.
+        self.ports = NodePorts(dial=self.dial, peer_addresses=lambda name: self.config.node(name).addresses,
+                               limiter=self.limiter, witnesses=self.witness_clients, host=self._host_nursery)
         for vol in config.volumes_for_node(node):
-            self.engines[vol.name] = VolumeEngine(self, vol)
+            self.engines[vol.name] = VolumeEngine(vol, node, self.ports)
 
     # ------------------------------------------------------------- serving
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED, control: bool = True) -> None:
-        """Run until :meth:`stop`; readiness once listeners and control socket are up."""
+        """Run until :meth:`stop`; readiness once listeners and control socket are up.
+        Volumes are brought down on the way out whatever ended the run (a stop,
+        or a crashed task): each state map is marked clean only by a clean close."""
         async with trio.open_nursery() as n:
             self.nursery = n
-            for i, addr in enumerate(self.node_config.listen_addresses):
-                bound = await n.start(self._listen, addr, i)
-                self.listen_addresses.append(bound)
-            for client in self.witness_clients.values():
-                n.start_soon(client.run)
-            if self.mount:
-                from .fuse import VolumeFS, serve_fuse
-
-                self.fs = VolumeFS(self)
-                await n.start(serve_fuse, self, self.fs)
-            if control:
-                await n.start(self._serve_control)
-            task_status.started(self)
-            await self._stopping.wait()
-            await self.shutdown()
+            try:
+                for i, addr in enumerate(self.node_config.listen_addresses):
+                    bound = await n.start(self._listen, addr, i)
+                    self.listen_addresses.append(bound)
+                for client in self.witness_clients.values():
+                    n.start_soon(client.run)
+                if self.mount:
+                    self.fs = VolumeFS(self.engines, self.node_config.mount, self.node)
+                    await n.start(serve_fuse, self.fs)
+                if control:
+                    await n.start(self._serve_control)
+                task_status.started(self)
+                await self._stopping.wait()
+            finally:
+                await self.shutdown()
             n.cancel_scope.cancel()
+
+    def _host_nursery(self) -> trio.Nursery:
+        """Where a volume's runner task lives (it owns every other task of the volume)."""
+        if self.nursery is None:
+            raise GmdError(f"node {self.node}: the daemon is not serving; no volume can come up")
+        return self.nursery
 
     def stop(self) -> None:
         self._stopping.set()
@@ -100,8 +113,10 @@ class NodeDaemon:
         with trio.CancelScope(shield=True):
             for engine in self.engines.values():
                 try:
-                    await engine.down(force=True)  # the operator stopped the node
-                except Exception as e:
+                    # Shielded, but bounded: a volume that cannot close in time stays dirty.
+                    with trio.fail_after(SHUTDOWN_GRACE):
+                        await engine.down(force=True)  # the operator stopped the node
+                except Exception as e:  # trio.TooSlowError too
                     log.error("%s: could not close cleanly on stop (%s: %s); its state map stays marked "
                               "dirty, so crash recovery runs at its next start", engine.name, type(e).__name__, e)
 
@@ -147,7 +162,7 @@ class NodeDaemon:
             reason = engine.check_peer_hello(hello)
             if reason:
                 # Authenticated: the peer may see who refuses it, and judge us too.
-                if engine.local is None or engine._going_down:
+                if engine.local is None or engine.going_down:
                     return reason
                 return engine.make_intro(hello.path, hello.session), reason
             engine_box.append(engine)
@@ -248,8 +263,6 @@ class NodeDaemon:
         volumes are in use: members added to a volume, volumes added for this
         node (they stay down until 'gmd up'). Anything else is refused with the
         differences named, and nothing is applied."""
-        from .config import load_config
-
         new = load_config(self.config.path)
         problems = []
         if self.node not in new.nodes:
@@ -279,7 +292,7 @@ class NodeDaemon:
         added: dict[str, list[str]] = {}
         for name, vol in mine.items():
             if name not in self.engines:
-                self.engines[name] = VolumeEngine(self, vol)
+                self.engines[name] = VolumeEngine(vol, self.node, self.ports)
                 added[name] = ["(new volume)"]
             else:
                 members = await self.engines[name].add_members(vol)

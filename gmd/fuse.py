@@ -21,17 +21,15 @@ import logging
 import os
 import stat
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyfuse3
 import trio
 
+from .engine import DeviceFront, VolumeEngine
 from .errors import errno_for
 
-if TYPE_CHECKING:
-    from .daemon import NodeDaemon
-    from .engine import VolumeEngine
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +62,19 @@ class VolumeFS(pyfuse3.Operations):
     enable_writeback_cache = False
     supports_dot_lookup = False
 
-    def __init__(self, daemon: NodeDaemon):
+    def __init__(self, engines: Mapping[str, VolumeEngine], mount: Path, node: str):
         super().__init__()
-        self.daemon = daemon
+        self.mount = Path(mount)
+        self.node = node
         self.inode_of: dict[str, int] = {}
         self.engine_of: dict[int, VolumeEngine] = {}
-        for i, (name, engine) in enumerate(daemon.engines.items()):
+        for i, (name, engine) in enumerate(engines.items()):
             ino = pyfuse3.ROOT_INODE + 1 + i
             self.inode_of[name] = ino
             self.engine_of[ino] = engine
+            # The engine asks us who holds its file open, and tells us when its role changes.
+            engine.attach_front(DeviceFront(str(self.mount / name), functools.partial(self.open_handles, engine)))
+            engine.subscribe_role_change(self.role_changed)
         self._handles: dict[int, tuple[VolumeEngine, int]] = {}
         self._next_fh = 1
 
@@ -293,21 +295,23 @@ def is_mounted(mount: Path) -> bool:
         return any(line.split()[1] == target for line in f if len(line.split()) > 1)
 
 
-async def serve_fuse(daemon: NodeDaemon, fs: VolumeFS, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Mount ``fs`` at the node's mount point and serve it until cancelled; the
+async def serve_fuse(fs: VolumeFS, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Mount ``fs`` at its mount point and serve it until cancelled; the
     mount is removed on the way out, whatever ended it."""
-    mount = Path(daemon.node_config.mount)
-    clean_stale_mount(mount)  # first: a dead FUSE mount fails even a stat (ENOTCONN)
-    mount.mkdir(parents=True, exist_ok=True)
+    mount = fs.mount
+    # First: a dead FUSE mount fails even a stat (ENOTCONN). It reads /proc and
+    # may run fusermount: in a thread, never on the event loop.
+    await trio.to_thread.run_sync(clean_stale_mount, mount)
+    await trio.to_thread.run_sync(functools.partial(mount.mkdir, parents=True, exist_ok=True))
     opts = set(pyfuse3.default_options)
     opts.add("fsname=gmd")
     opts.add("subtype=gmd")
     pyfuse3.init(fs, str(mount), opts)
-    log.info("%s: volumes appear under %s", daemon.node, mount)
+    log.info("%s: volumes appear under %s", fs.node, mount)
     try:
         task_status.started()
         await pyfuse3.main()
     finally:
         with trio.CancelScope(shield=True):
             pyfuse3.close(unmount=True)
-            log.info("%s: unmounted %s", daemon.node, mount)
+            log.info("%s: unmounted %s", fs.node, mount)

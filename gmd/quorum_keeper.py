@@ -27,29 +27,31 @@ from __future__ import annotations
 import errno
 import logging
 import secrets
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from quorum import expected_votes, votes_needed
+from quorum import (
+    Grant,
+    answer_counts,
+    answered_votes,
+    expected_votes,
+    granted_votes,
+    has_quorum,
+    member_votes,
+    votes_needed,
+)
 from quorum.witness import LEASE, RENEW_INTERVAL
 from statemap import DiskState, Role
 
+from .replication import MemberLink
+
 if TYPE_CHECKING:
     from .engine import VolumeEngine
-    from .replication import MemberLink
 
 log = logging.getLogger(__name__)
 
 WAIT_POLL = 0.5  # a suspended write re-checks at least this often
-
-
-@dataclass
-class _Grant:
-    until: float  # our clock: LEASE after the request was sent
-    generation: str
-    outdated: frozenset[str]
 
 
 class NoQuorum(OSError):
@@ -57,22 +59,23 @@ class NoQuorum(OSError):
 
 
 class QuorumKeeper:
-    """The quorum state of one volume engine."""
+    """The quorum state of one volume engine: the witness grants and answers,
+    and the I/O that gets and uses them; the arithmetic is :mod:`quorum.votes`."""
 
     def __init__(self, engine: VolumeEngine):
         self.engine = engine
-        self.grants: dict[str, _Grant] = {}  # witness -> grant we hold as primary
+        self.grants: dict[str, Grant] = {}  # witness -> grant we hold as primary
         self.answers: dict[str, tuple[bool, str, float]] = {}  # witness -> (granted, why, when) as secondary
         self.changed = trio.Event()
         self._lock = trio.Lock()
         self._suspended_since: float | None = None
         self.superseded: str | None = None  # a witness said another node is primary
 
-    # ----------------------------------------------------------- arithmetic
+    # ------------------------------------------------------------- votes
 
     @property
     def _clients(self):
-        return self.engine.daemon.witness_clients
+        return self.engine.ports.witnesses
 
     def notify(self) -> None:
         """Something that counts for quorum changed (a member, a witness, a role)."""
@@ -81,8 +84,7 @@ class QuorumKeeper:
 
     def expected(self) -> int:
         e = self.engine
-        all_votes = [m.votes for m in e.config.members.values()] + [
-            w.votes for w in e.daemon.config.witnesses.values()]
+        all_votes = [m.votes for m in e.config.members.values()] + [c.votes for c in self._clients.values()]
         return expected_votes(all_votes, e.statemap.sb.expected_votes)
 
     def needed(self) -> int:
@@ -90,11 +92,8 @@ class QuorumKeeper:
 
     def member_votes(self) -> int:
         e = self.engine
-        votes = e.config.members[e.node].votes
-        for name, m in e.members.items():
-            if m.connected:
-                votes += e.config.members[name].votes
-        return votes
+        return member_votes(e.config.members[e.node].votes,
+                            (e.config.members[name].votes for name, m in e.members.items() if m.connected))
 
     def outdated(self, extra: list[MemberLink] = ()) -> frozenset[str]:
         """Members that miss writes: not uptodate in this primary's map (a member
@@ -110,15 +109,13 @@ class QuorumKeeper:
     def witness_votes(self, generation: str, outdated: frozenset[str]) -> int:
         """As primary: votes of witnesses whose running grant covers this
         generation and every member we write without."""
-        now = trio.current_time()
-        return sum(c.votes for w, c in self._clients.items()
-                   if (g := self.grants.get(w)) is not None and g.until > now
-                   and g.generation == generation and g.outdated >= outdated)
+        return granted_votes(self.grants, self._votes_of(), generation, outdated, trio.current_time())
 
     def secondary_witness_votes(self) -> int:
-        now = trio.current_time()
-        return sum(c.votes for w, c in self._clients.items()
-                   if (a := self.answers.get(w)) is not None and a[0] and now - a[2] < 2 * RENEW_INTERVAL + 1)
+        return answered_votes(self.answers, self._votes_of(), trio.current_time())
+
+    def _votes_of(self) -> dict[str, int]:
+        return {w: c.votes for w, c in self._clients.items()}
 
     def votes(self) -> int:
         e = self.engine
@@ -137,17 +134,16 @@ class QuorumKeeper:
         for w, c in self._clients.items():
             if e.role == Role.PRIMARY:
                 g = self.grants.get(w)
-                granted = (g is not None and g.until > now and g.generation == sm.sb.generations.current
-                           and g.outdated >= self.outdated())
+                granted = g is not None and g.covers(sm.sb.generations.current, self.outdated(), now)
                 why = "lease running" if granted else (self.answers.get(w, (False, "no lease", 0))[1])
             else:
                 a = self.answers.get(w)
-                granted = a is not None and a[0] and now - a[2] < 2 * RENEW_INTERVAL + 1
+                granted = a is not None and answer_counts(a[0], a[2], now)
                 why = a[1] if a else "not asked yet"
             witnesses[w] = {"connected": c.connected, "reason": c.reason, "granted": granted, "why": why,
                             "votes": c.votes}
         return {"votes": votes, "needed": votes_needed(expected), "expected": expected,
-                "ok": votes >= votes_needed(expected) or (e.role == Role.PRIMARY and sm.sb.forced_primary),
+                "ok": has_quorum(votes, expected, forced=e.role == Role.PRIMARY and sm.sb.forced_primary),
                 "expected_override": sm.sb.expected_votes, "forced": sm.sb.forced_primary,
                 "suspended_writes_since": self._suspended_since, "witnesses": witnesses}
 
@@ -178,7 +174,7 @@ class QuorumKeeper:
                 return
             self.answers[w] = (bool(reply.get("granted")), str(reply.get("reason", "")), sent)
             if reply.get("granted"):
-                self.grants[w] = _Grant(sent + LEASE, current, outdated)
+                self.grants[w] = Grant(sent + LEASE, current, outdated)
                 granted += client.votes
             elif reply.get("superseded"):
                 self.superseded = f"witness {w}: {reply.get('reason')}"
@@ -302,5 +298,5 @@ class QuorumKeeper:
             if votes < needed:
                 return False
         if fork_for:
-            await e.commit_fork(current, fork_for)
+            await e.writepath.commit_fork(current, fork_for)
         return True

@@ -34,6 +34,8 @@ from enum import StrEnum
 
 import trio
 
+from quorum.generations import Verdict
+from statemap import DiskState, Role
 from transport.codec import Flush, FlushAck, HashReply, HashRequest, Write, WriteAck
 from transport.link import LinkClosed, PeerLink
 
@@ -134,8 +136,8 @@ class MemberLink:
         self.state = LinkState.DISCONNECTED
         self.reason: str | None = None  # why standalone/disconnected, for status
         self.session: Session | None = None
-        self.peer_role: str | None = None
-        self.peer_disk: str | None = None
+        self.peer_role: Role | None = None  # what the member says it is (None: unknown)
+        self.peer_disk: DiskState | None = None  # its disk, as it or this primary says (None: unknown)
         self.peer_hello_info: dict = {}
         self.queued_bytes = 0  # async: bytes of writes shipped, not yet acked (copy data apart)
         self.copy_bytes = 0  # bytes of copy data shipped, not yet acked
@@ -152,7 +154,8 @@ class MemberLink:
         # its own crash could have dropped, so they become out-of-sync regions.
         self.acked_unflushed: list[tuple[int, int, int]] = []
         self.bitmap_done = trio.Event()  # the peer's bitmap arrived in this session
-        self.verdict = None  # generation comparison of this session
+        self.verdict: Verdict | None = None  # generation comparison of this session
+        self.verdict_generation: str | None = None  # our current generation when the verdict was made
 
     @property
     def connected(self) -> bool:
@@ -544,3 +547,19 @@ async def _reply(path: PeerLink, event) -> None:
     except LinkClosed:
         pass  # the primary settles it as failed when the session ends
 
+
+
+def role_of(value: object) -> Role | None:
+    """A role as a peer sent it (hello or STATE); None when missing or unknown."""
+    try:
+        return Role(value)
+    except ValueError:
+        return None
+
+
+def disk_of(value: object) -> DiskState | None:
+    """A disk state as a peer sent it; None when missing or unknown."""
+    try:
+        return DiskState(value)
+    except ValueError:
+        return None

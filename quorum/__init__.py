@@ -3,6 +3,16 @@
 Knows nothing of disks and never imports ``gmd``.
 """
 
-from .votes import expected_votes, votes_needed
+from .votes import (
+    Grant,
+    answer_counts,
+    answered_votes,
+    expected_votes,
+    granted_votes,
+    has_quorum,
+    member_votes,
+    votes_needed,
+)
 
-__all__ = ["expected_votes", "votes_needed"]
+__all__ = ["Grant", "answer_counts", "answered_votes", "expected_votes", "granted_votes", "has_quorum",
+           "member_votes", "votes_needed"]

@@ -132,7 +132,7 @@ async def bench_setup(setup: str, kind: str, seconds: float, size: int, workdir:
                         await trio.sleep(0.02)
             await engine.promote()
             rate = await run_workload(engine, kind, seconds, size)
-            shipped = m.bytes_shipped / max(1, engine.bytes_written) if m is not None else 1.0
+            shipped = m.bytes_shipped / max(1, engine.writepath.bytes_written) if m is not None else 1.0
             if setup == "async" and m is not None:
                 with trio.fail_after(120):  # let the member catch up before teardown
                     while m.queued_bytes and m.connected:

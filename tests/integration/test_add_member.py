@@ -51,7 +51,7 @@ async def test_a_member_added_online_is_filled_by_a_full_copy_under_load_and_joi
                     await run_in_thread(lambda: labor3.request(op="up", volume="appslv"))
                     await wait_for(lambda: eng.status()["members"]["labor3"]["disk"] == "uptodate", timeout=120,
                                    what="labor3 filled")
-                    assert any(name == "labor3" and p.kind == "full" for name, p in eng.copy_history)
+                    assert any(name == "labor3" and p.kind == "full" for name, p in eng.copier.history)
                     n_before = count[0]
                     await wait_for(lambda: count[0] > n_before + 50, what="writes after the copy")
                     stop.set()

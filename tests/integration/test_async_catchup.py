@@ -114,7 +114,7 @@ async def test_async_member_that_fell_behind_is_mini_copied_and_ships_again_whil
         assert "catching-up" in watch.states, watch.states
         assert watch.states[0] == "shipping" and watch.states[-1] == "shipping", watch.states
         await eng.flush()
-        await wait_for(lambda: m.queued_bytes == 0 and m.flushed_gseq >= eng.completed_sequence, what="flushed")
+        await wait_for(lambda: m.queued_bytes == 0 and m.flushed_gseq >= eng.writepath.completed_gseq, what="flushed")
         assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
         assert eng.status()["members"]["labor2"]["disk"] == "uptodate"
 
@@ -129,7 +129,7 @@ async def test_writes_racing_with_the_catch_up_copy_are_never_lost(tmp_path):
         stop = trio.Event()
 
         def passes():
-            return len([p for name, p in eng.copy_history if name == "labor2"])
+            return len([p for name, p in eng.copier.history if name == "labor2"])
 
         async def stopper():
             await wait_for(lambda: m.behind, what="labor2 behind")
@@ -144,5 +144,5 @@ async def test_writes_racing_with_the_catch_up_copy_are_never_lost(tmp_path):
         proxy.update(delay=0.0, bandwidth=0)
         await wait_for(lambda: _caught_up(eng, "labor2"), timeout=90, what="labor2 caught up")
         await eng.flush()
-        await wait_for(lambda: m.queued_bytes == 0 and m.flushed_gseq >= eng.completed_sequence, what="flushed")
+        await wait_for(lambda: m.queued_bytes == 0 and m.flushed_gseq >= eng.writepath.completed_gseq, what="flushed")
         assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))

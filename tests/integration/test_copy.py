@@ -114,7 +114,7 @@ async def test_a_target_seeded_from_an_old_copy_moves_only_what_differs(tmp_path
         async with in_process_daemon(cfg_path, "labor1") as d:
             eng = await primary_up(d, procs)
             await wait_for(lambda: member_disk(eng) == "uptodate", timeout=120, what="copy done")
-            assert eng.copy_bytes_sent == len(changed) * REGION  # not 256 MiB
+            assert eng.copier.bytes_sent == len(changed) * REGION  # not 256 MiB
             assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
 
 
@@ -147,13 +147,13 @@ async def test_regions_written_while_a_member_was_down_are_shipped_without_compa
             # Marked as a broken link leaves an unacknowledged write: may differ,
             # and here it does not.
             eng.statemap.mark_out_of_sync("labor2", 50 * MiB, REGION)
-            sent_before = eng.copy_bytes_sent
+            sent_before = eng.copier.bytes_sent
             await trio.to_thread.run_sync(_set_volume(procs, "labor2", "up"))
             await wait_for(lambda: member_disk(eng) == "uptodate", timeout=60, what="mini-copy done")
-            (mini,) = [p for name, p in eng.copy_history if name == "labor2" and p.kind == "mini"]
+            (mini,) = [p for name, p in eng.copier.history if name == "labor2" and p.kind == "mini"]
             assert mini.total_bytes == (len(written) + 1) * REGION
             assert mini.regions_compared == 1 and mini.regions_differing == 0
-            assert eng.copy_bytes_sent - sent_before == len(written) * REGION
+            assert eng.copier.bytes_sent - sent_before == len(written) * REGION
             await eng.flush()
             assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
 
@@ -166,26 +166,26 @@ async def test_a_mini_copy_cut_short_does_not_ship_again_what_the_member_acknowl
         with trio.fail_after(120):
             member = eng.members["labor2"]
             written = await _write_while_member_down(eng, procs, partial=False)
-            eng.copy_rate = 1 * MiB  # one region every 1/16 s
-            sent_before = eng.copy_bytes_sent
+            eng.copier.rate = 1 * MiB  # one region every 1/16 s
+            sent_before = eng.copier.bytes_sent
             await trio.to_thread.run_sync(_set_volume(procs, "labor2", "up"))
-            await wait_for(lambda: "labor2" in eng.copies and eng.copies["labor2"].done_bytes >= 10 * REGION,
+            await wait_for(lambda: "labor2" in eng.copier.running and eng.copier.running["labor2"].done_bytes >= 10 * REGION,
                            what="a quarter copied")
-            first = eng.copies["labor2"]
+            first = eng.copier.running["labor2"]
             await trio.to_thread.run_sync(procs["labor2"].kill)  # the pass is cut short
             await wait_for(lambda: not member.connected, what="member lost")
             acked_first = first.done_bytes
             assert acked_first < len(written) * REGION
-            eng.copy_rate = 0
+            eng.copier.rate = 0
             await trio.to_thread.run_sync(procs["labor2"].start)
             await trio.to_thread.run_sync(_set_volume(procs, "labor2", "up"))
             await wait_for(lambda: member_disk(eng) == "uptodate", timeout=60, what="caught up")
-            passes = [p for name, p in eng.copy_history if name == "labor2"]
+            passes = [p for name, p in eng.copier.history if name == "labor2"]
             assert len(passes) == 2 and passes[0] is first, [(p.kind, p.done_bytes, p.regions_compared) for p in passes]
             # The second pass compared what the first had delivered, found it equal
             # there, and shipped only the rest (and whatever was still in flight).
             assert passes[1].regions_compared >= acked_first // REGION
-            resent = eng.copy_bytes_sent - sent_before - len(written) * REGION
+            resent = eng.copier.bytes_sent - sent_before - len(written) * REGION
             assert resent <= 2 * REGION, resent
             await eng.flush()
             assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
@@ -214,7 +214,7 @@ async def test_killed_copy_target_resumes_past_the_fence(tmp_path):
                 await trio.to_thread.run_sync(procs["labor2"].start)
                 await trio.to_thread.run_sync(lambda: procs["labor2"].request(op="up", volume="appslv"))
                 await wait_for(lambda: member_disk(eng) == "uptodate", timeout=120, what="copy done")
-                full_passes = [p for name, p in eng.copy_history if p.kind == "full"]
+                full_passes = [p for name, p in eng.copier.history if p.kind == "full"]
                 assert len(full_passes) >= 2 and full_passes[-1].total_bytes == 256 * MiB - fence
                 await eng.flush()
                 assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
@@ -286,11 +286,11 @@ async def test_copy_rate_limit_is_kept(tmp_path):
             t0 = trio.current_time()
             await wait_for(lambda: member_disk(eng) == "uptodate", timeout=120, what="copy done")
             elapsed = trio.current_time() - t0
-            assert eng.copy_bytes_sent > 60 * MiB  # random source, zero target: nearly all moves
-            assert eng.copy_bytes_sent / elapsed <= 32 * MiB * 1.1
+            assert eng.copier.bytes_sent > 60 * MiB  # random source, zero target: nearly all moves
+            assert eng.copier.bytes_sent / elapsed <= 32 * MiB * 1.1
             assert eng.status()["copy_rate"] == 32 * MiB
             eng.resync(rate=0)
-            assert eng.copy_rate == 0
+            assert eng.copier.rate == 0
 
 
 def test_gmd_verify_follows_a_long_verify_and_reports_a_flipped_byte(tmp_path):

@@ -162,9 +162,9 @@ async def test_killed_secondary_is_marked_exactly_and_caught_up_by_a_mini_copy(t
         # The mini-copy moves exactly the regions in the exchanged bitmaps
         # (fewer bytes where a region already matches), then it is uptodate.
         await wait_for(lambda: eng.status()["members"]["labor2"]["disk"] == "uptodate", what="caught up")
-        passes = [p for name, p in eng.copy_history if name == "labor2"]
+        passes = [p for name, p in eng.copier.history if name == "labor2"]
         assert passes[0].kind == "mini" and passes[0].total_bytes == len(expected) * REGION
-        assert eng.copy_bytes_sent <= len(expected) * REGION
+        assert eng.copier.bytes_sent <= len(expected) * REGION
         assert eng.status()["members"]["labor2"]["out_of_sync_bytes"] == 0
         await eng.flush()
         assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
@@ -271,7 +271,7 @@ async def test_async_member_lags_over_a_slow_link_then_drains(tmp_path):
                 assert st["lag_bytes"] > 0 and st["mode"] == "async"
                 await wait_for(lambda: eng.status()["members"]["labor2"]["lag_bytes"] == 0, what="lag drained")
                 await eng.flush()
-                await wait_for(lambda: eng.members["labor2"].flushed_gseq >= eng._completed_gseq, what="flush acked")
+                await wait_for(lambda: eng.members["labor2"].flushed_gseq >= eng.writepath.completed_gseq, what="flush acked")
                 assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
                 assert eng.status()["members"]["labor2"]["disk"] == "uptodate"
         pn.cancel_scope.cancel()
@@ -341,10 +341,10 @@ async def test_a_returning_member_is_dialled_as_soon_as_it_comes_up(tmp_path, mo
     """The member (the higher name, which never dials) pokes the primary when
     its volume comes up; the primary dials at once instead of at its next
     retry, here made an hour away."""
-    import gmd.engine
+    import gmd.sessions
 
-    monkeypatch.setattr(gmd.engine, "REDIAL_MIN", 3600)
-    monkeypatch.setattr(gmd.engine, "REDIAL_MAX", 3600)
+    monkeypatch.setattr(gmd.sessions, "REDIAL_MIN", 3600)
+    monkeypatch.setattr(gmd.sessions, "REDIAL_MAX", 3600)
     async with primary_alone_keeps_quorum(tmp_path) as (eng, procs):
         member = eng.members["labor2"]
         await eng.write(0, b"a" * REGION)

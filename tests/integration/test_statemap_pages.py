@@ -67,7 +67,7 @@ async def test_zeroed_out_of_sync_page_leads_to_a_copy_not_a_silent_uptodate(tmp
             await wait_for(lambda: eng.status()["members"]["labor2"]["disk"] == "uptodate",
                            timeout=60, what="labor2 copied and current")
             await eng.flush()
-            assert eng.copy_bytes_sent >= 27 * REGION  # what differed moved
+            assert eng.copier.bytes_sent >= 27 * REGION  # what differed moved
             assert eng.status()["members"]["labor2"]["out_of_sync_bytes"] == 0
             assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
             st2 = await status_of(procs["labor2"])

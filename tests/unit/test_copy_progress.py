@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gmd.copy import _Progress
+from gmd.copystate import PassTracker
 
 CHUNK = 1 << 20
 KiB64 = 64 * 1024
@@ -15,7 +15,7 @@ def work(n: int) -> list[tuple[int, int]]:
 
 
 def test_full_copy_fence_stops_at_the_first_unacknowledged_chunk():
-    p = _Progress(work(6))
+    p = PassTracker(work(6))
     for _ in range(6):
         p.take(CHUNK)
     for i in (0, 1, 3, 4):
@@ -29,7 +29,7 @@ def test_full_copy_fence_stops_at_the_first_unacknowledged_chunk():
 
 
 def test_mini_copy_records_every_acknowledged_chunk_once():
-    p = _Progress(work(5))
+    p = PassTracker(work(5))
     for _ in range(5):
         p.take(CHUNK)
     p.ack(4)
@@ -41,13 +41,13 @@ def test_mini_copy_records_every_acknowledged_chunk_once():
 
 
 def test_cursor_hands_out_each_chunk_once_in_order():
-    p = _Progress(work(3))
+    p = PassTracker(work(3))
     assert [p.take(CHUNK), p.take(CHUNK), p.take(CHUNK), p.take(CHUNK)] == [[0], [1], [2], []]
 
 
 def test_small_chunks_are_handed_out_together_up_to_the_batch():
     small = [(i * 4 * KiB64, KiB64) for i in range(10)]  # scattered 64 KiB regions
-    p = _Progress(small)
+    p = PassTracker(small)
     assert p.take(4 * KiB64) == [0, 1, 2, 3]
     assert p.take(4 * KiB64 + 1) == [4, 5, 6, 7]
     assert p.take(4 * KiB64) == [8, 9]
@@ -55,7 +55,7 @@ def test_small_chunks_are_handed_out_together_up_to_the_batch():
 
 
 def test_a_chunk_larger_than_the_batch_is_still_handed_out_alone():
-    p = _Progress([(0, KiB64), (KiB64, 8 * CHUNK), (9 * CHUNK, KiB64)])
+    p = PassTracker([(0, KiB64), (KiB64, 8 * CHUNK), (9 * CHUNK, KiB64)])
     assert p.take(CHUNK) == [0]
     assert p.take(CHUNK) == [1]
     assert p.take(CHUNK) == [2]
@@ -67,7 +67,7 @@ def test_batches_cover_every_chunk_once_in_order(lengths, batch):
     for n in lengths:
         items.append((offset, n))
         offset += n
-    p = _Progress(items)
+    p = PassTracker(items)
     handed: list[int] = []
     while taken := p.take(batch):
         assert len(taken) == 1 or sum(items[i][1] for i in taken) <= batch
@@ -77,7 +77,7 @@ def test_batches_cover_every_chunk_once_in_order(lengths, batch):
 
 @given(st.permutations(range(12)), st.lists(st.integers(0, 12), max_size=6))
 def test_a_fence_never_passes_an_unacknowledged_chunk(order, snapshot_points):
-    p = _Progress(work(12))
+    p = PassTracker(work(12))
     for _ in range(12):
         p.take(CHUNK)
     acked: set[int] = set()
@@ -104,7 +104,7 @@ class _Shipped:
 async def test_an_idle_volume_lets_the_copy_fill_its_windows(autojump_clock):
     import trio
 
-    from gmd.copy import CopyBudget
+    from gmd.copystate import CopyBudget
 
     budget = CopyBudget(lambda: -1e9)  # no application write ever
     for _ in range(8):
@@ -117,7 +117,7 @@ async def test_an_idle_volume_lets_the_copy_fill_its_windows(autojump_clock):
 async def test_the_copy_keeps_one_chunk_in_flight_while_the_application_writes(autojump_clock):
     import trio
 
-    from gmd.copy import YIELD_FOR, CopyBudget
+    from gmd.copystate import YIELD_FOR, CopyBudget
 
     last_write = [0.0]
     budget = CopyBudget(lambda: last_write[0])
@@ -146,7 +146,7 @@ async def test_the_copy_keeps_one_chunk_in_flight_while_the_application_writes(a
 async def test_the_copy_speeds_up_again_when_the_application_stops(autojump_clock):
     import trio
 
-    from gmd.copy import YIELD_FOR, CopyBudget
+    from gmd.copystate import YIELD_FOR, CopyBudget
 
     budget = CopyBudget(lambda: 0.0)
     budget.shipped(CHUNK)  # unacknowledged, and never acknowledged here
@@ -166,7 +166,7 @@ def test_look_ahead_covers_the_items_within_its_bytes_and_always_the_current_one
 
 
 def test_unsent_regions_cover_whole_regions_and_only_for_that_member():
-    from gmd.copy import UnsentRegions
+    from gmd.copystate import UnsentRegions
 
     rs = KiB64
     unsent = UnsentRegions(64 * rs, rs)
@@ -182,7 +182,7 @@ def test_unsent_regions_cover_whole_regions_and_only_for_that_member():
 
 
 def test_unsent_regions_never_claim_regions_past_the_end():
-    from gmd.copy import UnsentRegions
+    from gmd.copystate import UnsentRegions
 
     unsent = UnsentRegions(4 * KiB64, KiB64)
     unsent.note("b", 0, 4 * KiB64)
@@ -191,8 +191,8 @@ def test_unsent_regions_never_claim_regions_past_the_end():
 
 
 def test_a_rate_limited_pass_goes_in_steps_of_a_tenth_of_a_second_in_whole_regions():
-    from gmd.copy import CHUNK as COPY_CHUNK
-    from gmd.copy import chunk_for_rate
+    from gmd.copystate import CHUNK as COPY_CHUNK
+    from gmd.copystate import chunk_for_rate
 
     assert chunk_for_rate(0, KiB64) == COPY_CHUNK  # no limit
     assert chunk_for_rate(1 << 20, KiB64) == KiB64  # 1 MiB/s: 64 KiB steps, not 8 MiB every 8 s
@@ -204,7 +204,7 @@ def test_a_rate_limited_pass_goes_in_steps_of_a_tenth_of_a_second_in_whole_regio
 async def test_the_pacer_never_lets_the_copy_run_ahead_of_the_rate(autojump_clock):
     import trio
 
-    from gmd.copy import RatePacer
+    from gmd.copystate import RatePacer
 
     pacer = RatePacer(lambda: 1 << 20)
     start = trio.current_time()
@@ -219,7 +219,7 @@ async def test_the_pacer_never_lets_the_copy_run_ahead_of_the_rate(autojump_cloc
 async def test_a_rate_lowered_mid_copy_applies_from_then_on(autojump_clock):
     import trio
 
-    from gmd.copy import RatePacer
+    from gmd.copystate import RatePacer
 
     rate = [0]
     pacer = RatePacer(lambda: rate[0])
@@ -235,7 +235,7 @@ async def test_a_rate_lowered_mid_copy_applies_from_then_on(autojump_clock):
 async def test_time_lost_to_a_slow_copy_is_not_made_up_in_a_burst(autojump_clock):
     import trio
 
-    from gmd.copy import RatePacer
+    from gmd.copystate import RatePacer
 
     pacer = RatePacer(lambda: 1 << 20)
     await pacer.pace(KiB64)

@@ -6,17 +6,17 @@ from __future__ import annotations
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from gmd.engine import _RangeLocks
+from gmd.writepath import RangeLocks
 
 
-async def _take(locks: _RangeLocks, name: str, ranges, order: list[str]) -> None:
+async def _take(locks: RangeLocks, name: str, ranges, order: list[str]) -> None:
     token = await (locks.acquire(*ranges[0]) if len(ranges) == 1 else locks.acquire_many(ranges))
     order.append(name)
     locks.release(token)
 
 
 async def test_a_waiting_request_is_not_overtaken_by_later_overlapping_ones():
-    locks = _RangeLocks()
+    locks = RangeLocks()
     held = await locks.acquire(0, 10)
     order: list[str] = []
     async with trio.open_nursery() as n:
@@ -32,7 +32,7 @@ async def test_a_waiting_request_is_not_overtaken_by_later_overlapping_ones():
 
 
 async def test_several_ranges_are_taken_together_and_later_requests_wait_for_all():
-    locks = _RangeLocks()
+    locks = RangeLocks()
     first = await locks.acquire(40, 50)
     order: list[str] = []
     async with trio.open_nursery() as n:
@@ -46,7 +46,7 @@ async def test_several_ranges_are_taken_together_and_later_requests_wait_for_all
 
 
 async def test_a_request_cancelled_while_waiting_holds_nothing_up():
-    locks = _RangeLocks()
+    locks = RangeLocks()
     held = await locks.acquire(0, 10)
     order: list[str] = []
     cancel = trio.CancelScope()
@@ -69,7 +69,7 @@ async def test_a_request_cancelled_while_waiting_holds_nothing_up():
 
 
 async def test_wait_held_waits_for_requests_made_before_it_only():
-    locks = _RangeLocks()
+    locks = RangeLocks()
     a = await locks.acquire(0, 10)
     done = trio.Event()
 

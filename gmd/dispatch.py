@@ -1,0 +1,129 @@
+"""Frames from a member, by kind: acks to the shipments waiting for them, a
+primary's writes and flushes to the applier, reads and hash requests answered,
+bitmaps and STATE messages to their owners (DRBD's receiver dispatch table).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from statemap import Role
+from transport.codec import (
+    Bitmap,
+    Flush,
+    FlushAck,
+    HashReply,
+    HashRequest,
+    Ping,
+    Pong,
+    Read,
+    ReadReply,
+    State,
+    Write,
+    WriteAck,
+)
+from transport.link import LinkClosed, PeerLink
+
+from .errors import errno_for
+from .replication import Applier, HashAnswerer, MemberLink
+
+if TYPE_CHECKING:
+    from .engine import VolumeEngine
+
+log = logging.getLogger(__name__)
+
+
+class FrameDispatch:
+    """Routes a session's frames; owns the appliers of primaries' writes and the hash answerers, one per member."""
+
+    def __init__(self, engine: VolumeEngine):
+        self.engine = engine
+        self._appliers: dict[str, Applier] = {}  # member (a primary) -> applies its writes in order
+        self._hash_answerers: dict[str, HashAnswerer] = {}  # member -> answers its hash requests
+
+    def stop_applying(self, member: str) -> None:
+        """Nothing more of ``member``'s current session reaches our disk."""
+        applier = self._appliers.pop(member, None)
+        if applier is not None:
+            applier.close()
+
+    def forget(self, member: str) -> None:
+        """``member``'s session ended: drop what served it."""
+        self.stop_applying(member)
+        self._hash_answerers.pop(member, None)
+
+    async def dispatch(self, m: MemberLink, link: PeerLink, ev) -> None:
+        if not self.engine.running:  # going down: its tasks are gone, and so is what they served
+            await link.aclose(f"volume {self.engine.name} going down on {self.engine.node}")
+            return
+        match ev:
+            case WriteAck() | FlushAck():
+                m.on_ack(ev)
+            case Write() | Flush():
+                if self.engine.role == Role.PRIMARY:
+                    await link.aclose(f"{m.name} sent a write to primary {self.engine.node}")
+                    return
+                applier = self._appliers.get(m.name)
+                if applier is None or applier.session_id != m.session.id:
+                    applier = Applier(self.engine.nursery, self._apply_write, self._apply_flush)
+                    applier.session_id = m.session.id
+                    self._appliers[m.name] = applier
+                applier.submit(ev, link)
+            case Bitmap():
+                self.engine.sessions.receive_bitmap(m, ev)
+            case State():
+                await self.engine.peerstate.on_state(m, ev.fields)
+            case Ping():
+                link.send_nowait(Pong(ev.token))
+            case Pong():
+                pass
+            case Read():
+                self.engine.spawn(self._answer_read, link, ev)
+            case ReadReply() | HashReply():
+                m.on_read_reply(ev)
+            case HashRequest():
+                answerer = self._hash_answerers.get(m.name)
+                if answerer is None:
+                    answerer = HashAnswerer(
+                        self.engine.nursery,
+                        lambda ranges, block: self.engine.require_up().hashes_of_ranges(ranges, block),
+                        lambda offset, length, block: self.engine.require_up().device.check_hash_request(
+                            offset, length, block))
+                    self._hash_answerers[m.name] = answerer
+                answerer.submit(ev, link)
+            case _:
+                log.warning("%s: unexpected %s from %s", self.engine.name, type(ev).__name__, m.name)
+
+    async def _apply_write(self, item: Write) -> None:
+        """Apply a primary's write, mirroring its intent: the extent stays hot
+        here until the primary says the write is durable on every member in
+        sync. Should the primary be lost, the survivors' hot extents cover
+        every write one of them may have and another lack (see
+        Sessions.fold_lost_primary). The extent is hot before any await, so a session
+        that ends meanwhile finds it in the fold."""
+        local = self.engine.require_up()
+        length = len(item.data)
+        await local.begin_intent(item.offset, length, mirror=True)
+        try:
+            await local.apply(item.offset, item.data)
+        finally:
+            local.end_intent(item.offset, length, item.gseq, mirror=True)
+        self.engine.writepath.note_applied(item.gseq)
+
+    async def _apply_flush(self, item: Flush) -> None:
+        local = self.engine.require_up()
+        await local.flush(durable_everywhere=item.in_sync)
+
+    async def _answer_read(self, link: PeerLink, ev: Read) -> None:
+        """Send the data, or the errno when the local read fails; a closed link
+        just drops the answer."""
+        try:
+            reply = ReadReply(ev.request, 0, await self.engine.require_up().read(ev.offset, ev.length))
+        except Exception as e:
+            reply = ReadReply(ev.request, errno_for(e))
+        try:
+            await link.send(reply)
+        except LinkClosed:
+            pass
+

@@ -1,0 +1,135 @@
+"""STATE messages of one volume: as primary, telling a member what its disk
+is (on connect, when it falls behind, when a copy brought it level); as any
+member, taking what a peer says about its role, our disk, the generation and
+the volume's identity.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from quorum.generations import Verdict
+from statemap import CopyKind, DiskState, Fence, Role
+from transport.codec import State
+from transport.link import LinkClosed
+
+from .replication import MemberLink, disk_of, role_of
+
+if TYPE_CHECKING:
+    from .engine import VolumeEngine
+
+log = logging.getLogger(__name__)
+
+
+class PeerState:
+    """STATE frames to and from the members of one volume; owns no state of its own."""
+
+    def __init__(self, engine: VolumeEngine):
+        self.engine = engine
+
+    async def member_caught_up(self, m: MemberLink) -> None:
+        """The copy engine brought ``m`` level with us: it is uptodate again."""
+        sm = self.engine.local.statemap
+        if sm.sb.peers[m.name].copy is not None:
+            sm.set_peer_copy(m.name, None)
+        sm.set_peer_disk(m.name, DiskState.UPTODATE)
+        sm.set_bitmap_generation(sm.sb.generations.current, member=m.name)
+        m.peer_disk = DiskState.UPTODATE  # before the await: a write marked meanwhile sets it back
+        await self.engine.local.writer.sync_all()
+        if sm.sb.peers[m.name].disk != DiskState.UPTODATE:
+            return  # a write was marked for it meanwhile (and it was told); the copy loop goes on
+        log.info("%s: member %s is uptodate", self.engine.name, m.name)
+        await self.send_state(m, {"your_disk": DiskState.UPTODATE.value, "generation": sm.sb.generations.current,
+                                   "identity": sm.identity})
+
+    async def tell_member_state(self, m: MemberLink) -> None:
+        """As primary: decide a newly connected member's disk state and tell it."""
+        sm = self.engine.local.statemap
+        verdict = m.verdict
+        rec = sm.sb.peers[m.name]
+        if verdict == Verdict.PEER_NEEDS_FULL and rec.copy is None:
+            sm.set_peer_copy(m.name, Fence(CopyKind.FULL, 0))
+        if (m.peer_hello_info or {}).get("awaiting_full_copy") is True and rec.copy is None:
+            sm.set_peer_copy(m.name, Fence(CopyKind.FULL, 0))  # cleaned by its operator: replace it all
+        if verdict == Verdict.SPLIT_BRAIN and rec.copy is None and not self.engine.resolver.bitmaps_share_ancestor(m):
+            sm.set_peer_copy(m.name, Fence(CopyKind.FULL, 0))  # the peer discards; no common bitmap base
+        if rec.copy is not None and rec.copy.fence < self.engine.config.size:
+            # A full copy's target is inconsistent; a member awaiting a full merge
+            # (sync-mode crash) holds consistent data that may differ in places.
+            disk = DiskState.INCONSISTENT if rec.copy.kind == CopyKind.FULL else DiskState.OUTDATED
+        elif sm.out_of_sync_bytes(m.name) > 0 or verdict in (Verdict.PEER_NEEDS_FULL, Verdict.SPLIT_BRAIN):
+            disk = DiskState.OUTDATED
+        else:
+            disk = DiskState.UPTODATE
+        sm.set_peer_disk(m.name, disk)
+        if disk == DiskState.UPTODATE:
+            sm.set_bitmap_generation(sm.sb.generations.current, member=m.name)
+        await self.engine.local.writer.sync_all()
+        m.peer_disk = disk
+        fields: dict[str, Any] = {"role": self.engine.role.value, "your_disk": disk.value, "identity": sm.identity}
+        if disk == DiskState.UPTODATE:
+            fields["generation"] = sm.sb.generations.current
+        await self.send_state(m, fields)
+        if disk != DiskState.UPTODATE and self.engine.role == Role.PRIMARY:
+            self.engine.copier.start_copy(m)
+
+    async def send_state(self, m: MemberLink, fields: dict[str, Any]) -> None:
+        s = m.session
+        path = s.pick_path() if s else None
+        if path is None:
+            return
+        try:
+            await path.send(State(fields))
+        except LinkClosed:
+            pass
+
+    async def on_state(self, m: MemberLink, fields: dict[str, Any]) -> None:
+        sm = self.engine.local.statemap
+        if "role" in fields:
+            was = m.peer_role
+            m.peer_role = role_of(fields["role"])
+            if m.peer_role == Role.PRIMARY and was != m.peer_role:
+                self.engine.sessions.primary_claimed(m)
+        if "take_over_failed" in fields:
+            m.reason = f"refused to take over: {fields['take_over_failed']}"
+            m._notify()
+        if fields.get("take_over") and self.engine.role != Role.PRIMARY:
+            self.engine.spawn(self.engine.roles.take_over, m)
+        if "your_disk" in fields:
+            try:
+                disk = DiskState(fields["your_disk"])
+            except ValueError:
+                log.warning("%s: %s sent unknown disk state %r", self.engine.name, m.name, fields["your_disk"])
+                return
+            from_primary = fields.get("role", m.peer_role) == Role.PRIMARY
+            identity = fields.get("identity")
+            if from_primary and isinstance(identity, str) and identity and sm.identity != identity:
+                if sm.identity is not None:
+                    log.error("%s: primary %s speaks for another life of the volume (identity %s…, ours %s…); "
+                              "closing the session", self.engine.name, m.name, identity[:8], sm.identity[:8])
+                    for p in list(m.session.paths) if m.session else []:
+                        await p.aclose("another life of the volume")
+                    return
+                sm.adopt_identity(identity)  # our data becomes a copy of that volume's
+                log.info("%s: volume identity %s… learned from primary %s", self.engine.name, identity[:8], m.name)
+            sm.set_disk(disk)
+            if from_primary:
+                self.engine.sessions.lost_primary = None  # a live primary has judged us: we follow it now
+            if disk == DiskState.UPTODATE and sm.sb.local_copy is not None:
+                sm.set_local_copy(None)  # the copy we were waiting for is done
+            if disk == DiskState.UPTODATE and fields.get("role", m.peer_role) == Role.PRIMARY:
+                # Level with the primary: nothing of ours is missing there.
+                sm.clear_out_of_sync(m.name, range(sm.layout.regions))
+                if self.engine.resolver.discarding == m.name:
+                    log.warning("%s: split-brain with %s resolved: this side now holds %s's data", self.engine.name,
+                                m.name, m.name)
+                    self.engine.resolver.discarding = None
+            log.info("%s: %s says our disk is %s", self.engine.name, m.name, disk.value)
+        if "generation" in fields and sm.sb.disk == DiskState.UPTODATE:
+            sm.adopt_generation(str(fields["generation"]))
+        if "disk" in fields:
+            m.peer_disk = disk_of(fields["disk"])
+        await self.engine.local.writer.sync_all()
+        m._notify()
+

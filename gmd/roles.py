@@ -1,0 +1,262 @@
+"""Role changes of one volume: promotion (with its quorum, newer-data and
+disk checks, and the survivors' reconciliation), demotion, the planned
+switchover and the take-over it asks of the target, and the loop device a
+primary may attach to its file.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import subprocess
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from quorum.generations import Verdict
+from statemap import DiskState, Role
+
+from .errors import GmdError, UsageError
+from .replication import MemberLink
+
+if TYPE_CHECKING:
+    from .engine import VolumeEngine
+
+log = logging.getLogger(__name__)
+
+SWITCHOVER_TIMEOUT = 30.0  # seconds the target of a switchover has to take over
+
+
+class Roles:
+    """Promote, demote, switch over; owns the loop device."""
+
+    def __init__(self, engine: VolumeEngine):
+        self.engine = engine
+        self.want_loop = False
+        self.loop_device: str | None = None
+
+    async def promote(self, *, force: bool = False) -> None:
+        local = self.engine.require_up()
+        if self.engine.role == Role.PRIMARY:
+            return
+        other = [m.name for m in self.engine.members.values() if m.connected and m.peer_role == Role.PRIMARY]
+        if other:
+            raise GmdError(f"{self.engine.name}: {', '.join(other)} is primary; demote it first (or use switchover)")
+        sm = local.statemap
+        # A verdict from before we caught up (and adopted a newer generation) is stale.
+        newer = [m.name for m in self.engine.members.values()
+                 if m.connected and m.verdict in (Verdict.LOCAL_BEHIND, Verdict.LOCAL_NEEDS_FULL)
+                 and m.verdict_generation == sm.sb.generations.current]
+        if newer and not force:
+            raise GmdError(f"{self.engine.name}: {', '.join(newer)} holds newer data than {self.engine.node}; "
+                           f"promoting {self.engine.node} would lose it. Promote {newer[0]} instead")
+        q = self.engine.quorum
+        votes, needed = q.member_votes(), q.needed()
+        if votes < needed and sm.sb.disk == DiskState.UPTODATE:
+            g = sm.sb.generations
+            votes += await q.ask_witnesses("promote", g.current, g.history, q.outdated())
+        if votes < needed:
+            if not force:
+                witnesses = "; ".join(f"witness {w}: {a[1]}" for w, a in q.answers.items())
+                raise GmdError(
+                    f"{self.engine.name}: no quorum: {votes} of {needed} votes needed ({q.expected()} expected) are "
+                    f"present{' (' + witnesses + ')' if witnesses else ''}. A primary out of sight may still be "
+                    f"writing. If it is known to be down: 'gmd primary {self.engine.name} --force' (or 'gmd quorum "
+                    f"{self.engine.name} --expected-votes N'); if both sides are forced, their data diverges")
+            log.warning("%s: promoted WITHOUT quorum (%d of %d votes) by the operator's --force; writes go on "
+                        "without quorum until demoted", self.engine.name, votes, needed)
+            sm.set_forced_primary(True)
+        if sm.sb.disk != DiskState.UPTODATE:
+            if not force:
+                raise GmdError(
+                    f"{self.engine.name}: local disk is {sm.sb.disk.value}, not uptodate; promoting it would "
+                    "serve stale or inconsistent data. 'gmd primary --force' makes this copy the source "
+                    "(other members then get a full copy)")
+            log.warning("%s: forced promotion of a %s disk; it becomes the copy source", self.engine.name,
+                        sm.sb.disk.value)
+            sm.make_copy_source()
+            sm.begin_use()
+        # Our bitmap for a member we track nothing for starts now, at our current
+        # generation: the first write without it then starts a new generation,
+        # so a member that also wrote meanwhile is seen as split-brain, never
+        # silently overwritten (a map from our secondary days may hold an
+        # older generation here).
+        # Survivors of a lost primary reconcile before anyone is called up to
+        # date: what we mirrored of its intents is marked for every member
+        # now, and each connected member's session is reopened below, so that
+        # its bitmap (with its own marks of that primary's writes) reaches us.
+        if sm.identity is None:
+            # A map from before volume identities: take the one a connected
+            # member already learned, or give the volume one now; members
+            # learn it when told their disk state.
+            known = sorted({i for m in self.engine.members.values() if m.connected
+                            and isinstance(i := (m.peer_hello_info or {}).get("identity"), str) and i})
+            sm.adopt_identity(known[0] if len(known) == 1 else secrets.token_hex(16))
+            log.info("%s: volume identity %s… %s", self.engine.name, sm.identity[:8],
+                     "learned from a member" if len(known) == 1 else "created by the primary")
+        reconcile = self.engine.sessions.lost_primary
+        if reconcile is not None:
+            self.engine.sessions.fold_lost_primary(reconcile, f"taking over from lost primary {reconcile}")
+        self.engine.writepath.continue_sequence()
+        g = sm.sb.generations.current
+        for name, rec in sm.sb.peers.items():
+            if rec.copy is None and not sm.out_of_sync_bytes(name) and rec.bitmap_gen != g:
+                sm.set_bitmap_generation(g, member=name)
+        self.engine.role = Role.PRIMARY
+        self.engine.role_epoch += 1
+        sm.set_role(Role.PRIMARY)
+        sm.set_promoted_at(time.time())
+        await local.writer.sync_all()
+        self.engine.role_changed()
+        if self.want_loop and self.device_path is not None:
+            self.loop_device = await trio.to_thread.run_sync(_losetup_attach, self.device_path)
+            log.info("%s: loop device %s", self.engine.name, self.loop_device)
+        for m in self.engine.members.values():
+            if not m.connected:
+                continue
+            if reconcile is not None and m.session is not None:
+                log.info("%s: reopening the session with %s to reconcile after the loss of %s",
+                         self.engine.name, m.name, reconcile)
+                for p in list(m.session.paths):
+                    await p.aclose(f"new primary {self.engine.node} reconciles after the loss of {reconcile}")
+            else:
+                await self.engine.peerstate.tell_member_state(m)
+        self.engine.sessions.lost_primary = None
+        log.info("%s: primary", self.engine.name)
+
+    async def device_holders(self) -> list[str]:
+        """Who keeps the device in use: open handles of the volume file (other than
+        our own loop device's) and mounts of the loop device."""
+        holders = []
+        front = self.engine.front
+        if front is not None:
+            n = front.open_handles() - (1 if self.loop_device else 0)
+            if n > 0:
+                holders.append(f"{n} open handle(s) of {self.device_path}")
+        if self.loop_device is not None:
+            mounts = await trio.to_thread.run_sync(_mounts_of, self.loop_device)  # no file I/O on the event loop
+            holders.extend(f"{self.loop_device} mounted on {where}" for where in mounts)
+        return holders
+
+    async def demote(self, *, force: bool = False) -> None:
+        """Become secondary: drain and flush writes everywhere. Refuses while the
+        device is in use (a mounted file system, an open file) unless ``force``:
+        taking it away would turn that user's I/O into errors."""
+        local = self.engine.require_up()
+        if self.engine.role != Role.PRIMARY:
+            return
+        holders = await self.device_holders()
+        if holders and not force:
+            raise GmdError(f"{self.engine.name}: device in use ({'; '.join(holders)}); unmount or close it first, "
+                           "or add --force to demote anyway (its users then get I/O errors)")
+        if holders:
+            log.warning("%s: demoting with the device in use (%s)", self.engine.name, "; ".join(holders))
+        if self.loop_device is not None:
+            # Detach first: the loop driver flushes through us while we are primary.
+            await trio.to_thread.run_sync(_losetup_detach, self.loop_device)
+            self.loop_device = None
+        self.engine.role = Role.SECONDARY  # no new writes from here on
+        self.engine.role_epoch += 1
+        self.engine.role_changed()
+        self.engine.quorum.notify()  # suspended writes wake and fail
+        await self.engine.writepath.idle.wait()
+        await self.engine.writepath.flush_barrier()
+        local.statemap.set_role(Role.SECONDARY)
+        local.statemap.set_forced_primary(False)
+        await local.writer.sync_all()
+        await self.engine.quorum.release()
+        for m in self.engine.members.values():
+            if m.connected:
+                await self.engine.peerstate.send_state(m, {"role": Role.SECONDARY.value})
+        log.info("%s: secondary", self.engine.name)
+
+    @property
+    def device_path(self) -> str | None:
+        """The volume's file in the node's mount, while this node is primary."""
+        if self.engine.role == Role.PRIMARY and self.engine.front is not None:
+            return self.engine.front.path
+        return None
+
+    async def switchover(self, target: str) -> dict[str, Any]:
+        """``gmd switchover VOLUME --to NODE``: a planned role swap. Refused, with
+        this node staying primary, unless ``target`` is connected and holds
+        every write (uptodate, nothing marked, no async backlog). Then new
+        writes stop here, those in flight drain and are flushed everywhere,
+        this node demotes and the target promotes itself; replication then
+        runs the other way. If the target does not take over in time, this
+        node becomes primary again."""
+        self.engine.require_primary()
+        m = self.engine.members.get(target)
+        if m is None:
+            raise UsageError(f"{target} is not a member of {self.engine.name} "
+                             f"(members: {', '.join(self.engine.members)})")
+        sm = self.engine.local.statemap
+        rec = sm.sb.peers.get(target)
+        problems = []
+        if not m.connected:
+            problems.append(f"{target} is not connected ({m.reason or m.state.value})")
+        elif rec is None or rec.disk != DiskState.UPTODATE:
+            problems.append(f"{target}'s disk is {rec.disk.value if rec else 'unknown'}, not uptodate")
+        if sm.out_of_sync_bytes(target):
+            problems.append(f"{sm.out_of_sync_bytes(target)} bytes are marked out of sync for {target}")
+        if m.behind:
+            problems.append(f"{target}'s async queue overflowed; it is tracked in the bitmap until caught up")
+        if problems:
+            raise GmdError(f"{self.engine.name}: switchover to {target} refused: {'; '.join(problems)}. "
+                           f"{self.engine.node} stays primary")
+        log.info("%s: switchover to %s: draining writes", self.engine.name, target)
+        await self.demote()  # refuses, changing nothing, while the device is in use
+        with trio.move_on_after(SWITCHOVER_TIMEOUT):
+            while m.connected and m.queued_bytes:  # an async member drains its queue
+                await trio.sleep(0.01)
+        if not (m.connected and sm.sb.peers[target].disk == DiskState.UPTODATE and not m.queued_bytes):
+            await self.promote()
+            raise GmdError(f"{self.engine.name}: {target} was lost during the switchover; {self.engine.node} is "
+                           "primary again")
+        await self.engine.peerstate.send_state(m, {"take_over": True})
+        with trio.move_on_after(SWITCHOVER_TIMEOUT):
+            while not (m.connected and m.peer_role == Role.PRIMARY):
+                await m.changed.wait()
+        if m.connected and m.peer_role == Role.PRIMARY:
+            log.info("%s: switchover done: %s is primary, %s secondary", self.engine.name, target, self.engine.node)
+            return {"primary": target, "secondary": self.engine.node}
+        reason = m.reason or "no answer"
+        try:
+            await self.promote()
+        except GmdError as e:
+            raise GmdError(f"{self.engine.name}: {target} did not take over ({reason}), and {self.engine.node} "
+                           f"could not become primary again: {e}") from None
+        raise GmdError(f"{self.engine.name}: {target} did not take over within {SWITCHOVER_TIMEOUT:.0f} s ({reason}); "
+                       f"{self.engine.node} is primary again")
+
+    async def take_over(self, m: MemberLink) -> None:
+        """The old primary handed over (switchover): promote, or say why not."""
+        try:
+            await self.promote()
+        except Exception as e:
+            log.error("%s: switchover from %s: cannot take over: %s", self.engine.name, m.name, e)
+            await self.engine.peerstate.send_state(m, {"take_over_failed": str(e)})
+
+def _losetup_attach(path: str) -> str:
+    r = subprocess.run(["losetup", "--find", "--show", path], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise GmdError(f"losetup could not attach {path}: {r.stderr.strip()}")
+    return r.stdout.strip()
+
+
+def _losetup_detach(dev: str) -> None:
+    r = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
+    if r.returncode != 0:
+        log.warning("losetup -d %s: %s", dev, r.stderr.strip())
+
+
+
+
+def _mounts_of(device: str) -> list[str]:
+    """Where ``device`` is mounted, from /proc/self/mounts (empty if unreadable)."""
+    try:
+        with open("/proc/self/mounts") as f:
+            return [parts[1] for line in f if (parts := line.split()) and parts[0] == device]
+    except OSError:
+        return []
