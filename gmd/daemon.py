@@ -35,7 +35,7 @@ from statemap.errors import StateMapError
 from .config import Address, Config, ConfigError, load_config
 from .control import MAX_CONTROL_CLIENTS, MAX_REQUEST, prepare_socket_path
 from .engine import NodePorts, VolumeEngine
-from .errors import ExitCode, GmdError, exit_code_for
+from .errors import ExitCode, GmdError, Refused, exit_code_for
 from .fuse import VolumeFS, serve_fuse
 from .requests import check_request, decode_line, op_of
 from .witness import WitnessClient
@@ -66,7 +66,7 @@ class NodeDaemon:
             try:
                 self.tls = make_contexts(config.tls.cert, config.tls.key, config.tls.ca)
             except (OSError, ssl.SSLError) as e:
-                raise GmdError(f"{config.path}: tls: cannot load certificate, key or CA: {e}") from None
+                raise Refused("tls-files", path=config.path, why=e) from None
         self.witness_clients = {w: WitnessClient(config, node, w, self.tls) for w in config.witnesses}
         # What a volume engine gets of this node: no back-pointer to the daemon.
         self.ports = NodePorts(dial=self.dial, peer_addresses=lambda name: self.config.node(name).addresses,
@@ -102,7 +102,7 @@ class NodeDaemon:
     def _host_nursery(self) -> trio.Nursery:
         """Where a volume's runner task lives (it owns every other task of the volume)."""
         if self.nursery is None:
-            raise GmdError(f"node {self.node}: the daemon is not serving; no volume can come up")
+            raise Refused("daemon-not-serving", node=self.node)
         return self.nursery
 
     def stop(self) -> None:
@@ -286,7 +286,7 @@ class NodeDaemon:
                 if vol.members.get(member) != m:
                     problems.append(f"volume {name}: member {member} changed or removed")
         if problems:
-            raise GmdError(f"reload of {self.config.path} refused, nothing applied: {'; '.join(problems)}")
+            raise Refused("reload-refused", path=self.config.path, problems="; ".join(problems))
         self.config = new
         self.node_config = new.node(self.node)
         added: dict[str, list[str]] = {}
@@ -306,7 +306,7 @@ class NodeDaemon:
         name = req["volume"]
         if name not in self.engines:
             known = ", ".join(self.engines) or "none"
-            raise GmdError(f"node {self.node} has no volume {name!r} (volumes here: {known})")
+            raise Refused("no-such-volume", node=self.node, volume=name, known=known)
         return self.engines[name]
 
     async def handle_control(self, request: Any) -> dict[str, Any]:

@@ -19,11 +19,13 @@ from transport.codec import (
     Pong,
     Read,
     ReadReply,
+    RemoteProtocolError,
     State,
     Write,
     WriteAck,
 )
 from transport.link import LinkClosed, PeerLink
+from transport.messages import PeerState, decode
 
 from .errors import errno_for
 from .replication import Applier, HashAnswerer, MemberLink
@@ -73,6 +75,12 @@ class FrameDispatch:
             case Bitmap():
                 self.engine.sessions.receive_bitmap(m, ev)
             case State():
+                try:
+                    decode(PeerState, ev.fields, f"STATE from {m.name}")
+                except RemoteProtocolError as e:
+                    log.warning("%s: closing the link to %s: %s", self.engine.name, m.name, e)
+                    await link.aclose(f"protocol error: {e}")
+                    return
                 await self.engine.peerstate.on_state(m, ev.fields)
             case Ping():
                 link.send_nowait(Pong(ev.token))

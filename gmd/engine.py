@@ -36,7 +36,7 @@ from transport.link import PeerLink
 from .config import Address, VolumeConfig
 from .copyengine import CopyEngine
 from .dispatch import FrameDispatch
-from .errors import GmdError, UsageError
+from .errors import GmdError, Refused
 from .handshake import Handshake
 from .peerstate import PeerState
 from .quorum_keeper import QuorumKeeper
@@ -130,7 +130,7 @@ class VolumeEngine:
 
     def require_up(self) -> LocalVolume:
         if self.local is None:
-            raise UsageError(f"volume {self.name} is down on {self.node} (run 'gmd up {self.name}')")
+            raise Refused("volume-down", volume=self.name, node=self.node)
         return self.local
 
     async def up(self, *, loop: bool = False) -> None:
@@ -182,7 +182,7 @@ class VolumeEngine:
     def nursery(self) -> trio.Nursery:
         """The volume's own nursery (only while :attr:`running`)."""
         if self._nursery is None:
-            raise UsageError(f"volume {self.name} is down on {self.node}")
+            raise Refused("volume-down", volume=self.name, node=self.node)
         return self._nursery
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
@@ -226,8 +226,7 @@ class VolumeEngine:
             with trio.move_on_after(DOWN_GRACE) as waited:
                 await self._stopped.wait()
             if waited.cancelled_caught:
-                raise GmdError(f"{self.name}: its tasks did not end within {DOWN_GRACE:.0f} s of going down; "
-                               "the state map stays marked dirty (crash recovery runs at the next start)")
+                raise Refused("volume-tasks-stuck", volume=self.name, timeout=DOWN_GRACE)
         local, self.local = self.local, None
         await local.close()
         for m in self.members.values():
@@ -263,7 +262,7 @@ class VolumeEngine:
         """``gmd quorum VOLUME --expected-votes N`` (None: back to the configured sum)."""
         sm = self.require_up().statemap
         if votes is not None and votes < 1:
-            raise UsageError(f"expected votes must be at least 1, not {votes}")
+            raise Refused("expected-votes-too-small", votes=votes)
         before = sm.sb.expected_votes
         sm.set_expected_votes(votes)
         await self.local.writer.sync_all()

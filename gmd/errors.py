@@ -113,6 +113,10 @@ REFUSALS: dict[str, Refusal] = {
         "{volume}: device in use ({holders}); unmount or close it first, or add --force to demote anyway "
         "(its users then get I/O errors)", errno.EBUSY),
     "losetup-failed": Refusal("losetup could not attach {path}: {why}", errno.EIO),
+    "volume-tasks-stuck": Refusal(
+        "{volume}: its tasks did not end within {timeout:.0f} s of going down; the state map stays marked dirty "
+        "(crash recovery runs at the next start)", errno.EBUSY),
+    "daemon-not-serving": Refusal("node {node}: the daemon is not serving; no volume can come up", errno.ENXIO),
     # -- split-brain
     "no-split-brain": Refusal(
         "{volume}: no split-brain to resolve on {node} (no member is standalone for diverging data)", errno.ENOENT),

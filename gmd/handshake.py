@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from quorum.generations import GenerationView, Verdict, compare
 from statemap import CopyKind, DiskState, Role
-from transport.codec import Intro
+from transport.codec import Intro, RemoteProtocolError
+from transport.messages import IntroInfo, decode
 
 from . import splitbrain
 from .replication import LinkState
@@ -60,6 +61,7 @@ class Handshake:
         info = self.hello_info()
         if poke:
             info["poke"] = True
+        decode(IntroInfo, info, "our own intro")  # a key we send must be one the peer knows
         return Intro(node=self.engine.node, volume=self.engine.name, size=self.engine.config.size,
                      region_size=self.engine.config.region_size, extent_size=self.engine.config.extent_size,
                      path=path, session=session, info=info)
@@ -71,6 +73,10 @@ class Handshake:
             return f"volume {self.engine.name} is down on {self.engine.node}"
         if hello.node not in self.engine.members:
             return f"node {hello.node} is not a member of volume {self.engine.name}"
+        try:
+            decode(IntroInfo, hello.info, f"intro of {hello.node}")
+        except RemoteProtocolError as e:
+            return str(e)  # a key we do not know, or a value of the wrong type: nothing of it is believed
         self.engine.members[hello.node].peer_hello_info = hello.info  # also when refused: resolve plans from it
         for field_name in ("size", "region_size", "extent_size"):
             ours, theirs = getattr(self.engine.config, field_name), getattr(hello, field_name)

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from quorum.generations import Verdict
 from statemap import CopyKind, DiskState, Fence, Role
 from transport.codec import State
+from transport.messages import PeerState as PeerStateMessage
+from transport.messages import decode
 from transport.link import LinkClosed
 
 from .replication import MemberLink, disk_of, role_of
@@ -79,6 +81,7 @@ class PeerState:
         path = s.pick_path() if s else None
         if path is None:
             return
+        decode(PeerStateMessage, fields, "our own STATE")  # a key we send must be one the peer knows
         try:
             await path.send(State(fields))
         except LinkClosed:

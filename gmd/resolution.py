@@ -16,7 +16,7 @@ from statemap import Role
 
 from . import splitbrain
 from .disk import _pread_full
-from .errors import GmdError
+from .errors import Refused
 from .replication import LinkState, MemberLink
 
 if TYPE_CHECKING:
@@ -50,8 +50,7 @@ class SplitBrainResolver:
                 return m
         if self.discarding:
             return self.engine.members[self.discarding]
-        raise GmdError(f"{self.engine.name}: no split-brain to resolve on {self.engine.node} (no member is standalone "
-                       "for diverging data)")
+        raise Refused("no-split-brain", volume=self.engine.name, node=self.engine.node)
 
     def resolve_plan(self, peer: MemberLink, rule: str):
         sm = self.engine.require_up().statemap
@@ -72,9 +71,7 @@ class SplitBrainResolver:
         if dry_run:
             return out
         if self.engine.role == Role.PRIMARY:
-            raise GmdError(f"{self.engine.name}: {self.engine.node} is primary; demote it first "
-                           f"('gmd secondary {self.engine.name}'), "
-                           "then resolve: the side that discards must not be in use")
+            raise Refused("resolve-on-primary", volume=self.engine.name, node=self.engine.node)
         self.discarding = peer.name
         log.warning("%s: resolving split-brain with %s by discarding this side's changes (%s); they are saved "
                     "first", self.engine.name, peer.name, rule)

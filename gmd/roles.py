@@ -17,7 +17,7 @@ import trio
 from quorum.generations import Verdict
 from statemap import DiskState, Role
 
-from .errors import GmdError, UsageError
+from .errors import GmdError, Refused
 from .replication import MemberLink
 
 if TYPE_CHECKING:
@@ -42,15 +42,15 @@ class Roles:
             return
         other = [m.name for m in self.engine.members.values() if m.connected and m.peer_role == Role.PRIMARY]
         if other:
-            raise GmdError(f"{self.engine.name}: {', '.join(other)} is primary; demote it first (or use switchover)")
+            raise Refused("other-primary", volume=self.engine.name, others=", ".join(other))
         sm = local.statemap
         # A verdict from before we caught up (and adopted a newer generation) is stale.
         newer = [m.name for m in self.engine.members.values()
                  if m.connected and m.verdict in (Verdict.LOCAL_BEHIND, Verdict.LOCAL_NEEDS_FULL)
                  and m.verdict_generation == sm.sb.generations.current]
         if newer and not force:
-            raise GmdError(f"{self.engine.name}: {', '.join(newer)} holds newer data than {self.engine.node}; "
-                           f"promoting {self.engine.node} would lose it. Promote {newer[0]} instead")
+            raise Refused("peer-newer", volume=self.engine.name, newer=", ".join(newer), node=self.engine.node,
+                          first=newer[0])
         q = self.engine.quorum
         votes, needed = q.member_votes(), q.needed()
         if votes < needed and sm.sb.disk == DiskState.UPTODATE:
@@ -59,20 +59,14 @@ class Roles:
         if votes < needed:
             if not force:
                 witnesses = "; ".join(f"witness {w}: {a[1]}" for w, a in q.answers.items())
-                raise GmdError(
-                    f"{self.engine.name}: no quorum: {votes} of {needed} votes needed ({q.expected()} expected) are "
-                    f"present{' (' + witnesses + ')' if witnesses else ''}. A primary out of sight may still be "
-                    f"writing. If it is known to be down: 'gmd primary {self.engine.name} --force' (or 'gmd quorum "
-                    f"{self.engine.name} --expected-votes N'); if both sides are forced, their data diverges")
+                raise Refused("no-quorum", volume=self.engine.name, votes=votes, needed=needed,
+                              expected=q.expected(), witnesses=f" ({witnesses})" if witnesses else "")
             log.warning("%s: promoted WITHOUT quorum (%d of %d votes) by the operator's --force; writes go on "
                         "without quorum until demoted", self.engine.name, votes, needed)
             sm.set_forced_primary(True)
         if sm.sb.disk != DiskState.UPTODATE:
             if not force:
-                raise GmdError(
-                    f"{self.engine.name}: local disk is {sm.sb.disk.value}, not uptodate; promoting it would "
-                    "serve stale or inconsistent data. 'gmd primary --force' makes this copy the source "
-                    "(other members then get a full copy)")
+                raise Refused("not-uptodate", volume=self.engine.name, disk=sm.sb.disk.value)
             log.warning("%s: forced promotion of a %s disk; it becomes the copy source", self.engine.name,
                         sm.sb.disk.value)
             sm.make_copy_source()
@@ -148,8 +142,7 @@ class Roles:
             return
         holders = await self.device_holders()
         if holders and not force:
-            raise GmdError(f"{self.engine.name}: device in use ({'; '.join(holders)}); unmount or close it first, "
-                           "or add --force to demote anyway (its users then get I/O errors)")
+            raise Refused("device-in-use", volume=self.engine.name, holders="; ".join(holders))
         if holders:
             log.warning("%s: demoting with the device in use (%s)", self.engine.name, "; ".join(holders))
         if self.loop_device is not None:
@@ -189,8 +182,8 @@ class Roles:
         self.engine.require_primary()
         m = self.engine.members.get(target)
         if m is None:
-            raise UsageError(f"{target} is not a member of {self.engine.name} "
-                             f"(members: {', '.join(self.engine.members)})")
+            raise Refused("not-a-member", target=target, volume=self.engine.name,
+                          members=", ".join(self.engine.members))
         sm = self.engine.local.statemap
         rec = sm.sb.peers.get(target)
         problems = []
@@ -203,8 +196,8 @@ class Roles:
         if m.behind:
             problems.append(f"{target}'s async queue overflowed; it is tracked in the bitmap until caught up")
         if problems:
-            raise GmdError(f"{self.engine.name}: switchover to {target} refused: {'; '.join(problems)}. "
-                           f"{self.engine.node} stays primary")
+            raise Refused("switchover-refused", volume=self.engine.name, target=target, problems="; ".join(problems),
+                          node=self.engine.node)
         log.info("%s: switchover to %s: draining writes", self.engine.name, target)
         await self.demote()  # refuses, changing nothing, while the device is in use
         with trio.move_on_after(SWITCHOVER_TIMEOUT):
@@ -212,8 +205,7 @@ class Roles:
                 await trio.sleep(0.01)
         if not (m.connected and sm.sb.peers[target].disk == DiskState.UPTODATE and not m.queued_bytes):
             await self.promote()
-            raise GmdError(f"{self.engine.name}: {target} was lost during the switchover; {self.engine.node} is "
-                           "primary again")
+            raise Refused("switchover-target-lost", volume=self.engine.name, target=target, node=self.engine.node)
         await self.engine.peerstate.send_state(m, {"take_over": True})
         with trio.move_on_after(SWITCHOVER_TIMEOUT):
             while not (m.connected and m.peer_role == Role.PRIMARY):
@@ -225,10 +217,10 @@ class Roles:
         try:
             await self.promote()
         except GmdError as e:
-            raise GmdError(f"{self.engine.name}: {target} did not take over ({reason}), and {self.engine.node} "
-                           f"could not become primary again: {e}") from None
-        raise GmdError(f"{self.engine.name}: {target} did not take over within {SWITCHOVER_TIMEOUT:.0f} s ({reason}); "
-                       f"{self.engine.node} is primary again")
+            raise Refused("switchover-stranded", volume=self.engine.name, target=target, why=reason,
+                          node=self.engine.node, error=e) from None
+        raise Refused("switchover-no-take-over", volume=self.engine.name, target=target, timeout=SWITCHOVER_TIMEOUT,
+                      why=reason, node=self.engine.node)
 
     async def take_over(self, m: MemberLink) -> None:
         """The old primary handed over (switchover): promote, or say why not."""
@@ -241,7 +233,7 @@ class Roles:
 def _losetup_attach(path: str) -> str:
     r = subprocess.run(["losetup", "--find", "--show", path], capture_output=True, text=True)
     if r.returncode != 0:
-        raise GmdError(f"losetup could not attach {path}: {r.stderr.strip()}")
+        raise Refused("losetup-failed", path=path, why=r.stderr.strip())
     return r.stdout.strip()
 
 

@@ -11,7 +11,7 @@ import trio
 
 from statemap import DiskState, Role
 
-from .errors import UsageError
+from .errors import Refused
 from .replication import LinkState
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ def volume_status(engine: VolumeEngine) -> dict[str, Any]:
     """``gmd status VOLUME --json`` of a volume that is up, from its parts' state."""
     cfg = engine.config
     if engine.local is None:
-        raise UsageError(f"volume {engine.name} is down on {engine.node}")
+        raise Refused("volume-down", volume=engine.name, node=engine.node)
     sm = engine.local.statemap
     now = trio.current_time()
     members: dict[str, Any] = {

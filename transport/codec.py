@@ -45,8 +45,10 @@ import xxhash
 MAGIC = b"GM"
 # Version 2 authenticates before anything about a volume is said (version 1
 # sent the volume's state in the unauthenticated hello); the two do not mix.
-PROTOCOL_MIN = 2
-PROTOCOL_MAX = 2
+# Version 3: every STATE and intro field is typed (transport.messages) and
+# an unknown or mistyped one closes the link; version 2 peers are not spoken to.
+PROTOCOL_MIN = 3
+PROTOCOL_MAX = 3
 HEADER = struct.Struct("<2sBBIQ")
 HEADER_SIZE = HEADER.size  # 16
 DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024 + 4096  # largest write/read/bitmap chunk + header
@@ -608,7 +610,7 @@ class Connection:
         except ValueError:
             raise RemoteProtocolError(f"unknown frame type {ftype_raw}") from None
         if flags:
-            raise RemoteProtocolError(f"frame flags {flags:#x} not defined in protocol version 2")
+            raise RemoteProtocolError(f"frame flags {flags:#x} not defined in protocol version 3")
         bound = self.frame_bound
         if length > bound:
             what = "before authentication " if bound < self.max_payload else ""

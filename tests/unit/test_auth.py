@@ -68,7 +68,7 @@ def test_mac_differs_when_the_hellos_swap_places():
 @pytest.mark.parametrize("change", [
     pytest.param(lambda: hello_bytes("labor1", nonce=b"\0" * 32), id="nonce"),
     pytest.param(lambda: hello_bytes("labor3"), id="node"),
-    pytest.param(lambda: hello_bytes("labor1", protocol_max=3), id="protocol"),
+    pytest.param(lambda: hello_bytes("labor1", protocol_max=4), id="protocol"),
 ])
 def test_mac_binds_every_field_of_either_hello(which, change):
     ch, sh = CH, SH

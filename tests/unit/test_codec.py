@@ -572,7 +572,7 @@ def _with(frame: bytes, pos: int, value: int) -> bytes:
     pytest.param(_with(_ping_frame(), 2, 99), r"unknown frame type 99", id="unknown-type"),
     pytest.param(_with(_ping_frame(), 2, 0), r"unknown frame type 0", id="type-zero"),
     pytest.param(_with(_ping_frame(), 2, 5), r"unknown frame type 5", id="type-in-gap"),
-    pytest.param(_with(_ping_frame(), 3, 1), r"frame flags 0x1 not defined in protocol version 2", id="flags"),
+    pytest.param(_with(_ping_frame(), 3, 1), r"frame flags 0x1 not defined in protocol version 3", id="flags"),
     pytest.param(_with(_ping_frame(), 3, 0x80), r"frame flags 0x80 not defined", id="flags-high"),
     pytest.param(_with(_ping_frame(), HEADER_SIZE, 43), r"PING frame checksum mismatch", id="payload-byte"),
     pytest.param(_with(_ping_frame(), 2, FrameType.PONG), r"PONG frame checksum mismatch", id="type-byte"),

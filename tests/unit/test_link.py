@@ -96,8 +96,8 @@ async def raw_exchange(server_fn, frames: list[bytes]) -> tuple[object, list]:
 
 
 @pytest.mark.parametrize("kw,why", [
-    (dict(protocol_min=3, protocol_max=4), "no common protocol version: peer speaks 3..4"),
-    (dict(protocol_min=2, protocol_max=1), "protocol range 2..1 is empty"),
+    (dict(protocol_min=4, protocol_max=5), "no common protocol version: peer speaks 4..5"),
+    (dict(protocol_min=3, protocol_max=2), "protocol range 3..2 is empty"),
     (dict(nonce=b"short"), "nonce of 5 bytes"),
 ])
 async def test_unusable_hello_is_refused_with_the_reason(kw, why):
