@@ -312,14 +312,16 @@ class WritePath:
             sm.set_peer_disk(m.name, DiskState.OUTDATED)
         sm.start_new_generation(generation)
         for m in self.engine.members.values():
-            if m.connected and not m.behind and sm.sb.peers[m.name].bitmap_gen == old:
+            # A member newly away may still look connected (its loss not yet
+            # noticed): its bitmap stays relative to the old generation all the same.
+            if m not in newly_away and m.connected and not m.behind and sm.sb.peers[m.name].bitmap_gen == old:
                 sm.set_bitmap_generation(generation, member=m.name)  # still in sync: it moves along
         await self.engine.local.writer.sync_all()
         log.info("%s: new generation %s (members away: %s)", self.engine.name, generation,
                  ", ".join(m.name for m in newly_away))
         waits = []
         for m in self.engine.members.values():
-            if m.connected and not m.behind and m.peer_disk == DiskState.UPTODATE:
+            if m not in newly_away and m.connected and not m.behind and m.peer_disk == DiskState.UPTODATE:
                 await self.engine.peerstate.send_state(m, {"generation": generation})
                 sh = m.ship_flush(self.completed_gseq, in_sync=self._in_sync_gseq)
                 if sh is not None and not m.is_async:
