@@ -28,7 +28,8 @@ from transport.link import LinkClosed, PeerLink
 from transport.messages import PeerState, decode
 
 from .errors import errno_for
-from .replication import Applier, HashAnswerer, MemberLink
+from .receiver import Applier, HashAnswerer
+from .replication import MemberLink
 
 if TYPE_CHECKING:
     from .engine import VolumeEngine

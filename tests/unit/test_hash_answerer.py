@@ -6,7 +6,7 @@ import errno
 import trio
 
 from gmd.errors import OutOfRange
-from gmd.replication import HashAnswerer
+from gmd.receiver import HashAnswerer
 from transport.codec import HashReply, HashRequest
 
 KiB64 = 64 * 1024

@@ -1,0 +1,200 @@
+"""The receiving member's side of replication: applying a session's writes and
+flushes in the primary's link order (:class:`Applier`), and answering a copy's
+hash requests in batches (:class:`HashAnswerer`). The sending side is
+:mod:`gmd.replication`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import trio
+
+from transport.codec import Flush, FlushAck, HashReply, HashRequest, Write, WriteAck
+from transport.link import LinkClosed, PeerLink
+
+from .errors import errno_for
+
+log = logging.getLogger(__name__)
+
+
+class Applier:
+    """Applies a session's writes and flushes in link sequence order (receiver side).
+
+    ``write(item)`` and ``flush(item)`` apply a Write or Flush event to the
+    local volume; the ack goes back on the path the item came by. Writes are
+    issued in order; a write that overlaps one still in flight waits for it; a
+    flush waits for every write issued before it. Once :meth:`close` d (the
+    session ended), nothing more is applied: what was received but not yet
+    issued is dropped, never acknowledged.
+    """
+
+    def __init__(self, nursery: trio.Nursery, write, flush, *, on_applied=None):
+        self._nursery = nursery
+        self._write = write
+        self._flush = flush
+        self._on_applied = on_applied
+        self.next_seq = 1
+        self._waiting: dict[int, tuple[Write | Flush, PeerLink]] = {}
+        self._inflight: dict[int, tuple[int, int, trio.Event]] = {}  # seq -> (start, end, done)
+        self._pump_running = False
+        self.session_id: str | None = None
+        self.closed = False
+
+    def close(self) -> None:
+        """The session ended: apply nothing more (writes in flight finish)."""
+        self.closed = True
+        self._waiting.clear()
+
+    def submit(self, item: Write | Flush, path: PeerLink) -> None:
+        if self.closed:
+            return
+        if item.seq < self.next_seq:
+            self._nursery.start_soon(self._ack_duplicate, item, path)
+            return
+        self._waiting[item.seq] = (item, path)
+        if not self._pump_running:
+            self._pump_running = True
+            self._nursery.start_soon(self._pump)
+
+    async def _ack_duplicate(self, item: Write | Flush, path: PeerLink) -> None:
+        if isinstance(item, Flush):
+            await self._wait_all_before(item.seq)
+            await self._flush(item)
+            await _reply(path, FlushAck(item.seq))
+        else:
+            # Everything below next_seq was issued; wait for this one if in flight.
+            entry = self._inflight.get(item.seq)
+            if entry:
+                await entry[2].wait()
+            await _reply(path, WriteAck(item.seq))
+
+    async def _pump(self) -> None:
+        try:
+            while self.next_seq in self._waiting and not self.closed:
+                item, path = self._waiting.pop(self.next_seq)
+                seq = self.next_seq
+                if isinstance(item, Write):
+                    start, end = item.offset, item.offset + len(item.data)
+                    for s2, e2, done in list(self._inflight.values()):
+                        if s2 < end and start < e2:
+                            await done.wait()
+                    done = trio.Event()
+                    self._inflight[seq] = (start, end, done)
+                    self.next_seq += 1
+                    self._nursery.start_soon(self._apply_write, item, path, done)
+                else:
+                    self.next_seq += 1
+                    self._nursery.start_soon(self._apply_flush, item, path, seq)
+        finally:
+            self._pump_running = False
+
+    async def _wait_all_before(self, seq: int) -> None:
+        for s, (_a, _b, done) in list(self._inflight.items()):
+            if s < seq:
+                await done.wait()
+
+    async def _apply_write(self, item: Write, path: PeerLink, done: trio.Event) -> None:
+        status = 0
+        if self.closed:  # issued, but the session ended before it started: not applied, not acked
+            self._inflight.pop(item.seq, None)
+            done.set()
+            return
+        try:
+            await self._write(item)
+        except Exception as e:  # a data-path fault answers with an errno, never kills the daemon
+            status = errno_for(e)
+            log.error("applying write seq %d at %d failed: %s", item.seq, item.offset, e)
+        finally:
+            self._inflight.pop(item.seq, None)
+            done.set()
+        if self._on_applied is not None and status == 0:
+            self._on_applied(item)
+        await _reply(path, WriteAck(item.seq, status))
+
+    async def _apply_flush(self, item: Flush, path: PeerLink, seq: int) -> None:
+        await self._wait_all_before(seq)
+        status = 0
+        try:
+            await self._flush(item)
+        except Exception as e:
+            status = errno_for(e)
+            log.error("flush seq %d failed: %s", item.seq, e)
+        await _reply(path, FlushAck(item.seq, status))
+
+
+class HashAnswerer:
+    """Answers hash requests (receiver side), small ones in batches.
+
+    A mini-copy asks for dozens of 64 KiB regions at once; answered one by
+    one, each costs a task, a hand-off to a disk thread and a wait for the
+    GIL, many times the hashing itself. Requests of up to
+    :data:`BATCH_REQUEST` bytes that arrive while a batch is being read are
+    gathered into the next one (up to :data:`BATCH_BYTES`), read in one trip
+    to a thread. Larger requests (a full copy's chunks) are answered on their
+    own, concurrently, as before.
+
+    ``hashes(ranges, block)`` returns the hashes of each (offset, length) of
+    ``ranges``; ``check(offset, length, block)`` raises for a request that
+    cannot be answered, so one bad request never fails the others."""
+
+    BATCH_REQUEST = 1024 * 1024
+    BATCH_BYTES = 8 * 1024 * 1024
+
+    def __init__(self, nursery: trio.Nursery, hashes, check):
+        self._nursery = nursery
+        self._hashes = hashes
+        self._check = check
+        self._pending: deque[tuple[HashRequest, PeerLink]] = deque()
+        self._draining = False
+
+    def submit(self, request: HashRequest, path: PeerLink) -> None:
+        if request.length > self.BATCH_REQUEST:
+            self._nursery.start_soon(self._answer, [(request, path)])
+            return
+        self._pending.append((request, path))
+        if not self._draining:
+            self._draining = True
+            self._nursery.start_soon(self._drain)
+
+    async def _drain(self) -> None:
+        try:
+            await trio.lowlevel.checkpoint()  # the rest of a burst is queued meanwhile
+            while self._pending:
+                batch, taken = [], 0
+                while self._pending and (not batch or taken + self._pending[0][0].length <= self.BATCH_BYTES):
+                    batch.append(self._pending.popleft())
+                    taken += batch[-1][0].length
+                await self._answer(batch)
+        finally:
+            self._draining = False
+
+    async def _answer(self, batch: list[tuple[HashRequest, PeerLink]]) -> None:
+        valid = []
+        for request, path in batch:
+            try:
+                self._check(request.offset, request.length, request.block)
+            except Exception as e:
+                await _reply(path, HashReply(request.request, errno_for(e)))
+            else:
+                valid.append((request, path))
+        # One block size per read; a copy asks with the region size throughout.
+        while valid:
+            block = valid[0][0].block
+            group = [(r, p) for r, p in valid if r.block == block]
+            valid = [(r, p) for r, p in valid if r.block != block]
+            try:
+                answers = await self._hashes([(r.offset, r.length) for r, _ in group], block)
+                replies = [HashReply(r.request, 0, tuple(h)) for (r, _), h in zip(group, answers)]
+            except Exception as e:
+                replies = [HashReply(r.request, errno_for(e)) for r, _ in group]
+            for (_, path), reply in zip(group, replies):
+                await _reply(path, reply)
+
+
+async def _reply(path: PeerLink, event) -> None:
+    try:
+        await path.send(event)
+    except LinkClosed:
+        pass  # the primary settles it as failed when the session ends
