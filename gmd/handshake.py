@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from quorum.generations import GenerationView, Verdict, compare
 from statemap import CopyKind, DiskState, Role
-from transport.codec import Intro, RemoteProtocolError
-from transport.messages import IntroInfo, decode
+from transport.codec import Intro
+from transport.messages import IntroInfo, decode, intro_problem
 
 from . import splitbrain
 from .replication import LinkState
@@ -73,10 +73,9 @@ class Handshake:
             return f"volume {self.engine.name} is down on {self.engine.node}"
         if hello.node not in self.engine.members:
             return f"node {hello.node} is not a member of volume {self.engine.name}"
-        try:
-            decode(IntroInfo, hello.info, f"intro of {hello.node}")
-        except RemoteProtocolError as e:
-            return str(e)  # a key we do not know, or a value of the wrong type: nothing of it is believed
+        problem = intro_problem(hello.info, f"intro of {hello.node}")
+        if problem:
+            return problem  # a key we do not know, or a value of the wrong type: nothing of it is believed
         self.engine.members[hello.node].peer_hello_info = hello.info  # also when refused: resolve plans from it
         for field_name in ("size", "region_size", "extent_size"):
             ours, theirs = getattr(self.engine.config, field_name), getattr(hello, field_name)

@@ -42,7 +42,7 @@ import trio
 from quorum.witness import RENEW_INTERVAL, Claim, WitnessBook, check_identity, short_identity
 from statemap.fileio import write_new_file
 from transport.codec import Intro, RemoteProtocolError, State
-from transport.messages import IntroInfo, WitnessReply, WitnessRequest, decode
+from transport.messages import WitnessReply, WitnessRequest, decode, intro_problem
 from transport.link import (
     PREAUTH_CONNECTIONS,
     HandshakeGate,
@@ -179,10 +179,9 @@ class WitnessDaemon:
                     return f"{self.name} is a witness, not a member of volume {hello.volume}"
                 if hello.node not in self.config.nodes:
                     return f"{hello.node} is not a configured node"
-                try:
-                    decode(IntroInfo, hello.info, f"intro of {hello.node}")
-                except RemoteProtocolError as e:
-                    return str(e)
+                problem = intro_problem(hello.info, f"intro of {hello.node}")
+                if problem:
+                    return problem
                 return _witness_intro(self.name, hello.path, hello.session)
 
             try:
@@ -394,11 +393,7 @@ class WitnessClient:
         def check(hello: Intro) -> str | None:
             if hello.node != self.name or hello.volume != "":
                 return f"{addr} answered as {hello.node!r}, not as witness {self.name}"
-            try:
-                decode(IntroInfo, hello.info, f"intro of witness {self.name}")
-            except RemoteProtocolError as e:
-                return str(e)
-            return None
+            return intro_problem(hello.info, f"intro of witness {self.name}")
 
         return await client_handshake(stream, _witness_intro(self.node), self.config.secret, check,
                                       label=label)

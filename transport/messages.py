@@ -116,6 +116,16 @@ class WitnessReply(_Message):
     records: tuple[WitnessRecord, ...] = ()
 
 
+def intro_problem(info: Any, what: str) -> str | None:
+    """Why an intro's ``info`` cannot be believed (an undeclared key, a wrong
+    type), or None: the refusal reason a handshake gives."""
+    try:
+        decode(IntroInfo, info, what)
+    except RemoteProtocolError as e:
+        return str(e)
+    return None
+
+
 def decode(kind: type[_Message], fields: Any, what: str) -> Any:
     """``fields`` (a decoded JSON object) as a ``kind``; RemoteProtocolError
     naming ``what`` and the offending key or type otherwise."""

@@ -10,47 +10,14 @@ and it goes back to shipping writes from the queue.
 from __future__ import annotations
 
 import random
-from contextlib import asynccontextmanager
 
 import trio
 
-from transport.wanproxy import WanProxy
-
-from .harness import (
-    MiB,
-    NodeSpec,
-    backing,
-    daemon_processes,
-    file_hash,
-    free_ports,
-    in_process_daemon,
-    init_in_sync,
-    wait_for,
-    write_config,
-)
-from .test_replication import random_writes, start_primary
+from .harness import MiB, backing, file_hash, wait_for
+from .test_replication import async_member_over_proxy, random_writes
 
 REGION = 64 * 1024
 QUEUE = 256 * 1024
-
-
-@asynccontextmanager
-async def async_member_over_proxy(tmp_path):
-    """labor1 (in this process) primary, labor2 an ``async`` member (a daemon
-    process) with a 256 KiB queue, reached through a WAN proxy. Yields the
-    primary's engine and the proxy."""
-    listen = free_ports(1)
-    labor2 = NodeSpec("labor2", mode="async", listen=listen)
-    labor2.address = free_ports(1)
-    cfg = write_config(tmp_path, [NodeSpec("labor1"), labor2], mode="mwc", extra_volume='async_queue = "256KiB"')
-    init_in_sync(cfg, "labor1", ["labor2"])
-    proxy = WanProxy(("127.0.0.1", listen[0]), ("127.0.0.1", labor2.address[0]))
-    async with trio.open_nursery() as pn:
-        await pn.start(proxy.serve)
-        with daemon_processes(cfg, ["labor2"], tmp_path) as procs:
-            async with in_process_daemon(cfg, "labor1") as d:
-                yield await start_primary(d, procs), proxy
-        pn.cancel_scope.cancel()
 
 
 class ReplicationWatch:

@@ -56,6 +56,25 @@ async def primary_alone_keeps_quorum(tmp_path):
             yield await start_primary(d, procs), procs
 
 
+@asynccontextmanager
+async def async_member_over_proxy(tmp_path):
+    """labor1 (in this process) primary, labor2 an ``async`` member (a daemon
+    process) with a 256 KiB queue, reached through a WAN proxy. Yields the
+    primary's engine and the proxy."""
+    listen = free_ports(1)
+    labor2 = NodeSpec("labor2", mode="async", listen=listen)
+    labor2.address = free_ports(1)
+    cfg = write_config(tmp_path, [NodeSpec("labor1"), labor2], mode="mwc", extra_volume='async_queue = "256KiB"')
+    init_in_sync(cfg, "labor1", ["labor2"])
+    proxy = WanProxy(("127.0.0.1", listen[0]), ("127.0.0.1", labor2.address[0]))
+    async with trio.open_nursery() as pn:
+        await pn.start(proxy.serve)
+        with daemon_processes(cfg, ["labor2"], tmp_path) as procs:
+            async with in_process_daemon(cfg, "labor1") as d:
+                yield await start_primary(d, procs), proxy
+        pn.cancel_scope.cancel()
+
+
 async def random_writes(eng, n, *, seed, size=64 * MiB, workers=8, log=None, stop=None):
     """``n`` writes of random sizes and offsets from ``workers`` concurrent tasks
     (payloads made lazily); ``log`` gets (start, end, offset, length) of each."""
@@ -278,38 +297,27 @@ async def test_async_member_lags_over_a_slow_link_then_drains(tmp_path):
 
 
 async def test_async_queue_overflow_falls_back_to_bitmap_with_bounded_memory(tmp_path):
-    listen = free_ports(1)
-    labor2 = NodeSpec("labor2", mode="async", listen=listen)
-    labor2.address = free_ports(1)
-    cfg = write_config(tmp_path, [NodeSpec("labor1"), labor2], mode="mwc", extra_volume='async_queue = "256KiB"')
-    init_in_sync(cfg, "labor1", ["labor2"])
-    proxy = WanProxy(("127.0.0.1", listen[0]), ("127.0.0.1", labor2.address[0]))
-    async with trio.open_nursery() as pn:
-        await pn.start(proxy.serve)
-        with daemon_processes(cfg, ["labor2"], tmp_path) as procs:
-            async with in_process_daemon(cfg, "labor1") as d:
-                eng = await start_primary(d, procs)
-                m = eng.members["labor2"]
-                proxy.update(delay=0.3)
-                peak = 0
-                written = set()
-                for i in range(64):  # 4 MiB into a 256 KiB queue
-                    await eng.write(i * REGION, bytes([i]) * REGION)
-                    written.add(i)
-                    peak = max(peak, m.queued_bytes)
-                assert m.behind
-                assert peak <= 256 * 1024
-                st = eng.status()["members"]["labor2"]
-                assert st["behind"] and st["disk"] == "outdated"
-                bits = set(eng.statemap.out_of_sync_regions("labor2").search(1))
-                assert bits and bits <= written
-                # Everything the queue accepted still arrives; the rest is in the bitmap.
-                await wait_for(lambda: m.queued_bytes == 0, what="queue drained")
-                with open(backing(tmp_path, "labor2"), "rb") as f:
-                    for i in sorted(written - bits):
-                        f.seek(i * REGION)
-                        assert f.read(REGION) == bytes([i]) * REGION
-        pn.cancel_scope.cancel()
+    async with async_member_over_proxy(tmp_path) as (eng, proxy):
+        m = eng.members["labor2"]
+        proxy.update(delay=0.3)
+        peak = 0
+        written = set()
+        for i in range(64):  # 4 MiB into a 256 KiB queue
+            await eng.write(i * REGION, bytes([i]) * REGION)
+            written.add(i)
+            peak = max(peak, m.queued_bytes)
+        assert m.behind
+        assert peak <= 256 * 1024
+        st = eng.status()["members"]["labor2"]
+        assert st["behind"] and st["disk"] == "outdated"
+        bits = set(eng.statemap.out_of_sync_regions("labor2").search(1))
+        assert bits and bits <= written
+        # Everything the queue accepted still arrives; the rest is in the bitmap.
+        await wait_for(lambda: m.queued_bytes == 0, what="queue drained")
+        with open(backing(tmp_path, "labor2"), "rb") as f:
+            for i in sorted(written - bits):
+                f.seek(i * REGION)
+                assert f.read(REGION) == bytes([i]) * REGION
 
 
 async def test_primary_with_a_failed_disk_reads_from_an_uptodate_member(tmp_path):
