@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -25,15 +26,40 @@ from .copystate import CopyProgress, PassKind
 from .replication import MemberLink, Replication
 
 if TYPE_CHECKING:
-    from .engine import VolumeEngine
+    from statemap.statemap import StateMap
+
+    from .config import VolumeConfig
+    from .peerstate import PeerState
+    from .volume import LocalVolume
+    from .writepath import WritePath
 
 log = logging.getLogger(__name__)
+
+
+class CopyVolume(Protocol):
+    """What the copy orchestration needs of its volume (the engine provides it)."""
+
+    config: VolumeConfig
+    local: LocalVolume | None
+    members: dict[str, MemberLink]
+    @property
+    def name(self) -> str: ...
+    peerstate: PeerState
+    def require_primary(self) -> LocalVolume: ...
+    def require_up(self) -> LocalVolume: ...
+    role: Role
+    @property
+    def running(self) -> bool: ...
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None: ...
+    @property
+    def statemap(self) -> StateMap: ...
+    writepath: WritePath
 
 
 class CopyEngine:
     """Copies and verifies of one volume, as its primary."""
 
-    def __init__(self, engine: VolumeEngine):
+    def __init__(self, engine: CopyVolume):
         self.engine = engine
         self.running: dict[str, CopyProgress] = {}  # member -> its running copy pass
         self.bytes_sent = 0  # bytes the copy passes shipped (after hash compare)

@@ -8,6 +8,7 @@ state maps marked clean, links closed) before the process exits.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -78,26 +79,31 @@ class NodeDaemon:
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED, control: bool = True) -> None:
         """Run until :meth:`stop`; readiness once listeners and control socket are up.
-        Volumes are brought down on the way out whatever ended the run (a stop,
-        or a crashed task): each state map is marked clean only by a clean close."""
-        async with trio.open_nursery() as n:
+
+        One exit stack owns everything the node holds, and releases it in the
+        reverse order it was taken, whatever ended the run (a stop, or a
+        crashed task): first every volume goes down (each state map is marked
+        clean only by a clean close), then the nursery is cancelled, which ends
+        the control socket (unlinked), the FUSE mount (unmounted), the witness
+        clients and the peer listeners, each in its own ``finally``."""
+        async with contextlib.AsyncExitStack() as stack:
+            n = await stack.enter_async_context(trio.open_nursery())
             self.nursery = n
-            try:
-                for i, addr in enumerate(self.node_config.listen_addresses):
-                    bound = await n.start(self._listen, addr, i)
-                    self.listen_addresses.append(bound)
-                for client in self.witness_clients.values():
-                    n.start_soon(client.run)
-                if self.mount:
-                    self.fs = VolumeFS(self.engines, self.node_config.mount, self.node)
-                    await n.start(serve_fuse, self.fs)
-                if control:
-                    await n.start(self._serve_control)
-                task_status.started(self)
-                await self._stopping.wait()
-            finally:
-                await self.shutdown()
-            n.cancel_scope.cancel()
+            stack.callback(n.cancel_scope.cancel)
+            stack.callback(setattr, self, "nursery", None)
+            stack.push_async_callback(self.shutdown)
+            for i, addr in enumerate(self.node_config.listen_addresses):
+                bound = await n.start(self._listen, addr, i)
+                self.listen_addresses.append(bound)
+            for client in self.witness_clients.values():
+                n.start_soon(client.run)
+            if self.mount:
+                self.fs = VolumeFS(self.engines, self.node_config.mount, self.node)
+                await n.start(serve_fuse, self.fs)
+            if control:
+                await n.start(self._serve_control)
+            task_status.started(self)
+            await self._stopping.wait()
 
     def _host_nursery(self) -> trio.Nursery:
         """Where a volume's runner task lives (it owns every other task of the volume)."""
@@ -145,7 +151,7 @@ class NodeDaemon:
             await link.aclose("poke noted", tell_peer=False)
             return
         link.label = f"{engine.name}:{self.node}<-{link.remote.node}#{link.remote.path}"
-        await engine.run_path(link, link.remote, dialled=False)
+        await engine.run_accepted_path(link)
 
     async def _authenticate(self, raw: trio.SocketStream, label: str) -> tuple[PeerLink | None, VolumeEngine | None]:
         """TLS (when configured) and the peer handshake of one accepted

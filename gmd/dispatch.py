@@ -6,7 +6,8 @@ bitmaps and STATE messages to their owners (DRBD's receiver dispatch table).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from statemap import Role
 from transport.codec import (
@@ -32,15 +33,38 @@ from .receiver import Applier, HashAnswerer
 from .replication import MemberLink
 
 if TYPE_CHECKING:
-    from .engine import VolumeEngine
+    import trio
+
+    from .peerstate import PeerState as PeerStatePart  # the part; PeerState here is the message
+    from .sessions import Sessions
+    from .volume import LocalVolume
+    from .writepath import WritePath
 
 log = logging.getLogger(__name__)
+
+
+class DispatchVolume(Protocol):
+    """What the frame dispatch needs of its volume (the engine provides it)."""
+
+    @property
+    def name(self) -> str: ...
+    node: str
+    @property
+    def nursery(self) -> trio.Nursery: ...
+    peerstate: PeerStatePart
+    def require_up(self) -> LocalVolume: ...
+    role: Role
+    @property
+    def running(self) -> bool: ...
+    sessions: Sessions
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None: ...
+    writepath: WritePath
 
 
 class FrameDispatch:
     """Routes a session's frames; owns the appliers of primaries' writes and the hash answerers, one per member."""
 
-    def __init__(self, engine: VolumeEngine):
+    def __init__(self, engine: DispatchVolume):
         self.engine = engine
         self._appliers: dict[str, Applier] = {}  # member (a primary) -> applies its writes in order
         self._hash_answerers: dict[str, HashAnswerer] = {}  # member -> answers its hash requests

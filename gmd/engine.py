@@ -307,8 +307,23 @@ class VolumeEngine:
     def make_intro(self, path: int, session: str, *, poke: bool = False) -> Intro:
         return self.handshake.make_intro(path, session, poke=poke)
 
-    async def run_path(self, link: PeerLink, hello: Intro, *, dialled: bool) -> None:
-        await self.sessions.run_path(link, hello, dialled=dialled)
+    async def run_accepted_path(self, link: PeerLink) -> None:
+        """Run a path a member dialled to us as a task of this volume, so that
+        :meth:`down` ends it with every other task of the volume; the listener
+        that accepted it only waits here for it to end."""
+        if self._nursery is None or self.going_down:
+            await link.aclose(f"volume {self.name} is down on {self.node}")
+            return
+        ended = trio.Event()
+
+        async def path() -> None:
+            try:
+                await self.sessions.run_path(link, link.remote, dialled=False)
+            finally:
+                ended.set()
+
+        self._nursery.start_soon(path)
+        await ended.wait()
 
     def poked(self, peer: str) -> None:
         self.sessions.poked(peer)

@@ -10,7 +10,7 @@ policy resolves is accepted, with the losing side marked to discard.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from quorum.generations import GenerationView, Verdict, compare
 from statemap import CopyKind, DiskState, Role
@@ -21,15 +21,33 @@ from . import splitbrain
 from .replication import LinkState
 
 if TYPE_CHECKING:
-    from .engine import VolumeEngine
+    from .config import VolumeConfig
+    from .replication import MemberLink
+    from .resolution import SplitBrainResolver
+    from .volume import LocalVolume
 
 log = logging.getLogger(__name__)
+
+
+class HandshakeVolume(Protocol):
+    """What the handshake needs of its volume (the engine provides it)."""
+
+    config: VolumeConfig
+    going_down: bool
+    local: LocalVolume | None
+    members: dict[str, MemberLink]
+    @property
+    def name(self) -> str: ...
+    node: str
+    def require_up(self) -> LocalVolume: ...
+    resolver: SplitBrainResolver
+    role: Role
 
 
 class Handshake:
     """The verdicts on peers' intros for one volume; owns no state of its own."""
 
-    def __init__(self, engine: VolumeEngine):
+    def __init__(self, engine: HandshakeVolume):
         self.engine = engine
 
     def hello_info(self) -> dict[str, Any]:

@@ -7,7 +7,8 @@ the volume's identity.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from quorum.generations import Verdict
 from statemap import CopyKind, DiskState, Fence, Role
@@ -19,15 +20,35 @@ from transport.link import LinkClosed
 from .replication import MemberLink, disk_of, role_of
 
 if TYPE_CHECKING:
-    from .engine import VolumeEngine
+    from .config import VolumeConfig
+    from .copyengine import CopyEngine
+    from .resolution import SplitBrainResolver
+    from .roles import Roles
+    from .sessions import Sessions
+    from .volume import LocalVolume
 
 log = logging.getLogger(__name__)
+
+
+class PeerStateVolume(Protocol):
+    """What the peer-state messages needs of its volume (the engine provides it)."""
+
+    config: VolumeConfig
+    copier: CopyEngine
+    local: LocalVolume | None
+    @property
+    def name(self) -> str: ...
+    resolver: SplitBrainResolver
+    role: Role
+    roles: Roles
+    sessions: Sessions
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None: ...
 
 
 class PeerState:
     """STATE frames to and from the members of one volume; owns no state of its own."""
 
-    def __init__(self, engine: VolumeEngine):
+    def __init__(self, engine: PeerStateVolume):
         self.engine = engine
 
     async def member_caught_up(self, m: MemberLink) -> None:
@@ -96,7 +117,7 @@ class PeerState:
                 self.engine.sessions.primary_claimed(m)
         if "take_over_failed" in fields:
             m.reason = f"refused to take over: {fields['take_over_failed']}"
-            m._notify()
+            m.notify_changed()
         if fields.get("take_over") and self.engine.role != Role.PRIMARY:
             self.engine.spawn(self.engine.roles.take_over, m)
         if "your_disk" in fields:
@@ -134,5 +155,5 @@ class PeerState:
         if "disk" in fields:
             m.peer_disk = disk_of(fields["disk"])
         await self.engine.local.writer.sync_all()
-        m._notify()
+        m.notify_changed()
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import errno
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -47,11 +47,25 @@ from statemap import DiskState, Role
 from .replication import MemberLink
 
 if TYPE_CHECKING:
-    from .engine import VolumeEngine
+    from statemap.statemap import StateMap
+
+    from .engine import NodePorts
+    from .volume import LocalVolume
 
 log = logging.getLogger(__name__)
 
 WAIT_POLL = 0.5  # a suspended write re-checks at least this often
+
+
+class QuorumVolume(Protocol):
+    """What the quorum keeper needs of its volume (the engine provides it)."""
+
+    local: LocalVolume | None
+    @property
+    def name(self) -> str: ...
+    ports: NodePorts
+    @property
+    def statemap(self) -> StateMap: ...
 
 
 class NoQuorum(OSError):
@@ -62,7 +76,7 @@ class QuorumKeeper:
     """The quorum state of one volume engine: the witness grants and answers,
     and the I/O that gets and uses them; the arithmetic is :mod:`quorum.votes`."""
 
-    def __init__(self, engine: VolumeEngine):
+    def __init__(self, engine: QuorumVolume):
         self.engine = engine
         self.grants: dict[str, Grant] = {}  # witness -> grant we hold as primary
         self.answers: dict[str, tuple[bool, str, float]] = {}  # witness -> (granted, why, when) as secondary

@@ -143,6 +143,7 @@ class MemberLink:
         self.replication = Replication.SHIPPING
         self.flushed_gseq = 0  # highest flush point the member acked
         self.changed = trio.Event()  # set on every state change (status --watch, tests)
+        self._queue_waiters: list[tuple[int, trio.Event]] = []  # (bytes, woken when the queue is at most that)
         self.bytes_shipped = 0
         self.reads: dict[int, trio.MemorySendChannel] = {}  # request id -> waiting reader
         self._next_request = 1
@@ -163,15 +164,36 @@ class MemberLink:
     def is_async(self) -> bool:
         return self.mode == "async"
 
-    def _notify(self) -> None:
+    def notify_changed(self) -> None:
+        """Wake whoever waits on :attr:`changed` (and every queue waiter, who
+        re-checks the link): the member's state, session or replication moved."""
         self.changed.set()
         self.changed = trio.Event()
+        self._wake_queue_waiters(force=True)
+
+    async def wait_queue_at_most(self, limit: int) -> None:
+        """Return once at most ``limit`` bytes of writes are queued to this
+        member, or its state changed (callers re-check :attr:`connected`)."""
+        if self.queued_bytes <= limit:
+            return
+        waiter = (limit, trio.Event())
+        self._queue_waiters.append(waiter)
+        try:
+            await waiter[1].wait()
+        finally:
+            if waiter in self._queue_waiters:
+                self._queue_waiters.remove(waiter)
+
+    def _wake_queue_waiters(self, *, force: bool = False) -> None:
+        for limit, event in self._queue_waiters:
+            if force or self.queued_bytes <= limit:
+                event.set()
 
     def set_state(self, state: LinkState, reason: str | None = None) -> None:
         if state != self.state or reason != self.reason:
             self.state = state
             self.reason = reason
-            self._notify()
+            self.notify_changed()
 
     def set_replication(self, state: Replication, why: str, level: int = logging.INFO) -> None:
         """Move to replication ``state``, logging one line saying ``why``."""
@@ -180,7 +202,7 @@ class MemberLink:
         log.log(level, "%s: member %s: replication %s -> %s: %s", self.volume, self.name,
                 self.replication.value, state.value, why)
         self.replication = state
-        self._notify()
+        self.notify_changed()
 
     def ship_again(self, why: str) -> None:
         """A member that fell behind takes writes in its queue again (the
@@ -189,7 +211,7 @@ class MemberLink:
         if self.behind:
             self.behind = False
             log.info("%s: member %s: writes are queued to it again: %s", self.volume, self.name, why)
-            self._notify()
+            self.notify_changed()
 
     def lag(self, now: float) -> tuple[int, float]:
         """(bytes, seconds) an async member trails the primary by (queued
@@ -220,7 +242,7 @@ class MemberLink:
             else:
                 log.warning("%s: member %s: %s while catching up; writes are marked in the bitmap again",
                             self.volume, self.name, full)
-            self._notify()
+            self.notify_changed()
             return None
         path = s.pick_path()
         if path is None:
@@ -289,6 +311,8 @@ class MemberLink:
                 self.copy_bytes -= sh.length
             else:
                 self.queued_bytes -= sh.length
+                if self._queue_waiters:
+                    self._wake_queue_waiters()
             if ack.status == 0:
                 self.acked_unflushed.append((sh.gseq, sh.offset, sh.length))
         elif ack.status == 0:
@@ -352,6 +376,7 @@ class MemberLink:
             failed = sorted(s.unsettled.values(), key=lambda x: x.link_seq)
             s.unsettled.clear()
             self.queued_bytes = 0
+            self._wake_queue_waiters()
             self.copy_bytes = 0
             self.behind = False  # the next session starts afresh from the bitmap exchange
             self.replication = Replication.SHIPPING

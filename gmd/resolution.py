@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -20,15 +20,31 @@ from .errors import Refused
 from .replication import LinkState, MemberLink
 
 if TYPE_CHECKING:
-    from .engine import VolumeEngine
+    from .config import VolumeConfig
+    from .handshake import Handshake
+    from .volume import LocalVolume
 
 log = logging.getLogger(__name__)
+
+
+class ResolutionVolume(Protocol):
+    """What the split-brain resolution needs of its volume (the engine provides it)."""
+
+    config: VolumeConfig
+    handshake: Handshake
+    local: LocalVolume | None
+    members: dict[str, MemberLink]
+    @property
+    def name(self) -> str: ...
+    node: str
+    def require_up(self) -> LocalVolume: ...
+    role: Role
 
 
 class SplitBrainResolver:
     """Split-brain resolution of one volume; owns the peer we yield to and the images saved."""
 
-    def __init__(self, engine: VolumeEngine):
+    def __init__(self, engine: ResolutionVolume):
         self.engine = engine
         self.discarding: str | None = None  # split-brain peer whose data replaces ours (gmd resolve)
         self.saved_images: list[str] = []  # images of discarded regions saved by gmd resolve

@@ -10,7 +10,7 @@ import logging
 import secrets
 import subprocess
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -21,17 +21,42 @@ from .errors import GmdError, Refused
 from .replication import MemberLink
 
 if TYPE_CHECKING:
-    from .engine import VolumeEngine
+    from .engine import DeviceFront
+    from .peerstate import PeerState
+    from .quorum_keeper import QuorumKeeper
+    from .sessions import Sessions
+    from .volume import LocalVolume
+    from .writepath import WritePath
 
 log = logging.getLogger(__name__)
 
 SWITCHOVER_TIMEOUT = 30.0  # seconds the target of a switchover has to take over
 
 
+class RolesVolume(Protocol):
+    """What the roles needs of its volume (the engine provides it)."""
+
+    front: DeviceFront | None
+    local: LocalVolume | None
+    members: dict[str, MemberLink]
+    @property
+    def name(self) -> str: ...
+    node: str
+    peerstate: PeerState
+    quorum: QuorumKeeper
+    def require_primary(self) -> LocalVolume: ...
+    def require_up(self) -> LocalVolume: ...
+    role: Role
+    def role_changed(self) -> None: ...
+    role_epoch: int
+    sessions: Sessions
+    writepath: WritePath
+
+
 class Roles:
     """Promote, demote, switch over; owns the loop device."""
 
-    def __init__(self, engine: VolumeEngine):
+    def __init__(self, engine: RolesVolume):
         self.engine = engine
         self.want_loop = False
         self.loop_device: str | None = None
@@ -202,7 +227,7 @@ class Roles:
         await self.demote()  # refuses, changing nothing, while the device is in use
         with trio.move_on_after(SWITCHOVER_TIMEOUT):
             while m.connected and m.queued_bytes:  # an async member drains its queue
-                await trio.sleep(0.01)
+                await m.wait_queue_at_most(0)
         if not (m.connected and sm.sb.peers[target].disk == DiskState.UPTODATE and not m.queued_bytes):
             await self.promote()
             raise Refused("switchover-target-lost", volume=self.engine.name, target=target, node=self.engine.node)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from bitarray import bitarray
@@ -27,21 +28,47 @@ from transport.link import LinkClosed, LinkRefused, PeerLink
 from .replication import LinkState, MemberLink, Session, disk_of, role_of
 
 if TYPE_CHECKING:
-    from .engine import VolumeEngine
+    from .dispatch import FrameDispatch
+    from .engine import NodePorts
+    from .handshake import Handshake
+    from .peerstate import PeerState
+    from .quorum_keeper import QuorumKeeper
+    from .resolution import SplitBrainResolver
+    from .volume import LocalVolume
+    from .writepath import WritePath
 
 log = logging.getLogger(__name__)
 
 PING_INTERVAL = 1.0
+SESSION_WAIT = 10.0  # seconds a dialled session's other paths wait for its first path to open it
 PATH_TIMEOUT = 6.0  # no frame for this long: the path is dead (a blackholed partition)
 BITMAP_CHUNK_BITS = 8 * PAGE * 64  # 256 KiB of bitmap per frame at most
 REDIAL_MIN = 0.1  # seconds before the first redial of a member that went away
 REDIAL_MAX = 0.25  # seconds between dials of an unreachable member at most: a returning member is caught up at once
 
 
+class SessionsVolume(Protocol):
+    """What the sessions needs of its volume (the engine provides it)."""
+
+    frames: FrameDispatch
+    handshake: Handshake
+    local: LocalVolume | None
+    members: dict[str, MemberLink]
+    @property
+    def name(self) -> str: ...
+    peerstate: PeerState
+    ports: NodePorts
+    quorum: QuorumKeeper
+    resolver: SplitBrainResolver
+    role: Role
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None: ...
+    writepath: WritePath
+
+
 class Sessions:
     """The sessions to every member of one volume; owns the dial pokes and the lost primary awaiting reconciliation."""
 
-    def __init__(self, engine: VolumeEngine):
+    def __init__(self, engine: SessionsVolume):
         self.engine = engine
         self._dial_now: dict[str, trio.Event] = {}  # member -> set when it pokes us (see poke)
         # A primary we followed went away without handing over: until the next
@@ -113,9 +140,9 @@ class Sessions:
     async def _keep_path(self, m: MemberLink, index: int, addr, session_id: str, link: PeerLink | None) -> None:
         """One path of a dialled session: run it, redial it while the session lives."""
         if link is None:
-            with trio.move_on_after(10):
+            with trio.move_on_after(SESSION_WAIT):  # the first path opens the session
                 while not self._session_alive(m, session_id):
-                    await trio.sleep(0.05)
+                    await m.changed.wait()
         while True:
             if link is None:
                 if not self._session_alive(m, session_id):
@@ -157,6 +184,7 @@ class Sessions:
             m.verdict_generation = self.engine.local.statemap.sb.generations.current
             if m.peer_role == Role.PRIMARY:
                 self.primary_claimed(m)
+            m.notify_changed()  # the other paths of a dialled session wait for it
         session = m.session
         session.paths.append(link)
         try:

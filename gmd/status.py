@@ -5,7 +5,7 @@ stable snake_case keys the CLI and the tests read. Nothing here changes state.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -15,10 +15,36 @@ from .errors import Refused
 from .replication import LinkState
 
 if TYPE_CHECKING:
-    from .engine import VolumeEngine
+    from .config import VolumeConfig
+    from .copyengine import CopyEngine
+    from .quorum_keeper import QuorumKeeper
+    from .replication import MemberLink
+    from .resolution import SplitBrainResolver
+    from .roles import Roles
+    from .sessions import Sessions
+    from .volume import LocalVolume
+    from .writepath import WritePath
 
 
-def volume_status(engine: VolumeEngine) -> dict[str, Any]:
+class StatusVolume(Protocol):
+    """What the status snapshot needs of its volume (the engine provides it)."""
+
+    config: VolumeConfig
+    copier: CopyEngine
+    local: LocalVolume | None
+    members: dict[str, MemberLink]
+    @property
+    def name(self) -> str: ...
+    node: str
+    quorum: QuorumKeeper
+    resolver: SplitBrainResolver
+    role: Role
+    roles: Roles
+    sessions: Sessions
+    writepath: WritePath
+
+
+def volume_status(engine: StatusVolume) -> dict[str, Any]:
     """``gmd status VOLUME --json`` of a volume that is up, from its parts' state."""
     cfg = engine.config
     if engine.local is None:

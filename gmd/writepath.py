@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -43,12 +43,34 @@ from .errors import errno_for
 from .replication import MemberLink, Shipment
 
 if TYPE_CHECKING:
-    from .engine import VolumeEngine
+    from .config import VolumeConfig
+    from .copyengine import CopyEngine
+    from .peerstate import PeerState
+    from .quorum_keeper import QuorumKeeper
+    from .volume import LocalVolume
 
 log = logging.getLogger(__name__)
 
 AUTO_FLUSH_INTERVAL = 2.0  # retire extents even if the application never fsyncs
 MAX_REMOTE_READ = 4 * 1024 * 1024  # per Read frame when a read goes to a member
+
+
+class WritePathVolume(Protocol):
+    """What the write path needs of its volume (the engine provides it)."""
+
+    config: VolumeConfig
+    copier: CopyEngine
+    local: LocalVolume | None
+    members: dict[str, MemberLink]
+    @property
+    def name(self) -> str: ...
+    node: str
+    peerstate: PeerState
+    quorum: QuorumKeeper
+    def require_primary(self) -> LocalVolume: ...
+    def require_up(self) -> LocalVolume: ...
+    role: Role
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None: ...
 
 
 @dataclass(eq=False)
@@ -116,7 +138,7 @@ class WritePath:
     the shared state of its :class:`~gmd.engine.VolumeEngine` (local volume,
     members, role, quorum)."""
 
-    def __init__(self, engine: VolumeEngine):
+    def __init__(self, engine: WritePathVolume):
         self.engine = engine
         config = engine.config
         self._locks = RangeLocks()

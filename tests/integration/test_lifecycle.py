@@ -64,3 +64,30 @@ async def test_a_crashed_task_of_the_daemon_still_closes_volumes_cleanly(tmp_pat
     assert not eng.is_up and not eng.running
     st = admin.offline_status(load_config(cfg_path), "labor1", "appslv")
     assert st["state_map"]["clean"] is True  # closed by the daemon's finally, not left for crash recovery
+
+
+async def test_a_path_a_member_dialled_in_is_a_task_of_the_volume(tmp_path):
+    # labor1 dials (the lower name), labor2 accepts: the accepted path must run
+    # in labor2's volume nursery, not in the listener that accepted it, so that
+    # the volume (not the daemon) owns it and down ends it.
+    cfg_path = write_config(tmp_path, [NodeSpec("labor1"), NodeSpec("labor2")])
+    init_in_sync(cfg_path, "labor1", ["labor2"])
+    config = load_config(cfg_path)
+    dialler, acceptor = NodeDaemon(config, "labor1", mount=False), NodeDaemon(config, "labor2", mount=False)
+    async with trio.open_nursery() as n:
+        await n.start(dialler.serve)
+        await n.start(acceptor.serve)
+        try:
+            near, far = dialler.engines["appslv"], acceptor.engines["appslv"]
+            await far.up()
+            await near.up()
+            await wait_for(lambda: near.members["labor2"].connected and far.members["labor1"].connected,
+                           what="the session to open")
+            accepted = [t for t in far.nursery.child_tasks if "run_accepted_path" in t.name]
+            assert len(accepted) == 1  # one path per session in this config
+            await far.down()
+            assert not far.running
+            await wait_for(lambda: not near.members["labor2"].connected, what="the dialler to see the path end")
+        finally:
+            dialler.stop()
+            acceptor.stop()
