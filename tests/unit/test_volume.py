@@ -16,6 +16,7 @@ from gmd.config import load_config
 from gmd.errors import OutOfRange, Refused
 from gmd.volume import LocalVolume
 from statemap import StateMap, StateMapBusy
+from tools.cluster_config import NodeSpec, write_cluster_config as write_config_file
 
 from ..conftest import write_cluster_config
 
@@ -166,10 +167,9 @@ def loop_device(tmp_path):
 
 
 async def test_block_device_backing(tmp_path, limiter, loop_device):
-    cfg_path = write_cluster_config(tmp_path)
-    text = cfg_path.read_text().replace('device = "data/labor1/appslv.img"', f'device = "{loop_device}"')
-    cfg_path.write_text(text)
-    cfg = load_config(cfg_path)
+    # labor1's member on the loop device (fixed ports: nothing listens here)
+    specs = [NodeSpec("labor1", address=[17800], member={"device": loop_device}), NodeSpec("labor2", address=[17801])]
+    cfg = load_config(write_config_file(tmp_path, specs))
     r = admin.init_volume(cfg, "labor1", "appslv")
     assert not r.created_device
     admin.mark_dirty(cfg, "labor1", "appslv")

@@ -11,21 +11,21 @@ import pytest
 import trio
 
 from gmd import witness as witness_module
-from gmd.config import parse_config
+from gmd.config import load_config
 from gmd.errors import GmdError
 from gmd.witness import WitnessDaemon
+from tools.cluster_config import NodeSpec, witness_table, write_cluster_config
 
 OLD = "0a1b2c3d" * 4
 NEW = "9f8e7d6c" * 4
 
-CONFIG = ('secret = "s"\n[nodes.a]\naddress = "127.0.0.1:9001"\n[nodes.b]\naddress = "127.0.0.1:9002"\n'
-          '[witnesses.w]\naddress = "127.0.0.1:9009"\nstate = "w.json"\n'
-          '[volumes.v]\nsize = "1GiB"\n[volumes.v.members.a]\ndevice = "d"\nstatemap = "s"\n'
-          '[volumes.v.members.b]\ndevice = "d"\nstatemap = "s"\n')
-
 
 def config(tmp_path):
-    return parse_config(CONFIG, file=str(tmp_path / "gmd.toml"), base_dir=tmp_path)
+    """Volume v on nodes a and b, witness w keeping its registrations in w.json
+    (fixed ports: nothing listens in these tests)."""
+    path = write_cluster_config(tmp_path, [NodeSpec("a", address=[9001]), NodeSpec("b", address=[9002])],
+                                volume="v", size="1GiB", tables=witness_table("w", 9009, state="w.json"))
+    return load_config(path)
 
 
 @contextmanager

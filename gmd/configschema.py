@@ -1,0 +1,418 @@
+"""The schema of the config file: a decoded TOML document checked into a Config.
+
+Owns :func:`parse_config` and its ``_Parser``, which checks every key, type,
+name, size and uniqueness rule (the file format is described in
+:mod:`gmd.config`) and raises a :class:`ConfigError` naming the file and the
+dotted key at the first mistake. Users import :func:`parse_config` from
+:mod:`gmd.config`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .configmodel import Address, Config, Member, Node, TlsConfig, VolumeConfig, Witness
+from .configvalues import (
+    DEFAULT_CONTROL_TIMEOUT,
+    DEFAULT_EXTENT_SIZE,
+    DEFAULT_MODE,
+    DEFAULT_REGION_SIZE,
+    DEFAULT_VOTES,
+    MAX_MEMBERS,
+    MIN_REGION_SIZE,
+    MODES,
+    NAME_RE,
+    QUORUM_LOSS_POLICIES,
+    SPLIT_BRAIN_POLICIES,
+    ConfigError,
+    as_written,
+    describe,
+    did_you_mean,
+    join_key,
+    name_list,
+    parse_size,
+    show_bytes,
+)
+
+class _Parser:
+    """Validates the decoded TOML document; every error names ``file`` and a key."""
+
+    def __init__(self, file: str, base_dir: Path):
+        self.file = file
+        self.base_dir = base_dir
+        self.addresses: dict[tuple[str, int], str] = {}  # normalized -> where
+        self.listen_addresses: dict[tuple[str, int], str] = {}  # bind addresses, own scope
+        self.node_paths: dict[Path, str] = {}  # control/mount -> where
+        self.member_paths: dict[tuple[str, Path], str] = {}  # (node, path) -> where
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.file, key, message)
+
+    # -- generic checks
+
+    def table(self, value: object, key: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a table, got {describe(value)}")
+        return value
+
+    def check_keys(self, table: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> None:
+        for name in table:
+            if name not in allowed:
+                raise self.error(
+                    join_key(key, name),
+                    f'unknown key "{name}" (expected one of: {", ".join(allowed)})'
+                    f"{did_you_mean(name, allowed)}",
+                )
+
+    def require(self, table: Mapping[str, Any], key: str, name: str, expected: str) -> Any:
+        if name not in table:
+            raise self.error(
+                join_key(key, name), f'missing required key "{name}" (expected {expected})'
+            )
+        return table[name]
+
+    def string(self, value: object, key: str, what: str = "a non-empty string") -> str:
+        if not isinstance(value, str):
+            raise self.error(key, f"expected {what}, got {describe(value)}")
+        if not value:
+            raise self.error(key, f"empty string (expected {what})")
+        return value
+
+    def integer(self, value: object, key: str, minimum: int) -> int:
+        expected = f"an integer >= {minimum}"
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"expected {expected}, got {describe(value)}")
+        if value < minimum:
+            raise self.error(key, f"{value} is too small (expected {expected})")
+        return value
+
+    def path(self, value: object, key: str) -> Path:
+        text = self.string(value, key, "a path (string)")
+        if "\0" in text:
+            raise self.error(key, "path contains a NUL character")
+        return Path(os.path.normpath(self.base_dir / text))
+
+    def name(self, name: str, key: str, kind: str) -> str:
+        if not NAME_RE.fullmatch(name):
+            raise self.error(
+                key,
+                f"invalid {kind} name {json.dumps(name)}: names are 1 to 64 letters, "
+                'digits, ".", "_" or "-", starting with a letter or digit '
+                "(they become file names and wire identifiers)",
+            )
+        return name
+
+    def mode(self, value: object, key: str) -> str:
+        text = self.string(value, key, f"one of: {', '.join(MODES)}")
+        if text not in MODES:
+            raise self.error(
+                key,
+                f"{json.dumps(text)} is not a mode (expected one of: {', '.join(MODES)})"
+                f"{did_you_mean(text, MODES)}",
+            )
+        return text
+
+    def named_tables(self, value: object, key: str, kind: str) -> dict[str, dict[str, Any]]:
+        """A table of ``[key.NAME]`` tables, names checked."""
+        tables = self.table(value, key)
+        for name, sub in tables.items():
+            self.name(name, join_key(key, name), kind)
+            self.table(sub, join_key(key, name))
+        return tables
+
+    def addresses_of(self, table: Mapping[str, Any], key: str, field: str = "address",
+                     registry: dict[tuple[str, int], str] | None = None) -> tuple[Address, ...]:
+        """The ``address`` key: one string or a non-empty list; each unique file-wide
+        (``registry`` chooses the uniqueness scope; default: all addresses)."""
+        expected = 'a "host:port" string or a list of them'
+        raw = self.require(table, key, field, expected)
+        key = join_key(key, field)
+        registry = self.addresses if registry is None else registry
+        if isinstance(raw, str):
+            items = [(raw, key)]
+        elif isinstance(raw, list):
+            if not raw:
+                raise self.error(key, f"empty list (expected {expected})")
+            items = [(item, f"{key}[{i}]") for i, item in enumerate(raw)]
+        else:
+            raise self.error(key, f"expected {expected}, got {describe(raw)}")
+        result = []
+        for item, where in items:
+            text = self.string(item, where, 'a "host:port" string')
+            addr = Address.parse(text, file=self.file, key=where)
+            norm = _normalized(addr)
+            if norm in registry:
+                raise self.error(
+                    where,
+                    f"address {addr} is also used by {registry[norm]} "
+                    "(each host:port may appear only once)",
+                )
+            registry[norm] = where
+            result.append(addr)
+        return tuple(result)
+
+    # -- sections
+
+    def tls(self, value: object) -> TlsConfig | None:
+        """The optional ``[tls]`` table: cert, key and ca, all required."""
+        if value is None:
+            return None
+        table = self.table(value, "tls")
+        self.check_keys(table, "tls", ("cert", "key", "ca"))
+        paths = {}
+        for k, what in (("cert", "this node's certificate (PEM)"), ("key", "its private key (PEM)"),
+                        ("ca", "the CA certificate that signed every node's certificate (PEM)")):
+            paths[k] = self.path(self.require(table, "tls", k, f"the path of {what}"), join_key("tls", k))
+        return TlsConfig(**paths)
+
+    def document(self, doc: dict[str, Any]) -> tuple[str, dict, dict, dict]:
+        self.check_keys(doc, "", ("secret", "nodes", "witnesses", "volumes", "tls"))
+        secret = self.string(
+            self.require(doc, "", "secret", "a non-empty string shared by all nodes"),
+            "secret",
+            "a non-empty string shared by all nodes",
+        )
+        nodes = self.nodes(self.require(doc, "", "nodes", "at least one [nodes.NAME] table"))
+        witnesses = self.witnesses(doc.get("witnesses", {}), nodes)
+        volumes = self.volumes(doc.get("volumes", {}), nodes, witnesses)
+        return secret, nodes, witnesses, volumes
+
+    def nodes(self, value: object) -> dict[str, Node]:
+        tables = self.named_tables(value, "nodes", "node")
+        if not tables:
+            raise self.error(
+                "nodes", "no nodes configured (expected at least one [nodes.NAME] table)"
+            )
+        nodes = {}
+        for name, table in tables.items():
+            key = join_key("nodes", name)
+            self.check_keys(table, key, ("address", "listen", "control", "control_timeout", "mount", "votes"))
+            addresses = self.addresses_of(table, key)
+            listen: tuple[Address, ...] = ()
+            if "listen" in table:
+                # Where the daemon binds, when peers reach it at another address
+                # (NAT, a WAN emulator in between); one per path, like address.
+                listen = self.addresses_of(table, key, "listen", self.listen_addresses)
+                if len(listen) != len(addresses):
+                    raise self.error(
+                        join_key(key, "listen"),
+                        f"{len(listen)} listen addresses for {len(addresses)} addresses "
+                        "(one per path: listen[i] is where address[i] arrives)",
+                    )
+            control = table.get("control", f"/run/gmd/{name}.sock")
+            control = self.path(control, join_key(key, "control"))
+            mount = self.path(table.get("mount", f"/run/gmd/{name}"), join_key(key, "mount"))
+            for path, what in ((control, "control"), (mount, "mount")):
+                where = join_key(key, what)
+                if path in self.node_paths:
+                    raise self.error(
+                        where,
+                        f"{path} is also used by {self.node_paths[path]} (two node daemons "
+                        "cannot share a control socket or mount point)",
+                    )
+                self.node_paths[path] = where
+            votes = self.integer(table.get("votes", DEFAULT_VOTES), join_key(key, "votes"), 0)
+            control_timeout = self.integer(table.get("control_timeout", DEFAULT_CONTROL_TIMEOUT),
+                                           join_key(key, "control_timeout"), 1)
+            nodes[name] = Node(name, addresses, control, mount, votes, listen, control_timeout)
+        return nodes
+
+    def witnesses(self, value: object, nodes: Mapping[str, Node]) -> dict[str, Witness]:
+        tables = self.named_tables(value, "witnesses", "witness")
+        witnesses = {}
+        for name, table in tables.items():
+            key = join_key("witnesses", name)
+            if name in nodes:
+                raise self.error(
+                    key, f"{json.dumps(name)} is already a node (nodes.{name}); "
+                    "a node and a witness may not share a name"
+                )
+            self.check_keys(table, key, ("address", "votes", "state"))
+            addresses = self.addresses_of(table, key)
+            votes = self.integer(table.get("votes", DEFAULT_VOTES), join_key(key, "votes"), 0)
+            state = self.path(table.get("state", f"/var/lib/gmd/witness-{name}.json"), join_key(key, "state"))
+            witnesses[name] = Witness(name, addresses, votes, state)
+        return witnesses
+
+    def volumes(
+        self, value: object, nodes: Mapping[str, Node], witnesses: Mapping[str, Witness]
+    ) -> dict[str, VolumeConfig]:
+        tables = self.named_tables(value, "volumes", "volume")
+        return {
+            name: self.volume(name, table, nodes, witnesses) for name, table in tables.items()
+        }
+
+    def size(self, raw: object, key: str) -> tuple[int, object]:
+        """A size in bytes, plus the value as written for messages."""
+        return parse_size(raw, file=self.file, key=key), raw
+
+    def power_of_two(self, n: int, raw: object, key: str) -> None:
+        if n & (n - 1):
+            raise self.error(
+                key, f'{as_written(raw, n)} is not a power of two (expected e.g. "64KiB")'
+            )
+
+    def volume(
+        self,
+        name: str,
+        table: Mapping[str, Any],
+        nodes: Mapping[str, Node],
+        witnesses: Mapping[str, Witness],
+    ) -> VolumeConfig:
+        key = join_key("volumes", name)
+        self.check_keys(table, key, ("size", "region_size", "extent_size", "mode", "members", "async_queue",
+                                     "copy_rate", "on_quorum_loss", "quorum_timeout", "split_brain"))
+
+        size, raw_size = self.size(
+            self.require(table, key, "size", 'a size such as "4GiB"'), join_key(key, "size")
+        )
+
+        region, raw = self.size(
+            table.get("region_size", DEFAULT_REGION_SIZE), join_key(key, "region_size")
+        )
+        self.power_of_two(region, raw, join_key(key, "region_size"))
+        if region < MIN_REGION_SIZE:
+            raise self.error(
+                join_key(key, "region_size"),
+                f"{as_written(raw, region)} is smaller than the minimum region size "
+                f"{show_bytes(MIN_REGION_SIZE)}",
+            )
+
+        extent, raw = self.size(
+            table.get("extent_size", DEFAULT_EXTENT_SIZE), join_key(key, "extent_size")
+        )
+        self.power_of_two(extent, raw, join_key(key, "extent_size"))
+        if extent < region:
+            raise self.error(
+                join_key(key, "extent_size"),
+                f"{as_written(raw, extent)} is smaller than region_size {show_bytes(region)} "
+                "(an extent holds whole regions)",
+            )
+
+        if size % region:
+            below = size - size % region
+            above = below + region
+            nearest = f"{show_bytes(below)} or {show_bytes(above)}" if below else show_bytes(above)
+            raise self.error(
+                join_key(key, "size"),
+                f"{as_written(raw_size, size)} is not a multiple of region_size "
+                f"{show_bytes(region)} (nearest valid sizes: {nearest})",
+            )
+
+        mode = self.mode(table.get("mode", DEFAULT_MODE), join_key(key, "mode"))
+        members = self.members(
+            self.require(table, key, "members", "a table of [members.NODE] tables"),
+            join_key(key, "members"),
+            mode,
+            nodes,
+            witnesses,
+        )
+        async_queue, _ = self.size(table.get("async_queue", "64MiB"), join_key(key, "async_queue"))
+        copy_rate = 0
+        if "copy_rate" in table:  # bytes per second, e.g. "50MiB"
+            copy_rate, _ = self.size(table["copy_rate"], join_key(key, "copy_rate"))
+        on_loss = self.string(table.get("on_quorum_loss", "suspend"), join_key(key, "on_quorum_loss"),
+                              'one of: "suspend", "fail"')
+        if on_loss not in QUORUM_LOSS_POLICIES:
+            raise self.error(join_key(key, "on_quorum_loss"),
+                             f'{json.dumps(on_loss)} is not a policy (expected "suspend" or "fail")'
+                             f"{did_you_mean(on_loss, QUORUM_LOSS_POLICIES)}")
+        timeout = self.integer(table.get("quorum_timeout", 30), join_key(key, "quorum_timeout"), 1)
+        split = self.string(table.get("split_brain", "disconnect"), join_key(key, "split_brain"),
+                            f"one of: {', '.join(SPLIT_BRAIN_POLICIES)}")
+        if split not in SPLIT_BRAIN_POLICIES:
+            raise self.error(join_key(key, "split_brain"),
+                             f"{json.dumps(split)} is not a split-brain policy (expected one of: "
+                             f"{', '.join(SPLIT_BRAIN_POLICIES)}){did_you_mean(split, SPLIT_BRAIN_POLICIES)}")
+        return VolumeConfig(name, size, region, extent, mode, members, async_queue, copy_rate, on_loss, timeout,
+                            split)
+
+    def members(
+        self,
+        value: object,
+        key: str,
+        volume_mode: str,
+        nodes: Mapping[str, Node],
+        witnesses: Mapping[str, Witness],
+    ) -> dict[str, Member]:
+        tables = self.table(value, key)
+        if not tables:
+            raise self.error(key, "no members (expected 1 to 8 [members.NODE] tables)")
+        if len(tables) > MAX_MEMBERS:
+            raise self.error(
+                key, f"{len(tables)} members; a volume has at most {MAX_MEMBERS}"
+            )
+        members = {}
+        for node_name, table in tables.items():
+            mkey = join_key(key, node_name)
+            if node_name not in nodes:
+                if node_name in witnesses:
+                    message = (
+                        f"{json.dumps(node_name)} is a witness, not a node: witnesses hold "
+                        f"only votes, members need a node (configured nodes: {name_list(nodes)})"
+                    )
+                else:
+                    message = (
+                        f"{json.dumps(node_name)} is not a configured node "
+                        f"(configured nodes: {name_list(nodes)}){did_you_mean(node_name, nodes)}"
+                    )
+                raise self.error(mkey, message)
+            self.table(table, mkey)
+            self.check_keys(table, mkey, ("device", "statemap", "mode", "votes"))
+            device = self.path(
+                self.require(table, mkey, "device", "a path"), join_key(mkey, "device")
+            )
+            statemap = self.path(
+                self.require(table, mkey, "statemap", "a path"), join_key(mkey, "statemap")
+            )
+            for path, what in ((device, "device"), (statemap, "statemap")):
+                where = join_key(mkey, what)
+                seen = self.member_paths.get((node_name, path))
+                if seen is not None:
+                    raise self.error(
+                        where,
+                        f"{path} on node {node_name} is also used by {seen} "
+                        "(two members would overwrite each other)",
+                    )
+                self.member_paths[(node_name, path)] = where
+            mode = volume_mode
+            if "mode" in table:
+                mode = self.mode(table["mode"], join_key(mkey, "mode"))
+            votes = nodes[node_name].votes
+            if "votes" in table:
+                votes = self.integer(table["votes"], join_key(mkey, "votes"), 0)
+            members[node_name] = Member(node_name, device, statemap, mode, votes)
+        return members
+
+
+def _normalized(addr: Address) -> tuple[str, int]:
+    """Comparison key for duplicate detection: canonical IP or lower-case name."""
+    try:
+        host = str(ipaddress.ip_address(addr.host))
+    except ValueError:
+        host = addr.host.lower()
+    return host, addr.port
+
+
+def parse_config(text: str, *, file: str, base_dir: Path) -> Config:
+    """Parse and validate config ``text``; ``file`` names it in errors.
+
+    Relative paths in the text are resolved against ``base_dir`` (the config
+    file's directory). Raises :class:`ConfigError` on the first mistake found.
+    """
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(file, "", f"TOML syntax error: {e}") from None
+    base_dir = Path(base_dir)
+    if not base_dir.is_absolute():
+        base_dir = base_dir.absolute()
+    parser = _Parser(file, base_dir)
+    secret, nodes, witnesses, volumes = parser.document(doc)
+    return Config(Path(file), secret, nodes, witnesses, volumes, parser.tls(doc.get("tls")))
