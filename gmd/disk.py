@@ -11,12 +11,17 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from pathlib import Path
 
 import trio
 import xxhash
 
 from .errors import OutOfRange, Refused
+
+INLINE_MAX = 64 * 1024  # bytes: reads and writes up to this size are tried on the event loop
+INLINE_SLOW = 0.010  # seconds: an inline write that took longer was throttled by writeback (its pauses are 10-200 ms; preemption is shorter)
+INLINE_PAUSE = 1.0  # seconds small writes go to threads after a throttled one
 
 
 def check_range(offset: int, length: int, size: int, *, writing: bool) -> None:
@@ -67,6 +72,8 @@ class BackingDevice:
         self.path = Path(path)
         self.size = size
         self._limiter = limiter
+        self._threads_until = 0.0  # monotonic time until which small writes go to threads too
+        self.inline_pauses = 0  # times an inline write blocked (writeback throttling)
         actual = device_size(self.path)
         if actual < size:
             raise Refused("device-too-small", path=self.path, actual=actual, volume=volume, size=size)
@@ -76,7 +83,14 @@ class BackingDevice:
             raise Refused("device-cannot-open", path=self.path, why=e.strerror) from None
 
     async def read(self, offset: int, length: int) -> bytes:
+        """Read [offset, offset+length): from the event loop when the page
+        cache holds all of it (``RWF_NOWAIT`` never waits for the disk), else
+        in a worker thread."""
         check_range(offset, length, self.size, writing=False)
+        data = _pread_cached(self._fd, length, offset) if length <= INLINE_MAX else None
+        if data is not None:
+            await trio.lowlevel.checkpoint()
+            return data
         data = await trio.to_thread.run_sync(_pread_full, self._fd, length, offset, limiter=self._limiter)
         if len(data) != length:
             # A file shrunk behind our back: never hand out short data silently.
@@ -122,7 +136,25 @@ class BackingDevice:
         await trio.to_thread.run_sync(_will_need, self._fd, ranges, limiter=self._limiter)
 
     async def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` (to the page cache: :meth:`flush` makes it durable).
+
+        A small write is done on the event loop: a buffered write of a few KiB
+        costs microseconds, a hand-off to a worker thread and back costs ten
+        times that, and that hand-off was most of the CPU a 4 KiB write cost
+        (docs/BENCHMARKS.md). A buffered write can still block when the kernel
+        throttles a writer with too many dirty pages; one that took longer than
+        :data:`INLINE_SLOW` sends the writes of the next :data:`INLINE_PAUSE`
+        seconds to threads, so the loop is never held by writeback for long."""
         check_range(offset, len(data), self.size, writing=True)
+        if len(data) <= INLINE_MAX and time.monotonic() >= self._threads_until:
+            started = time.monotonic()
+            _pwrite_full(self._fd, data, offset)
+            took = time.monotonic() - started
+            if took > INLINE_SLOW:
+                self._threads_until = started + took + INLINE_PAUSE
+                self.inline_pauses += 1
+            await trio.lowlevel.checkpoint()
+            return
         await trio.to_thread.run_sync(_pwrite_full, self._fd, data, offset, limiter=self._limiter)
 
     async def flush(self) -> None:
@@ -133,6 +165,17 @@ class BackingDevice:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _pread_cached(fd: int, length: int, offset: int) -> bytes | None:
+    """The bytes at [offset, offset+length) if the page cache holds them all
+    (read without waiting for the disk), else None."""
+    buf = bytearray(length)
+    try:
+        got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+    except (BlockingIOError, OSError):  # not cached, or RWF_NOWAIT not supported here
+        return None
+    return bytes(buf) if got == length else None
 
 
 def _pread_full(fd: int, length: int, offset: int) -> bytes:

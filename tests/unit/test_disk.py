@@ -117,3 +117,64 @@ async def test_read_ahead_hints_are_checked_like_reads(tmp_path):
             await dev.will_need([(0, BLOCK), (SIZE - BLOCK, 2 * BLOCK)])
     finally:
         dev.close()
+
+
+# ------------------------------------------- small I/O on the event loop (gmd.disk.INLINE_MAX)
+
+@given(ops=st.lists(st.tuples(st.integers(0, SIZE // BLOCK - 1), st.sampled_from([512, BLOCK, 64 * KiB, 96 * KiB]),
+                              st.integers(0, 255)), min_size=1, max_size=8))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_writes_small_and_large_read_back_what_was_written(tmp_path, ops):
+    # Small requests go through the event loop (page cache), large ones through
+    # threads: either way the bytes read back equal a plain model of the file.
+    path = tmp_path / f"dev-{len(ops)}-{ops[0][0]}"
+    sparse_file(path, SIZE, [])
+    model = bytearray(SIZE)
+
+    async def run():
+        dev = await open_device(path, SIZE)
+        try:
+            for block, length, fill in ops:
+                offset = min(block * BLOCK, SIZE - length)
+                await dev.write(offset, bytes([fill]) * length)
+                model[offset:offset + length] = bytes([fill]) * length
+            for offset, length in [(0, SIZE), (0, BLOCK), (SIZE - 64 * KiB, 64 * KiB), (5, 4000)]:
+                if length <= 64 * KiB:
+                    assert await dev.read(offset, length) == bytes(model[offset:offset + length])
+            assert await dev.read(0, SIZE) == bytes(model)
+        finally:
+            dev.close()
+        assert path.read_bytes() == bytes(model)
+
+    trio.run(run)
+    path.unlink()
+
+
+async def test_a_write_that_blocked_sends_small_writes_to_threads_for_a_while(tmp_path, monkeypatch):
+    # A buffered write the kernel throttled (writeback) must not keep holding
+    # the event loop: after one took longer than INLINE_SLOW, small writes go
+    # to worker threads for INLINE_PAUSE seconds.
+    import gmd.disk
+
+    path = tmp_path / "dev"
+    sparse_file(path, SIZE, [])
+    dev = await open_device(path, SIZE)
+    try:
+        await dev.write(0, b"a" * BLOCK)
+        assert dev.inline_pauses == 0
+        monkeypatch.setattr(gmd.disk, "INLINE_SLOW", -1.0)  # every inline write now counts as throttled
+        await dev.write(BLOCK, b"b" * BLOCK)
+        assert dev.inline_pauses == 1
+        threads_before = []
+        real = trio.to_thread.run_sync
+
+        async def counting(fn, *args, **kwargs):
+            threads_before.append(fn.__name__)
+            return await real(fn, *args, **kwargs)
+
+        monkeypatch.setattr(gmd.disk.trio.to_thread, "run_sync", counting)
+        await dev.write(2 * BLOCK, b"c" * BLOCK)
+        assert threads_before == ["_pwrite_full"] and dev.inline_pauses == 1
+        assert await dev.read(0, 3 * BLOCK) == b"a" * BLOCK + b"b" * BLOCK + b"c" * BLOCK
+    finally:
+        dev.close()
