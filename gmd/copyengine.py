@@ -1,12 +1,12 @@
 """Copy orchestration of one volume: which member is copied or verified, and how far.
 
-:mod:`gmd.copy` holds the passes themselves (hash compare, ranges, fences);
-this module decides when a pass runs (a member connects behind, falls behind,
-``gmd resync``), keeps copying pass after pass until the member is level,
-and owns what the status shows of it: the running passes, every pass started,
-the bytes shipped, the running verifies and each member's last verify report.
-The passes see only :class:`CopyEngine`'s narrow interface, never the volume
-engine.
+:mod:`gmd.copy` and :mod:`gmd.verify` hold the passes themselves (hash
+compare, ranges, fences); this module decides when a pass runs (a member
+connects behind, falls behind, ``gmd resync``), keeps copying pass after pass
+until the member is level, and owns what the status shows of it: the running
+passes, every pass started, the bytes shipped, the running verifies and each
+member's last verify report. The passes see only :class:`CopyEngine`'s narrow
+interface, never the volume engine.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import trio
 from statemap import DiskState, Role
 from transport.link import LinkClosed
 
-from .copy import CopyAborted, copy_member, verify_member
+from .copy import CopyAborted, copy_member
 from .copystate import CopyProgress, PassKind
 from .replication import MemberLink, Replication
+from .verify import verify_member
 
 if TYPE_CHECKING:
     from statemap.statemap import StateMap

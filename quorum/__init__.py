@@ -1,6 +1,7 @@
 """Votes, expected votes, the quorum decision, the witness and generation comparison.
 
-Knows nothing of disks and never imports ``gmd``.
+Knows nothing of disks and never imports ``gmd``; of ``statemap`` it reads only
+the generation format (:mod:`statemap.format`, no I/O).
 """
 
 from .votes import (

@@ -11,7 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-NO_GENERATION = "0" * 16  # a member that never held data of any generation
+# The state map creates and persists generations, so the format is its own;
+# this module only compares them. statemap.format is pure (no I/O), and it is
+# the one part of statemap the quorum may import (pyproject.toml, contract
+# "foundations-independent").
+from statemap.format import NO_GENERATION  # a member that never held data of any generation
 
 
 @dataclass(frozen=True)

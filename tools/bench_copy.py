@@ -59,12 +59,12 @@ import xxhash
 
 from gmd import admin, control
 from gmd.config import Config, load_config, parse_size
-from tools.bench_write import machine
 from tools.cluster_config import NodeSpec, write_cluster_config
 from tools.procs import (
     die_with_parent,
     free_port,
     is_mounted,
+    machine,
     stop_process,
     unmount_fuse,
 )

@@ -29,8 +29,8 @@ from pathlib import Path
 
 from gmd import control
 from gmd.config import load_config, parse_size
-from tools.bench_write import machine, write_config
-from tools.procs import die_with_parent, is_mounted, stop_process, unmount_fuse
+from tools.cluster_config import write_bench_cluster
+from tools.procs import die_with_parent, is_mounted, machine, stop_process, unmount_fuse
 
 MiB = 1 << 20
 SETUPS = ("passthrough", "local", "sync", "mwc", "async")
@@ -106,7 +106,7 @@ def bench_setup(setup: str, kind: str, seconds: float, size: int, workdir: Path)
                 time.sleep(0.02)
             path = str(mnt / "vol")
         else:
-            config = write_config(d, setup, size)
+            config = write_bench_cluster(d, setup, size)
             cfg = load_config(config)
             nodes = ["bench1"] if setup == "local" else ["bench2", "bench1"]
             for n in nodes:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -31,39 +30,15 @@ from pathlib import Path
 
 import trio
 
-from gmd import admin, control
+from gmd import control
 from gmd.config import load_config, parse_size
 from gmd.daemon import NodeDaemon
-from tools.cluster_config import NodeSpec, write_cluster_config
-from tools.procs import die_with_parent, stop_process
+from tools.cluster_config import write_bench_cluster
+from tools.procs import die_with_parent, machine, stop_process
 
 MiB = 1 << 20
 SETUPS = ("local", "sync", "mwc", "async")
 BACKING = "zeroed"  # or "fallocated" (--backing)
-
-
-def write_config(directory: Path, setup: str, size: int) -> Path:
-    nodes = ["bench1"] if setup == "local" else ["bench1", "bench2"]
-    mode = "mwc" if setup == "local" else setup
-    specs = [NodeSpec(n, member={"device": f"data/{n}.img", "statemap": f"data/{n}.sm"}) for n in nodes]
-    path = write_cluster_config(directory, specs, volume="vol", size=size, mode=mode, secret="bench",
-                                volume_settings={"async_queue": "256MiB"})
-    cfg = load_config(path)
-    for n in nodes:
-        admin.init_volume(cfg, n, "vol")
-        with open(cfg.member("vol", n).device, "r+b") as f:  # allocate: no sparse-hole effects
-            if BACKING == "zeroed":
-                # Written through: no unwritten extents for the first writes to
-                # convert (like a block device or a long-used file).
-                zeros = bytes(MiB)
-                for off in range(0, size, MiB):
-                    f.write(zeros)
-                f.flush()
-                os.fsync(f.fileno())
-            else:
-                os.posix_fallocate(f.fileno(), 0, size)
-    admin.mark_dirty(cfg, "bench1", "vol", skip_initial_copy=True)
-    return path
 
 
 def start_member(config: Path, log: Path) -> subprocess.Popen:
@@ -115,7 +90,7 @@ async def bench_setup(setup: str, kind: str, seconds: float, size: int, workdir:
     """One workload on a fresh cluster of ``setup``: its rate, and the share of
     written bytes the member received (below 1: it fell behind, async only)."""
     d = Path(tempfile.mkdtemp(prefix=f"gmd-bench-{setup}-", dir=workdir))
-    config = write_config(d, setup, size)
+    config = write_bench_cluster(d, setup, size, backing=BACKING)
     member = None
     try:
         if setup != "local":
@@ -143,18 +118,6 @@ async def bench_setup(setup: str, kind: str, seconds: float, size: int, workdir:
         if member is not None:
             stop_process(member)
         subprocess.run(["rm", "-rf", str(d)], check=False)
-
-
-def machine() -> str:
-    cpu = "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.node()}: {os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}"
 
 
 async def main_async(args) -> dict:

@@ -6,10 +6,14 @@ relative to the config file's directory, so the whole cluster lives in one
 temporary directory. The file is built as a dict and written with ``tomli_w``
 (quoting and escaping done by a TOML library, not by f-strings); extra keys
 and tables are merged into that dict before writing.
+
+:func:`write_bench_cluster` writes the write benchmarks' cluster (bench_write,
+bench_fuse) and readies its members to start.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +21,8 @@ from typing import Any
 
 import tomli_w
 
+from gmd import admin
+from gmd.config import load_config
 from tools.procs import free_ports
 
 
@@ -95,3 +101,34 @@ def witness_table(name: str, port: int, votes: int = 1, state: str | None = None
     """A ``[witnesses.NAME]`` table for :func:`cluster_document`'s ``tables``."""
     return {"witnesses": {name: {"address": f"127.0.0.1:{port}", "votes": votes,
                                  "state": state or f"data/{name}/witness.json"}}}
+
+
+def write_bench_cluster(directory: Path, setup: str, size: int, *, backing: str = "zeroed") -> Path:
+    """Write the config of the write benchmarks' cluster for ``setup``
+    (``local``: ``bench1`` alone; ``sync``, ``mwc`` or ``async``: ``bench2`` a
+    member of that mode; volume ``vol`` of ``size`` bytes) and ready its
+    members: state maps initialised, devices allocated (``backing``
+    ``"zeroed"``: written through with zeros, or ``"fallocated"``),
+    ``bench1``'s data current with no initial copy. Returns the config's path."""
+    nodes = ["bench1"] if setup == "local" else ["bench1", "bench2"]
+    mode = "mwc" if setup == "local" else setup
+    specs = [NodeSpec(n, member={"device": f"data/{n}.img", "statemap": f"data/{n}.sm"}) for n in nodes]
+    path = write_cluster_config(directory, specs, volume="vol", size=size, mode=mode, secret="bench",
+                                volume_settings={"async_queue": "256MiB"})
+    cfg = load_config(path)
+    mib = 1 << 20
+    for n in nodes:
+        admin.init_volume(cfg, n, "vol")
+        with open(cfg.member("vol", n).device, "r+b") as f:  # allocate: no sparse-hole effects
+            if backing == "zeroed":
+                # Written through: no unwritten extents for the first writes to
+                # convert (like a block device or a long-used file).
+                zeros = bytes(mib)
+                for off in range(0, size, mib):
+                    f.write(zeros)
+                f.flush()
+                os.fsync(f.fileno())
+            else:
+                os.posix_fallocate(f.fileno(), 0, size)
+    admin.mark_dirty(cfg, "bench1", "vol", skip_initial_copy=True)
+    return path

@@ -1,10 +1,12 @@
 """Small process, port and mount helpers shared by the demo, the benchmarks
-and the tests (the one definition of each)."""
+and the tests (the one definition of each), and the benchmarks' description
+of the machine they ran on."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -62,3 +64,16 @@ def unmount_fuse(path: str | os.PathLike[str]) -> None:
     """Remove a FUSE mount left by a killed process (lazily)."""
     if is_mounted(path):
         subprocess.run(["fusermount3", "-u", "-z", os.path.realpath(Path(path))], capture_output=True)
+
+
+def machine() -> str:
+    """This machine as a benchmark reports it: host, cores, CPU model, kernel, Python."""
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.node()}: {os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}"
