@@ -148,7 +148,6 @@ async def copy_member(copier: CopySource, m: MemberLink) -> None:
     await copier.member_caught_up(m)
 
 
-QUEUE_POLL = 0.05  # seconds between looks at a behind member's draining queue
 
 
 async def _ship_again_if_room(copier: CopySource, m: MemberLink) -> None:
@@ -168,7 +167,7 @@ async def _ship_again_if_room(copier: CopySource, m: MemberLink) -> None:
     while m.queued_bytes > room:  # nothing is queued while behind: it only drains
         if not m.connected:
             raise CopyAborted(f"{m.name} went away")
-        await trio.sleep(QUEUE_POLL)
+        await m.wait_queue_at_most(room)  # woken by its acks, or by any change of the link
     if not m.connected:
         raise CopyAborted(f"{m.name} went away")
     m.ship_again(f"{left} bytes left to copy, {m.queued_bytes} of {m.queue_limit} bytes queued")
