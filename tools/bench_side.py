@@ -12,7 +12,7 @@ in the same run, so before and after are measured side by side, interleaved
 the way anchors.sh interleaves its setups. Not a test: nothing asserts a speed.
 
     sudo .venv/bin/python -m tools.bench_side [--setups ...] [--jobs ...] [--runtime 4] [--repeats 3]
-                                              [--baseline REV] [--json FILE]
+                                              [--baseline REV [--baseline-setups ...]] [--json FILE]
 """
 
 from __future__ import annotations
@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runtime", type=int, default=4, help="seconds per fio job (after its ramp)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--baseline", metavar="REV", help="also run the gmd setups from this git revision")
+    p.add_argument("--baseline-setups", metavar="SETUPS",
+                   help="the gmd setups run from --baseline too (default: every gmd setup given)")
     p.add_argument("--workdir", default="/var/tmp/gmd-bench")
     p.add_argument("--json", metavar="FILE", help="write the daemons' figures here as JSON")
     args = p.parse_args(argv)
@@ -142,14 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         p.error("anchors.sh needs root (FUSE mounts, dropping caches)")
     setups = args.setups.split()
-    kinds = [s.removeprefix("gmd-") for s in setups if s.startswith("gmd-")]
+    based = args.baseline_setups.split() if args.baseline_setups else [s for s in setups if s.startswith("gmd-")]
+    if bad := [s for s in based if not s.startswith("gmd-") or s not in setups]:
+        p.error(f"--baseline-setups must be gmd setups among --setups: {' '.join(bad)}")
+    kinds = [s.removeprefix("gmd-") for s in based]
     with tempfile.TemporaryDirectory(prefix="gmd-bench-side-") as tmp_name:
         tmp = Path(tmp_name)
         bench, tree = BENCH, None
         if args.baseline:
             bench, tree = baseline_bench(args.baseline, kinds, tmp)
             # After each setup it is measured against, so both see the same machine state.
-            setups = [x for s in setups for x in ([s, f"{s}-base"] if s.startswith("gmd-") else [s])]
+            setups = [x for s in setups for x in ([s, f"{s}-base"] if s in based else [s])]
         env = dict(os.environ, SETUPS=" ".join(setups), JOBS=args.jobs, RUNTIME=str(args.runtime),
                    REPEATS=str(args.repeats), WORKDIR=args.workdir, GMD_VENV=str(ROOT / ".venv"),
                    PY=os.environ.get("PY", sys.executable))
