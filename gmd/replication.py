@@ -35,7 +35,7 @@ import trio
 
 from quorum.generations import Verdict
 from statemap import DiskState, Role
-from transport.codec import Flush, FlushAck, Write, WriteAck
+from transport.codec import Flush, FlushAck, HashRequest, Read, Write, WriteAck
 from transport.link import LinkClosed, PeerLink
 
 
@@ -341,8 +341,6 @@ class MemberLink:
 
     async def read(self, offset: int, length: int) -> bytes:
         """Read bytes from this member's disk over the link (any live path)."""
-        from transport.codec import Read
-
         reply = await self._request(lambda r: Read(r, offset, length))
         if reply.status:
             raise OSError(reply.status, f"read from {self.name} failed")
@@ -352,8 +350,6 @@ class MemberLink:
 
     async def region_hashes(self, offset: int, length: int, block: int) -> tuple[int, ...]:
         """xxh3_64 of each ``block`` of [offset, offset+length) on this member's disk."""
-        from transport.codec import HashRequest
-
         reply = await self._request(lambda r: HashRequest(r, offset, length, block))
         if reply.status:
             raise OSError(reply.status, f"hashing on {self.name} failed")
