@@ -15,6 +15,7 @@ either sent whole or the link is closed); a caller cancelled inside
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -81,6 +82,7 @@ class PeerLink:
         self._idle = trio.Event()  # set when the sender has nothing left to send
         self._started = False
         self._sending = False
+        self._raw: socket.socket | None = None  # see start
         self._closed: str | None = None
         self._closed_event = trio.Event()
         self.bytes_sent = 0
@@ -101,9 +103,17 @@ class PeerLink:
 
     def start(self, nursery: trio.Nursery) -> None:
         self._started = True
+        if isinstance(self.stream, trio.SocketStream):
+            # A second handle on the same socket, for sends that do not wait
+            # (trio's socket has only awaiting ones); closed with the link.
+            self._raw = socket.socket(fileno=os.dup(self.stream.socket.fileno()))
+            self._raw.setblocking(False)
         nursery.start_soon(self._sender)
 
     def _mark_closed(self, reason: str) -> None:
+        if self._raw is not None:
+            self._raw.close()  # only the duplicate handle: the stream itself is closed by its owner
+            self._raw = None
         if self._closed is None:
             self._closed = reason
             self._closed_event.set()
@@ -138,9 +148,31 @@ class PeerLink:
     # --------------------------------------------------------------- sending
 
     def _queue(self, parts: list) -> None:
+        if not self._out and not self._sending and self._raw is not None:
+            parts = self._send_now(parts)
+            if not parts:
+                return
         self._out.extend(parts)
         self._out_bytes += sum(len(p) for p in parts)
         self._wake.set()
+
+    def _send_now(self, parts: list) -> list:
+        """Send a frame at once when nothing is queued before it: one sendmsg
+        that does not wait (MSG_DONTWAIT), instead of waking the sender task
+        (a task switch on each side of every write's round trip). Returns what
+        did not go out, for the sender task, in order; errors are left to it."""
+        if len(parts) > SENDMSG_MAX_BUFFERS:
+            return parts
+        try:
+            n = self._raw.sendmsg(parts, (), socket.MSG_DONTWAIT)
+        except OSError:  # EAGAIN (the socket buffer is full), or a broken link: the sender finds out
+            return parts
+        self.bytes_sent += n
+        for i, part in enumerate(parts):
+            if n < len(part):
+                return [memoryview(part)[n:], *parts[i + 1:]]
+            n -= len(part)
+        return []
 
     def _frame(self, event: Event) -> list:
         try:
