@@ -50,6 +50,8 @@ def _open_checked(vol: VolumeConfig, member: Member, node: str, *, readonly: boo
 
 @dataclass
 class InitResult:
+    """What ``gmd init`` did on one node: the map and device it made or kept."""
+
     volume: str
     node: str
     statemap: Path
@@ -99,6 +101,8 @@ def init_volume(config: Config, node: str, volume: str, *, force: bool = False) 
 
 @dataclass
 class MarkResult:
+    """What ``gmd dirty``/``gmd clean`` did (or, with ``dry_run``, would do) to one member's disk state."""
+
     volume: str
     node: str
     action: str  # "source" or "target"

@@ -55,7 +55,7 @@ DOWN_GRACE = 30.0  # seconds a volume's tasks have to end once cancelled (they e
 
 
 class NotPrimary(GmdError):
-    pass
+    """A request that needs the primary reached a node that is not (reads, writes, flushes)."""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from .config import ConfigError
 
 
 class ExitCode(IntEnum):
+    """The command line's exit codes (a refusal's code comes from its table entry)."""
+
     OK = 0
     FAILED = 1
     USAGE = 2
