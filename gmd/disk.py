@@ -146,8 +146,8 @@ class BackingDevice:
         :data:`INLINE_SLOW` sends the writes of the next :data:`INLINE_PAUSE`
         seconds to threads, so the loop is never held by writeback for long."""
         check_range(offset, len(data), self.size, writing=True)
-        if len(data) <= INLINE_MAX and time.monotonic() >= self._threads_until:
-            started = time.monotonic()
+        started = time.monotonic()
+        if len(data) <= INLINE_MAX and started >= self._threads_until:
             _pwrite_full(self._fd, data, offset)
             took = time.monotonic() - started
             if took > INLINE_SLOW:

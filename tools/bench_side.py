@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -224,22 +225,14 @@ def daemon_figures(result: Path, sampler: Sampler) -> dict:
     return out
 
 
-def _median(values: list[float]) -> float | None:
-    values = sorted(values)
-    if not values:
-        return None
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-
-
 def print_figures(figures: dict) -> None:
     print("\n| gmd setup | job | written per run (MiB, median) | CPU s per GiB written, per daemon (median) "
           "| peak RSS of a daemon during the job (MiB) | peak RSS of a daemon in the setup, initial copy included (MiB) |")
     print("|---|---|---:|---|---:|---:|")
     for setup, jobs in sorted(figures.items()):
         for job, row in sorted((k, v) for k, v in jobs.items() if k != "peak_rss_MiB"):
-            written = _median(row["written_bytes"]) or 0
-            cpu = ", ".join(f"{node} {_median(v):.1f}" for node, v in sorted(row["cpu_s_per_GiB"].items()))
+            written = statistics.median(row["written_bytes"]) if row["written_bytes"] else 0
+            cpu = ", ".join(f"{node} {statistics.median(v):.1f}" for node, v in sorted(row["cpu_s_per_GiB"].items()))
             print(f"| {setup} | {job} | {written / (1 << 20):.0f} | {cpu or '-'} | {row['peak_rss_MiB']} "
                   f"| {jobs['peak_rss_MiB']} |")
 
