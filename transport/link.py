@@ -133,7 +133,8 @@ class PeerLink:
             if self._started:
                 with trio.move_on_after(1):
                     while (self._out or self._sending) and self._closed is None:
-                        self._idle = trio.Event()
+                        if self._idle.is_set():  # shared by every closer waiting (see send)
+                            self._idle = trio.Event()
                         await self._idle.wait()
             else:
                 with trio.move_on_after(1):
@@ -195,7 +196,10 @@ class PeerLink:
             raise LinkClosed(self._closed)
         self._queue(self._frame(event))
         while self._out_bytes > SEND_HIGH_WATER and self._closed is None:
-            self._drained = trio.Event()
+            # One event for every sender waiting: replacing it while another
+            # waits on it would leave that one waiting for ever.
+            if self._drained.is_set():
+                self._drained = trio.Event()
             await self._drained.wait()
         if self._closed is not None:
             raise LinkClosed(self._closed)

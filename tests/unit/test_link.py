@@ -353,3 +353,46 @@ async def test_frames_sent_at_once_and_by_the_sender_task_keep_their_order_and_n
         await client.aclose("done")
         await server.aclose("done")
     assert len(os.listdir("/proc/self/fd")) == fds_before  # the duplicate handles closed with their links
+
+
+async def test_every_sender_waiting_at_the_high_water_mark_goes_on_once_the_queue_drains():
+    # Several tasks send while much is queued (a flood of copy data, and
+    # writes each telling the member its disk is outdated): all must go on
+    # when the sender task drains the queue, not only the last one to wait.
+    from transport.link import SEND_HIGH_WATER
+
+    client, server = await tcp_links()
+    # Two bursts of 8 MiB writes: the sender task takes the first and blocks
+    # on the socket (the peer does not read yet); the second stays queued,
+    # above the high-water mark.
+    n_burst = SEND_HIGH_WATER // (8 << 20) + 2
+    bulk = [Write(i + 1, 0, bytes(8 << 20)) for i in range(2 * n_burst)]
+    done = []
+
+    async def small_sender(i):
+        await client.send(Ping(i))
+        done.append(i)
+
+    async with trio.open_nursery() as n:
+        client.start(n)
+        server.start(n)
+        for w in bulk[:n_burst]:
+            client.send_nowait(w)
+        await trio.sleep(0.05)
+        for w in bulk[n_burst:]:
+            client.send_nowait(w)
+        for i in range(3):
+            n.start_soon(small_sender, i)
+        await trio.sleep(0.05)
+        assert done == []  # all three wait at the high-water mark
+        got = []
+        with trio.fail_after(10):
+            while len(got) < len(bulk) + 3:
+                got.append(await server.receive())
+            while len(done) < 3:
+                await trio.sleep(0.01)
+        assert sorted(done) == [0, 1, 2]
+        assert [g.seq for g in got[:len(bulk)]] == [w.seq for w in bulk]
+        assert sorted(p.token for p in got[len(bulk):]) == [0, 1, 2]
+        await client.aclose("done")
+        await server.aclose("done")
