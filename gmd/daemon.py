@@ -38,6 +38,7 @@ from .control import MAX_CONTROL_CLIENTS, MAX_REQUEST, prepare_socket_path
 from .engine import NodePorts, VolumeEngine
 from .errors import ExitCode, GmdError, Refused, exit_code_for
 from .fuse import VolumeFS, serve_fuse
+from .memory import bound_heap
 from .requests import check_request, decode_line, op_of
 from .witness import WitnessClient
 
@@ -385,6 +386,7 @@ def _error_line(message: str, code: int) -> bytes:
 
 async def run_daemon(config: Config, node: str, mount: bool = True) -> None:
     """``gmd daemon``: serve until SIGTERM/SIGINT, then stop cleanly."""
+    log.info("%s: %s", node, bound_heap())
     daemon = NodeDaemon(config, node, mount=mount)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as outer:
