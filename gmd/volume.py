@@ -174,7 +174,8 @@ class LocalVolume:
         self._seq += 1
         return self._seq
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        """The local disk's bytes (see :meth:`BackingDevice.read` for where it reads)."""
         return await self.device.read(offset, length)
 
     async def region_hashes(self, offset: int, length: int, block: int) -> list[int]:
@@ -208,6 +209,21 @@ class LocalVolume:
         mirrors the primary's intent around it (see VolumeEngine._apply_write)."""
         check_range(offset, len(data), self.size, writing=True)
         await self.device.write(offset, data)
+
+    def apply_now(self, offset: int, data: bytes, gseq: int) -> bool:
+        """Apply a primary's write on the calling task, mirroring its intent,
+        when nothing needs to wait: every extent it touches is hot on disk
+        already and the data goes to the page cache on the event loop. False,
+        having done nothing, otherwise (the caller takes the awaiting path)."""
+        length = len(data)
+        check_range(offset, length, self.size, writing=True)
+        if not self.device.can_write_now(length) or not self.statemap.intent_acquire_if_ready(offset, length):
+            return False
+        try:
+            done = self.device.write_now(offset, data)
+        finally:
+            self.end_intent(offset, length, gseq, mirror=True)
+        return done
 
     async def flush(self, *, durable_everywhere: int | None = None) -> None:
         """Local barrier: every completed write is durable; idle extents may retire.

@@ -178,3 +178,66 @@ async def test_a_write_that_blocked_sends_small_writes_to_threads_for_a_while(tm
         assert await dev.read(0, 3 * BLOCK) == b"a" * BLOCK + b"b" * BLOCK + b"c" * BLOCK
     finally:
         dev.close()
+
+
+async def test_a_slow_uncached_read_sends_uncached_reads_to_threads_for_a_while(tmp_path, monkeypatch):
+    # Small reads the page cache does not hold are done on the event loop only while
+    # the device answers fast: after one took longer than INLINE_READ_SLOW (a
+    # seek on a slow disk), they go to worker threads for INLINE_PAUSE seconds;
+    # reads the cache holds stay on the loop meanwhile.
+    import gmd.disk
+
+    path = tmp_path / "dev"
+    sparse_file(path, SIZE, [(0, b"x" * SIZE)])
+    dev = await open_device(path, SIZE)
+    threads = []
+    real = trio.to_thread.run_sync
+
+    async def counting(fn, *args, **kwargs):
+        threads.append(fn.__name__)
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(gmd.disk.trio.to_thread, "run_sync", counting)
+    monkeypatch.setattr(gmd.disk, "_pread_cached", lambda fd, buf, offset: 0)  # nothing is cached
+    try:
+        assert await dev.read(0, BLOCK) == b"x" * BLOCK
+        assert threads == [] and dev.slow_reads == 0  # fast device: read on the loop
+        monkeypatch.setattr(gmd.disk, "INLINE_READ_SLOW", -1.0)  # every uncached read now counts as slow
+        assert await dev.read(BLOCK, BLOCK) == b"x" * BLOCK
+        assert threads == [] and dev.slow_reads == 1  # that one was done here; the next go to threads
+        assert await dev.read(2 * BLOCK, BLOCK) == b"x" * BLOCK
+        assert threads == ["_pread_into"] and dev.slow_reads == 1
+        assert await dev.read(0, 2 * 64 * KiB) == b"x" * (2 * 64 * KiB)  # large: a thread anyway
+        assert threads == ["_pread_into", "_pread_full"]
+    finally:
+        dev.close()
+
+
+async def test_a_read_the_cache_holds_in_part_reads_only_the_rest_from_the_disk(tmp_path, monkeypatch):
+    # RWF_NOWAIT returns what the cache holds from the start of the range; the
+    # worker thread reads the rest into the same buffer, after it.
+    import gmd.disk
+
+    path = tmp_path / "dev"
+    content = bytes(range(256)) * (SIZE // 256)
+    sparse_file(path, SIZE, [(0, content)])
+    dev = await open_device(path, SIZE)
+    asked = []
+    real_into = gmd.disk._pread_into
+
+    def half_cached(fd, buf, offset):
+        half = len(buf) // 2
+        buf[:half] = content[offset:offset + half]
+        return half
+
+    def into(fd, buf, got, offset):
+        asked.append((got, len(buf)))
+        return real_into(fd, buf, got, offset)
+
+    monkeypatch.setattr(gmd.disk, "_pread_cached", half_cached)
+    monkeypatch.setattr(gmd.disk, "_pread_into", into)
+    try:
+        assert await dev.read(4096, 64 * KiB) == content[4096:4096 + 64 * KiB]
+        assert asked == [(32 * KiB, 64 * KiB)]
+    finally:
+        dev.close()
