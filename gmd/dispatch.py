@@ -93,7 +93,8 @@ class FrameDispatch:
                     return
                 applier = self._appliers.get(m.name)
                 if applier is None or applier.session_id != m.session.id:
-                    applier = Applier(self.engine.nursery, self._apply_write, self._apply_flush)
+                    applier = Applier(self.engine.nursery, self._apply_write, self._apply_flush,
+                                      write_now=self._apply_write_now)
                     applier.session_id = m.session.id
                     self._appliers[m.name] = applier
                 applier.submit(ev, link)
@@ -143,6 +144,15 @@ class FrameDispatch:
         finally:
             local.end_intent(item.offset, length, item.gseq, mirror=True)
         self.engine.writepath.note_applied(item.gseq)
+
+    def _apply_write_now(self, item: Write) -> bool:
+        """:meth:`_apply_write` on the receiving task, when it need not wait
+        (its extents hot on disk, the data small enough for the page cache on
+        the event loop); False, having done nothing, otherwise."""
+        if not self.engine.require_up().apply_now(item.offset, item.data, item.gseq):
+            return False
+        self.engine.writepath.note_applied(item.gseq)
+        return True
 
     async def _apply_flush(self, item: Flush) -> None:
         local = self.engine.require_up()

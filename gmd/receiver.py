@@ -28,12 +28,19 @@ class Applier:
     flush waits for every write issued before it. Once :meth:`close` d (the
     session ended), nothing more is applied: what was received but not yet
     issued is dropped, never acknowledged.
+
+    ``write_now(item)``, if given, applies a write on the receiving task when
+    it need not wait, returning False (having done nothing) when it must: a
+    write that arrives in order, overlaps nothing in flight and finds nothing
+    to wait for is then applied and acknowledged without a task of its own
+    (two task switches and a wake-up less per replicated write).
     """
 
-    def __init__(self, nursery: trio.Nursery, write, flush, *, on_applied=None):
+    def __init__(self, nursery: trio.Nursery, write, flush, *, on_applied=None, write_now=None):
         self._nursery = nursery
         self._write = write
         self._flush = flush
+        self._write_now = write_now
         self._on_applied = on_applied
         self.next_seq = 1
         self._waiting: dict[int, tuple[Write | Flush, PeerLink]] = {}
@@ -53,10 +60,37 @@ class Applier:
         if item.seq < self.next_seq:
             self._nursery.start_soon(self._ack_duplicate, item, path)
             return
-        self._waiting[item.seq] = (item, path)
+        if (self._write_now is not None and item.seq == self.next_seq and not self._pump_running
+                and isinstance(item, Write) and self._apply_now(item, path)):
+            if self.next_seq not in self._waiting:
+                return
+        else:
+            self._waiting[item.seq] = (item, path)
         if not self._pump_running:
             self._pump_running = True
             self._nursery.start_soon(self._pump)
+
+    def _apply_now(self, item: Write, path: PeerLink) -> bool:
+        """Apply ``item`` (the next in order) here and now if it overlaps no
+        write in flight and ``write_now`` takes it; True once it is issued."""
+        start, end = item.offset, item.offset + len(item.data)
+        if any(s2 < end and start < e2 for s2, e2, _ in self._inflight.values()):
+            return False
+        status = 0
+        try:
+            if not self._write_now(item):
+                return False
+        except Exception as e:  # a data-path fault answers with an errno, as in _apply_write
+            status = errno_for(e)
+            log.error("applying write seq %d at %d failed: %s", item.seq, item.offset, e)
+        self.next_seq += 1
+        if self._on_applied is not None and status == 0:
+            self._on_applied(item)
+        try:
+            path.send_nowait(WriteAck(item.seq, status))
+        except LinkClosed:
+            pass  # the primary settles it as failed when the session ends
+        return True
 
     async def _ack_duplicate(self, item: Write | Flush, path: PeerLink) -> None:
         if isinstance(item, Flush):

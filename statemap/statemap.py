@@ -562,6 +562,22 @@ class StateMap:
             self.retire_idle(len(self._hot) - self.hot_limit)
         return need
 
+    def intent_acquire_if_ready(self, offset: int, length: int) -> bool:
+        """:meth:`intent_acquire` for a write that need not wait: every extent
+        it touches is hot with its intent bit on disk already. False, changing
+        nothing, when one is not (the caller takes the path that commits)."""
+        self._check_range(offset, length)
+        self._require_in_use()
+        extents = self.extents_of(offset, length)
+        for extent in extents:
+            if (extent not in self._hot or not self.intent[extent]
+                    or ("intent", extent // self._bpp) in self._dirty.pages):
+                return False
+        for extent in extents:
+            self._hot.move_to_end(extent)
+            self._hot[extent].refs += 1
+        return True
+
     def intent_prefetch(self, extents: range) -> int:
         """Make ``extents`` hot ahead of a sequential stream, holding no write, so
         they go to disk in the commit the stream is waiting for anyway. Returns

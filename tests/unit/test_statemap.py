@@ -344,6 +344,27 @@ def test_reacquired_extent_waits_for_its_bit_again(smpath):
     sm.close()
 
 
+def test_a_write_takes_its_intent_without_waiting_only_where_it_is_on_disk(smpath):
+    sm = make(smpath)
+    es = 4 * MiB
+    assert not sm.intent_acquire_if_ready(0, 4096)  # cold extent: it needs a commit
+    assert sm.hot_extents() == []  # and nothing was changed
+    sm.intent_acquire(0, 4096)
+    assert not sm.intent_acquire_if_ready(8192, 4096)  # hot, but its bit not yet on disk
+    sm.commit()
+    assert sm.intent_acquire_if_ready(8192, 4096)
+    assert not sm.intent_acquire_if_ready(es - 10, 20)  # spills into cold extent 1: nothing taken
+    sm.intent_release(0, 4096, 1)
+    sm.intent_release(8192, 4096, 2)
+    sm.note_flushed(1)
+    sm.retire_idle()
+    assert sm.hot_extents() == [0]  # the write taken without waiting holds its extent like any other
+    sm.note_flushed(2)
+    sm.retire_idle()
+    assert not sm.intent_acquire_if_ready(0, 4096)  # retired: its bit is cleared, not yet on disk
+    sm.close()
+
+
 def test_commit_plan_can_run_while_owner_keeps_marking(smpath):
     sm = make(smpath)
     sm.mark_out_of_sync("labor2", 0, 1)

@@ -1,0 +1,123 @@
+"""The member's applier: a primary's writes applied in link order, some on the
+receiving task itself (``write_now``), the rest in tasks; acks for each."""
+
+from __future__ import annotations
+
+import errno
+
+import trio
+
+from transport.codec import Flush, FlushAck, Write, WriteAck
+
+from gmd.receiver import Applier
+
+
+class FakePath:
+    """Collects what the applier sends back (acks), in order."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send_nowait(self, ev):
+        self.sent.append(ev)
+
+    async def send(self, ev):
+        self.sent.append(ev)
+
+
+class Disk:
+    """A member disk in memory: ``write_now`` takes writes with ``now`` set,
+    the awaiting path takes any (after ``slow`` seconds)."""
+
+    def __init__(self, size=1 << 20):
+        self.data = bytearray(size)
+        self.now = True
+        self.slow = 0.0
+        self.fail_at = None
+        self.applied_now = []  # seqs applied on the receiving task
+        self.applied_later = []
+
+    def write_now(self, item):
+        if self.fail_at == item.offset:
+            raise OSError(errno.EIO, "disk failed")
+        if not self.now:
+            return False
+        self.data[item.offset:item.offset + len(item.data)] = item.data
+        self.applied_now.append(item.seq)
+        return True
+
+    async def write(self, item):
+        await trio.sleep(self.slow)
+        self.data[item.offset:item.offset + len(item.data)] = item.data
+        self.applied_later.append(item.seq)
+
+    async def flush(self, item):
+        await trio.sleep(0)
+
+
+async def _settle():
+    for _ in range(50):
+        await trio.sleep(0)
+
+
+async def test_writes_that_need_not_wait_are_applied_and_acked_on_the_receiving_task():
+    disk, path = Disk(), FakePath()
+    async with trio.open_nursery() as n:
+        a = Applier(n, disk.write, disk.flush, write_now=disk.write_now)
+        for seq in range(1, 4):
+            a.submit(Write(seq, seq * 4096, bytes([seq]) * 4096), path)
+            # Applied before submit returned: no task ran in between.
+            assert disk.applied_now[-1] == seq and path.sent[-1] == WriteAck(seq, 0)
+        assert disk.applied_later == []
+
+
+async def test_a_write_overlapping_one_in_flight_waits_for_it_and_lands_after_it():
+    disk, path = Disk(), FakePath()
+    async with trio.open_nursery() as n:
+        a = Applier(n, disk.write, disk.flush, write_now=disk.write_now)
+        disk.now, disk.slow = False, 0.05
+        a.submit(Write(1, 0, b"a" * 8192), path)  # must wait (a commit, a big write): a task
+        await _settle()
+        disk.now = True
+        a.submit(Write(2, 4096, b"b" * 4096), path)  # overlaps seq 1, still in flight
+        a.submit(Write(3, 65536, b"c" * 4096), path)  # behind seq 2 in order: not ahead of it
+        await trio.sleep(0.2)
+    assert bytes(disk.data[:8192]) == b"a" * 4096 + b"b" * 4096
+    assert disk.applied_later[0] == 1 and 2 in disk.applied_later
+    assert sorted(ack.seq for ack in path.sent) == [1, 2, 3]
+
+
+async def test_a_write_received_ahead_of_its_turn_waits_for_the_ones_before():
+    disk, path = Disk(), FakePath()
+    async with trio.open_nursery() as n:
+        a = Applier(n, disk.write, disk.flush, write_now=disk.write_now)
+        a.submit(Write(2, 0, b"2" * 4096), path)  # came by another path first
+        await _settle()
+        assert path.sent == [] and disk.applied_now == []
+        a.submit(Write(1, 0, b"1" * 4096), path)
+        await _settle()
+    assert bytes(disk.data[:4096]) == b"2" * 4096  # the primary's order, not the arrival order
+    assert [ack.seq for ack in path.sent] == [1, 2]
+
+
+async def test_a_failed_write_on_the_receiving_task_is_acked_with_its_errno_and_the_rest_go_on():
+    disk, path = Disk(), FakePath()
+    disk.fail_at = 4096
+    async with trio.open_nursery() as n:
+        a = Applier(n, disk.write, disk.flush, write_now=disk.write_now)
+        a.submit(Write(1, 4096, b"x" * 4096), path)
+        a.submit(Write(2, 8192, b"y" * 4096), path)
+        a.submit(Flush(3), path)
+        await _settle()
+    assert path.sent[:2] == [WriteAck(1, errno.EIO), WriteAck(2, 0)]
+    assert path.sent[2] == FlushAck(3, 0)
+
+
+async def test_after_close_nothing_more_is_applied_or_acked():
+    disk, path = Disk(), FakePath()
+    async with trio.open_nursery() as n:
+        a = Applier(n, disk.write, disk.flush, write_now=disk.write_now)
+        a.close()
+        a.submit(Write(1, 0, b"x" * 4096), path)
+        await _settle()
+    assert path.sent == [] and disk.applied_now == []
