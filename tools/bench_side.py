@@ -189,6 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def job_span(fio: dict) -> tuple[float, float]:
+    """(start, end) in epoch seconds of the measured part of a fio job, from
+    its JSON output. With group_reporting (psyncwrite8) ``job_runtime`` is
+    the sum over the job's threads, so the wall-clock span is that divided by
+    their number (taking it whole charged earlier jobs' CPU to this one)."""
+    j = fio["jobs"][0]
+    end = fio["timestamp_ms"] / 1000
+    threads = int((j.get("job options") or {}).get("numjobs")
+                  or (fio.get("global options") or {}).get("numjobs") or 1)
+    return end - j["job_runtime"] / 1000 / threads, end
+
+
 def daemon_figures(result: Path, sampler: Sampler) -> dict:
     """Per gmd setup and job: bytes written, each daemon's CPU seconds per GiB
     written (median over repetitions) and peak RSS (MiB)."""
@@ -201,9 +213,7 @@ def daemon_figures(result: Path, sampler: Sampler) -> dict:
             fio = json.loads(raw.read_text())
         except ValueError:
             continue
-        j = fio["jobs"][0]
-        end = fio["timestamp_ms"] / 1000
-        start = end - j["job_runtime"] / 1000
+        start, end = job_span(fio)
         written = sum(x["write"]["io_bytes"] for x in fio["jobs"])
         row = out.setdefault(setup, {}).setdefault(job, {"written_bytes": [], "cpu_s_per_GiB": {},
                                                           "peak_rss_MiB": 0.0})
