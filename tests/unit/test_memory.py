@@ -66,7 +66,7 @@ def _growth_mib(mode: str) -> int:
 def test_freed_request_buffers_are_reused_or_returned_not_kept_per_thread():
     # 512 MiB of buffers passed through eight threads, 32 MiB of write
     # buffers live at a time: what stays resident is about that, reused turn
-    # after turn (the chunks are unmapped when freed).
+    # after turn by whichever thread allocates next.
     assert _growth_mib("bound") < 48
 
 
