@@ -91,10 +91,10 @@ class BackingDevice:
         Up to :data:`INLINE_MAX` bytes on the event loop, where that costs
         less than a hand-off to a worker thread: what the page cache holds
         (``RWF_NOWAIT`` never waits for the disk), and the rest from the disk
-        itself while it answers fast. An uncached read
-        that took over :data:`INLINE_READ_SLOW` (a seek on a slow disk) sends
-        the uncached reads of the next :data:`INLINE_PAUSE` seconds to threads,
-        so a slow device never holds the loop for long. Everything else is
+        itself while it answers fast. An uncached read that took over
+        :data:`INLINE_READ_SLOW` (a seek on a slow disk) sends the uncached
+        reads of the next :data:`INLINE_PAUSE` seconds to threads, so a slow
+        device never holds the loop for long. Everything else is
         read in a worker thread (larger reads too: a 1 MiB copy on the loop
         measured slower than in a thread, which overlaps the loop's work)."""
         check_range(offset, length, self.size, writing=False)
@@ -177,9 +177,10 @@ class BackingDevice:
             return
         await trio.to_thread.run_sync(_pwrite_full, self._fd, data, offset, limiter=self._limiter)
 
-    def can_write_now(self, length: int) -> bool:
-        """Whether a write of ``length`` bytes would be done on the event loop now."""
-        return length <= INLINE_MAX and time.monotonic() >= self._threads_until
+    def can_write_now(self, length: int, now: float | None = None) -> bool:
+        """Whether a write of ``length`` bytes would be done on the event loop
+        at monotonic time ``now`` (default: the present)."""
+        return length <= INLINE_MAX and (time.monotonic() if now is None else now) >= self._threads_until
 
     def write_now(self, offset: int, data: bytes) -> bool:
         """Write ``data`` at ``offset`` on the calling task if it is small and
@@ -187,7 +188,7 @@ class BackingDevice:
         nothing, if it must go to a thread."""
         check_range(offset, len(data), self.size, writing=True)
         started = time.monotonic()
-        if len(data) > INLINE_MAX or started < self._threads_until:
+        if not self.can_write_now(len(data), started):
             return False
         _pwrite_full(self._fd, data, offset)
         took = time.monotonic() - started

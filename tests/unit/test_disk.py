@@ -37,6 +37,21 @@ async def open_device(path, size):
     return BackingDevice(path, size, trio.CapacityLimiter(2))
 
 
+def count_thread_calls(monkeypatch) -> list[str]:
+    """The names of the functions gmd.disk hands to worker threads from now on, in order."""
+    import gmd.disk
+
+    names: list[str] = []
+    real = trio.to_thread.run_sync
+
+    async def counting(fn, *args, **kwargs):
+        names.append(fn.__name__)
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(gmd.disk.trio.to_thread, "run_sync", counting)
+    return names
+
+
 writes = st.lists(st.tuples(st.integers(0, SIZE - 1), st.integers(1, 20 * KiB), st.integers(0, 255)), max_size=6)
 
 
@@ -165,14 +180,7 @@ async def test_a_write_that_blocked_sends_small_writes_to_threads_for_a_while(tm
         monkeypatch.setattr(gmd.disk, "INLINE_SLOW", -1.0)  # every inline write now counts as throttled
         await dev.write(BLOCK, b"b" * BLOCK)
         assert dev.inline_pauses == 1
-        threads_before = []
-        real = trio.to_thread.run_sync
-
-        async def counting(fn, *args, **kwargs):
-            threads_before.append(fn.__name__)
-            return await real(fn, *args, **kwargs)
-
-        monkeypatch.setattr(gmd.disk.trio.to_thread, "run_sync", counting)
+        threads_before = count_thread_calls(monkeypatch)
         await dev.write(2 * BLOCK, b"c" * BLOCK)
         assert threads_before == ["_pwrite_full"] and dev.inline_pauses == 1
         assert await dev.read(0, 3 * BLOCK) == b"a" * BLOCK + b"b" * BLOCK + b"c" * BLOCK
@@ -190,14 +198,7 @@ async def test_a_slow_uncached_read_sends_uncached_reads_to_threads_for_a_while(
     path = tmp_path / "dev"
     sparse_file(path, SIZE, [(0, b"x" * SIZE)])
     dev = await open_device(path, SIZE)
-    threads = []
-    real = trio.to_thread.run_sync
-
-    async def counting(fn, *args, **kwargs):
-        threads.append(fn.__name__)
-        return await real(fn, *args, **kwargs)
-
-    monkeypatch.setattr(gmd.disk.trio.to_thread, "run_sync", counting)
+    threads = count_thread_calls(monkeypatch)
     monkeypatch.setattr(gmd.disk, "_pread_cached", lambda fd, buf, offset: 0)  # nothing is cached
     try:
         assert await dev.read(0, BLOCK) == b"x" * BLOCK
