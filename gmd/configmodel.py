@@ -135,6 +135,13 @@ class VolumeConfig:
     on_quorum_loss: str = "suspend"  # writes without quorum wait ("suspend") or get EIO ("fail")
     quorum_timeout: int = 30  # seconds a write waits for quorum under "fail"
     split_brain: str = "disconnect"  # who discards its changes after a split-brain, if anyone
+    # Automatic takeover (docs/DESIGN.md, "Automatic takeover"): a secondary
+    # with an uptodate disk and quorum promotes itself when no primary is in
+    # sight; a primary that loses quorum fences itself.
+    auto_promote: bool = False
+    start_command: tuple[str, ...] | None = None  # argv run after this node becomes primary
+    stop_command: tuple[str, ...] | None = None  # argv run before this node stops being primary
+    command_timeout: int = 60  # seconds a start or stop command may run before it is killed
 
 
 @dataclass(frozen=True)

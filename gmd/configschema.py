@@ -92,6 +92,25 @@ class _Parser:
             raise self.error(key, f"{value} is too small (expected {expected})")
         return value
 
+    def boolean(self, value: object, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {describe(value)}")
+        return value
+
+    def command(self, value: object, key: str) -> tuple[str, ...]:
+        """A command to run: a list of strings (argv, no shell) or one string
+        (run by ``/bin/sh -c``, for pipelines and redirections)."""
+        if isinstance(value, str):
+            argv = ("/bin/sh", "-c", self.string(value, key, "a command (string or list of strings)"))
+        elif isinstance(value, list) and value and all(isinstance(a, str) and a for a in value):
+            argv = tuple(value)
+        else:
+            raise self.error(key, f"expected a command: a string (run by /bin/sh -c) or a non-empty list of "
+                                  f"non-empty strings (argv), got {describe(value)}")
+        if any("\0" in a for a in argv):
+            raise self.error(key, "command contains a NUL character")
+        return argv
+
     def path(self, value: object, key: str) -> Path:
         text = self.string(value, key, "a path (string)")
         if "\0" in text:
@@ -267,7 +286,8 @@ class _Parser:
     ) -> VolumeConfig:
         key = join_key("volumes", name)
         self.check_keys(table, key, ("size", "region_size", "extent_size", "mode", "members", "async_queue",
-                                     "copy_rate", "on_quorum_loss", "quorum_timeout", "split_brain"))
+                                     "copy_rate", "on_quorum_loss", "quorum_timeout", "split_brain",
+                                     "auto_promote", "start_command", "stop_command", "command_timeout"))
 
         size, raw_size = self.size(
             self.require(table, key, "size", 'a size such as "4GiB"'), join_key(key, "size")
@@ -330,8 +350,15 @@ class _Parser:
             raise self.error(join_key(key, "split_brain"),
                              f"{json.dumps(split)} is not a split-brain policy (expected one of: "
                              f"{', '.join(SPLIT_BRAIN_POLICIES)}){did_you_mean(split, SPLIT_BRAIN_POLICIES)}")
+        auto_promote = self.boolean(table.get("auto_promote", False), join_key(key, "auto_promote"))
+        start = stop = None
+        if "start_command" in table:
+            start = self.command(table["start_command"], join_key(key, "start_command"))
+        if "stop_command" in table:
+            stop = self.command(table["stop_command"], join_key(key, "stop_command"))
+        command_timeout = self.integer(table.get("command_timeout", 60), join_key(key, "command_timeout"), 1)
         return VolumeConfig(name, size, region, extent, mode, members, async_queue, copy_rate, on_loss, timeout,
-                            split)
+                            split, auto_promote, start, stop, command_timeout)
 
     def members(
         self,

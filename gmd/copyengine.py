@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,6 +26,8 @@ from .copy import CopyAborted, copy_member
 from .copystate import CopyProgress, PassKind
 from .replication import MemberLink, Replication
 from .verify import verify_member
+
+HISTORY = 16  # copy passes kept for the status (the running ones and the last finished)
 
 if TYPE_CHECKING:
     from statemap.statemap import StateMap
@@ -65,7 +68,8 @@ class CopyEngine:
         self.running: dict[str, CopyProgress] = {}  # member -> its running copy pass
         self.bytes_sent = 0  # bytes the copy passes shipped (after hash compare)
         self.rate = engine.config.copy_rate  # bytes/s per member copy; 0: unlimited
-        self.history: list[tuple[str, CopyProgress]] = []  # (member, progress) of every pass started
+        # (member, progress) of the last passes started, for the status's "copies"
+        self.history: deque[tuple[str, CopyProgress]] = deque(maxlen=HISTORY)
         self.verifying: dict[str, CopyProgress] = {}  # member -> its running verify
         self.verify_reports: dict[str, dict[str, Any]] = {}  # member -> its last verify's report
         self._verify_done: dict[str, trio.Event] = {}  # member -> set when its running verify ends
@@ -108,6 +112,9 @@ class CopyEngine:
 
     def pass_started(self, member: str, progress: CopyProgress) -> None:
         """A copy pass to ``member`` begins: it is shown as running, and kept in the history."""
+        before = self.running.get(member)
+        if before is not None and before.ended is None:
+            before.ended = trio.current_time()
         self.running[member] = progress
         self.history.append((member, progress))
 
@@ -162,7 +169,9 @@ class CopyEngine:
                     return
         finally:
             self._copying.discard(m.name)
-            self.running.pop(m.name, None)
+            last = self.running.pop(m.name, None)
+            if last is not None and last.ended is None:
+                last.ended = trio.current_time()
             if m.connected and m.replication is Replication.CATCHING_UP:
                 # Stopped short (demoted, volume down): say how writes reach it now.
                 m.set_replication(Replication.BEHIND if m.behind else Replication.SHIPPING, "copy stopped")

@@ -14,6 +14,7 @@ member links, the role and its epoch, the quorum keeper) and the lifecycle
 * :mod:`gmd.peerstate` — STATE messages;
 * :mod:`gmd.copyengine` — copy and verify orchestration;
 * :mod:`gmd.resolution` — split-brain resolution;
+* :mod:`gmd.takeover` — automatic takeover, self-fencing, start/stop commands;
 * :mod:`gmd.status` — the status snapshot.
 
 The public methods below are the engine's interface to the daemon, the FUSE
@@ -45,6 +46,7 @@ from .resolution import SplitBrainResolver
 from .roles import Roles
 from .sessions import Sessions
 from .status import volume_status
+from .takeover import ServiceCommands, Takeover
 from .volume import LocalVolume
 from .witness import WitnessClient
 from .writepath import WritePath
@@ -113,6 +115,8 @@ class VolumeEngine:
         self.peerstate = PeerState(self)
         self.copier = CopyEngine(self)
         self.resolver = SplitBrainResolver(self)
+        self.service = ServiceCommands(self)
+        self.takeover = Takeover(self)
 
     # --------------------------------------------------------------- naming
 
@@ -168,6 +172,7 @@ class VolumeEngine:
                             n.start_soon(self.sessions.poke, peer)
                     n.start_soon(self.writepath.auto_flush)
                     n.start_soon(self.quorum.run)
+                    n.start_soon(self.takeover.run)
                     task_status.started()
         finally:
             self._nursery = None
@@ -211,7 +216,7 @@ class VolumeEngine:
         if self.local is None:
             return
         if self.role == Role.PRIMARY:
-            await self.roles.demote(force=force)
+            await self.roles.demote(force=force, reason="down")
         self.going_down = True  # refuse new sessions while closing
         for m in self.members.values():
             s = m.session
@@ -275,11 +280,11 @@ class VolumeEngine:
 
     # ----------------------------------------------------- the public face
 
-    async def promote(self, *, force: bool = False) -> None:
-        await self.roles.promote(force=force)
+    async def promote(self, *, force: bool = False, reason: str = "operator") -> None:
+        await self.roles.promote(force=force, reason=reason)
 
-    async def demote(self, *, force: bool = False) -> None:
-        await self.roles.demote(force=force)
+    async def demote(self, *, force: bool = False, reason: str = "operator") -> None:
+        await self.roles.demote(force=force, reason=reason)
 
     async def switchover(self, target: str) -> dict[str, Any]:
         return await self.roles.switchover(target)

@@ -223,7 +223,7 @@ class QuorumKeeper:
                     log.warning("%s: %s; no quorum here: stepping down (waiting writes fail, this member "
                                 "is then copied from the new primary)", e.name, self.superseded)
                     try:
-                        await e.demote(force=True)
+                        await e.demote(force=True, reason="step-down")
                     except Exception as ex:
                         log.error("%s: stepping down failed: %s", e.name, ex)
             else:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .peerstate import PeerState
     from .quorum_keeper import QuorumKeeper
     from .sessions import Sessions
+    from .takeover import ServiceCommands
     from .volume import LocalVolume
     from .writepath import WritePath
 
@@ -49,7 +50,9 @@ class RolesVolume(Protocol):
     role: Role
     def role_changed(self) -> None: ...
     role_epoch: int
+    service: ServiceCommands
     sessions: Sessions
+    def spawn(self, fn: Any, *args: Any) -> None: ...
     writepath: WritePath
 
 
@@ -61,7 +64,9 @@ class Roles:
         self.want_loop = False
         self.loop_device: str | None = None
 
-    async def promote(self, *, force: bool = False) -> None:
+    async def promote(self, *, force: bool = False, reason: str = "operator") -> None:
+        """Become primary (docs/DESIGN.md, "Promotion"); ``reason`` (operator,
+        auto-promote, switchover) is passed to the start command."""
         local = self.engine.require_up()
         if self.engine.role == Role.PRIMARY:
             return
@@ -143,6 +148,9 @@ class Roles:
                 await self.engine.peerstate.tell_member_state(m)
         self.engine.sessions.lost_primary = None
         log.info("%s: primary", self.engine.name)
+        # The application starts in the background: the role is ours already,
+        # and a slow start must not hold up the operator's command or a takeover.
+        self.engine.spawn(self.engine.service.run, "start", reason)
 
     async def device_holders(self) -> list[str]:
         """Who keeps the device in use: open handles of the volume file (other than
@@ -158,13 +166,17 @@ class Roles:
             holders.extend(f"{self.loop_device} mounted on {where}" for where in mounts)
         return holders
 
-    async def demote(self, *, force: bool = False) -> None:
-        """Become secondary: drain and flush writes everywhere. Refuses while the
-        device is in use (a mounted file system, an open file) unless ``force``:
-        taking it away would turn that user's I/O into errors."""
+    async def demote(self, *, force: bool = False, reason: str = "operator",
+                     command_deadline: float | None = None) -> None:
+        """Become secondary: run the stop command (at most ``command_deadline``
+        seconds when given: a fencing node's lease is running out), then drain
+        and flush writes everywhere. Refuses while the device is in use (a
+        mounted file system, an open file) unless ``force``: taking it away
+        would turn that user's I/O into errors."""
         local = self.engine.require_up()
         if self.engine.role != Role.PRIMARY:
             return
+        await self.engine.service.run("stop", reason, command_deadline)
         holders = await self.device_holders()
         if holders and not force:
             raise Refused("device-in-use", volume=self.engine.name, holders="; ".join(holders))
@@ -224,12 +236,12 @@ class Roles:
             raise Refused("switchover-refused", volume=self.engine.name, target=target, problems="; ".join(problems),
                           node=self.engine.node)
         log.info("%s: switchover to %s: draining writes", self.engine.name, target)
-        await self.demote()  # refuses, changing nothing, while the device is in use
+        await self.demote(reason="switchover")  # refuses, changing nothing, while the device is in use
         with trio.move_on_after(SWITCHOVER_TIMEOUT):
             while m.connected and m.queued_bytes:  # an async member drains its queue
                 await m.wait_queue_at_most(0)
         if not (m.connected and sm.sb.peers[target].disk == DiskState.UPTODATE and not m.queued_bytes):
-            await self.promote()
+            await self.promote(reason="switchover")
             raise Refused("switchover-target-lost", volume=self.engine.name, target=target, node=self.engine.node)
         await self.engine.peerstate.send_state(m, {"take_over": True})
         with trio.move_on_after(SWITCHOVER_TIMEOUT):
@@ -240,7 +252,7 @@ class Roles:
             return {"primary": target, "secondary": self.engine.node}
         reason = m.reason or "no answer"
         try:
-            await self.promote()
+            await self.promote(reason="switchover")
         except GmdError as e:
             raise Refused("switchover-stranded", volume=self.engine.name, target=target, why=reason,
                           node=self.engine.node, error=e) from None
@@ -250,7 +262,7 @@ class Roles:
     async def take_over(self, m: MemberLink) -> None:
         """The old primary handed over (switchover): promote, or say why not."""
         try:
-            await self.promote()
+            await self.promote(reason="switchover")
         except Exception as e:
             log.error("%s: switchover from %s: cannot take over: %s", self.engine.name, m.name, e)
             await self.engine.peerstate.send_state(m, {"take_over_failed": str(e)})

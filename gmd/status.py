@@ -5,6 +5,7 @@ stable snake_case keys the CLI and the tests read. Nothing here changes state.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from .resolution import SplitBrainResolver
     from .roles import Roles
     from .sessions import Sessions
+    from .takeover import ServiceCommands, Takeover
     from .volume import LocalVolume
     from .writepath import WritePath
 
@@ -40,7 +42,9 @@ class StatusVolume(Protocol):
     resolver: SplitBrainResolver
     role: Role
     roles: Roles
+    service: ServiceCommands
     sessions: Sessions
+    takeover: Takeover
     writepath: WritePath
 
 
@@ -105,6 +109,8 @@ def volume_status(engine: StatusVolume) -> dict[str, Any]:
         "split_brain": {"resolving_towards": engine.resolver.discarding,
                         "saved_images": list(engine.resolver.saved_images)},
         "lost_primary": engine.sessions.lost_primary,
+        "copies": [p.history_json(member, now, time.time()) for member, p in engine.copier.history],
+        "takeover": {**engine.takeover.status(), "commands": dict(engine.service.last)},
         "io": {"writes": engine.writepath.writes, "bytes_written": engine.writepath.bytes_written,
                "sequence": engine.writepath.gseq, "in_flight": engine.writepath.in_flight},
     }
