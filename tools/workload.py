@@ -210,7 +210,9 @@ class Workload:
 
     def first_ack_after(self, t: float) -> float | None:
         """The ``acked_at`` (wall clock) of the first ack after wall-clock
-        time ``t``, or None: after a fault, when writes went on again."""
+        time ``t``, or None: after a fault, when writes went on again.
+        (A binary search: ``acked_at`` is read under the lock that assigns
+        the index, so it rises with it unless the wall clock steps back.)"""
         with self._cond:
             i = bisect_right(self._acked_at, t)
             return self._acked_at[i] if i < len(self._acked_at) else None
