@@ -90,6 +90,7 @@ REFUSALS: dict[str, Refusal] = {
     "expected-votes-too-small": Refusal("expected votes must be at least 1, not {votes}", errno.EINVAL, _U),
     "expected-votes-option": Refusal("--expected-votes must be at least 1, not {votes}", errno.EINVAL, _U),
     "bad-rate": Refusal("--rate: {message}", errno.EINVAL, _U),
+    "drill-options": Refusal("{message}", errno.EINVAL, _U),
     "watch-needs-terminal": Refusal("--watch redraws for a terminal; use --json without it in scripts",
                                     errno.ENOTTY, _U),
     "tls-files": Refusal("{path}: tls: cannot load certificate, key or CA: {why}", errno.EINVAL),

@@ -145,6 +145,7 @@ class MemberLink:
         self.changed = trio.Event()  # set on every state change (status --watch, tests)
         self._queue_waiters: list[tuple[int, trio.Event]] = []  # (bytes, woken when the queue is at most that)
         self.bytes_shipped = 0
+        self.last_heard = 0.0  # trio time a frame last arrived from it (a live member pings every second)
         self.reads: dict[int, trio.MemorySendChannel] = {}  # request id -> waiting reader
         self._next_request = 1
         self.session_started_gseq = 0  # writes before this were settled by the last session
@@ -190,6 +191,8 @@ class MemberLink:
                 event.set()
 
     def set_state(self, state: LinkState, reason: str | None = None) -> None:
+        if state is LinkState.CONNECTED and self.state is not LinkState.CONNECTED:
+            self.last_heard = trio.current_time()
         if state != self.state or reason != self.reason:
             self.state = state
             self.reason = reason

@@ -355,5 +355,6 @@ class Sessions:
                             self.engine.name, link.remote.path, m.name, PATH_TIMEOUT)
                 await link.aclose("path timed out", tell_peer=False)
                 return
+            m.last_heard = trio.current_time()
             await self.engine.frames.dispatch(m, link, ev)
 

@@ -33,8 +33,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from quorum import member_votes
 from quorum.takeover import (
     FENCE_AFTER,
+    SILENT_AFTER,
     TAKEOVER_GRACE,
     PeerView,
     defer_to,
@@ -198,7 +200,7 @@ class Takeover:
     async def _consider_promotion(self) -> None:
         e = self.engine
         now = trio.current_time()
-        peers = {name: PeerView(m.connected, m.peer_role == Role.PRIMARY, m.peer_disk == DiskState.UPTODATE)
+        peers = {name: PeerView(self._live(m, now), m.peer_role == Role.PRIMARY, m.peer_disk == DiskState.UPTODATE)
                  for name, m in e.members.items()}
         primary = next((n for n, p in peers.items() if p.connected and p.primary), None)
         if primary is not None:
@@ -231,6 +233,10 @@ class Takeover:
                         "uptodate disk here)", e.name, now - self._primary_seen)
             self._set("primary (promoted automatically)", logging.INFO)
 
+    @staticmethod
+    def _live(m: MemberLink, now: float) -> bool:
+        return m.connected and now - m.last_heard <= SILENT_AFTER
+
     async def _check_fence(self) -> None:
         e = self.engine
         q = e.quorum
@@ -241,14 +247,19 @@ class Takeover:
         now = trio.current_time()
         votes_of = {w: c.votes for w, c in e.ports.witnesses.items()}
         fresh = fresh_votes(q.answers, votes_of, now)
-        member, needed = q.member_votes(), q.needed()
+        # Members that still answer: a blackholed link looks connected until
+        # the path times out, long after the lease would have ended.
+        votes = e.config.members
+        member = member_votes(votes[e.node].votes, (votes[n].votes for n, m in e.members.items()
+                                                   if self._live(m, now)))
+        needed = q.needed()
         if not must_fence(member, needed, fresh):
             self._set("primary")
             return
         left = lease_left(q.grants, now)
-        log.warning("%s: quorum lost as primary (%d member votes of %d needed, no witness lease renewed for "
-                    "%.1f s; the lease ends in %.1f s): fencing: stop command, then stepping down",
-                    e.name, member, needed, FENCE_AFTER, left)
+        log.warning("%s: quorum lost as primary (%d votes of members heard within %.0f s, %d needed; no witness "
+                    "renewal granted for %.1f s; the lease ends in %.1f s): fencing: stop command, then stepping "
+                    "down", e.name, member, SILENT_AFTER, needed, FENCE_AFTER, left)
         self._set("fencing: quorum lost", logging.WARNING)
         self.fences += 1
         self.last_event = {"event": "self-fence", "at": time.time(), "lease_left": round(left, 3)}

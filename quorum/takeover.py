@@ -39,12 +39,18 @@ FENCE_AFTER = 1.5 * RENEW_INTERVAL
 # no witness lease holds the others back.
 TAKEOVER_GRACE = LEASE + 2.0
 
+# A connected member that has sent nothing for this long is not counted by a
+# fencing decision, nor as a primary in sight: members ping every second, and
+# a blackholed link is declared dead only after a longer path timeout.
+SILENT_AFTER = 2.0 * RENEW_INTERVAL
+
 SYNCHRONOUS_MODES = ("sync", "mwc")
 
 
 @dataclass(frozen=True)
 class PeerView:
-    """What a secondary knows of another member for the takeover decision."""
+    """What a secondary knows of another member for the takeover decision
+    (``connected``: connected and heard from within :data:`SILENT_AFTER`)."""
 
     connected: bool
     primary: bool  # it says it is primary

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,9 @@ from gmd.config import Config, ConfigError, load_config, parse_size, resolve_con
 from gmd.errors import ExitCode, GmdError, Refused, UsageError, exit_code_for
 from gmd.requests import check_request
 from tools.demo import run_demo
+from tools.drill import FAULTS as DRILL_FAULTS
+from tools.drill import MODES as DRILL_MODES
+from tools.drill import run_drill
 from tools.status_text import format_status, human_bytes
 
 
@@ -43,6 +47,7 @@ environment:
 
 examples:
   gmd demo                        a whole local cluster end to end (root)
+  gmd drill --fault kill-primary  a disaster-recovery drill on a local cluster (root)
   gmd init appslv                 create this node's state map (and backing file)
   gmd dirty appslv                this copy is the source: others get a full copy
   gmd clean appslv                this copy is the target of a full copy
@@ -156,6 +161,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "and prove the mirror identical (needs root)", cmd_demo)
     p.add_argument("--keep", action="store_true", help="keep the working directory (logs, config, images)")
 
+    p = command("drill", "a disaster-recovery drill: a verifying workload, a fault, failover, verification, "
+                         "failback and a report (needs root; exit 0 only if every check passed)", cmd_drill)
+    p.add_argument("--fault", required=True, choices=DRILL_FAULTS, help="what to break")
+    p.add_argument("--mode", choices=DRILL_MODES, default="mwc",
+                   help="replication mode of the built-in local cluster (default mwc)")
+    p.add_argument("--no-auto-promote", action="store_true",
+                   help="local cluster without automatic takeover: the drill takes the operator's step")
+    p.add_argument("--volume", metavar="VOLUME", help="with --config: the volume to drill")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --config: confirm that the drill may write over the volume's data")
+    p.add_argument("--proxy", action="append", default=[], metavar="NODE=SOCKET",
+                   help="with --config: the control socket of a WAN proxy on NODE's links (for partitions "
+                        "and slow links; repeatable)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (progress goes to stderr)")
+    p.add_argument("--report", metavar="FILE.md", help="also write the report as Markdown")
+    p.add_argument("--seed", type=int, help="the workload's seed (printed; replays a drill's write pattern)")
+    p.add_argument("--writers", type=int, default=4, help="concurrent writers (default 4)")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds of writes before the fault (default 3)")
+    p.add_argument("--outage", type=float, default=3.0,
+                   help="seconds of writes during the fault or on the new primary (default 3)")
+    p.add_argument("--wan-delay", type=float, default=0.0, metavar="SECONDS",
+                   help="local cluster: one-way delay on every link (e.g. 0.02; an async member then lags)")
+    p.add_argument("--keep", action="store_true", help="keep the local cluster's directory")
+
     p = command("verify", "compare VOLUME's members with the primary online; mark differences "
                           "(exit 1 if any)", cmd_verify)
     p.add_argument("volume", metavar="VOLUME")
@@ -250,6 +279,19 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep)
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    # --config is a common option: here it selects a configured cluster instead of the local one.
+    config = getattr(args, "config", None)
+    if args.writers < 1 or args.warmup < 0 or args.outage < 0 or not 0 <= args.wan_delay <= 1:
+        raise Refused("drill-options", message="--writers must be at least 1, --warmup and --outage not "
+                                               "negative, --wan-delay between 0 and 1 s")
+    return run_drill(fault=args.fault, mode=args.mode, auto_promote=not args.no_auto_promote,
+                     config=Path(config) if config else None, volume=args.volume, overwrite=args.overwrite,
+                     proxies=args.proxy, as_json=args.json, report=Path(args.report) if args.report else None,
+                     keep=args.keep, seed=args.seed, writers=args.writers, warmup=args.warmup, outage=args.outage,
+                     delay=args.wan_delay)
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:

@@ -1,0 +1,587 @@
+"""``gmd drill``: a disaster-recovery drill that proves what the mirror promises.
+
+One drill is one fault, under a verifying workload:
+
+1. **workload** — writer threads stamp 4 KiB blocks on the primary's volume
+   file (:mod:`tools.workload`); every write that returned is journalled as
+   acknowledged before its writer goes on;
+2. **fault** — the primary, the secondary or the witness is SIGKILLed, cut
+   off (WAN proxies in blackhole), or the secondary's link is slowed;
+3. **failover** where the fault takes the primary: the automatic takeover
+   (``auto_promote``) where configured, else the operator's ``gmd primary``
+   (retried until the witness lets it through); the RTO is the time from the
+   fault to the first write completing on the new primary;
+4. **verification** on the new primary, through its FUSE file: every
+   acknowledged block with its latest stamp (RPO 0) for ``sync``/``mwc``; for
+   ``async``, an exact prefix of the acknowledged writes, and how many writes
+   and bytes were lost and how old they were;
+5. **heal and failback** — the lost daemon restarted (or the link healed), the
+   member brought back by mini-copy or merge, and a planned
+   ``gmd switchover`` hands the role back; members byte-identical at the end;
+6. a **report**: a terminal table, ``--json``, ``--report FILE.md``; the exit
+   status is 0 only if every check passed.
+
+The drill talks to the daemons only through their control sockets (and kills
+them by the PID they report).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from tools.drill_cluster import Cluster, ConfiguredCluster, DrillError, LocalCluster
+from tools.stamps import BLOCK, verify
+from tools.workload import Workload, probe
+
+FAULTS = ("kill-primary", "partition-primary", "kill-secondary", "kill-witness", "partition-witness",
+          "slow-secondary")
+PRIMARY_FAULTS = ("kill-primary", "partition-primary")
+MODES = ("sync", "mwc", "async")
+AREA = 32 << 20  # bytes of the volume the workload stamps (at most half the volume)
+SLOW_DELAY = 0.03  # seconds one way on a slowed link
+FAILOVER_TIMEOUT = 90.0
+HEAL_TIMEOUT = 180.0
+
+
+@dataclass
+class Check:
+    """One thing the drill proved, or failed to."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class Report:
+    """What the drill did and found; ``passed`` only if every check did."""
+
+    fault: str
+    mode: str
+    cluster: str
+    takeover: str
+    seed: int
+    started_at: float
+    checks: list[Check] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    timeline: list[tuple[float, str]] = field(default_factory=list)
+    verifications: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and bool(self.checks) and all(c.passed for c in self.checks)
+
+    def check(self, name: str, passed: bool, detail: str) -> bool:
+        self.checks.append(Check(name, bool(passed), detail))
+        return bool(passed)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["passed"] = self.passed
+        d["timeline"] = [{"t": round(t, 3), "event": e} for t, e in self.timeline]
+        return d
+
+    def table(self) -> str:
+        """The terminal report."""
+        lines = [f"gmd drill: fault {self.fault}, mode {self.mode}, takeover {self.takeover}, "
+                 f"cluster {self.cluster}, seed {self.seed}", ""]
+        width = max([len(c.name) for c in self.checks] + [5])
+        for c in self.checks:
+            lines.append(f"  {'PASS' if c.passed else 'FAIL'}  {c.name:<{width}}  {c.detail}")
+        if self.error:
+            lines.append(f"  FAIL  {'drill':<{width}}  {self.error}")
+        lines.append("")
+        for k, v in self.figures.items():
+            lines.append(f"  {k:<28} {_show(v)}")
+        lines.append("")
+        lines.append(f"result: {'PASSED' if self.passed else 'FAILED'}")
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        """The report as a Markdown document (``--report FILE.md``)."""
+        out = [f"# gmd drill: {self.fault} ({self.mode})", "",
+               f"- result: **{'passed' if self.passed else 'FAILED'}**",
+               f"- started: {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(self.started_at))}",
+               f"- cluster: {self.cluster}; takeover: {self.takeover}; seed {self.seed}", ""]
+        if self.error:
+            out += [f"**The drill stopped:** {self.error}", ""]
+        out += ["| check | result | detail |", "|---|---|---|"]
+        out += [f"| {c.name} | {'pass' if c.passed else '**FAIL**'} | {c.detail} |" for c in self.checks]
+        out += ["", "| figure | value |", "|---|---|"]
+        out += [f"| {k} | {_show(v)} |" for k, v in self.figures.items()]
+        out += ["", "## Timeline", "", "| s | event |", "|---:|---|"]
+        out += [f"| {t:.3f} | {e} |" for t, e in self.timeline]
+        return "\n".join(out) + "\n"
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def _read_block_fn(path: str) -> tuple[Callable[[int], bytes], Callable[[], None]]:
+    """A reader of 4 KiB blocks of ``path`` with O_DIRECT (what the device
+    holds, not a page cache's memory of it), and its closer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, BLOCK)
+    except OSError:
+        fd, buf = os.open(path, os.O_RDONLY), None
+
+    def read(offset: int) -> bytes:
+        if buf is None:
+            return os.pread(fd, BLOCK, offset)
+        n = os.preadv(fd, [buf], offset)
+        return bytes(buf[:n])
+
+    def close() -> None:
+        os.close(fd)
+        if buf is not None:
+            buf.close()
+
+    return read, close
+
+
+def file_hash(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Drill:
+    """One drill of ``fault`` on ``cluster`` (whose volume is up everywhere
+    and has a primary); :meth:`run` returns the :class:`Report`."""
+
+    def __init__(self, cluster: Cluster, *, fault: str, mode: str, seed: int, writers: int = 4,
+                 warmup: float = 3.0, outage: float = 3.0, work_dir: Path,
+                 say: Callable[[str], None] = lambda s: None):
+        if fault not in FAULTS:
+            raise DrillError(f"unknown fault {fault!r} (expected one of: {', '.join(FAULTS)})")
+        self.c = cluster
+        self.fault, self.mode, self.seed = fault, mode, seed
+        self.writers, self.warmup, self.outage = writers, warmup, outage
+        self.work_dir = work_dir
+        self.say = say
+        self.t0 = time.monotonic()
+        self.workload: Workload | None = None
+        self.report: Report | None = None
+
+    # ------------------------------------------------------------ helpers
+
+    def event(self, what: str) -> None:
+        t = time.monotonic() - self.t0
+        self.report.timeline.append((t, what))
+        self.say(f"[{t:7.2f} s] {what}")
+
+    def member_view(self, primary: str, member: str) -> dict[str, Any]:
+        return self.c.status(primary)["members"][member]
+
+    def wait_in_sync(self, primary: str, member: str, timeout: float = HEAL_TIMEOUT) -> None:
+        def level():
+            st = self.c.try_status(primary)
+            if not st:
+                return False
+            m = st["members"][member]
+            return (m["link"] == "connected" and m["disk"] == "uptodate" and not m["out_of_sync_bytes"]
+                    and m["copy"] is None and not m.get("behind"))
+        self.c.wait(f"{member} to be connected, uptodate and level with {primary}", level, timeout=timeout)
+
+    def copies_to(self, primary: str, member: str, since: float) -> list[dict[str, Any]]:
+        st = self.c.status(primary)
+        return [p for p in st.get("copies", []) if p["member"] == member and p["started_at"] >= since - 0.5]
+
+    def verify_device(self, node: str, acks, *, fault_at: float | None, label: str) -> Any:
+        read, close = _read_block_fn(self.c.device(node))
+        try:
+            v = verify(acks, read, self.workload.run, in_flight=self.workload.in_flight, fault_at=fault_at)
+        finally:
+            close()
+        self.report.verifications[label] = v.as_dict()
+        return v
+
+    # ---------------------------------------------------------------- run
+
+    def run(self) -> Report:
+        c = self.c
+        primary = c.primary()
+        if primary is None:
+            raise DrillError(f"no node is primary for {c.volume}: make one primary first (gmd primary)")
+        members = list(c.nodes)
+        others = [n for n in members if n != primary]
+        if not others:
+            raise DrillError(f"{c.volume} has no member besides {primary}: nothing to fail over to")
+        st = c.status(primary)
+        secondary = next((n for n in others if st["members"][n]["link"] == "connected"
+                          and st["members"][n]["disk"] == "uptodate"), None)
+        if secondary is None:
+            raise DrillError(f"no member of {c.volume} is connected and uptodate on {primary}: "
+                             + "; ".join(f"{n}: {st['members'][n]['link']}/{st['members'][n]['disk']}"
+                                         for n in others))
+        auto = bool(st.get("takeover", {}).get("auto_promote"))
+        if st["quorum"]["witnesses"]:
+            # The steady state a fault interrupts: the primary holds every
+            # witness's lease (a witness grants nothing in its first seconds).
+            c.wait(f"{primary} to hold the witnesses' lease", lambda: all(
+                w["granted"] for w in c.status(primary)["quorum"]["witnesses"].values()), timeout=30)
+        self.report = r = Report(self.fault, self.mode, c.describe(), "automatic (auto_promote)" if auto else
+                                 "operator (gmd primary)", self.seed, time.time())
+        size = int(st["size"])
+        area = min(AREA, (size // 2) // BLOCK * BLOCK)
+        probe_at = size - BLOCK
+        self.event(f"{primary} is primary, {secondary} secondary ({st['members'][secondary]['mode']}); "
+                   f"workload: {self.writers} writers, O_DIRECT 4 KiB stamped blocks over {area >> 20} MiB")
+        self.workload = w = Workload(c.device(primary), area=(0, area), writers=self.writers, direct=True,
+                                     journal=self.work_dir / "acknowledged.journal", seed=self.seed)
+        w.start()
+        try:
+            if not w.wait_acked(200, timeout=30):
+                raise DrillError(f"the workload on {primary} acknowledged only {w.acked()} writes in 30 s "
+                                 f"(errors: {dict(w.errors) or 'none'})")
+            time.sleep(self.warmup)
+            before = w.acked()
+            self.event(f"workload running: {before} writes acknowledged")
+            if self.fault in PRIMARY_FAULTS:
+                self.primary_fault(primary, secondary, auto, probe_at)
+            else:
+                self.secondary_fault(primary, secondary)
+        finally:
+            blocked = w.stop(timeout=30)
+            if blocked:
+                r.error = f"{len(blocked)} writes still blocked in the kernel at the end"
+        r.figures["writes_acknowledged"] = w.acked()
+        r.figures["bytes_acknowledged"] = w.acked() * BLOCK
+        r.figures["write_errors"] = dict(w.errors)
+        return r
+
+    def primary_fault(self, primary: str, secondary: str, auto: bool, probe_at: float) -> None:
+        c, w, r = self.c, self.workload, self.report
+        fault_wall, fault_mono = time.time(), time.monotonic()
+        acked_before = w.acked()
+        if self.fault == "kill-primary":
+            pid = c.kill(primary)
+            self.event(f"FAULT: {primary}'s daemon SIGKILLed (pid {pid})")
+        else:
+            c.partition(primary)
+            self.event(f"FAULT: {primary} cut from every member and the witness (blackhole)")
+        # --- failover
+        if auto:
+            c.wait(f"{secondary} to take over automatically", lambda: (s := c.try_status(secondary))
+                   and s["role"] == "primary", timeout=FAILOVER_TIMEOUT, interval=0.02)
+            self.event(f"{secondary} took over automatically")
+        else:
+            attempts = [0]
+
+            def promote():
+                attempts[0] += 1
+                return c.try_ask(secondary, op="primary", volume=c.volume)
+            c.wait(f"'gmd primary' on {secondary} to be granted", promote, timeout=FAILOVER_TIMEOUT,
+                   interval=0.5)
+            self.event(f"operator: 'gmd primary {c.volume}' on {secondary} granted "
+                       f"(after {attempts[0]} attempt(s))")
+        device = c.device(secondary)
+        first = c.wait("the first write to complete on the new primary",
+                       lambda: _try_probe(device, probe_at), timeout=30, interval=0.02)
+        rto = first - fault_wall
+        r.figures["rto_seconds"] = round(rto, 3)
+        self.event(f"first write completed on {secondary}: RTO {rto:.2f} s")
+        blocked = w.pause(timeout=30 if self.fault == "partition-primary" else 10)
+        if blocked:
+            r.check("old primary's writes ended", False,
+                    f"{len(blocked)} writes still blocked on {primary} 30 s after the new primary took over")
+            raise DrillError("writes to the old primary never returned")
+        # Paused: every ack so far was made by the old primary.
+        v = self.verify_device(secondary, w.acks(), fault_at=fault_wall, label="after failover")
+        rpo_zero = self.mode != "async"
+        if rpo_zero:
+            r.check("RPO 0: every acknowledged write on the new primary", v.passed(rpo_zero=True),
+                    f"{v.ok} blocks current, {v.newer} newer unacknowledged, {v.stale} LOST, {v.corrupt} corrupt "
+                    f"of {v.blocks_checked} blocks ({v.acked_writes} acknowledged writes)")
+        else:
+            r.check("async copy is an exact prefix of the acknowledged writes", v.passed(rpo_zero=False),
+                    f"prefix up to write {v.prefix_index} of {v.acked_writes}; {v.corrupt} corrupt blocks")
+        r.figures["rpo_writes"] = v.lost_writes
+        r.figures["rpo_bytes"] = v.lost_bytes
+        r.figures["rpo_seconds"] = round(v.lost_age, 3)
+        r.figures["writes_before_fault"] = acked_before
+        self.event(f"verified {secondary}: {v.blocks_checked} blocks, RPO {v.lost_writes} writes "
+                   f"({v.lost_bytes} bytes, {v.lost_age:.3f} s)")
+        lost_cut = v.prefix_index if not rpo_zero else None
+        # --- the new primary writes on
+        w.retarget(device)
+        w.resume()
+        since = w.acked()
+        ok = w.wait_acked(100, timeout=30, since=since)
+        r.check("the new primary takes writes", ok, f"{w.acked() - since} writes acknowledged on {secondary}")
+        time.sleep(self.outage)
+        # --- heal
+        heal_from = time.time()
+        heal_mono = time.monotonic()
+        if self.fault == "kill-primary":
+            c.start_node(primary)
+            c.ask(primary, op="up", volume=c.volume)
+            self.event(f"{primary}'s daemon restarted and the volume up: it comes back as secondary")
+        else:
+            c.heal()
+            self.event("partition healed")
+        old = c.wait(f"{primary} to be secondary", lambda: (s := c.try_status(primary))
+                     and s["role"] == "secondary" and s, timeout=60)
+        if self.fault == "partition-primary":
+            fence = old.get("takeover", {}).get("last") or {}
+            if auto:
+                left = fence.get("lease_left")
+                r.check("the cut-off primary fenced itself before its lease ended",
+                        fence.get("event") == "self-fence" and (left or 0) > 0,
+                        f"{primary} stepped down with {left} s of its lease left" if left is not None
+                        else f"{primary}: no self-fence recorded")
+                r.figures["fence_lease_left_seconds"] = left
+        self.wait_in_sync(secondary, primary)
+        heal_s = time.monotonic() - heal_mono
+        copies = self.copies_to(secondary, primary, heal_from)
+        moved = sum(p["sent_bytes"] for p in copies)
+        kinds = sorted({p["kind"] for p in copies})
+        r.figures["heal_seconds"] = round(heal_s, 3)
+        r.figures["heal_bytes_moved"] = moved
+        r.figures["heal_passes"] = ", ".join(kinds) or "none"
+        r.check("old primary brought back without a full copy", "full" not in kinds,
+                f"passes to {primary}: {', '.join(kinds) or 'none (nothing differed)'}; {moved} bytes moved "
+                f"in {heal_s:.1f} s")
+        self.event(f"{primary} level with {secondary} after {heal_s:.1f} s ({moved} bytes moved)")
+        # --- failback: a planned switchover (the workload's files are closed first:
+        # a switchover refuses while the device is in use)
+        blocked = w.stop(timeout=30)
+        if blocked:
+            raise DrillError(f"{len(blocked)} writes still blocked on {secondary} before the switchover")
+        acks = w.acks()
+        check_acks = acks if rpo_zero else [a for a in acks if a.index >= since or a.index <= lost_cut]
+        v2 = self.verify_device(secondary, check_acks, fault_at=None, label="before failback")
+        r.check(f"every write acknowledged since is on {secondary}", v2.passed(rpo_zero=True),
+                f"{v2.ok} blocks current, {v2.stale} LOST, {v2.corrupt} corrupt")
+        c.ask(secondary, op="switchover", volume=c.volume, to=primary)
+        c.wait(f"{primary} to be primary again", lambda: (s := c.try_status(primary)) and s["role"] == "primary",
+               timeout=60)
+        self.event(f"switchover: {primary} primary again, {secondary} secondary")
+        self.wait_in_sync(primary, secondary, timeout=60)
+        v3 = self.verify_device(primary, check_acks, fault_at=None, label="after failback")
+        r.check(f"every acknowledged write on {primary} after the failback", v3.passed(rpo_zero=True),
+                f"{v3.ok} blocks current, {v3.stale} LOST, {v3.corrupt} corrupt")
+        self.identical(primary)
+
+    def secondary_fault(self, primary: str, secondary: str) -> None:
+        c, w, r = self.c, self.workload, self.report
+        rate_before = self.rate(2.0)
+        fault_wall = time.time()
+        heal: Callable[[], None]
+        if self.fault == "kill-secondary":
+            pid = c.kill(secondary)
+            self.event(f"FAULT: {secondary}'s daemon SIGKILLed (pid {pid})")
+
+            def heal():
+                c.start_node(secondary)
+                c.ask(secondary, op="up", volume=c.volume)
+                self.event(f"{secondary}'s daemon restarted and the volume up")
+        elif self.fault == "kill-witness":
+            if not isinstance(c, LocalCluster):
+                raise DrillError("kill-witness needs the drill's own cluster (it starts the witness again)")
+            pid = c.kill_witness()
+            self.event(f"FAULT: the witness SIGKILLed (pid {pid})")
+
+            def heal():
+                c.start_witness()
+                self.event("witness restarted")
+        elif self.fault == "partition-witness":
+            if not isinstance(c, LocalCluster):
+                raise DrillError("partition-witness needs the drill's own cluster (its proxies)")
+            c.partition_witness()
+            self.event("FAULT: the witness cut from every node (blackhole)")
+
+            def heal():
+                c.heal()
+                self.event("witness partition healed")
+        else:  # slow-secondary
+            c.slow(secondary, SLOW_DELAY)
+            self.event(f"FAULT: {secondary}'s links slowed by {SLOW_DELAY * 1000:.0f} ms each way")
+
+            def heal():
+                c.heal()
+                self.event(f"{secondary}'s links back to full speed")
+        since = w.acked()
+        ok = w.wait_acked(100, timeout=30, since=since)
+        first = w.first_ack_after(fault_wall)
+        stall = (first - fault_wall) if first is not None else None
+        rate_during = self.rate(self.outage)
+        times = [fault_wall] + [a.acked_at for a in w.acks() if a.acked_at > fault_wall]
+        r.figures["write_rate_before"] = round(rate_before, 1)
+        r.figures["write_rate_during_fault"] = round(rate_during, 1)
+        r.figures["first_write_after_fault_seconds"] = round(stall, 3) if stall is not None else None
+        r.figures["longest_write_gap_during_fault_seconds"] = round(max(b - a for a, b in zip(times, times[1:])), 3)
+        r.check(f"{primary} writes on through the fault", ok and primary == c.primary(),
+                f"{w.acked() - since} writes acknowledged during the fault (first after {stall or 0:.2f} s), "
+                f"{rate_during:.0f} writes/s against {rate_before:.0f} before")
+        r.figures["rto_seconds"] = 0.0  # the primary never stopped
+        heal_mono, heal_from = time.monotonic(), time.time()
+        heal()
+        self.wait_in_sync(primary, secondary)
+        heal_s = time.monotonic() - heal_mono
+        copies = self.copies_to(primary, secondary, heal_from)
+        moved = sum(p["sent_bytes"] for p in copies)
+        kinds = sorted({p["kind"] for p in copies})
+        r.figures["heal_seconds"] = round(heal_s, 3)
+        r.figures["heal_bytes_moved"] = moved
+        r.figures["heal_passes"] = ", ".join(kinds) or "none"
+        if self.fault == "kill-secondary":
+            r.check(f"{secondary} mini-copied back", kinds == ["mini"],
+                    f"passes: {', '.join(kinds) or 'none'}; {moved} bytes moved in {heal_s:.1f} s")
+        else:
+            r.check(f"{secondary} level again without a full copy", "full" not in kinds,
+                    f"passes: {', '.join(kinds) or 'none'}; {moved} bytes moved in {heal_s:.1f} s")
+        if self.fault in ("kill-witness", "partition-witness"):
+            wname = c.witness_names[0]
+            c.wait(f"witness {wname} to grant {primary}'s lease again",
+                   lambda: (s := c.try_status(primary)) and s["quorum"]["witnesses"][wname]["granted"], timeout=30)
+            r.check("the witness grants the lease again", True, f"{wname} granted {primary}'s lease after the heal")
+        self.event(f"{secondary} level with {primary} after {heal_s:.1f} s ({moved} bytes moved)")
+        blocked = w.stop(timeout=30)
+        if blocked:
+            raise DrillError(f"{len(blocked)} writes still blocked on {primary} at the end")
+        v = self.verify_device(primary, w.acks(), fault_at=None, label="end")
+        r.check("RPO 0: every acknowledged write on the primary", v.passed(rpo_zero=True),
+                f"{v.ok} blocks current, {v.stale} LOST, {v.corrupt} corrupt of {v.blocks_checked}")
+        r.figures["rpo_writes"] = v.stale
+        r.figures["rpo_bytes"] = v.stale * BLOCK
+        self.identical(primary)
+
+    def rate(self, seconds: float) -> float:
+        n0, t0 = self.workload.acked(), time.monotonic()
+        time.sleep(seconds)
+        return (self.workload.acked() - n0) / max(1e-6, time.monotonic() - t0)
+
+    def identical(self, primary: str) -> None:
+        """Members byte-identical: xxh3 of the backing files where this machine
+        holds them, else the daemons' own ``gmd verify``."""
+        c, r = self.c, self.report
+        fd = os.open(c.device(primary), os.O_RDWR)
+        try:
+            os.fsync(fd)  # a barrier on every member
+        finally:
+            os.close(fd)
+        paths = {n: c.backing(n) for n in c.nodes}
+        if all(p is not None for p in paths.values()):
+            hashes = {n: file_hash(p) for n, p in paths.items()}
+            r.check("members byte-identical (xxh3-128 of the backing files)", len(set(hashes.values())) == 1,
+                    ", ".join(f"{n} {h[:16]}" for n, h in hashes.items()))
+        else:
+            started = time.time()
+            reply = c.ask(primary, op="verify", volume=c.volume)
+            names = [m for m, a in reply["members"].items() if a == "started"]
+
+            def reports():
+                st = c.status(primary)
+                got = {m: st["members"][m].get("last_verify") for m in names}
+                return got if all(g and g.get("finished", 0) >= started for g in got.values()) else None
+            got = c.wait("gmd verify to finish", reports, timeout=HEAL_TIMEOUT, interval=0.5)
+            bad = {m: g for m, g in got.items() if g.get("differing_regions") or "skipped" in g}
+            r.check("members identical (gmd verify)", bool(names) and not bad,
+                    "; ".join(f"{m}: {g.get('differing_regions', g.get('skipped'))} differing regions"
+                              for m, g in got.items()) or f"nothing verified: {reply['members']}")
+
+
+def _try_probe(device: str, offset: int) -> float | None:
+    try:
+        return probe(device, offset)
+    except OSError:
+        return None
+
+
+def run_drill(*, fault: str, mode: str = "mwc", auto_promote: bool = True, config: Path | None = None,
+              volume: str | None = None, overwrite: bool = False, proxies: list[str] = (),
+              as_json: bool = False, report: Path | None = None, keep: bool = False, seed: int | None = None,
+              writers: int = 4, warmup: float = 3.0, outage: float = 3.0, delay: float = 0.0) -> int:
+    """``gmd drill``: build (or reach) the cluster, run one drill, print the report; 0 if it passed."""
+    seed = random.randrange(1 << 31) if seed is None else seed
+    out = sys.stderr if as_json else sys.stdout
+
+    def say(msg: str) -> None:
+        print(f"drill: {msg}", file=out, flush=True)
+
+    if os.geteuid() != 0:
+        say("the drill mounts FUSE and runs daemons: run it as root")
+        return 1
+    cluster: Cluster | None = None
+    rep: Report | None = None
+    work_dir: Path | None = None
+    try:
+        if config is None:
+            cluster = LocalCluster(mode=mode, auto_promote=auto_promote, keep=keep, delay=delay)
+            work_dir = cluster.dir
+            say(f"building a local cluster in {cluster.dir}: labor1, labor2 ({mode}) and witness W, "
+                f"every link through a WAN proxy; auto_promote {'on' if auto_promote else 'off'}")
+            cluster.init_volume("labor1")
+            cluster.start()
+            cluster.wait("labor1 and labor2 to connect", lambda: cluster.status("labor1")["members"]["labor2"]
+                         ["link"] == "connected", timeout=60)
+            cluster.ask("labor1", op="primary", volume=cluster.volume)
+        else:
+            if not volume:
+                raise DrillError("--config needs --volume VOLUME (the volume to drill)")
+            if not overwrite:
+                raise DrillError(f"the drill writes stamped blocks over the first {AREA >> 20} MiB and the last "
+                                 f"4 KiB of {volume}: give --overwrite to confirm that its data may go")
+            by_node: dict[str, list[Path]] = {}
+            for spec in proxies:
+                node, sep, sock = spec.partition("=")
+                if not sep or not node or not sock:
+                    raise DrillError(f"--proxy {spec!r}: expected NODE=SOCKET (a WAN proxy's control socket)")
+                by_node.setdefault(node, []).append(Path(sock))
+            work_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"gmd-drill-{time.strftime('%Y%m%d-%H%M%S')}"
+            work_dir.mkdir(parents=True, exist_ok=True)
+            cluster = ConfiguredCluster(config, volume, by_node, log_dir=work_dir)
+            mode = cluster.config.volumes[volume].mode
+            say(f"drilling {volume} of {config} (nodes {', '.join(cluster.nodes)}); journal and logs in {work_dir}")
+        say(f"seed {seed}")
+        drill = Drill(cluster, fault=fault, mode=mode, seed=seed, writers=writers, warmup=warmup, outage=outage,
+                      work_dir=work_dir, say=say)
+        try:
+            rep = drill.run()
+        except DrillError as e:
+            rep = drill.report
+            if rep is None:
+                raise
+            rep.error = str(e)
+    except DrillError as e:
+        say(f"FAILED: {e}")
+        return 1
+    except KeyboardInterrupt:
+        say("interrupted; tearing down")
+        return 130
+    finally:
+        if cluster is not None:
+            if rep is not None and not rep.passed and isinstance(cluster, LocalCluster) and not keep:
+                keep_dir = Path(f"{cluster.dir}-failed")
+                shutil.copytree(cluster.dir, keep_dir, ignore=shutil.ignore_patterns("*.img", "run"),
+                                dirs_exist_ok=True)
+                say(f"the drill failed: logs and journal kept in {keep_dir}")
+            cluster.teardown()
+    if as_json:
+        print(json.dumps(rep.as_dict(), indent=2))
+    else:
+        print(rep.table(), flush=True)
+    if report is not None:
+        Path(report).write_text(rep.markdown())
+        say(f"report written to {report}")
+    return 0 if rep.passed else 1

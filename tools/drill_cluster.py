@@ -1,0 +1,404 @@
+"""The drill's clusters: a local one it builds (two nodes and a witness on
+loopback, every link through a WAN proxy it controls), or a configured one it
+reaches through the nodes' control sockets.
+
+Local cluster
+-------------
+Each node reads its own config file (``NODE.toml``): the same cluster, except
+that every *other* node and the witness are at the ports of proxies
+(``python -m transport.wanproxy``) that forward to their real ports, as
+behind NAT. A node's outgoing connections therefore all pass a proxy of its
+own, so one node can be cut from everyone (a partition), or slowed, by the
+proxies' control sockets, while the daemons run untouched. The witness reads
+``witness.toml``, with its real port. Everything lives in one temporary
+directory; every process is started here and stopped by PID.
+
+Configured cluster
+------------------
+``--config FILE``: the nodes' daemons are already running (started by the
+operator) and answer on their control sockets, as configured; the drill kills
+a daemon by the PID it reports (``ping``) and starts it again with the same
+config and node name. Partitions and slow links need WAN proxies the
+operator placed on the links, named with ``--proxy NODE=SOCKET`` (repeatable).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from gmd import admin, control
+from gmd.config import Config, load_config
+from tools.cluster_config import NodeSpec, cluster_document, witness_table
+from tools.procs import die_with_parent, free_ports, stop_process, unmount_fuse
+from transport.wanproxy import control_request as proxy_request
+
+VOLUME = "appslv"
+
+
+class DrillError(RuntimeError):
+    """A step of the drill could not be done (what and why in the message)."""
+
+
+def _read_ready(proc: subprocess.Popen, what: str, log: Path | None, timeout: float = 30.0) -> str:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline().decode(errors="replace").strip() if ready else ""
+    if not line:
+        proc.kill()
+        proc.wait()
+        raise DrillError(f"{what} did not start within {timeout:.0f} s" + (f"; see {log}" if log else ""))
+    return line
+
+
+@dataclass
+class Proxy:
+    """One WAN proxy process: ``src`` reaches ``dst`` through it."""
+
+    src: str
+    dst: str
+    control: Path
+    proc: subprocess.Popen | None = None
+
+    def ask(self, **req: Any) -> dict[str, Any]:
+        reply = proxy_request(self.control, req)
+        if not reply.get("ok"):
+            raise DrillError(f"proxy {self.src}->{self.dst}: {req} failed: {reply.get('error')}")
+        return reply
+
+
+@dataclass
+class Node:
+    """A node daemon of the drill's cluster."""
+
+    name: str
+    config: Path
+    control: Path
+    mount: Path
+    log: Path
+    proc: subprocess.Popen | None = None
+    pid: int | None = None
+
+
+class Cluster:
+    """What the drill needs of any cluster: daemons to ask, kill and start,
+    links to cut, slow and heal. Subclasses say where things are."""
+
+    volume = VOLUME
+    nodes: dict[str, Node]
+    witness_names: list[str]
+    proxies: list[Proxy]
+
+    base_delay = 0.0  # seconds one way on every proxied link when nothing is broken
+
+    def __init__(self) -> None:
+        self.nodes = {}
+        self.witness_names = []
+        self.proxies = []
+
+    # ----------------------------------------------------------- asking
+
+    def ask(self, node: str, **req: Any) -> dict[str, Any]:
+        """A control request to ``node``; raises :class:`DrillError` with its error."""
+        try:
+            reply = control.request(self.nodes[node].control, req)
+        except OSError as e:
+            raise DrillError(f"{node}: control socket {self.nodes[node].control}: {e}") from None
+        if not reply.get("ok"):
+            raise DrillError(f"{node}: {req.get('op')} failed: {reply.get('error')}")
+        return reply
+
+    def try_ask(self, node: str, **req: Any) -> dict[str, Any] | None:
+        try:
+            return self.ask(node, **req)
+        except DrillError:
+            return None
+
+    def status(self, node: str) -> dict[str, Any]:
+        return self.ask(node, op="status", volume=self.volume)["status"]
+
+    def try_status(self, node: str) -> dict[str, Any] | None:
+        reply = self.try_ask(node, op="status", volume=self.volume)
+        return reply["status"] if reply else None
+
+    def primary(self) -> str | None:
+        """The node that says it is primary (None: none answers so)."""
+        for n in self.nodes:
+            st = self.try_status(n)
+            if st and st.get("role") == "primary":
+                return n
+        return None
+
+    def device(self, node: str) -> str:
+        return str(self.nodes[node].mount / self.volume)
+
+    def wait(self, what: str, pred, timeout: float = 60.0, interval: float = 0.05):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            result = pred()
+            if result:
+                return result
+            time.sleep(interval)
+        raise DrillError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+    # ------------------------------------------------------------ faults
+
+    def kill(self, node: str) -> int:
+        """SIGKILL ``node``'s daemon, by the PID it reports; returns the PID."""
+        n = self.nodes[node]
+        pid = n.proc.pid if n.proc is not None and n.proc.poll() is None else None
+        if pid is None:
+            reply = self.ask(node, op="ping")
+            pid = int(reply["pid"])
+        os.kill(pid, signal.SIGKILL)
+        if n.proc is not None and n.proc.pid == pid:
+            n.proc.wait(timeout=30)
+        else:
+            self.wait(f"{node}'s daemon (pid {pid}) to die", lambda: not _alive(pid), timeout=30)
+        unmount_fuse(n.mount)  # a killed FUSE daemon leaves its mount behind
+        return pid
+
+    def start_node(self, node: str) -> None:
+        """Start ``node``'s daemon (its config and node name) and wait for it."""
+        n = self.nodes[node]
+        logf = open(n.log, "ab")
+        try:
+            n.proc = subprocess.Popen(
+                [sys.executable, "-m", "gmd", "daemon", "--config", str(n.config), "--node", node, "--debug"],
+                stdout=subprocess.PIPE, stderr=logf, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        finally:
+            logf.close()
+        line = _read_ready(n.proc, f"daemon {node}", n.log)
+        if not line.startswith("ready"):
+            raise DrillError(f"daemon {node} did not start: {line}; see {n.log}")
+        n.pid = n.proc.pid
+
+    def links_of(self, node: str) -> list[Proxy]:
+        """The proxies on every link to and from ``node``."""
+        return [p for p in self.proxies if node in (p.src, p.dst)]
+
+    def partition(self, node: str) -> None:
+        links = self.links_of(node)
+        if not links:
+            raise DrillError(f"no WAN proxy on {node}'s links: a partition needs them (see --proxy)")
+        for p in links:
+            p.ask(op="partition", mode="blackhole")
+
+    def slow(self, node: str, delay: float) -> None:
+        links = self.links_of(node)
+        if not links:
+            raise DrillError(f"no WAN proxy on {node}'s links: a slow link needs them (see --proxy)")
+        for p in links:
+            p.ask(op="set", delay=self.base_delay + delay)
+
+    def heal(self) -> None:
+        for p in self.proxies:
+            p.ask(op="heal")
+            p.ask(op="set", delay=self.base_delay)
+
+    def describe(self) -> str:
+        return ", ".join(self.nodes)
+
+    def backing(self, node: str) -> Path | None:
+        """The member's backing file, if this machine can read it (local clusters)."""
+        return None
+
+    def teardown(self) -> None:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class LocalCluster(Cluster):
+    """Two nodes and a witness on loopback, built in a temporary directory."""
+
+    def __init__(self, *, mode: str = "mwc", size: str = "128MiB", auto_promote: bool = True,
+                 names: Iterable[str] = ("labor1", "labor2"), witness: str = "W",
+                 volume_settings: dict[str, Any] | None = None, member_settings: dict[str, dict] | None = None,
+                 keep: bool = False, directory: Path | None = None, delay: float = 0.0):
+        super().__init__()
+        self.base_delay = delay
+        self.mode, self.size, self.auto_promote, self.keep = mode, size, auto_promote, keep
+        self.dir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="gmd-drill-"))
+        self.names = list(names)
+        self.witness_names = [witness]
+        self.volume_settings = {"auto_promote": auto_promote, **(volume_settings or {})}
+        self.member_settings = member_settings or {}
+        self.witness_proc: subprocess.Popen | None = None
+        self.witness_config = self.dir / "witness.toml"
+        self.config_of: dict[str, Config] = {}
+        self._write_configs()
+
+    def _write_configs(self) -> None:
+        everyone = [*self.names, *self.witness_names]
+        real = dict(zip(everyone, free_ports(len(everyone))))
+        pairs = [(s, d) for s in self.names for d in everyone if s != d]
+        proxied = dict(zip(pairs, free_ports(len(pairs))))
+        self.real, self.proxied = real, proxied
+        w = self.witness_names[0]
+        for me in self.names:
+            specs = []
+            for n in self.names:
+                port = real[n] if n == me else proxied[(me, n)]
+                specs.append(NodeSpec(n, address=[port], listen=[real[n]] if n == me else [],
+                                      member=dict(self.member_settings.get(n, {}))))
+            doc = cluster_document(specs, volume=VOLUME, size=self.size, mode=self.mode, secret="drill-secret",
+                                   volume_settings=self.volume_settings,
+                                   tables=witness_table(w, proxied[(me, w)], state=f"data/{w}/witness.json"))
+            path = self.dir / f"{me}.toml"
+            path.write_text(tomli_w.dumps(doc))
+            cfg = self.config_of[me] = load_config(path)
+            node = cfg.node(me)
+            self.nodes[me] = Node(me, path, node.control, node.mount, self.dir / f"{me}.log")
+        doc = cluster_document([NodeSpec(n, address=[real[n]]) for n in self.names], volume=VOLUME,
+                               size=self.size, mode=self.mode, secret="drill-secret",
+                               volume_settings=self.volume_settings,
+                               tables=witness_table(w, real[w], state=f"data/{w}/witness.json"))
+        self.witness_config.write_text(tomli_w.dumps(doc))
+        (self.dir / "data" / w).mkdir(parents=True, exist_ok=True)
+        self.proxies = [Proxy(s, d, self.dir / f"proxy-{s}-{d}.sock") for s, d in pairs]
+
+    def describe(self) -> str:
+        delay = f" ({self.base_delay * 1000:.0f} ms one way)" if self.base_delay else ""
+        return (f"local: {', '.join(self.names)} and witness {', '.join(self.witness_names)} on loopback, "
+                f"every link through a WAN proxy{delay}")
+
+    def backing(self, node: str) -> Path:
+        return self.config_of[node].member(VOLUME, node).device
+
+    def init_volume(self, primary: str) -> None:
+        """Fresh maps and sparse files everywhere; ``primary`` the source and the
+        others taken as identical (all files are zeros), so no initial copy."""
+        for n in self.names:
+            admin.init_volume(self.config_of[n], n, VOLUME)
+        admin.mark_dirty(self.config_of[primary], primary, VOLUME, skip_initial_copy=True)
+
+    def start(self) -> None:
+        """Proxies, the witness and every node's daemon; the volume up everywhere."""
+        for p in self.proxies:
+            target = self.real[p.dst]
+            listen = self.proxied[(p.src, p.dst)]
+            log = open(self.dir / f"proxy-{p.src}-{p.dst}.log", "ab")
+            try:
+                p.proc = subprocess.Popen(
+                    [sys.executable, "-m", "transport.wanproxy", "--listen", f"127.0.0.1:{listen}",
+                     "--target", f"127.0.0.1:{target}", "--control", str(p.control),
+                     "--delay", str(self.base_delay)],
+                    stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+            finally:
+                log.close()
+            line = _read_ready(p.proc, f"proxy {p.src}->{p.dst}", None)
+            if not line.startswith("listening"):
+                raise DrillError(f"proxy {p.src}->{p.dst} did not start: {line}")
+        self.start_witness()
+        for n in self.names:
+            self.start_node(n)
+        for n in self.names:
+            self.ask(n, op="up", volume=VOLUME)
+
+    def start_witness(self) -> None:
+        w = self.witness_names[0]
+        log_path = self.dir / f"witness-{w}.log"
+        logf = open(log_path, "ab")
+        try:
+            self.witness_proc = subprocess.Popen(
+                [sys.executable, "-m", "gmd", "witness", "--config", str(self.witness_config), "--name", w,
+                 "--debug"], stdout=subprocess.PIPE, stderr=logf, stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent)
+        finally:
+            logf.close()
+        line = _read_ready(self.witness_proc, f"witness {w}", log_path)
+        if not line.startswith("ready"):
+            raise DrillError(f"witness {w} did not start: {line}")
+
+    def kill_witness(self) -> int:
+        proc = self.witness_proc
+        if proc is None or proc.poll() is not None:
+            raise DrillError("the witness is not running")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        return proc.pid
+
+    def partition_witness(self) -> None:
+        for p in self.proxies:
+            if p.dst in self.witness_names:
+                p.ask(op="partition", mode="blackhole")
+
+    def teardown(self) -> None:
+        """Stop every process by PID, remove FUSE mounts and (unless kept) the directory."""
+        for n in self.nodes.values():
+            if n.proc is not None and n.proc.poll() is None:
+                try:
+                    control.request(n.control, {"op": "down", "volume": VOLUME, "force": True}, timeout=30)
+                except Exception:
+                    pass  # stopped below regardless
+            if n.proc is not None:
+                stop_process(n.proc, timeout=30)
+            unmount_fuse(n.mount)
+        if self.witness_proc is not None:
+            stop_process(self.witness_proc, timeout=10)
+        for p in self.proxies:
+            if p.proc is not None:
+                stop_process(p.proc, timeout=10)
+        if not self.keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ConfiguredCluster(Cluster):
+    """A cluster the operator runs from ``config``: the drill reaches each node
+    of the volume through its control socket."""
+
+    def __init__(self, config_path: Path, volume: str, proxies: dict[str, list[Path]] | None = None,
+                 log_dir: Path | None = None):
+        super().__init__()
+        self.config = load_config(config_path)
+        if volume not in self.config.volumes:
+            raise DrillError(f"{config_path}: no volume {volume} (volumes: {', '.join(self.config.volumes)})")
+        self.volume = volume
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="gmd-drill-"))
+        vol = self.config.volumes[volume]
+        for name in vol.members:
+            node = self.config.node(name)
+            self.nodes[name] = Node(name, self.config.path, node.control, node.mount,
+                                    self.log_dir / f"{name}.log")
+        self.witness_names = list(self.config.witnesses)
+        for node, socks in (proxies or {}).items():
+            if node not in self.nodes:
+                raise DrillError(f"--proxy {node}=...: {node} is not a member of {volume}")
+            self.proxies.extend(Proxy(node, "?", Path(s)) for s in socks)
+
+    def start_node(self, node: str) -> None:
+        """Start ``node``'s daemon again (the config and node name it ran with),
+        in a session of its own and logging to a file, so that it outlives the
+        drill as the operator's daemon did; ready once it answers a ping."""
+        n = self.nodes[node]
+        with open(n.log, "ab") as logf:
+            subprocess.Popen(
+                [sys.executable, "-m", "gmd", "daemon", "--config", str(n.config), "--node", node],
+                stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True)
+        reply = self.wait(f"{node}'s daemon to answer on {n.control}",
+                          lambda: self.try_ask(node, op="ping"), timeout=60)
+        n.pid = int(reply["pid"])
+
+    def describe(self) -> str:
+        return f"{self.config.path} ({', '.join(self.nodes)})"
+
+    def links_of(self, node: str) -> list[Proxy]:
+        return [p for p in self.proxies if p.src == node]
