@@ -376,6 +376,12 @@ class _HashPrefetch:
         answer = self._answers.pop(index)
         if isinstance(answer, BaseException):
             raise CopyAborted(f"hashing on {self.m.name}: {answer}")
+        offset, length = self.work[index]
+        blocks = (length + self.block - 1) // self.block
+        if len(answer) != blocks:
+            # Compared pairwise, a short answer would leave the last blocks
+            # uncompared, unshipped and then cleared as copied.
+            raise CopyAborted(f"hashing on {self.m.name}: {len(answer)} hashes for the {blocks} blocks at {offset}")
         return answer
 
 

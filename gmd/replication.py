@@ -35,7 +35,7 @@ import trio
 
 from quorum.generations import Verdict
 from statemap import DiskState, Role
-from transport.codec import Flush, FlushAck, HashRequest, Read, Write, WriteAck
+from transport.codec import Flush, FlushAck, HashReply, HashRequest, Read, ReadReply, Write, WriteAck
 from transport.link import LinkClosed, PeerLink
 
 
@@ -345,6 +345,8 @@ class MemberLink:
     async def read(self, offset: int, length: int) -> bytes:
         """Read bytes from this member's disk over the link (any live path)."""
         reply = await self._request(lambda r: Read(r, offset, length))
+        if not isinstance(reply, ReadReply):  # read and hash replies share the request ids
+            raise OSError(errno.EIO, f"{self.name} answered a read with a {type(reply).__name__}")
         if reply.status:
             raise OSError(reply.status, f"read from {self.name} failed")
         if len(reply.data) != length:
@@ -354,10 +356,13 @@ class MemberLink:
     async def region_hashes(self, offset: int, length: int, block: int) -> tuple[int, ...]:
         """xxh3_64 of each ``block`` of [offset, offset+length) on this member's disk."""
         reply = await self._request(lambda r: HashRequest(r, offset, length, block))
+        if not isinstance(reply, HashReply):
+            raise OSError(errno.EIO, f"{self.name} answered a hash request with a {type(reply).__name__}")
         if reply.status:
             raise OSError(reply.status, f"hashing on {self.name} failed")
         if len(reply.hashes) != (length + block - 1) // block:
-            raise OSError(errno.EIO, f"{self.name} returned {len(reply.hashes)} hashes")
+            raise OSError(errno.EIO, f"{self.name} returned {len(reply.hashes)} hashes for "
+                                     f"{(length + block - 1) // block} blocks")
         return reply.hashes
 
     def on_read_reply(self, reply) -> None:

@@ -118,7 +118,14 @@ class WitnessDaemon:
             raise Refused("witness-state-unreadable", name=self.name, path=self.state_path, why=e) from None
         try:
             # Bytes that are not text or not JSON raise ValueError here too.
-            records, ignored = WitnessBook.records_from_json(json.loads(data))
+            raw = json.loads(data)
+        except RecursionError:
+            raise Refused("witness-state-damaged", name=self.name, path=self.state_path,
+                          why="not JSON: nested too deeply") from None
+        except ValueError as e:
+            raise Refused("witness-state-damaged", name=self.name, path=self.state_path, why=e) from None
+        try:
+            records, ignored = WitnessBook.records_from_json(raw)
         except ValueError as e:
             # Starting empty could let an outdated member be promoted: refuse.
             raise Refused("witness-state-damaged", name=self.name, path=self.state_path, why=e) from None

@@ -368,12 +368,12 @@ class Superblock:
         forced = raw.get("forced_primary", False)  # absent in maps written before it existed
         _expect(isinstance(forced, bool), "forced_primary", "true or false")
         promoted = raw.get("promoted_at")
-        _expect(promoted is None or (isinstance(promoted, (int, float)) and not isinstance(promoted, bool)),
+        _expect(promoted is None or (_is_number(promoted) and not isinstance(promoted, bool)),
                 "promoted_at", "null or a number")
         for key in ("created", "updated"):
-            _expect(isinstance(raw.get(key), (int, float)), key, "a number")
+            _expect(_is_number(raw.get(key)), key, "a number")
         cs = raw.get("clean_stop")
-        _expect(cs is None or isinstance(cs, (int, float)), "clean_stop", "null or a number")
+        _expect(cs is None or _is_number(cs), "clean_stop", "null or a number")
         sb = cls(
             volume=raw["volume"],
             uuid=raw["uuid"],
@@ -412,6 +412,17 @@ def _expect(ok: bool, key: str, what: str) -> None:
 
 def _is_uint(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_number(v: Any) -> bool:
+    """A JSON number a float can hold (an integer of 400 digits is not one)."""
+    if not isinstance(v, (int, float)):
+        return False
+    try:
+        float(v)
+    except OverflowError:
+        return False
+    return True
 
 
 def _enum(enum_type: Any, value: Any, key: str) -> Any:
@@ -482,6 +493,8 @@ def decode_slot(data: bytes) -> SlotReading:
         sb = Superblock.from_json(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         return SlotReading(None, seq, f"payload is not JSON: {e}")
+    except RecursionError:
+        return SlotReading(None, seq, "payload is not JSON: nested too deeply")
     except _PayloadError as e:
         return SlotReading(None, seq, f"payload invalid: {e}")
     return SlotReading(sb, seq, None, version)

@@ -48,7 +48,7 @@ from pathlib import Path
 
 from bitarray import bitarray
 
-from .errors import GeometryMismatch, StateMapCorrupt, StateMapError, StateMapFull
+from .errors import GeometryMismatch, StateMapCorrupt, StateMapError, StateMapFull, StateMapVersionError
 from .fileio import FileIO, StateMapIO, write_new_file
 from .format import (
     AREA_INTENT,
@@ -299,8 +299,11 @@ class StateMap:
                 f"{path}: truncated: {size} bytes, too short to hold the two superblock slots "
                 f"({2 * SLOT_SIZE} bytes)"
             )
-        a = decode_slot(io.pread(0, SLOT_SIZE))
-        b = decode_slot(io.pread(SLOT_SIZE, SLOT_SIZE))
+        try:
+            a = decode_slot(io.pread(0, SLOT_SIZE))
+            b = decode_slot(io.pread(SLOT_SIZE, SLOT_SIZE))
+        except StateMapVersionError as e:
+            raise StateMapVersionError(f"{path}: {e}") from None
         sb, seq, version, warnings = pick_slot(a, b, path)
         try:
             check_geometry_values(sb.size, sb.region_size, sb.extent_size)

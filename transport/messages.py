@@ -56,7 +56,9 @@ class IntroInfo(_Message):
 
     role: RoleName | None = None
     disk: DiskName | None = None
-    generation: GenerationInfo | None = None
+    # Absent (a witness, a poke) or an object, never null: the engines read
+    # its fields whenever it is there.
+    generation: GenerationInfo | msgspec.UnsetType = msgspec.UNSET
     marked: dict[str, MarkedSummary] = {}  # per peer: what we wrote that it lacks (gmd resolve plans)
     discard_local: str | None = None  # the peer we yield to in a split-brain resolution
     promoted_at: float | None = None
