@@ -22,6 +22,7 @@ from .replication import MemberLink, disk_of, role_of
 if TYPE_CHECKING:
     from .config import VolumeConfig
     from .copyengine import CopyEngine
+    from .quorum_keeper import QuorumKeeper
     from .resolution import SplitBrainResolver
     from .roles import Roles
     from .sessions import Sessions
@@ -38,6 +39,7 @@ class PeerStateVolume(Protocol):
     local: LocalVolume | None
     @property
     def name(self) -> str: ...
+    quorum: QuorumKeeper
     resolver: SplitBrainResolver
     role: Role
     roles: Roles
@@ -63,6 +65,9 @@ class PeerState:
         if sm.sb.peers[m.name].disk != DiskState.UPTODATE:
             return  # a write was marked for it meanwhile (and it was told); the copy loop goes on
         log.info("%s: member %s is uptodate", self.engine.name, m.name)
+        # The witnesses learn at once that it holds every write again: until
+        # they do, they would refuse it the takeover if this primary were lost.
+        self.engine.quorum.renew_soon()
         await self.send_state(m, {"your_disk": DiskState.UPTODATE.value, "generation": sm.sb.generations.current,
                                    "identity": sm.identity})
 

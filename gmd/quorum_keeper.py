@@ -84,6 +84,7 @@ class QuorumKeeper:
         self._lock = trio.Lock()
         self._suspended_since: float | None = None
         self.superseded: str | None = None  # a witness said another node is primary
+        self._renew_now = trio.Event()  # set: renew before the next interval is over
 
     # ------------------------------------------------------------- votes
 
@@ -95,6 +96,11 @@ class QuorumKeeper:
         """Something that counts for quorum changed (a member, a witness, a role)."""
         self.changed.set()
         self.changed = trio.Event()
+
+    def renew_soon(self) -> None:
+        """The outdated set shrank (a member caught up): renew now, not at the
+        next interval, so that the witnesses' registration follows."""
+        self._renew_now.set()
 
     def expected(self) -> int:
         e = self.engine
@@ -146,16 +152,19 @@ class QuorumKeeper:
         now = trio.current_time()
         witnesses = {}
         for w, c in self._clients.items():
+            registered = None
             if e.role == Role.PRIMARY:
                 g = self.grants.get(w)
                 granted = g is not None and g.covers(sm.sb.generations.current, self.outdated(), now)
                 why = "lease running" if granted else (self.answers.get(w, (False, "no lease", 0))[1])
+                # What the witness was last told we write without: it refuses those members a takeover.
+                registered = sorted(g.outdated) if g is not None else None
             else:
                 a = self.answers.get(w)
                 granted = a is not None and answer_counts(a[0], a[2], now)
                 why = a[1] if a else "not asked yet"
             witnesses[w] = {"connected": c.connected, "reason": c.reason, "granted": granted, "why": why,
-                            "votes": c.votes}
+                            "votes": c.votes, "registered_outdated": registered}
         return {"votes": votes, "needed": votes_needed(expected), "expected": expected,
                 "ok": has_quorum(votes, expected, forced=e.role == Role.PRIMARY and sm.sb.forced_primary),
                 "expected_override": sm.sb.expected_votes, "forced": sm.sb.forced_primary,
@@ -238,7 +247,9 @@ class QuorumKeeper:
                 async with trio.open_nursery() as n:
                     for w, client in self._clients.items():
                         n.start_soon(query, w, client)
-            await trio.sleep(RENEW_INTERVAL)
+            with trio.move_on_after(RENEW_INTERVAL):
+                await self._renew_now.wait()
+            self._renew_now = trio.Event()
 
     # ---------------------------------------------------------------- writes
 

@@ -91,10 +91,10 @@ class ServiceCommands:
         ``GMD_VOLUME``, ``GMD_NODE``, ``GMD_REASON`` (operator, auto-promote,
         switchover, self-fence, step-down, down), ``GMD_DEVICE`` (the volume's
         file in the FUSE mount) and ``GMD_LOOP`` (its loop device, or empty)."""
-        e = self.engine
+        engine = self.engine
         env = dict(os.environ)
-        env.update(GMD_EVENT=event, GMD_VOLUME=e.name, GMD_NODE=e.node, GMD_REASON=reason,
-                   GMD_DEVICE=e.roles.device_path or "", GMD_LOOP=e.roles.loop_device or "")
+        env.update(GMD_EVENT=event, GMD_VOLUME=engine.name, GMD_NODE=engine.node, GMD_REASON=reason,
+                   GMD_DEVICE=engine.roles.device_path or "", GMD_LOOP=engine.roles.loop_device or "")
         return env
 
     async def run(self, event: str, reason: str, timeout: float | None = None) -> dict[str, Any] | None:
@@ -198,23 +198,23 @@ class Takeover:
             await trio.sleep(POLL)
 
     async def _consider_promotion(self) -> None:
-        e = self.engine
+        engine = self.engine
         now = trio.current_time()
         peers = {name: PeerView(self._live(m, now), m.peer_role == Role.PRIMARY, m.peer_disk == DiskState.UPTODATE)
-                 for name, m in e.members.items()}
+                 for name, m in engine.members.items()}
         primary = next((n for n, p in peers.items() if p.connected and p.primary), None)
         if primary is not None:
             self._primary_seen = now
             self._set(f"following primary {primary}")
             return
-        disk = e.local.statemap.sb.disk
+        disk = engine.local.statemap.sb.disk
         if disk != DiskState.UPTODATE:
             self._set(f"not promotable: disk {disk.value}")
             return
         if now - self._primary_seen < TAKEOVER_GRACE:
             self._set(f"no primary in sight; promoting after {TAKEOVER_GRACE:.0f} s without one")
             return
-        ahead = defer_to(e.node, self.order(), peers)
+        ahead = defer_to(engine.node, self.order(), peers)
         if ahead is not None:
             self._set(f"leaving the takeover to {ahead} (ahead in the promotion order)")
             return
@@ -222,15 +222,15 @@ class Takeover:
             return
         self._next_try = now + RETRY
         try:
-            await e.roles.promote(reason="auto-promote")
+            await engine.roles.promote(reason="auto-promote")
         except GmdError as ex:
             self._set(f"cannot promote yet: {ex}", logging.INFO)
             return
-        if e.role == Role.PRIMARY:
+        if engine.role == Role.PRIMARY:
             self.promotions += 1
             self.last_event = {"event": "auto-promote", "at": time.time()}
             log.warning("%s: took over automatically as primary (no primary for %.1f s, quorum and an "
-                        "uptodate disk here)", e.name, now - self._primary_seen)
+                        "uptodate disk here)", engine.name, now - self._primary_seen)
             self._set("primary (promoted automatically)", logging.INFO)
 
     @staticmethod
@@ -238,19 +238,19 @@ class Takeover:
         return m.connected and now - m.last_heard <= SILENT_AFTER
 
     async def _check_fence(self) -> None:
-        e = self.engine
-        q = e.quorum
-        sm = e.local.statemap
+        engine = self.engine
+        q = engine.quorum
+        sm = engine.local.statemap
         if sm.sb.forced_primary:
             self._set("primary (forced by the operator: never fenced automatically)")
             return
         now = trio.current_time()
-        votes_of = {w: c.votes for w, c in e.ports.witnesses.items()}
+        votes_of = {w: c.votes for w, c in engine.ports.witnesses.items()}
         fresh = fresh_votes(q.answers, votes_of, now)
         # Members that still answer: a blackholed link looks connected until
         # the path times out, long after the lease would have ended.
-        votes = e.config.members
-        member = member_votes(votes[e.node].votes, (votes[n].votes for n, m in e.members.items()
+        votes = engine.config.members
+        member = member_votes(votes[engine.node].votes, (votes[n].votes for n, m in engine.members.items()
                                                    if self._live(m, now)))
         needed = q.needed()
         if not must_fence(member, needed, fresh):
@@ -259,12 +259,12 @@ class Takeover:
         left = lease_left(q.grants, now)
         log.warning("%s: quorum lost as primary (%d votes of members heard within %.0f s, %d needed; no witness "
                     "renewal granted for %.1f s; the lease ends in %.1f s): fencing: stop command, then stepping "
-                    "down", e.name, member, SILENT_AFTER, needed, FENCE_AFTER, left)
+                    "down", engine.name, member, SILENT_AFTER, needed, FENCE_AFTER, left)
         self._set("fencing: quorum lost", logging.WARNING)
         self.fences += 1
         self.last_event = {"event": "self-fence", "at": time.time(), "lease_left": round(left, 3)}
         try:
-            await e.roles.demote(force=True, reason="self-fence", command_deadline=max(0.5, left - 0.25))
+            await engine.roles.demote(force=True, reason="self-fence", command_deadline=max(0.5, left - 0.25))
         except GmdError as ex:
-            log.error("%s: fencing: stepping down failed: %s", e.name, ex)
+            log.error("%s: fencing: stepping down failed: %s", engine.name, ex)
         self._primary_seen = trio.current_time()

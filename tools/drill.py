@@ -238,7 +238,8 @@ class Drill:
             # The steady state a fault interrupts: the primary holds every
             # witness's lease (a witness grants nothing in its first seconds).
             c.wait(f"{primary} to hold the witnesses' lease", lambda: all(
-                w["granted"] for w in c.status(primary)["quorum"]["witnesses"].values()), timeout=30)
+                w["granted"] and w["registered_outdated"] == []
+                for w in c.status(primary)["quorum"]["witnesses"].values()), timeout=30)
         self.report = r = Report(self.fault, self.mode, c.describe(), "automatic (auto_promote)" if auto else
                                  "operator (gmd primary)", self.seed, time.time())
         size = int(st["size"])

@@ -237,6 +237,7 @@ class LocalCluster(Cluster):
         self.base_delay = delay
         self.mode, self.size, self.auto_promote, self.keep = mode, size, auto_promote, keep
         self.dir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="gmd-drill-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.names = list(names)
         self.witness_names = [witness]
         self.volume_settings = {"auto_promote": auto_promote, **(volume_settings or {})}

@@ -31,6 +31,7 @@ PARTS = {
     "resolution": "ResolutionVolume",
     "quorum_keeper": "QuorumVolume",
     "status": "StatusVolume",
+    "takeover": "TakeoverVolume",
 }
 
 

@@ -1,0 +1,154 @@
+"""``gmd drill`` end to end: real daemons, a real witness, real FUSE mounts and
+WAN proxy processes, the verifying workload on the primary's volume file.
+
+Each drill is run as the operator runs it (``gmd drill ... --json``, in a
+subprocess with its temporary directory under the test's), and judged by its
+JSON report; afterwards nothing of it may be left: no process whose command
+line names that directory, no mount under it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools.drill import Drill
+from tools.drill_cluster import LocalCluster
+
+GMD = str(Path(sys.executable).parent / "gmd")
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (FUSE mounts)"
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing"
+    if not shutil.which("fusermount3"):
+        return "fusermount3 is not installed"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Processes and mounts that still name ``directory``."""
+    found = []
+    needle = str(directory).encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline and int(pid) != os.getpid():
+            words = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"process {pid}: {words}")
+    with open("/proc/self/mounts") as f:
+        found += [f"mount {line.split()[1]}" for line in f if str(directory) in line]
+    return found
+
+
+def drill(tmp_path: Path, *args: str) -> tuple[int, dict, str]:
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    report = tmp_path / "report.md"
+    r = subprocess.run([GMD, "drill", *args, "--json", "--report", str(report), "--warmup", "1",
+                        "--outage", "1"], capture_output=True, text=True, env=env, timeout=600)
+    try:
+        doc = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"no JSON report (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    assert report.read_text().startswith("# gmd drill: "), "the Markdown report was not written"
+    assert not leftovers(tmp_path), leftovers(tmp_path)
+    return r.returncode, doc, r.stderr
+
+
+def checks(doc: dict) -> dict[str, bool]:
+    return {c["name"]: c["passed"] for c in doc["checks"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["kill-primary", "partition-primary"])
+def test_the_primary_lost_in_mwc_is_taken_over_automatically_with_nothing_acknowledged_lost(tmp_path, fault):
+    rc, doc, err = drill(tmp_path, "--fault", fault, "--mode", "mwc")
+    assert rc == 0 and doc["passed"], (doc, err[-3000:])
+    assert doc["takeover"].startswith("automatic")
+    f = doc["figures"]
+    assert f["rpo_writes"] == 0 and f["rpo_bytes"] == 0
+    assert 0 < f["rto_seconds"] < 60
+    assert f["writes_before_fault"] > 0 and f["heal_passes"] in ("mini", "merge", "merge, mini", "none")
+    names = checks(doc)
+    assert names["RPO 0: every acknowledged write on the new primary"]
+    assert names["members byte-identical (xxh3-128 of the backing files)"]
+    if fault == "partition-primary":
+        assert names["the cut-off primary fenced itself before its lease ended"]
+        assert f["fence_lease_left_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_a_killed_secondary_does_not_stop_the_primary_and_is_mini_copied_back(tmp_path):
+    rc, doc, err = drill(tmp_path, "--fault", "kill-secondary")
+    assert rc == 0 and doc["passed"], (doc, err[-3000:])
+    names = checks(doc)
+    assert names["labor1 writes on through the fault"]
+    assert names["labor2 mini-copied back"]
+    assert doc["figures"]["heal_passes"] == "mini"
+    assert doc["figures"]["rto_seconds"] == 0.0
+
+
+@pytest.mark.slow
+def test_an_async_member_taking_over_is_an_exact_prefix_and_its_loss_is_reported(tmp_path):
+    rc, doc, err = drill(tmp_path, "--fault", "kill-primary", "--mode", "async", "--wan-delay", "0.02")
+    assert rc == 0 and doc["passed"], (doc, err[-3000:])
+    assert checks(doc)["async copy is an exact prefix of the acknowledged writes"]
+    f = doc["figures"]
+    v = doc["verifications"]["after failover"]
+    # What was lost is what the prefix analysis found missing, in writes, bytes and age.
+    assert f["rpo_writes"] == v["lost_writes"] and f["rpo_bytes"] == v["lost_writes"] * 4096
+    assert f["rpo_seconds"] >= 0 and v["is_prefix"] and v["corrupt"] == 0
+
+
+def test_a_bad_fault_is_a_usage_error_naming_the_choices(tmp_path):
+    r = subprocess.run([GMD, "drill", "--fault", "unplug-everything"], capture_output=True, text=True)
+    assert r.returncode == 2 and "kill-primary" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_configured_cluster_is_never_overwritten_without_being_told(tmp_path):
+    cfg = tmp_path / "gmd.toml"
+    cfg.write_text('secret = "s"\n[nodes.a]\naddress = ["127.0.0.1:17990"]\ncontrol = "a.sock"\nmount = "m"\n'
+                   '[volumes.v]\nsize = "64MiB"\n[volumes.v.members.a]\ndevice = "a.img"\nstatemap = "a.sm"\n')
+    r = subprocess.run([GMD, "drill", "--fault", "kill-secondary", "--config", str(cfg), "--volume", "v"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "--overwrite" in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_start_and_stop_commands_run_around_every_role_change_and_the_fence_comes_first(tmp_path):
+    """partition-primary with start/stop commands that log who ran them and why:
+    the cut-off primary's stop (self-fence) comes before the survivor's start
+    (auto-promote), and the failback's switchover stops and starts again."""
+    events = tmp_path / "events"
+    line = f'echo "$GMD_NODE $GMD_EVENT $GMD_REASON $GMD_DEVICE" >> {events}'
+    cluster = LocalCluster(directory=tmp_path / "c", volume_settings={"start_command": line, "stop_command": line})
+    try:
+        cluster.init_volume("labor1")
+        cluster.start()
+        cluster.wait("connected", lambda: cluster.status("labor1")["members"]["labor2"]["link"] == "connected")
+        cluster.ask("labor1", op="primary", volume="appslv")
+        report = Drill(cluster, fault="partition-primary", mode="mwc", seed=7, warmup=1, outage=1,
+                       work_dir=tmp_path).run()
+    finally:
+        cluster.teardown()
+    assert report.passed, report.table()
+    got = [tuple(x.split()[:3]) for x in events.read_text().splitlines()]
+    assert got[0] == ("labor1", "start", "operator")
+    assert got.index(("labor1", "stop", "self-fence")) < got.index(("labor2", "start", "auto-promote"))
+    i = got.index(("labor2", "stop", "switchover"))
+    assert ("labor1", "start", "switchover") in got[i:]
+    assert all(x.split()[3].endswith("/appslv") for x in events.read_text().splitlines())
+    assert not leftovers(tmp_path), leftovers(tmp_path)
