@@ -38,6 +38,7 @@ from .control import MAX_CONTROL_CLIENTS, MAX_REQUEST, prepare_socket_path
 from .engine import NodePorts, VolumeEngine
 from .errors import ExitCode, GmdError, Refused, exit_code_for
 from .fuse import VolumeFS, serve_fuse
+from .listeners import open_listeners
 from .memory import bound_heap
 from .requests import check_request, decode_line, op_of
 from .witness import WitnessClient
@@ -128,7 +129,7 @@ class NodeDaemon:
                               "dirty, so crash recovery runs at its next start", engine.name, type(e).__name__, e)
 
     async def _listen(self, addr: Address, path_index: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)
+        listeners = await open_listeners(addr, f"node {self.node}")
         bound = listeners[0].socket.getsockname()[:2]
         log.info("%s: listening for peers on %s:%d", self.node, bound[0], bound[1])
         task_status.started(bound)

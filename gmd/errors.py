@@ -93,6 +93,8 @@ REFUSALS: dict[str, Refusal] = {
     "drill-options": Refusal("{message}", errno.EINVAL, _U),
     "watch-needs-terminal": Refusal("--watch redraws for a terminal; use --json without it in scripts",
                                     errno.ENOTTY, _U),
+    "listen-failed": Refusal("{who}: cannot listen on {host}:{port}: {why} (is another daemon using it?)",
+                             errno.EADDRINUSE),
     "tls-files": Refusal("{path}: tls: cannot load certificate, key or CA: {why}", errno.EINVAL),
     "reload-refused": Refusal("reload of {path} refused, nothing applied: {problems}", errno.EINVAL),
     "daemon-not-running": Refusal("{why}; start it with 'gmd daemon --node {node}'", errno.ECONNREFUSED),

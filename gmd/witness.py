@@ -58,6 +58,7 @@ from transport.tls import TlsContexts, make_contexts
 
 from .config import Address, Config
 from .errors import Refused
+from .listeners import open_listeners
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class WitnessDaemon:
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as n:
             for addr in self.witness.addresses:
-                listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)
+                listeners = await open_listeners(addr, f"witness {self.name}")
                 self.listen_addresses.append(listeners[0].socket.getsockname()[:2])
                 gate = HandshakeGate(PREAUTH_CONNECTIONS, f"witness {self.name} listener {addr.host}:{addr.port}")
                 n.start_soon(trio.serve_listeners, functools.partial(self._accept, gate=gate), listeners)

@@ -552,6 +552,8 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     except Exception as e:
         if getattr(args, "debug", False):
             log.exception("failed")
+        while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+            e = e.exceptions[0]  # a task group's one failure: say what it was
         code = exit_code_for(e)
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return int(code)

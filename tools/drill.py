@@ -336,7 +336,8 @@ class Drill:
         if self.fault == "kill-primary":
             c.start_node(primary)
             c.ask(primary, op="up", volume=c.volume)
-            self.event(f"{primary}'s daemon restarted and the volume up: it comes back as secondary")
+            self.event(f"{primary}'s daemon restarted (pid {c.nodes[primary].pid}, log {c.nodes[primary].log}) "
+                       f"and the volume up: it comes back as secondary")
         else:
             c.heal()
             self.event("partition healed")
@@ -395,7 +396,8 @@ class Drill:
             def heal():
                 c.start_node(secondary)
                 c.ask(secondary, op="up", volume=c.volume)
-                self.event(f"{secondary}'s daemon restarted and the volume up")
+                self.event(f"{secondary}'s daemon restarted (pid {c.nodes[secondary].pid}, log "
+                           f"{c.nodes[secondary].log}) and the volume up")
         elif self.fault == "kill-witness":
             if not isinstance(c, LocalCluster):
                 raise DrillError("kill-witness needs the drill's own cluster (it starts the witness again)")
@@ -559,11 +561,11 @@ def run_drill(*, fault: str, mode: str = "mwc", auto_promote: bool = True, confi
                       work_dir=work_dir, say=say)
         try:
             rep = drill.run()
-        except DrillError as e:
+        except Exception as e:  # a step that went wrong fails the drill, with what and why in the report
             rep = drill.report
             if rep is None:
-                raise
-            rep.error = str(e)
+                raise DrillError(str(e)) from None
+            rep.error = str(e) if isinstance(e, DrillError) else f"{type(e).__name__}: {e}"
     except DrillError as e:
         say(f"FAILED: {e}")
         return 1

@@ -40,7 +40,9 @@ from typing import Any
 import tomli_w
 
 from gmd import admin, control
+from gmd.control import ControlUnavailable
 from gmd.config import Config, load_config
+from gmd.errors import GmdError
 from tools.cluster_config import NodeSpec, cluster_document, witness_table
 from tools.procs import die_with_parent, free_ports, stop_process, unmount_fuse
 from transport.wanproxy import control_request as proxy_request
@@ -113,7 +115,7 @@ class Cluster:
         """A control request to ``node``; raises :class:`DrillError` with its error."""
         try:
             reply = control.request(self.nodes[node].control, req)
-        except OSError as e:
+        except (OSError, GmdError, ControlUnavailable) as e:  # nothing listens (a killed daemon), or no answer
             raise DrillError(f"{node}: control socket {self.nodes[node].control}: {e}") from None
         if not reply.get("ok"):
             raise DrillError(f"{node}: {req.get('op')} failed: {reply.get('error')}")
@@ -219,11 +221,13 @@ class Cluster:
 
 
 def _alive(pid: int) -> bool:
+    """``pid`` runs: it exists and is not a zombie (a killed daemon stays one
+    until whoever started it reaps it, which may never be the drill)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class LocalCluster(Cluster):
@@ -369,7 +373,7 @@ class ConfiguredCluster(Cluster):
     def __init__(self, config_path: Path, volume: str, proxies: dict[str, list[Path]] | None = None,
                  log_dir: Path | None = None):
         super().__init__()
-        self.config = load_config(config_path)
+        self.config = load_config(Path(config_path).resolve())
         if volume not in self.config.volumes:
             raise DrillError(f"{config_path}: no volume {volume} (volumes: {', '.join(self.config.volumes)})")
         self.volume = volume

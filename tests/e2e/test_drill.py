@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,94 @@ def test_start_and_stop_commands_run_around_every_role_change_and_the_fence_come
     assert ("labor1", "start", "switchover") in got[i:]
     assert all(x.split()[3].endswith("/appslv") for x in events.read_text().splitlines())
     assert not leftovers(tmp_path), leftovers(tmp_path)
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_hand_run() -> tuple[str, list[str]]:
+    """The config and the commands of the README's drill on a cluster started
+    by hand (the shell block after its introduction)."""
+    text = README.read_text()
+    start = text.index("The README's two-host example, with both nodes on this machine")
+    block = text[text.index("```sh\n", start) + 6:]
+    block = block[:block.index("```")]
+    config = block[block.index("<<'EOF'\n") + 8:block.index("\nEOF\n")]
+    commands = []
+    for line in block[block.index("\nEOF\n") + 5:].splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith(("export ", "mkdir ", "cd ")):
+            commands.append(line)
+    return config, commands
+
+
+@pytest.mark.slow
+def test_the_readme_drill_on_a_cluster_started_by_hand(tmp_path):
+    """The README's steps, as written (but for the ports, taken free here):
+    daemons and a witness started by hand from one config file, then
+    ``gmd drill --config`` with kill-primary and kill-secondary."""
+    import shlex
+
+    from gmd import control
+    from tools.procs import free_ports, stop_process, unmount_fuse
+
+    config, commands = readme_hand_run()
+    ports = free_ports(3)
+    for old, new in zip(("7800", "7801", "7802"), ports):
+        assert f"127.0.0.1:{old}" in config
+        config = config.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}")
+    (tmp_path / "gmd.toml").write_text(config + "\n")
+    env = dict(os.environ, GMD_CONFIG=str(tmp_path / "gmd.toml"), TMPDIR=str(tmp_path))
+    background: list[subprocess.Popen] = []
+    socks = [tmp_path / "run" / "labor1.sock", tmp_path / "run" / "labor2.sock"]
+    try:
+        for cmd in commands:
+            argv = shlex.split(cmd.rstrip("&"))
+            if argv[0] == "sleep":  # the README waits for the daemons: here, until they answer
+                for sock in socks:
+                    end = time.monotonic() + 30
+                    while time.monotonic() < end and not _answers(control, sock):
+                        time.sleep(0.05)
+                continue
+            assert argv[0] == "gmd", cmd
+            argv[0] = GMD
+            if cmd.endswith("&"):
+                err = argv.index("2>")
+                with open(tmp_path / argv[err + 1], "ab") as log:
+                    background.append(subprocess.Popen(argv[:err], cwd=tmp_path, env=env, stderr=log,
+                                                       stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL))
+                continue
+            r = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, (cmd, r.stdout[-3000:], r.stderr[-3000:])
+            if argv[1] == "drill":
+                assert "result: PASSED" in r.stdout, r.stdout
+        assert (tmp_path / "kill-primary.md").read_text().startswith("# gmd drill: kill-primary")
+    finally:
+        # The drill restarted daemons in sessions of their own: stop those by the PID they report.
+        for sock in socks:
+            pid = _answers(control, sock)
+            if pid:
+                control.request(sock, {"op": "down", "volume": "appslv", "force": True}, timeout=30)
+                os.kill(pid, 15)
+                end = time.monotonic() + 30
+                while time.monotonic() < end and Path(f"/proc/{pid}").exists() and not _zombie(pid):
+                    time.sleep(0.05)
+        for proc in background:
+            stop_process(proc, timeout=30)
+        for node in ("labor1", "labor2"):
+            unmount_fuse(tmp_path / "run" / node)
+    assert not leftovers(tmp_path), leftovers(tmp_path)
+
+
+def _answers(control, sock: Path) -> int | None:
+    try:
+        return int(control.request(sock, {"op": "ping"}, timeout=5)["pid"])
+    except Exception:
+        return None
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -161,3 +161,17 @@ def test_witness_and_quorum_commands_refuse_bad_arguments(cfg):
     assert "--expected-votes must be at least 1" in p.stderr
     p = run("quorum", "appslv", "--expected-votes", "2", "--reset", env_extra=env, check_rc=2)
     assert "not allowed with argument" in p.stderr
+
+
+def test_a_daemon_whose_port_is_taken_says_which_address_and_why(tmp_path):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "gmd.toml"
+        cfg.write_text(f'secret = "s"\n[nodes.a]\naddress = ["127.0.0.1:{port}"]\ncontrol = "a.sock"\nmount = "m"\n')
+        r = run("daemon", "--config", str(cfg), "--node", "a")
+    assert r.returncode == 1
+    assert f"node a: cannot listen on 127.0.0.1:{port}: Address already in use" in r.stderr
+    assert "Traceback" not in r.stderr and "sub-exception" not in r.stderr
