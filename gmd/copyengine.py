@@ -28,6 +28,8 @@ from .replication import MemberLink, Replication
 from .verify import verify_member
 
 HISTORY = 16  # copy passes kept for the status (the running ones and the last finished)
+RETRY_FIRST = 0.1  # seconds before the copy retries after a pass stopped short (doubling each time)
+RETRY_MAX = 5.0  # seconds between retries at most
 
 if TYPE_CHECKING:
     from statemap.statemap import StateMap
@@ -147,6 +149,8 @@ class CopyEngine:
         """Copy to ``m`` while it is connected and this node primary, pass after
         pass, until it is level and takes writes (also an ``async`` member that
         fell behind: it is caught up while its link stays up)."""
+        failures = 0  # passes in a row that stopped short: the wait before the next one grows
+        last_reason = None
         try:
             while self.engine.role == Role.PRIMARY and self.engine.local is not None and m.connected:
                 behind = self.engine.statemap.out_of_sync_bytes(m.name)
@@ -154,14 +158,19 @@ class CopyEngine:
                                   f"of sync; copying{' while writes are marked' if m.behind else ''}")
                 try:
                     await copy_member(self, m)
-                except (CopyAborted, LinkClosed) as e:
-                    log.info("%s: copy to %s stopped: %s", self.engine.name, m.name, e)
-                    await trio.sleep(0.1)
-                    continue
                 except Exception as e:  # a copy's failure never takes the daemon (and the volume) down
-                    log.error("%s: copy to %s failed: %r; retrying", self.engine.name, m.name, e)
-                    await trio.sleep(1.0)
+                    # A member that refuses the data (its disk full, say) stays
+                    # connected: retry, backing off, and log each new reason once.
+                    failures += 1
+                    stopped = isinstance(e, (CopyAborted, LinkClosed))
+                    reason = str(e) if stopped else repr(e)
+                    if reason != last_reason:
+                        log.log(logging.INFO if stopped else logging.ERROR, "%s: copy to %s %s: %s; retrying",
+                                self.engine.name, m.name, "stopped" if stopped else "failed", reason)
+                        last_reason = reason
+                    await trio.sleep(min(RETRY_FIRST * 2 ** (failures - 1), RETRY_MAX))
                     continue
+                failures, last_reason = 0, None
                 # No await from this check to the end of the loop: a member that
                 # falls behind after it starts a new loop (_mark_away).
                 if not m.behind and not self.engine.statemap.out_of_sync_bytes(m.name):

@@ -163,8 +163,12 @@ class QuorumKeeper:
                 a = self.answers.get(w)
                 granted = a is not None and answer_counts(a[0], a[2], now)
                 why = a[1] if a else "not asked yet"
+            last = self.answers.get(w)
             witnesses[w] = {"connected": c.connected, "reason": c.reason, "granted": granted, "why": why,
-                            "votes": c.votes, "registered_outdated": registered}
+                            "votes": c.votes, "registered_outdated": registered,
+                            # Its latest answer: a lease still running may already be refused renewal.
+                            "last_answer": None if last is None else {
+                                "granted": last[0], "reason": last[1], "age_seconds": round(now - last[2], 3)}}
         return {"votes": votes, "needed": votes_needed(expected), "expected": expected,
                 "ok": has_quorum(votes, expected, forced=e.role == Role.PRIMARY and sm.sb.forced_primary),
                 "expected_override": sm.sb.expected_votes, "forced": sm.sb.forced_primary,

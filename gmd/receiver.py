@@ -18,6 +18,32 @@ from .errors import errno_for
 
 log = logging.getLogger(__name__)
 
+FAILURE_LOG_EVERY = 10.0  # seconds between log lines about failing writes (the first is logged at once)
+
+
+class FailureLog:
+    """Log lines for a member's failing writes, bounded: a full disk fails
+    every write, and one line per write would bury the log. The first failure
+    is logged at once; later ones are counted and summed up at most every
+    :data:`FAILURE_LOG_EVERY` seconds, with the last one as the example."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+        self._count = 0
+
+    def failed(self, seq: int, offset: int, error: BaseException) -> None:
+        now = trio.current_time()
+        self._count += 1
+        if now < self._next:
+            return
+        if self._count == 1:
+            log.error("applying write seq %d at %d failed: %s", seq, offset, error)
+        else:
+            log.error("applying writes failed: %d writes in the last %.0f s (the last: seq %d at %d: %s)",
+                      self._count, FAILURE_LOG_EVERY, seq, offset, error)
+        self._count = 0
+        self._next = now + FAILURE_LOG_EVERY
+
 
 class Applier:
     """Applies a session's writes and flushes in link sequence order (receiver side).
@@ -48,6 +74,7 @@ class Applier:
         self._pump_running = False
         self.session_id: str | None = None
         self.closed = False
+        self.failures = FailureLog()
 
     def close(self) -> None:
         """The session ended: apply nothing more (writes in flight finish)."""
@@ -82,7 +109,7 @@ class Applier:
                 return False
         except Exception as e:  # a data-path fault answers with an errno, as in _apply_write
             status = errno_for(e)
-            log.error("applying write seq %d at %d failed: %s", item.seq, item.offset, e)
+            self.failures.failed(item.seq, item.offset, e)
         self.next_seq += 1
         if self._on_applied is not None and status == 0:
             self._on_applied(item)
@@ -139,7 +166,7 @@ class Applier:
             await self._write(item)
         except Exception as e:  # a data-path fault answers with an errno, never kills the daemon
             status = errno_for(e)
-            log.error("applying write seq %d at %d failed: %s", item.seq, item.offset, e)
+            self.failures.failed(item.seq, item.offset, e)
         finally:
             self._inflight.pop(item.seq, None)
             done.set()

@@ -320,8 +320,11 @@ class WritePath:
         if m.connected and m.peer_disk == DiskState.UPTODATE:
             m.peer_disk = DiskState.OUTDATED
             await self.engine.peerstate.send_state(m, {"your_disk": DiskState.OUTDATED.value})
-        if m.behind and m.connected and self.engine.role == Role.PRIMARY:
-            self.engine.copier.start_copy(m)  # an async member that fell behind is caught up while its link is up
+        if m.connected and self.engine.role == Role.PRIMARY:
+            # Still connected: an async member that fell behind, or one that
+            # answered a write with an error (its disk full, say). Either is
+            # caught up while its link is up; the copy retries until it can.
+            self.engine.copier.start_copy(m)
 
     async def commit_fork(self, generation: str, newly_away: list[MemberLink]) -> None:
         """Start generation ``generation`` because the members in ``newly_away``

@@ -46,7 +46,8 @@ from tools.stamps import BLOCK, verify
 from tools.workload import Workload, probe
 
 FAULTS = ("kill-primary", "partition-primary", "kill-secondary", "kill-witness", "partition-witness",
-          "slow-secondary")
+          "slow-secondary", "disk-full-secondary")
+SMALL_DISK = 64 << 20  # bytes of the secondary's own file system in disk-full-secondary
 PRIMARY_FAULTS = ("kill-primary", "partition-primary")
 MODES = ("sync", "mwc", "async")
 AREA = 32 << 20  # bytes of the volume the workload stamps (at most half the volume)
@@ -181,6 +182,7 @@ class Drill:
         self.t0 = time.monotonic()
         self.workload: Workload | None = None
         self.report: Report | None = None
+        self.oos_during_fault = 0  # bytes marked for the secondary while a fault of it lasted
 
     # ------------------------------------------------------------ helpers
 
@@ -238,7 +240,7 @@ class Drill:
             # The steady state a fault interrupts: the primary holds every
             # witness's lease (a witness grants nothing in its first seconds).
             c.wait(f"{primary} to hold the witnesses' lease", lambda: all(
-                w["granted"] and w["registered_outdated"] == []
+                w["granted"] and w["registered_outdated"] == [] and (w["last_answer"] or {}).get("granted")
                 for w in c.status(primary)["quorum"]["witnesses"].values()), timeout=30)
         self.report = r = Report(self.fault, self.mode, c.describe(), "automatic (auto_promote)" if auto else
                                  "operator (gmd primary)", self.seed, time.time())
@@ -416,6 +418,17 @@ class Drill:
             def heal():
                 c.heal()
                 self.event("witness partition healed")
+        elif self.fault == "disk-full-secondary":
+            if not isinstance(c, LocalCluster) or not c.small_disks:
+                raise DrillError("disk-full-secondary needs the drill's own cluster (the secondary's member on a "
+                                 "small file system of its own)")
+            took = c.fill_disk(secondary)
+            self.event(f"FAULT: {secondary}'s file system filled to the last block ({took >> 20} MiB of filler): "
+                       "its writes to blocks not yet allocated fail with ENOSPC")
+
+            def heal():
+                c.free_disk(secondary)
+                self.event(f"{secondary}'s filler removed: space again")
         else:  # slow-secondary
             c.slow(secondary, SLOW_DELAY)
             self.event(f"FAULT: {secondary}'s links slowed by {SLOW_DELAY * 1000:.0f} ms each way")
@@ -428,6 +441,7 @@ class Drill:
         first = w.first_ack_after(fault_wall)
         stall = (first - fault_wall) if first is not None else None
         rate_during = self.rate(self.outage)
+        self.oos_during_fault = c.status(primary)["members"][secondary]["out_of_sync_bytes"]
         times = [fault_wall] + [a.acked_at for a in w.acks() if a.acked_at > fault_wall]
         r.figures["write_rate_before"] = round(rate_before, 1)
         r.figures["write_rate_during_fault"] = round(rate_during, 1)
@@ -447,7 +461,11 @@ class Drill:
         r.figures["heal_seconds"] = round(heal_s, 3)
         r.figures["heal_bytes_moved"] = moved
         r.figures["heal_passes"] = ", ".join(kinds) or "none"
-        if self.fault == "kill-secondary":
+        if self.fault == "disk-full-secondary":
+            r.figures["secondary_out_of_sync_during_fault"] = self.oos_during_fault
+            r.check(f"{primary} marked what {secondary} could not store", self.oos_during_fault > 0,
+                    f"{self.oos_during_fault} bytes out of sync for {secondary} while its disk was full")
+        if self.fault in ("kill-secondary", "disk-full-secondary"):
             r.check(f"{secondary} mini-copied back", kinds == ["mini"],
                     f"passes: {', '.join(kinds) or 'none'}; {moved} bytes moved in {heal_s:.1f} s")
         else:
@@ -532,6 +550,9 @@ def run_drill(*, fault: str, mode: str = "mwc", auto_promote: bool = True, confi
         if config is None:
             cluster = LocalCluster(mode=mode, auto_promote=auto_promote, keep=keep, delay=delay)
             work_dir = cluster.dir
+            if fault == "disk-full-secondary":
+                where = cluster.limit_disk("labor2", SMALL_DISK)
+                say(f"labor2's member files on a {SMALL_DISK >> 20} MiB file system of their own ({where})")
             say(f"building a local cluster in {cluster.dir}: labor1, labor2 ({mode}) and witness W, "
                 f"every link through a WAN proxy; auto_promote {'on' if auto_promote else 'off'}")
             cluster.init_volume("labor1")

@@ -220,6 +220,12 @@ class Cluster:
         pass
 
 
+def _run(*argv: str) -> None:
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise DrillError(f"{' '.join(argv)} failed: {r.stderr.strip() or r.stdout.strip()}")
+
+
 def _alive(pid: int) -> bool:
     """``pid`` runs: it exists and is not a zombie (a killed daemon stays one
     until whoever started it reaps it, which may never be the drill)."""
@@ -247,6 +253,7 @@ class LocalCluster(Cluster):
         self.volume_settings = {"auto_promote": auto_promote, **(volume_settings or {})}
         self.member_settings = member_settings or {}
         self.witness_proc: subprocess.Popen | None = None
+        self.small_disks: list[Path] = []  # mounts made by limit_disk
         self.witness_config = self.dir / "witness.toml"
         self.config_of: dict[str, Config] = {}
         self._write_configs()
@@ -287,6 +294,48 @@ class LocalCluster(Cluster):
 
     def backing(self, node: str) -> Path:
         return self.config_of[node].member(VOLUME, node).device
+
+    def limit_disk(self, node: str, size: int) -> Path:
+        """Put ``node``'s member files (backing file and state map) on a file
+        system of ``size`` bytes of its own: ext4 without reserved blocks on a
+        loop device, mounted at the member's directory (before
+        :meth:`init_volume`). Returns the mount point; :meth:`fill_disk` fills it."""
+        where = self.backing(node).parent
+        where.mkdir(parents=True, exist_ok=True)
+        image = self.dir / f"{node}-disk.img"
+        with open(image, "wb") as f:
+            f.truncate(size)
+        _run("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard", str(image))
+        _run("mount", "-o", "loop", str(image), str(where))
+        self.small_disks.append(where)
+        return where
+
+    def fill_disk(self, node: str) -> int:
+        """Fill ``node``'s small file system (:meth:`limit_disk`) to the last
+        block with a filler file; returns the bytes it took."""
+        filler = self.backing(node).parent / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            st = os.statvfs(filler)
+            try:
+                os.posix_fallocate(fd, 0, st.f_bavail * st.f_frsize)
+            except OSError:
+                pass  # metadata blocks may not fit: the rest is filled below
+            end = os.fstat(fd).st_size
+            block = bytes(4096)
+            while True:
+                try:
+                    end += os.pwrite(fd, block, end)
+                except OSError:
+                    break
+            os.fsync(fd)
+            return end
+        finally:
+            os.close(fd)
+
+    def free_disk(self, node: str) -> None:
+        """Undo :meth:`fill_disk`."""
+        (self.backing(node).parent / "filler").unlink(missing_ok=True)
 
     def init_volume(self, primary: str) -> None:
         """Fresh maps and sparse files everywhere; ``primary`` the source and the
@@ -362,6 +411,9 @@ class LocalCluster(Cluster):
         for p in self.proxies:
             if p.proc is not None:
                 stop_process(p.proc, timeout=10)
+        for where in self.small_disks:
+            # The loop device goes with the last reference to the mount.
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
 

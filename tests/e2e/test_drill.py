@@ -114,6 +114,20 @@ def test_an_async_member_taking_over_is_an_exact_prefix_and_its_loss_is_reported
     assert f["rpo_seconds"] >= 0 and v["is_prefix"] and v["corrupt"] == 0
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("mkfs.ext4") or not shutil.which("losetup"), reason="needs mkfs.ext4, losetup")
+def test_a_secondary_whose_disk_fills_is_marked_and_caught_up_once_it_has_room(tmp_path):
+    rc, doc, err = drill(tmp_path, "--fault", "disk-full-secondary")
+    assert rc == 0 and doc["passed"], (doc, err[-3000:])
+    names = checks(doc)
+    assert names["labor1 writes on through the fault"]
+    assert names["labor1 marked what labor2 could not store"]
+    assert names["labor2 mini-copied back"]
+    assert doc["figures"]["secondary_out_of_sync_during_fault"] > 0
+    r = subprocess.run(["losetup", "-a"], capture_output=True, text=True)
+    assert str(tmp_path) not in r.stdout, f"loop device left: {r.stdout}"
+
+
 def test_a_bad_fault_is_a_usage_error_naming_the_choices(tmp_path):
     r = subprocess.run([GMD, "drill", "--fault", "unplug-everything"], capture_output=True, text=True)
     assert r.returncode == 2 and "kill-primary" in r.stderr and "Traceback" not in r.stderr

@@ -5,7 +5,8 @@ WAN proxy, ``auto_promote`` on) runs for ``GMD_TORTURE_ROUNDS`` rounds (a
 short form by default). Each round injects one fault drawn from the seeded
 schedule — SIGKILL of the primary, the secondary or the witness; a clean
 restart of the secondary; a partition of the primary, the secondary or the
-witness; a slow secondary — while the stamping writers run, then heals it
+witness; a slow secondary; the secondary's file system full (each member's
+files live on a small ext4 of their own) — while the stamping writers run, then heals it
 (restarts what was killed, heals the link; the primary's loss is taken over
 automatically). After every round:
 
@@ -35,17 +36,19 @@ from tools.workload import Workload
 ROUNDS = int(os.environ.get("GMD_TORTURE_ROUNDS", "5"))
 SEED = int(os.environ.get("GMD_TORTURE_SEED", str(random.randrange(1 << 31))))
 FAULTS = ("kill-primary", "partition-primary", "kill-secondary", "restart-secondary", "partition-secondary",
-          "kill-witness", "partition-witness", "slow-secondary")
+          "kill-witness", "partition-witness", "slow-secondary", "disk-full-secondary")
+SMALL_DISK = 96 << 20  # each member's own file system (the volume is 64 MiB, sparse)
 AREA = 16 << 20
 
 
 def _missing() -> str | None:
     if os.geteuid() != 0:
-        return "needs root (FUSE mounts)"
+        return "needs root (FUSE mounts, loop-mounted file systems)"
     if not os.path.exists("/dev/fuse"):
         return "/dev/fuse is missing"
-    if not shutil.which("fusermount3"):
-        return "fusermount3 is not installed"
+    for tool in ("fusermount3", "mkfs.ext4", "losetup", "mount"):
+        if not shutil.which(tool):
+            return f"{tool} is not installed"
     return None
 
 
@@ -90,7 +93,25 @@ class Torture:
         self.c.wait(f"{node} to be primary", lambda: (s := self.c.try_status(node)) and s["role"] == "primary",
                     timeout=90, interval=0.05)
 
+    def settle_primary(self) -> None:
+        """After a double fault (the witness restarting while the secondary is
+        away, say) the primary may have fenced itself and the other member
+        taken over: that is allowed; follow it."""
+        c = self.c
+
+        def one():
+            roles = {n: (c.try_status(n) or {}).get("role") for n in c.nodes}
+            primaries = [n for n, r in roles.items() if r == "primary"]
+            return primaries[0] if len(primaries) == 1 and None not in roles.values() else None
+        now = c.wait("exactly one primary", one, timeout=120, interval=0.1)
+        if now != self.primary:
+            self.note(f"the primary moved to {now} (fenced and taken over)")
+            self.faults["takeover after a double fault"] = self.faults.get("takeover after a double fault", 0) + 1
+            self.primary, self.secondary = self.secondary, self.primary
+            self.workload.retarget(c.device(now))
+
     def wait_level(self) -> None:
+        self.settle_primary()
         c, p, s = self.c, self.primary, self.secondary
 
         def level():
@@ -103,6 +124,7 @@ class Torture:
             # The witness knows the secondary holds every write again: it would
             # refuse it the next takeover otherwise.
             return ok and all(w["granted"] and w["registered_outdated"] == []
+                              and (w["last_answer"] or {}).get("granted")
                               for w in st["quorum"]["witnesses"].values())
         c.wait(f"{s} level with {p}, the witness granting and told", level, timeout=180, interval=0.1)
 
@@ -137,6 +159,10 @@ class Torture:
             time.sleep(outage)
             c.start_node(self.secondary)
             c.ask(self.secondary, op="up", volume=c.volume)
+        elif fault == "disk-full-secondary":
+            c.fill_disk(self.secondary)
+            time.sleep(outage)
+            c.free_disk(self.secondary)
         elif fault == "partition-secondary":
             c.partition(self.secondary)
             time.sleep(outage)
@@ -197,6 +223,8 @@ def test_randomized_faults_under_load_lose_no_acknowledged_write(tmp_path):
     t = None
     passed = False
     try:
+        for node in cluster.names:
+            cluster.limit_disk(node, SMALL_DISK)
         cluster.init_volume("labor1")
         cluster.start()
         cluster.wait("the members to connect",
@@ -232,4 +260,7 @@ def test_randomized_faults_under_load_lose_no_acknowledged_write(tmp_path):
             pass
     with open("/proc/self/mounts") as f:
         left += [line.split()[1] for line in f if str(tmp_path) in line]
+    import subprocess
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    left += [line for line in loops.splitlines() if str(tmp_path) in line]
     assert not left, f"seed {seed}: leaked {left}"

@@ -121,3 +121,26 @@ async def test_after_close_nothing_more_is_applied_or_acked():
         a.submit(Write(1, 0, b"x" * 4096), path)
         await _settle()
     assert path.sent == [] and disk.applied_now == []
+
+
+async def test_a_member_whose_every_write_fails_logs_one_line_not_one_per_write(caplog, autojump_clock):
+    """A full disk fails every write: the first failure is logged at once, the
+    rest summed up at most every FAILURE_LOG_EVERY seconds."""
+    import errno
+    import logging
+
+    import trio
+
+    from gmd.receiver import FAILURE_LOG_EVERY, FailureLog
+
+    caplog.set_level(logging.ERROR, logger="gmd.receiver")
+    failures = FailureLog()
+    full = OSError(errno.ENOSPC, "No space left on device")
+    for seq in range(1, 1001):
+        failures.failed(seq, seq * 4096, full)
+    assert [r.getMessage() for r in caplog.records] == [
+        "applying write seq 1 at 4096 failed: [Errno 28] No space left on device"]
+    await trio.sleep(FAILURE_LOG_EVERY)
+    failures.failed(1001, 0, full)
+    assert len(caplog.records) == 2
+    assert "1000 writes in the last 10 s (the last: seq 1001 at 0" in caplog.records[1].getMessage()
