@@ -231,7 +231,12 @@ class QuorumKeeper:
             g = sm.sb.generations
             if e.role == Role.PRIMARY:
                 self.superseded = None
-                await self.ask_witnesses("renew", g.current, g.history, self.outdated())
+                # Under the settle lock: a fork registers its new generation
+                # with the witnesses before committing it here, and a renewal
+                # of the old one in between would register the old one again.
+                async with self._lock:
+                    g = sm.sb.generations
+                    await self.ask_witnesses("renew", g.current, g.history, self.outdated())
                 if self.superseded and not self.status()["ok"]:
                     log.warning("%s: %s; no quorum here: stepping down (waiting writes fail, this member "
                                 "is then copied from the new primary)", e.name, self.superseded)
