@@ -20,12 +20,10 @@ import time
 import zlib
 from pathlib import Path
 
-import xxhash
-
 from gmd import admin, control
 from gmd.config import load_config
 from tools.cluster_config import NodeSpec, write_cluster_config
-from tools.procs import die_with_parent, stop_process, unmount_fuse
+from tools.procs import die_with_parent, file_hash, stop_process, unmount_fuse
 from tools.status_text import format_status
 
 NODES = ("labor1", "labor2")
@@ -41,14 +39,6 @@ def _run(*cmd) -> str:
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {r.stderr.strip() or r.stdout.strip()}")
     return r.stdout
-
-
-def _hash(path: Path) -> str:
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _preflight() -> str | None:
@@ -166,8 +156,8 @@ class Demo:
             os.fsync(fd)  # a barrier on every member
         finally:
             os.close(fd)
-        h1 = _hash(self.config.member("appslv", "labor1").device)
-        h2 = _hash(self.config.member("appslv", "labor2").device)
+        h1 = file_hash(self.config.member("appslv", "labor1").device)
+        h2 = file_hash(self.config.member("appslv", "labor2").device)
         self.wait("labor2 to be uptodate", lambda: self.status("labor1")["members"]["labor2"]["disk"] == "uptodate")
         say(f"xxh3-128 of labor1's backing file: {h1}")
         say(f"xxh3-128 of labor2's backing file: {h2}")

@@ -39,9 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import xxhash
-
 from tools.drill_cluster import Cluster, ConfiguredCluster, DrillError, LocalCluster
+from tools.procs import file_hash
 from tools.stamps import BLOCK, verify
 from tools.workload import Workload, probe
 
@@ -134,7 +133,7 @@ def _show(v: Any) -> str:
     return str(v)
 
 
-def _read_block_fn(path: str) -> tuple[Callable[[int], bytes], Callable[[], None]]:
+def read_blocks(path: str) -> tuple[Callable[[int], bytes], Callable[[], None]]:
     """A reader of 4 KiB blocks of ``path`` with O_DIRECT (what the device
     holds, not a page cache's memory of it), and its closer."""
     try:
@@ -155,14 +154,6 @@ def _read_block_fn(path: str) -> tuple[Callable[[int], bytes], Callable[[], None
             buf.close()
 
     return read, close
-
-
-def file_hash(path: Path) -> str:
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Drill:
@@ -204,12 +195,25 @@ class Drill:
                     and m["copy"] is None and not m.get("behind"))
         self.c.wait(f"{member} to be connected, uptodate and level with {primary}", level, timeout=timeout)
 
+    def healed(self, primary: str, member: str, since_mono: float, since_wall: float) -> tuple[float, int, list[str]]:
+        """Wait until ``member`` is level with ``primary``; record and return how
+        long the heal took since ``since_mono``, the bytes the passes started
+        since ``since_wall`` moved, and their kinds."""
+        self.wait_in_sync(primary, member)
+        heal_s = time.monotonic() - since_mono
+        copies = self.copies_to(primary, member, since_wall)
+        moved = sum(p["sent_bytes"] for p in copies)
+        kinds = sorted({p["kind"] for p in copies})
+        f = self.report.figures
+        f["heal_seconds"], f["heal_bytes_moved"], f["heal_passes"] = round(heal_s, 3), moved, ", ".join(kinds) or "none"
+        return heal_s, moved, kinds
+
     def copies_to(self, primary: str, member: str, since: float) -> list[dict[str, Any]]:
         st = self.c.status(primary)
         return [p for p in st.get("copies", []) if p["member"] == member and p["started_at"] >= since - 0.5]
 
     def verify_device(self, node: str, acks, *, fault_at: float | None, label: str) -> Any:
-        read, close = _read_block_fn(self.c.device(node))
+        read, close = read_blocks(self.c.device(node))
         try:
             v = verify(acks, read, self.workload.run, in_flight=self.workload.in_flight, fault_at=fault_at)
         finally:
@@ -354,14 +358,7 @@ class Drill:
                         f"{primary} stepped down with {left} s of its lease left" if left is not None
                         else f"{primary}: no self-fence recorded")
                 r.figures["fence_lease_left_seconds"] = left
-        self.wait_in_sync(secondary, primary)
-        heal_s = time.monotonic() - heal_mono
-        copies = self.copies_to(secondary, primary, heal_from)
-        moved = sum(p["sent_bytes"] for p in copies)
-        kinds = sorted({p["kind"] for p in copies})
-        r.figures["heal_seconds"] = round(heal_s, 3)
-        r.figures["heal_bytes_moved"] = moved
-        r.figures["heal_passes"] = ", ".join(kinds) or "none"
+        heal_s, moved, kinds = self.healed(secondary, primary, heal_mono, heal_from)
         r.check("old primary brought back without a full copy", "full" not in kinds,
                 f"passes to {primary}: {', '.join(kinds) or 'none (nothing differed)'}; {moved} bytes moved "
                 f"in {heal_s:.1f} s")
@@ -453,14 +450,7 @@ class Drill:
         r.figures["rto_seconds"] = 0.0  # the primary never stopped
         heal_mono, heal_from = time.monotonic(), time.time()
         heal()
-        self.wait_in_sync(primary, secondary)
-        heal_s = time.monotonic() - heal_mono
-        copies = self.copies_to(primary, secondary, heal_from)
-        moved = sum(p["sent_bytes"] for p in copies)
-        kinds = sorted({p["kind"] for p in copies})
-        r.figures["heal_seconds"] = round(heal_s, 3)
-        r.figures["heal_bytes_moved"] = moved
-        r.figures["heal_passes"] = ", ".join(kinds) or "none"
+        heal_s, moved, kinds = self.healed(primary, secondary, heal_mono, heal_from)
         if self.fault == "disk-full-secondary":
             r.figures["secondary_out_of_sync_during_fault"] = self.oos_during_fault
             r.check(f"{primary} marked what {secondary} could not store", self.oos_during_fault > 0,
@@ -595,12 +585,17 @@ def run_drill(*, fault: str, mode: str = "mwc", auto_promote: bool = True, confi
         return 130
     finally:
         if cluster is not None:
-            if rep is not None and not rep.passed and isinstance(cluster, LocalCluster) and not keep:
-                keep_dir = Path(f"{cluster.dir}-failed")
-                shutil.copytree(cluster.dir, keep_dir, ignore=shutil.ignore_patterns("*.img", "run"),
-                                dirs_exist_ok=True)
-                say(f"the drill failed: logs and journal kept in {keep_dir}")
-            cluster.teardown()
+            try:
+                if rep is not None and not rep.passed and isinstance(cluster, LocalCluster) and not keep:
+                    keep_dir = Path(f"{cluster.dir}-failed")
+                    # Logs, configs, journal and maps; not the images, mounts or sockets.
+                    shutil.copytree(cluster.dir, keep_dir, dirs_exist_ok=True,
+                                    ignore=shutil.ignore_patterns("*.img", "run", "*.sock", "data"))
+                    say(f"the drill failed: logs and journal kept in {keep_dir}")
+            except OSError as e:
+                say(f"could not keep the failed drill's logs: {e}")
+            finally:
+                cluster.teardown()
     if as_json:
         print(json.dumps(rep.as_dict(), indent=2))
     else:

@@ -1,6 +1,6 @@
-"""Small process, port and mount helpers shared by the demo, the benchmarks
-and the tests (the one definition of each), and the benchmarks' description
-of the machine they ran on."""
+"""Small process, port, mount and file helpers shared by the demo, the drill,
+the benchmarks and the tests (the one definition of each), and the
+benchmarks' description of the machine they ran on."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+
+import xxhash
 
 PR_SET_PDEATHSIG = 1
 
@@ -64,6 +66,15 @@ def unmount_fuse(path: str | os.PathLike[str]) -> None:
     """Remove a FUSE mount left by a killed process (lazily)."""
     if is_mounted(path):
         subprocess.run(["fusermount3", "-u", "-z", os.path.realpath(Path(path))], capture_output=True)
+
+
+def file_hash(path: str | os.PathLike[str]) -> str:
+    """xxh3-128 of a whole file (a member's backing file), read 4 MiB at a time."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def machine() -> str:

@@ -258,3 +258,23 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_a_drill_that_fails_keeps_its_logs_and_leaves_nothing_running(tmp_path, monkeypatch, capsys):
+    """Whatever step fails, the cluster is torn down (processes, FUSE mounts)
+    and its logs are kept beside it for the operator."""
+    import tools.drill as drill_module
+
+    def broken(self):
+        self.report = drill_module.Report(self.fault, self.mode, "test", "none", self.seed, time.time())
+        raise drill_module.DrillError("a step failed on purpose")
+
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the local cluster's directory goes here
+    monkeypatch.setattr(drill_module.Drill, "run", broken)
+    assert drill_module.run_drill(fault="kill-primary", as_json=True) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["passed"] is False and doc["error"] == "a step failed on purpose"
+    kept = [p for p in tmp_path.iterdir() if p.name.endswith("-failed")]
+    assert kept and (kept[0] / "labor1.log").exists() and (kept[0] / "labor1.toml").exists()
+    assert not leftovers(tmp_path), leftovers(tmp_path)

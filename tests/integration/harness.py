@@ -19,14 +19,13 @@ from typing import Any
 
 import tomli_w
 import trio
-import xxhash
 
 from gmd import admin, control
 from gmd.config import load_config
 from gmd.daemon import NodeDaemon
 from tools import cluster_config
 from tools.cluster_config import NodeSpec, write_cluster_config
-from tools.procs import die_with_parent, free_ports, unmount_fuse
+from tools.procs import die_with_parent, file_hash, free_ports, unmount_fuse
 
 __all__ = [
     "GMD", "MiB", "DaemonProcess", "NodeSpec", "WitnessProcess", "backing", "daemon_processes", "die_with_parent",
@@ -192,14 +191,6 @@ async def wait_for(predicate, *, timeout: float = 30.0, interval: float = 0.05, 
                 return result
             await trio.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def file_hash(path: Path) -> str:
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def backing(directory: Path, node: str) -> Path:

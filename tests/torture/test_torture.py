@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 
 import pytest
-import xxhash
 
+from tools.drill import read_blocks
 from tools.drill_cluster import LocalCluster
+from tools.procs import file_hash
 from tools.stamps import verify
 from tools.workload import Workload
 
@@ -53,25 +54,6 @@ def _missing() -> str | None:
 
 
 pytestmark = [pytest.mark.torture, pytest.mark.skipif(_missing() is not None, reason=_missing() or "")]
-
-
-def _hash(path: Path) -> str:
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _read_direct(path: str):
-    import mmap
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    buf = mmap.mmap(-1, 4096)
-
-    def read(offset: int) -> bytes:
-        n = os.preadv(fd, [buf], offset)
-        return bytes(buf[:n])
-    return read, lambda: (os.close(fd), buf.close())
 
 
 class Torture:
@@ -195,7 +177,7 @@ class Torture:
             refused = [m for m, v in st["members"].items() if v["link"] == "standalone"]
             if refused or st["split_brain"]["saved_images"]:
                 self.fail(f"round {n}: split-brain on {node}: {refused} {st['split_brain']}")
-        read, close = _read_direct(c.device(self.primary))
+        read, close = read_blocks(c.device(self.primary))
         try:
             v = verify(w.acks(), read, w.run, in_flight=w.in_flight)
         finally:
@@ -207,7 +189,7 @@ class Torture:
             os.fsync(fd)  # a barrier on both members
         finally:
             os.close(fd)
-        hashes = {node: _hash(c.backing(node)) for node in c.nodes}
+        hashes = {node: file_hash(c.backing(node)) for node in c.nodes}
         if len(set(hashes.values())) != 1:
             self.fail(f"round {n}: members differ after the heal: {hashes}")
         self.note(f"round {n}: ok: {v.acked_writes} acknowledged writes verified, {v.ok} blocks current, "
