@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of writes before the fault (default 3)")
     p.add_argument("--outage", type=float, default=3.0,
                    help="seconds of writes during the fault or on the new primary (default 3)")
+    p.add_argument("--no-witness", action="store_true",
+                   help="local cluster of two sites alone (1 vote each): a lost primary's survivor is forced")
     p.add_argument("--wan-delay", type=float, default=0.0, metavar="SECONDS",
                    help="local cluster: one-way delay on every link (e.g. 0.02; an async member then lags)")
     p.add_argument("--keep", action="store_true", help="keep the local cluster's directory")
@@ -291,7 +293,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
                      config=Path(config) if config else None, volume=args.volume, overwrite=args.overwrite,
                      proxies=args.proxy, as_json=args.json, report=Path(args.report) if args.report else None,
                      keep=args.keep, seed=args.seed, writers=args.writers, warmup=args.warmup, outage=args.outage,
-                     delay=args.wan_delay)
+                     delay=args.wan_delay, witness=not args.no_witness)
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:

@@ -208,6 +208,12 @@ class Drill:
         f["heal_seconds"], f["heal_bytes_moved"], f["heal_passes"] = round(heal_s, 3), moved, ", ".join(kinds) or "none"
         return heal_s, moved, kinds
 
+    def needs_force(self, node: str) -> bool:
+        """``node``, once alone, cannot reach quorum: no witness to lend it votes,
+        and its own votes no majority (two sites of one vote each)."""
+        q = self.c.status(node)["quorum"]
+        return not q["witnesses"] and self.c.votes_of(node) < q["needed"]
+
     def copies_to(self, primary: str, member: str, since: float) -> list[dict[str, Any]]:
         st = self.c.status(primary)
         return [p for p in st.get("copies", []) if p["member"] == member and p["started_at"] >= since - 0.5]
@@ -240,6 +246,10 @@ class Drill:
                              + "; ".join(f"{n}: {st['members'][n]['link']}/{st['members'][n]['disk']}"
                                          for n in others))
         auto = bool(st.get("takeover", {}).get("auto_promote"))
+        if self.fault == "partition-primary" and self.needs_force(secondary):
+            raise DrillError(f"partition-primary without a witness: neither side holds quorum alone, so nobody "
+                             f"may take over, and forcing {secondary} while {primary} lives would split the brain; "
+                             f"drill kill-primary, or add a witness")
         if st["quorum"]["witnesses"]:
             # The steady state a fault interrupts: the primary holds every
             # witness's lease (a witness grants nothing in its first seconds).
@@ -287,10 +297,25 @@ class Drill:
             c.partition(primary)
             self.event(f"FAULT: {primary} cut from every member and the witness (blackhole)")
         # --- failover
-        if auto:
+        alone_without_quorum = self.needs_force(secondary)
+        if auto and not alone_without_quorum:
             c.wait(f"{secondary} to take over automatically", lambda: (s := c.try_status(secondary))
                    and s["role"] == "primary", timeout=FAILOVER_TIMEOUT, interval=0.02)
             self.event(f"{secondary} took over automatically")
+        elif alone_without_quorum:
+            # Two sites alone: the survivor's own votes are no quorum, so no
+            # promotion is granted; the operator, knowing the primary is down,
+            # forces it (and gmd says what that risks).
+            self.say(f"{secondary} alone holds no quorum (no witness): the operator's step is 'gmd primary "
+                     f"{c.volume} --force', taken only when {primary} is known to be down")
+            c.ask(secondary, op="primary", volume=c.volume, force=True)
+            forced = c.status(secondary)["quorum"]["forced"]
+            r.takeover = "operator (gmd primary --force: no witness)"
+            self.event(f"operator: 'gmd primary {c.volume} --force' on {secondary}")
+            self.say(f"WARNING: {secondary} is primary WITHOUT quorum (forced_primary {forced}, in its status "
+                     f"until it is demoted): had {primary} been alive and writing, the two copies would now "
+                     f"diverge (a split-brain, detected when they meet)")
+            r.check(f"{secondary} shows the forced promotion", forced is True, f"quorum.forced = {forced}")
         else:
             attempts = [0]
 
@@ -399,6 +424,8 @@ class Drill:
                 c.ask(secondary, op="up", volume=c.volume)
                 self.event(f"{secondary}'s daemon restarted (pid {c.nodes[secondary].pid}, log "
                            f"{c.nodes[secondary].log}) and the volume up")
+        elif self.fault in ("kill-witness", "partition-witness") and not c.witness_names:
+            raise DrillError(f"{self.fault}: this cluster has no witness")
         elif self.fault == "kill-witness":
             if not isinstance(c, LocalCluster):
                 raise DrillError("kill-witness needs the drill's own cluster (it starts the witness again)")
@@ -524,7 +551,8 @@ def _try_probe(device: str, offset: int) -> float | None:
 def run_drill(*, fault: str, mode: str = "mwc", auto_promote: bool = True, config: Path | None = None,
               volume: str | None = None, overwrite: bool = False, proxies: list[str] = (),
               as_json: bool = False, report: Path | None = None, keep: bool = False, seed: int | None = None,
-              writers: int = 4, warmup: float = 3.0, outage: float = 3.0, delay: float = 0.0) -> int:
+              writers: int = 4, warmup: float = 3.0, outage: float = 3.0, delay: float = 0.0,
+              witness: bool = True) -> int:
     """``gmd drill``: build (or reach) the cluster, run one drill, print the report; 0 if it passed."""
     seed = random.randrange(1 << 31) if seed is None else seed
     out = sys.stderr if as_json else sys.stdout
@@ -540,13 +568,15 @@ def run_drill(*, fault: str, mode: str = "mwc", auto_promote: bool = True, confi
     work_dir: Path | None = None
     try:
         if config is None:
-            cluster = LocalCluster(mode=mode, auto_promote=auto_promote, keep=keep, delay=delay)
+            cluster = LocalCluster(mode=mode, auto_promote=auto_promote, keep=keep, delay=delay,
+                                   witness="W" if witness else None)
             work_dir = cluster.dir
             if fault == "disk-full-secondary":
                 where = cluster.limit_disk("labor2", SMALL_DISK)
                 say(f"labor2's member files on a {SMALL_DISK >> 20} MiB file system of their own ({where})")
-            say(f"building a local cluster in {cluster.dir}: labor1, labor2 ({mode}) and witness W, "
-                f"every link through a WAN proxy; auto_promote {'on' if auto_promote else 'off'}")
+            say(f"building a local cluster in {cluster.dir}: labor1, labor2 ({mode})"
+                f"{' and witness W' if witness else ', no witness'}, every link through a WAN proxy; "
+                f"auto_promote {'on' if auto_promote else 'off'}")
             cluster.init_volume("labor1")
             cluster.start()
             cluster.wait("labor1 and labor2 to connect", lambda: cluster.status("labor1")["members"]["labor2"]
@@ -581,7 +611,10 @@ def run_drill(*, fault: str, mode: str = "mwc", auto_promote: bool = True, confi
             rep.error = str(e) if isinstance(e, DrillError) else f"{type(e).__name__}: {e}"
     except DrillError as e:
         say(f"FAILED: {e}")
-        return 1
+        # The same report as a drill that ran, so scripts reading --json or
+        # --report learn why: no check passed, and the error says what failed.
+        rep = Report(fault, mode, cluster.describe() if cluster is not None else "none", "none", seed,
+                     time.time(), error=str(e))
     except KeyboardInterrupt:
         say("interrupted; tearing down")
         return 130

@@ -212,6 +212,10 @@ class Cluster:
     def describe(self) -> str:
         return ", ".join(self.nodes)
 
+    def votes_of(self, node: str) -> int:
+        """The votes of ``node``'s member of the volume, as configured."""
+        raise NotImplementedError(f"{type(self).__name__} does not know its configuration")
+
     def backing(self, node: str) -> Path | None:
         """The member's backing file, if this machine can read it (local clusters)."""
         return None
@@ -240,7 +244,7 @@ class LocalCluster(Cluster):
     """Two nodes and a witness on loopback, built in a temporary directory."""
 
     def __init__(self, *, mode: str = "mwc", size: str = "128MiB", auto_promote: bool = True,
-                 names: Iterable[str] = ("labor1", "labor2"), witness: str = "W",
+                 names: Iterable[str] = ("labor1", "labor2"), witness: str | None = "W",
                  volume_settings: dict[str, Any] | None = None, member_settings: dict[str, dict] | None = None,
                  keep: bool = False, directory: Path | None = None, delay: float = 0.0):
         super().__init__()
@@ -249,7 +253,7 @@ class LocalCluster(Cluster):
         self.dir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="gmd-drill-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.names = list(names)
-        self.witness_names = [witness]
+        self.witness_names = [witness] if witness else []  # None: two sites alone, 1 vote each
         self.volume_settings = {"auto_promote": auto_promote, **(volume_settings or {})}
         self.member_settings = member_settings or {}
         self.witness_proc: subprocess.Popen | None = None
@@ -264,7 +268,11 @@ class LocalCluster(Cluster):
         pairs = [(s, d) for s in self.names for d in everyone if s != d]
         proxied = dict(zip(pairs, free_ports(len(pairs))))
         self.real, self.proxied = real, proxied
-        w = self.witness_names[0]
+        w = self.witness_names[0] if self.witness_names else None
+
+        def witness_tables(port_of: dict) -> dict[str, Any]:
+            return witness_table(w, port_of[w], state=f"data/{w}/witness.json") if w else {}
+
         for me in self.names:
             specs = []
             for n in self.names:
@@ -273,27 +281,30 @@ class LocalCluster(Cluster):
                                       member=dict(self.member_settings.get(n, {}))))
             doc = cluster_document(specs, volume=VOLUME, size=self.size, mode=self.mode, secret="drill-secret",
                                    volume_settings=self.volume_settings,
-                                   tables=witness_table(w, proxied[(me, w)], state=f"data/{w}/witness.json"))
+                                   tables=witness_tables({w: proxied[(me, w)]} if w else {}))
             path = self.dir / f"{me}.toml"
             path.write_text(tomli_w.dumps(doc))
             cfg = self.config_of[me] = load_config(path)
             node = cfg.node(me)
             self.nodes[me] = Node(me, path, node.control, node.mount, self.dir / f"{me}.log")
-        doc = cluster_document([NodeSpec(n, address=[real[n]]) for n in self.names], volume=VOLUME,
-                               size=self.size, mode=self.mode, secret="drill-secret",
-                               volume_settings=self.volume_settings,
-                               tables=witness_table(w, real[w], state=f"data/{w}/witness.json"))
-        self.witness_config.write_text(tomli_w.dumps(doc))
-        (self.dir / "data" / w).mkdir(parents=True, exist_ok=True)
+        if w:
+            doc = cluster_document([NodeSpec(n, address=[real[n]]) for n in self.names], volume=VOLUME,
+                                   size=self.size, mode=self.mode, secret="drill-secret",
+                                   volume_settings=self.volume_settings, tables=witness_tables(real))
+            self.witness_config.write_text(tomli_w.dumps(doc))
+            (self.dir / "data" / w).mkdir(parents=True, exist_ok=True)
         self.proxies = [Proxy(s, d, self.dir / f"proxy-{s}-{d}.sock") for s, d in pairs]
 
     def describe(self) -> str:
         delay = f" ({self.base_delay * 1000:.0f} ms one way)" if self.base_delay else ""
-        return (f"local: {', '.join(self.names)} and witness {', '.join(self.witness_names)} on loopback, "
-                f"every link through a WAN proxy{delay}")
+        witness = f" and witness {', '.join(self.witness_names)}" if self.witness_names else " (no witness)"
+        return f"local: {', '.join(self.names)}{witness} on loopback, every link through a WAN proxy{delay}"
 
     def backing(self, node: str) -> Path:
         return self.config_of[node].member(VOLUME, node).device
+
+    def votes_of(self, node: str) -> int:
+        return self.config_of[node].member(VOLUME, node).votes
 
     def limit_disk(self, node: str, size: int) -> Path:
         """Put ``node``'s member files (backing file and state map) on a file
@@ -361,7 +372,8 @@ class LocalCluster(Cluster):
             line = _read_ready(p.proc, f"proxy {p.src}->{p.dst}", None)
             if not line.startswith("listening"):
                 raise DrillError(f"proxy {p.src}->{p.dst} did not start: {line}")
-        self.start_witness()
+        if self.witness_names:
+            self.start_witness()
         for n in self.names:
             self.start_node(n)
         for n in self.names:
@@ -456,6 +468,9 @@ class ConfiguredCluster(Cluster):
 
     def describe(self) -> str:
         return f"{self.config.path} ({', '.join(self.nodes)})"
+
+    def votes_of(self, node: str) -> int:
+        return self.config.member(self.volume, node).votes
 
     def links_of(self, node: str) -> list[Proxy]:
         return [p for p in self.proxies if p.src == node]

@@ -284,3 +284,17 @@ def test_a_drill_that_fails_keeps_its_logs_and_leaves_nothing_running(tmp_path, 
     kept = [p for p in tmp_path.iterdir() if p.name.endswith("-failed")]
     assert kept and (kept[0] / "labor1.log").exists() and (kept[0] / "labor1.toml").exists()
     assert not leftovers(tmp_path), leftovers(tmp_path)
+
+
+@pytest.mark.slow
+def test_two_sites_without_a_witness_fail_over_by_the_operators_force_with_the_warning(tmp_path):
+    rc, doc, err = drill(tmp_path, "--fault", "kill-primary", "--no-witness")
+    assert rc == 0 and doc["passed"], why(doc, err)
+    assert doc["takeover"] == "operator (gmd primary --force: no witness)"
+    assert checks(doc)["labor2 shows the forced promotion"]
+    assert "primary WITHOUT quorum" in err and doc["figures"]["rpo_writes"] == 0
+
+
+def test_a_partition_without_a_witness_is_refused_before_anything_is_forced(tmp_path):
+    rc, doc, err = drill(tmp_path, "--fault", "partition-primary", "--no-witness")
+    assert rc == 1 and "would split the brain" in doc["error"]
