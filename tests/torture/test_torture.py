@@ -164,6 +164,21 @@ class Torture:
         self.wait_level()
         self.check(n)
 
+    def check_no_leaks(self, n: int) -> None:
+        """Exactly the cluster's own processes and mounts, whatever was killed
+        and restarted: a daemon, witness and proxy each, a FUSE mount per node
+        and each member's small file system."""
+        c = self.c
+        found = _processes_naming(c.dir)
+        expected = len(c.nodes) + len(c.witness_names) + len(c.proxies)
+        if len(found) != expected:
+            self.fail(f"round {n}: {len(found)} processes of the cluster, expected {expected}: {found}")
+        with open("/proc/self/mounts") as f:
+            mounts = sorted(line.split()[1] for line in f if str(c.dir) in line)
+        want = sorted([str(node.mount) for node in c.nodes.values()] + [str(p) for p in c.small_disks])
+        if mounts != want:
+            self.fail(f"round {n}: mounts {mounts}, expected {want}")
+
     def check(self, n: int) -> None:
         c, w = self.c, self.workload
         blocked = w.pause(timeout=60)
@@ -192,9 +207,23 @@ class Torture:
         hashes = {node: file_hash(c.backing(node)) for node in c.nodes}
         if len(set(hashes.values())) != 1:
             self.fail(f"round {n}: members differ after the heal: {hashes}")
+        self.check_no_leaks(n)
         self.note(f"round {n}: ok: {v.acked_writes} acknowledged writes verified, {v.ok} blocks current, "
                   f"members identical")
         w.resume()
+
+
+def _processes_naming(directory: Path) -> list[str]:
+    """Live processes (not zombies) whose command line names ``directory``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if (str(directory).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+                    and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"):
+                found.append(pid)
+        except OSError:
+            pass
+    return found
 
 
 def test_randomized_faults_under_load_lose_no_acknowledged_write(tmp_path):
@@ -233,13 +262,7 @@ def test_randomized_faults_under_load_lose_no_acknowledged_write(tmp_path):
             shutil.rmtree(cluster.dir, ignore_errors=True)
         else:
             print(f"torture: seed {seed}: logs kept in {cluster.dir}", flush=True)
-    left = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if str(tmp_path).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                left.append(pid)
-        except OSError:
-            pass
+    left = _processes_naming(tmp_path)
     with open("/proc/self/mounts") as f:
         left += [line.split()[1] for line in f if str(tmp_path) in line]
     import subprocess
