@@ -83,3 +83,21 @@ async def test_reload_refuses_changes_it_cannot_apply_online(tmp_path):
         else:
             raise AssertionError("a size change was applied online")
         assert d.engines["appslv"].config.size == 64 << 20
+
+
+async def test_reload_switches_automatic_takeover_on_while_the_volume_runs(tmp_path):
+    specs = [NodeSpec("labor1"), NodeSpec("labor2")]
+    cfg = write_config(tmp_path, specs, mode="sync")
+    init_in_sync(cfg, "labor1", ["labor2"])
+    async with in_process_daemon(cfg, "labor1") as d:
+        eng = d.engines["appslv"]
+        await eng.up()
+        assert eng.status()["takeover"]["auto_promote"] is False
+        write_config(tmp_path, specs, mode="sync", extra_volume="auto_promote = true")
+        await d.reload()
+        assert eng.status()["takeover"]["auto_promote"] is True
+        # The running takeover loop follows the new setting (labor1 alone has no
+        # quorum: it waits, it does not promote).
+        await wait_for(lambda: eng.status()["takeover"]["state"] != "off", what="the takeover loop to notice")
+        assert eng.role.value == "secondary"
+        await eng.down()
