@@ -32,6 +32,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import ssl
 from pathlib import Path
@@ -62,6 +63,8 @@ from .listeners import open_listeners
 
 log = logging.getLogger(__name__)
 
+REFUSALS_REMEMBERED = 1024  # (volume, op, node) keys whose last refusal the log remembers
+
 REQUEST_TIMEOUT = 2.0  # a witness that does not answer in time counts as absent
 
 
@@ -85,6 +88,10 @@ class WitnessDaemon:
         self.state_path: Path = self.witness.state
         self.listen_addresses: list[tuple[str, int]] = []
         self._stopping = trio.Event()
+        # (volume, op, node) -> the kind of its last refusal: a claim refused
+        # is repeated every second (an automatic takeover waiting for a
+        # lease, say), and the log says each kind once, until it changes.
+        self._refused: dict[tuple[str, str, str], str] = {}
         self.tls: TlsContexts | None = None
         if config.tls is not None:
             try:
@@ -253,8 +260,17 @@ class WitnessDaemon:
             log.info("witness %s: %s (identity %s): %s registered generation %s (outdated: %s)", self.name,
                      claim.volume, short_identity(claim.identity), claim.node, claim.current,
                      ", ".join(sorted(claim.outdated)) or "none")
+        key = (claim.volume, op, claim.node)
         if op != "query" and not decision.granted:
-            log.info("witness %s: %s: %s %s refused: %s", self.name, claim.volume, op, claim.node, decision.reason)
+            kind = re.sub(r"\d+(\.\d+)?", "N", decision.reason)  # "4.0 s more" and "3.0 s more" are one kind
+            if len(self._refused) >= REFUSALS_REMEMBERED and key not in self._refused:
+                self._refused.clear()  # bounded, whatever names the claims carry
+            level = logging.INFO if self._refused.get(key) != kind else logging.DEBUG
+            self._refused[key] = kind
+            log.log(level, "witness %s: %s: %s %s refused: %s", self.name, claim.volume, op, claim.node,
+                    decision.reason)
+        elif decision.granted:
+            self._refused.pop(key, None)
         return {"id": rid, "granted": decision.granted, "reason": decision.reason, "notes": list(decision.notes),
                 "superseded": decision.superseded, "votes": self.witness.votes if decision.granted else 0}
 

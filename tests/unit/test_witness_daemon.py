@@ -184,3 +184,25 @@ async def test_saving_runs_off_the_event_loop(tmp_path, monkeypatch):
             await trio.sleep(0.05)  # the event loop runs while the save waits
             disk_done.set()
     assert finished_while_loop_ran == [True] and replies[0]["granted"]
+
+
+async def test_a_claim_refused_again_and_again_is_logged_once_per_kind_of_refusal(tmp_path, caplog):
+    """An automatic takeover asks every second while the primary's lease runs:
+    the witness says so once, not once a second; a new reason is said again."""
+    caplog.set_level(logging.INFO, logger="gmd.witness")
+
+    def refusals():
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and "refused" in r.getMessage()]
+
+    with witness_daemon(tmp_path) as w:
+        assert (await w._answer("a", renew(1, "g1", NEW)))["granted"]
+        promote = {"id": 2, "op": "promote", "volume": "v", "identity": NEW, "current": "g1", "history": [],
+                   "outdated": []}
+        for rid in range(2, 12):
+            assert not (await w._answer("b", {**promote, "id": rid}))["granted"]
+        assert refusals() == ["witness w: v: promote b refused: a holds the primary lease for v"]
+        # a writes without b: b's refusal changes kind, and that is said.
+        assert (await w._answer("a", renew(12, "g2", NEW, ["g1"], ["b"])))["granted"]
+        w.book.release("v", "a", NEW)
+        assert not (await w._answer("b", {**promote, "id": 13}))["granted"]
+        assert len(refusals()) == 2 and "b is outdated" in refusals()[1]
