@@ -29,6 +29,7 @@ import trio
 
 from .engine import DeviceFront, VolumeEngine
 from .errors import errno_for
+from .quorum_keeper import NoQuorum
 
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,11 @@ def _errnos(op):
             raise
         except Exception as e:
             code = errno_for(e)
-            if code == errno.EIO:
+            if isinstance(e, NoQuorum):
+                # The documented end of a write that waited for quorum (or was
+                # in flight at a demotion): never acknowledged, nothing lost.
+                log.warning("FUSE %s: EIO: %s", op.__name__, e)
+            elif code == errno.EIO:
                 log.error("FUSE %s failed: %s", op.__name__, e)
             raise pyfuse3.FUSEError(code) from None
 
