@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -149,6 +150,11 @@ class ServiceCommands:
         return result
 
 
+def _kind(state: str) -> str:
+    """A state without its numbers: what the log compares."""
+    return re.sub(r"\d+(\.\d+)?", "N", state)
+
+
 def _kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -172,8 +178,12 @@ class Takeover:
 
     def _set(self, state: str, level: int = logging.DEBUG) -> None:
         if state != self.state:
-            log.log(level, "%s: takeover: %s", self.engine.name, state)
-            self.state, self.since = state, time.time()
+            # Logged when its kind changes: "granting nothing for 4.7 s more"
+            # and "... 3.7 s more" are one state for the log, asked every second.
+            if _kind(state) != _kind(self.state):
+                log.log(level, "%s: takeover: %s", self.engine.name, state)
+                self.since = time.time()
+            self.state = state
 
     def order(self) -> list[str]:
         return promotion_order((name, m.mode) for name, m in self.engine.config.members.items())
@@ -226,6 +236,10 @@ class Takeover:
         except GmdError as ex:
             self._set(f"cannot promote yet: {ex}", logging.INFO)
             return
+        except Exception as ex:  # a takeover's failure never takes the volume down
+            log.error("%s: automatic promotion failed: %s: %s", engine.name, type(ex).__name__, ex)
+            self._set(f"cannot promote: {type(ex).__name__}: {ex}")
+            return
         if engine.role == Role.PRIMARY:
             self.promotions += 1
             self.last_event = {"event": "auto-promote", "at": time.time()}
@@ -265,6 +279,6 @@ class Takeover:
         self.last_event = {"event": "self-fence", "at": time.time(), "lease_left": round(left, 3)}
         try:
             await engine.roles.demote(force=True, reason="self-fence", command_deadline=max(0.5, left - 0.25))
-        except GmdError as ex:
-            log.error("%s: fencing: stepping down failed: %s", engine.name, ex)
+        except Exception as ex:  # a failed step-down is logged; the writes still wait for quorum
+            log.error("%s: fencing: stepping down failed: %s: %s", engine.name, type(ex).__name__, ex)
         self._primary_seen = trio.current_time()

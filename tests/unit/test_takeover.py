@@ -143,3 +143,19 @@ async def test_a_failing_or_missing_command_is_reported_not_raised(tmp_path):
     svc = ServiceCommands(_Engine(start_command=["/nonexistent/start-app"]))
     result = await svc.run("start", "operator")
     assert not result["ok"] and "cannot run it" in result["error"]
+
+
+def test_a_takeover_state_asked_every_second_is_logged_once_per_kind(caplog):
+    import logging
+
+    from gmd.takeover import Takeover
+
+    caplog.set_level(logging.INFO, logger="gmd.takeover")
+    t = Takeover(_Engine())
+    for left in (4.7, 3.7, 2.7):
+        t._set(f"cannot promote yet: witness W: granting nothing for {left} s more", logging.INFO)
+    t._set("cannot promote yet: labor2 holds the primary lease", logging.INFO)
+    assert [r.getMessage() for r in caplog.records] == [
+        "v: takeover: cannot promote yet: witness W: granting nothing for 4.7 s more",
+        "v: takeover: cannot promote yet: labor2 holds the primary lease"]
+    assert t.state == "cannot promote yet: labor2 holds the primary lease"
