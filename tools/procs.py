@@ -17,19 +17,30 @@ import xxhash
 PR_SET_PDEATHSIG = 1
 
 
+_HANDED_OUT: set[int] = set()  # every port free_ports gave this process (never given twice)
+_HANDED_OUT_LIMIT = 10_000  # forgotten past this many: the ephemeral range holds about 28,000
+
+
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports on 127.0.0.1 that were free a moment ago (all
-    held open together while they are picked, so none repeats)."""
+    """``n`` distinct TCP ports on 127.0.0.1 that were free a moment ago, none
+    of them handed out before by this process: a port released by one call is
+    free again for the next, and a cluster whose ports come from several calls
+    would otherwise see one twice."""
+    if len(_HANDED_OUT) > _HANDED_OUT_LIMIT:
+        _HANDED_OUT.clear()
     socks, ports = [], []
     try:
-        for _ in range(n):
+        while len(ports) < n:
             s = socket.socket()
-            socks.append(s)
+            socks.append(s)  # held open until all are picked, so none repeats within the call
             s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+            port = s.getsockname()[1]
+            if port not in _HANDED_OUT:
+                ports.append(port)
     finally:
         for s in socks:
             s.close()
+    _HANDED_OUT.update(ports)
     return ports
 
 

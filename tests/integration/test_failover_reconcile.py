@@ -111,20 +111,20 @@ def three_sites(tmp_path, request):
     WAN proxy (the far link), labor2 reaches it directly. labor2 is an ``mwc``
     or a ``sync`` member: a sync member logs no intent of its own, but it
     mirrors the primary's like any member."""
-    far_real, far_proxied, wport = free_ports(3)
+    # Every port picked at once: ports picked in separate calls may repeat
+    # (a port released by one call is free again for the next).
+    far_real, far_proxied, wport, port1, port2 = free_ports(5)
     w = witness_table("W", wport)
-    specs = lambda far: [NodeSpec("labor1"), NodeSpec("labor2", mode=request.param),  # noqa: E731
+    specs = lambda far: [NodeSpec("labor1", address=[port1]),  # noqa: E731
+                         NodeSpec("labor2", mode=request.param, address=[port2]),
                          NodeSpec("labor3", mode="async", address=[far], listen=[far_real])]
     base = specs(far_real)
     # Small extents (1 MiB: 256 stamped blocks), so that the far member's own
     # hot extents do not happen to cover the tail it lacks: only the mwc/sync
     # member's mirror of the primary's intents does.
     extents = 'extent_size = "1MiB"\n'
-    cfg_other = write_config(tmp_path, base, name="others.toml", extra_tables=w,
-                             extra_volume=extents)  # fills in the ports
+    cfg_other = write_config(tmp_path, base, name="others.toml", extra_tables=w, extra_volume=extents)
     nodes_far = specs(far_proxied)
-    for near, spec in zip(base[:2], nodes_far[:2]):
-        spec.address = near.address
     cfg1 = write_config(tmp_path, nodes_far, name="labor1.toml", extra_tables=w, extra_volume=extents)
     init_in_sync(cfg_other, "labor1", ["labor2", "labor3"])
     return tmp_path, cfg1, cfg_other, far_real, far_proxied

@@ -19,3 +19,4 @@ def test_cpu_is_taken_from_the_samples_around_the_span_or_not_at_all():
     points = [(t, t * TICK // 2, 0) for t in range(10)]  # half a core, sampled each second
     assert cpu_between(points, 2.0, 6.0) == 2.0
     assert cpu_between(points, -1.0, 6.0) is None  # no sample before the start: unknown, not a guess
+
