@@ -43,6 +43,14 @@ def format_status(st: dict[str, Any]) -> str:
     for w, ws in (q.get("witnesses") or {}).items():
         lines.append(f"  witness {w}: " + ("connected" if ws["connected"] else f"unreachable ({ws['reason']})")
                      + (", its votes count here" if ws["granted"] else f", votes not granted ({ws['why']})"))
+    tk = st.get("takeover")
+    if tk and tk.get("auto_promote"):
+        lines.append(f"  automatic takeover: {tk['state']}"
+                     + (f"; {tk['fences']} self-fence(s)" if tk.get("fences") else ""))
+    for event, cmd in ((tk or {}).get("commands") or {}).items():
+        if not cmd.get("ok"):
+            lines.append(f"  {event} command FAILED ({cmd.get('error') or 'exit ' + str(cmd.get('rc'))}): "
+                         f"{' '.join(cmd.get('argv', []))}")
     if st.get("device"):
         lines.append(f"  device {st['device']}" + (f", loop device {st['loop']}" if st.get("loop") else ""))
     sb = st.get("split_brain") or {}
