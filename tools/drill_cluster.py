@@ -44,7 +44,7 @@ from gmd.control import ControlUnavailable
 from gmd.config import Config, load_config
 from gmd.errors import GmdError
 from tools.cluster_config import NodeSpec, cluster_document, witness_table
-from tools.procs import die_with_parent, free_ports, stop_process, unmount_fuse
+from tools.procs import die_with_parent, free_ports, running, stop_process, unmount_fuse
 from transport.wanproxy import control_request as proxy_request
 
 VOLUME = "appslv"
@@ -167,7 +167,7 @@ class Cluster:
         if n.proc is not None and n.proc.pid == pid:
             n.proc.wait(timeout=30)
         else:
-            self.wait(f"{node}'s daemon (pid {pid}) to die", lambda: not _alive(pid), timeout=30)
+            self.wait(f"{node}'s daemon (pid {pid}) to die", lambda: not running(pid), timeout=30)
         unmount_fuse(n.mount)  # a killed FUSE daemon leaves its mount behind
         return pid
 
@@ -228,16 +228,6 @@ def _run(*argv: str) -> None:
     r = subprocess.run(argv, capture_output=True, text=True)
     if r.returncode != 0:
         raise DrillError(f"{' '.join(argv)} failed: {r.stderr.strip() or r.stdout.strip()}")
-
-
-def _alive(pid: int) -> bool:
-    """``pid`` runs: it exists and is not a zombie (a killed daemon stays one
-    until whoever started it reaps it, which may never be the drill)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class LocalCluster(Cluster):

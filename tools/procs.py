@@ -66,6 +66,29 @@ def stop_process(proc: subprocess.Popen, timeout: float = 60) -> None:
             proc.wait()
 
 
+def running(pid: int) -> bool:
+    """``pid`` runs: it exists and is not a zombie (a killed process stays one
+    until whoever started it reaps it, which may never be the one asking)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def processes_naming(directory: str | os.PathLike[str]) -> list[str]:
+    """Running processes (``pid: command line``) whose command line names ``directory``."""
+    needle, found = os.fsencode(directory), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline and int(pid) != os.getpid() and running(int(pid)):
+            found.append(f"{pid}: {cmdline.replace(bytes(1), b' ').decode(errors='replace')}")
+    return found
+
+
 def is_mounted(path: str | os.PathLike[str]) -> bool:
     """True if something is mounted at ``path`` (symlinks resolved)."""
     target = os.path.realpath(path)

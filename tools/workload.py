@@ -304,15 +304,7 @@ class Workload:
                     continue
                 block = stamp(self.run, w, seq, offset, time.time_ns())
                 try:
-                    if buf is not None:
-                        buf[:] = block
-                        n = os.pwrite(fd, buf, offset)
-                    else:
-                        n = os.pwrite(fd, block, offset)
-                        if n == BLOCK:
-                            os.fsync(fd)
-                    if n != BLOCK:
-                        raise ShortWrite(errno_mod.EIO, f"short write: {n} of {BLOCK} bytes")
+                    _write_block(fd, buf, block, offset)
                 except OSError as e:
                     reason = "SHORT_WRITE" if isinstance(e, ShortWrite) else _errno_name(e)
                     with self._cond:
@@ -371,6 +363,21 @@ class Workload:
                 self._errors[f"close:{_errno_name(e)}"] += 1
 
 
+def _write_block(fd: int, buf: mmap.mmap | None, block: bytes, offset: int) -> None:
+    """Write one stamped block: through the aligned ``buf`` on an O_DIRECT
+    file (acknowledged when pwrite returns), else followed by an fsync.
+    Raises :class:`ShortWrite` for a partial write."""
+    if buf is not None:
+        buf[:] = block
+        n = os.pwrite(fd, buf, offset)
+    else:
+        n = os.pwrite(fd, block, offset)
+        if n == BLOCK:
+            os.fsync(fd)
+    if n != BLOCK:
+        raise ShortWrite(errno_mod.EIO, f"short write: {n} of {BLOCK} bytes")
+
+
 def probe(path: str | Path, offset: int, *, run: bytes = b"gmdprobe", seq: int = 1, direct: bool = True) -> float:
     """Write one stamped block (writer :data:`PROBE_WRITER`) at ``offset``
     of ``path`` and return the wall-clock time it completed: the drill
@@ -382,14 +389,9 @@ def probe(path: str | Path, offset: int, *, run: bytes = b"gmdprobe", seq: int =
         block = stamp(run, PROBE_WRITER, seq, offset, time.time_ns())
         if direct:
             with mmap.mmap(-1, BLOCK) as buf:
-                buf[:] = block
-                n = os.pwrite(fd, buf, offset)
+                _write_block(fd, buf, block, offset)
         else:
-            n = os.pwrite(fd, block, offset)
-            if n == BLOCK:
-                os.fsync(fd)
-        if n != BLOCK:
-            raise ShortWrite(errno_mod.EIO, f"short write: {n} of {BLOCK} bytes")
+            _write_block(fd, None, block, offset)
         return time.time()
     finally:
         os.close(fd)

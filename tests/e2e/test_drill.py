@@ -21,6 +21,7 @@ import pytest
 
 from tools.drill import Drill
 from tools.drill_cluster import LocalCluster
+from tools.procs import processes_naming, running
 
 GMD = str(Path(sys.executable).parent / "gmd")
 
@@ -40,16 +41,7 @@ pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
 
 def leftovers(directory: Path) -> list[str]:
     """Processes and mounts that still name ``directory``."""
-    found = []
-    needle = str(directory).encode()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if needle in cmdline and int(pid) != os.getpid():
-            words = cmdline.replace(b"\0", b" ").decode(errors="replace")
-            found.append(f"process {pid}: {words}")
+    found = [f"process {p}" for p in processes_naming(directory)]
     with open("/proc/self/mounts") as f:
         found += [f"mount {line.split()[1]}" for line in f if str(directory) in line]
     return found
@@ -243,7 +235,7 @@ def test_the_readme_drill_on_a_cluster_started_by_hand(tmp_path):
                 control.request(sock, {"op": "down", "volume": "appslv", "force": True}, timeout=30)
                 os.kill(pid, 15)
                 end = time.monotonic() + 30
-                while time.monotonic() < end and Path(f"/proc/{pid}").exists() and not _zombie(pid):
+                while time.monotonic() < end and running(pid):
                     time.sleep(0.05)
         for proc in background:
             stop_process(proc, timeout=30)
@@ -257,44 +249,3 @@ def _answers(control, sock: Path) -> int | None:
         return int(control.request(sock, {"op": "ping"}, timeout=5)["pid"])
     except Exception:
         return None
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def test_a_drill_that_fails_keeps_its_logs_and_leaves_nothing_running(tmp_path, monkeypatch, capsys):
-    """Whatever step fails, the cluster is torn down (processes, FUSE mounts)
-    and its logs are kept beside it for the operator."""
-    import tools.drill as drill_module
-
-    def broken(self):
-        self.report = drill_module.Report(self.fault, self.mode, "test", "none", self.seed, time.time())
-        raise drill_module.DrillError("a step failed on purpose")
-
-    import tempfile
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the local cluster's directory goes here
-    monkeypatch.setattr(drill_module.Drill, "run", broken)
-    assert drill_module.run_drill(fault="kill-primary", as_json=True) == 1
-    doc = json.loads(capsys.readouterr().out)
-    assert doc["passed"] is False and doc["error"] == "a step failed on purpose"
-    kept = [p for p in tmp_path.iterdir() if p.name.endswith("-failed")]
-    assert kept and (kept[0] / "labor1.log").exists() and (kept[0] / "labor1.toml").exists()
-    assert not leftovers(tmp_path), leftovers(tmp_path)
-
-
-@pytest.mark.slow
-def test_two_sites_without_a_witness_fail_over_by_the_operators_force_with_the_warning(tmp_path):
-    rc, doc, err = drill(tmp_path, "--fault", "kill-primary", "--no-witness")
-    assert rc == 0 and doc["passed"], why(doc, err)
-    assert doc["takeover"] == "operator (gmd primary --force: no witness)"
-    assert checks(doc)["labor2 shows the forced promotion"]
-    assert "primary WITHOUT quorum" in err and doc["figures"]["rpo_writes"] == 0
-
-
-def test_a_partition_without_a_witness_is_refused_before_anything_is_forced(tmp_path):
-    rc, doc, err = drill(tmp_path, "--fault", "partition-primary", "--no-witness")
-    assert rc == 1 and "would split the brain" in doc["error"]

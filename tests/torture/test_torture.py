@@ -30,7 +30,7 @@ import pytest
 
 from tools.drill import read_blocks
 from tools.drill_cluster import LocalCluster
-from tools.procs import file_hash
+from tools.procs import file_hash, processes_naming
 from tools.stamps import verify
 from tools.workload import Workload
 
@@ -169,7 +169,7 @@ class Torture:
         and restarted: a daemon, witness and proxy each, a FUSE mount per node
         and each member's small file system."""
         c = self.c
-        found = _processes_naming(c.dir)
+        found = processes_naming(c.dir)
         expected = len(c.nodes) + len(c.witness_names) + len(c.proxies)
         if len(found) != expected:
             self.fail(f"round {n}: {len(found)} processes of the cluster, expected {expected}: {found}")
@@ -213,19 +213,6 @@ class Torture:
         w.resume()
 
 
-def _processes_naming(directory: Path) -> list[str]:
-    """Live processes (not zombies) whose command line names ``directory``."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if (str(directory).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
-                    and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"):
-                found.append(pid)
-        except OSError:
-            pass
-    return found
-
-
 def test_randomized_faults_under_load_lose_no_acknowledged_write(tmp_path):
     seed = SEED
     rng = random.Random(seed)
@@ -262,7 +249,7 @@ def test_randomized_faults_under_load_lose_no_acknowledged_write(tmp_path):
             shutil.rmtree(cluster.dir, ignore_errors=True)
         else:
             print(f"torture: seed {seed}: logs kept in {cluster.dir}", flush=True)
-    left = _processes_naming(tmp_path)
+    left = processes_naming(tmp_path)
     with open("/proc/self/mounts") as f:
         left += [line.split()[1] for line in f if str(tmp_path) in line]
     import subprocess
