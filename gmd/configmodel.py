@@ -142,6 +142,11 @@ class VolumeConfig:
     start_command: tuple[str, ...] | None = None  # argv run after this node becomes primary
     stop_command: tuple[str, ...] | None = None  # argv run before this node stops being primary
     command_timeout: int = 60  # seconds a start or stop command may run before it is killed
+    # RPO alert (docs/DESIGN.md, "RPO and lag"): a member that would lose more
+    # than this, in seconds of writes or in bytes, if the primary were lost
+    # now is logged once and flagged in status. None: no alert on that measure.
+    rpo_alert_seconds: int | None = None
+    rpo_alert_bytes: int | None = None
 
 
 @dataclass(frozen=True)

@@ -287,7 +287,8 @@ class _Parser:
         key = join_key("volumes", name)
         self.check_keys(table, key, ("size", "region_size", "extent_size", "mode", "members", "async_queue",
                                      "copy_rate", "on_quorum_loss", "quorum_timeout", "split_brain",
-                                     "auto_promote", "start_command", "stop_command", "command_timeout"))
+                                     "auto_promote", "start_command", "stop_command", "command_timeout",
+                                     "rpo_alert_seconds", "rpo_alert_bytes"))
 
         size, raw_size = self.size(
             self.require(table, key, "size", 'a size such as "4GiB"'), join_key(key, "size")
@@ -357,8 +358,16 @@ class _Parser:
         if "stop_command" in table:
             stop = self.command(table["stop_command"], join_key(key, "stop_command"))
         command_timeout = self.integer(table.get("command_timeout", 60), join_key(key, "command_timeout"), 1)
+        alert_seconds = alert_bytes = None
+        if "rpo_alert_seconds" in table:
+            alert_seconds = self.integer(table["rpo_alert_seconds"], join_key(key, "rpo_alert_seconds"), 1)
+        if "rpo_alert_bytes" in table:
+            alert_bytes, _ = self.size(table["rpo_alert_bytes"], join_key(key, "rpo_alert_bytes"))
+            if alert_bytes <= 0:
+                raise self.error(join_key(key, "rpo_alert_bytes"), "must be more than 0 bytes (leave it out "
+                                 "for no alert on bytes)")
         return VolumeConfig(name, size, region, extent, mode, members, async_queue, copy_rate, on_loss, timeout,
-                            split, auto_promote, start, stop, command_timeout)
+                            split, auto_promote, start, stop, command_timeout, alert_seconds, alert_bytes)
 
     def members(
         self,

@@ -44,6 +44,7 @@ from .quorum_keeper import QuorumKeeper
 from .replication import LinkState, MemberLink
 from .resolution import SplitBrainResolver
 from .roles import Roles
+from .rpo import RpoWatch
 from .sessions import Sessions
 from .status import volume_status
 from .takeover import ServiceCommands, Takeover
@@ -117,6 +118,7 @@ class VolumeEngine:
         self.resolver = SplitBrainResolver(self)
         self.service = ServiceCommands(self)
         self.takeover = Takeover(self)
+        self.rpo = RpoWatch(self)
 
     # --------------------------------------------------------------- naming
 
@@ -153,6 +155,7 @@ class VolumeEngine:
             await self.local.writer.sync_all()
         for name, m in self.members.items():
             m.peer_disk = sm.sb.peers[name].disk if name in sm.sb.peers else None
+        self.rpo.note_up()
         # Started, not just scheduled: a path accepted right after finds the nursery.
         await self.ports.host().start(self._run)
         log.info("%s: up (disk %s)", self.name, sm.sb.disk.value)
@@ -173,6 +176,7 @@ class VolumeEngine:
                     n.start_soon(self.writepath.auto_flush)
                     n.start_soon(self.quorum.run)
                     n.start_soon(self.takeover.run)
+                    n.start_soon(self.rpo.run)
                     task_status.started()
         finally:
             self._nursery = None
@@ -250,6 +254,7 @@ class VolumeEngine:
         it connects, a full copy; its votes count from then on."""
         new = [name for name in config.members if name != self.node and name not in self.members]
         self.config = config
+        self.rpo.alert.seconds, self.rpo.alert.bytes = config.rpo_alert_seconds, config.rpo_alert_bytes
         for name in new:
             self.members[name] = MemberLink(name, config.members[name].mode, queue_limit=config.async_queue,
                                             volume=config.name)

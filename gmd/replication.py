@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -145,6 +146,7 @@ class MemberLink:
         self.changed = trio.Event()  # set on every state change (status --watch, tests)
         self._queue_waiters: list[tuple[int, trio.Event]] = []  # (bytes, woken when the queue is at most that)
         self.bytes_shipped = 0
+        self.lacking_since: float | None = None  # wall time of the first write marked for it (gmd.rpo)
         self.last_heard = 0.0  # trio time a frame last arrived from it (a live member pings every second)
         self.reads: dict[int, trio.MemorySendChannel] = {}  # request id -> waiting reader
         self._next_request = 1
@@ -378,6 +380,10 @@ class MemberLink:
         if s is not None:
             s.closed = True
             failed = sorted(s.unsettled.values(), key=lambda x: x.link_seq)
+            writes = [sh.queued_at for sh in failed if sh.kind == "write" and not sh.copy]
+            if writes and self.lacking_since is None:
+                # What it now lacks, it has lacked since the oldest of these was queued (gmd.rpo).
+                self.lacking_since = time.time() - max(0.0, trio.current_time() - min(writes))
             s.unsettled.clear()
             self.queued_bytes = 0
             self._wake_queue_waiters()

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .replication import MemberLink
     from .resolution import SplitBrainResolver
     from .roles import Roles
+    from .rpo import RpoWatch
     from .sessions import Sessions
     from .takeover import ServiceCommands, Takeover
     from .volume import LocalVolume
@@ -39,6 +40,7 @@ class StatusVolume(Protocol):
     def name(self) -> str: ...
     node: str
     quorum: QuorumKeeper
+    rpo: RpoWatch
     resolver: SplitBrainResolver
     role: Role
     roles: Roles
@@ -90,6 +92,7 @@ def volume_status(engine: StatusVolume) -> dict[str, Any]:
             "reason": m.reason,
             "peer_role": m.peer_role.value if m.connected and m.peer_role else None,
             "paths": len([p for p in m.session.paths if not p.closed]) if m.session else 0,
+            "rpo": engine.rpo.status(m),  # on the primary: what it would lose (gmd.rpo)
         }
     return {
         "volume": cfg.name, "node": engine.node, "daemon": True, "role": engine.role.value,
@@ -106,6 +109,7 @@ def volume_status(engine: StatusVolume) -> dict[str, Any]:
             "warnings": list(sm.warnings),
         },
         "copy_rate": engine.copier.rate,
+        "rpo_alert": engine.rpo.alert.to_json(),
         "split_brain": {"resolving_towards": engine.resolver.discarding,
                         "saved_images": list(engine.resolver.saved_images)},
         "lost_primary": engine.sessions.lost_primary,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -309,6 +310,8 @@ class WritePath:
         local = self.engine.local
         if local is None:
             return
+        if m.lacking_since is None:
+            m.lacking_since = time.time()  # its RPO in seconds counts from here (gmd.rpo)
         if not sent:
             self.unsent.note(m.name, offset, length)
         self.remarked.note(m.name, offset, length)  # a copy pass that read these regions before keeps their bits

@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local cluster of two sites alone (1 vote each): a lost primary's survivor is forced")
     p.add_argument("--wan-delay", type=float, default=0.0, metavar="SECONDS",
                    help="local cluster: one-way delay on every link (e.g. 0.02; an async member then lags)")
+    p.add_argument("--sites", type=int, choices=(2, 3), default=2,
+                   help="local cluster: 3 adds a far DR site (labor3: async, 0 votes, 30 ms, 20 MB/s)")
     p.add_argument("--keep", action="store_true", help="keep the local cluster's directory")
 
     p = command("verify", "compare VOLUME's members with the primary online; mark differences "
@@ -293,7 +295,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
                      config=Path(config) if config else None, volume=args.volume, overwrite=args.overwrite,
                      proxies=args.proxy, as_json=args.json, report=Path(args.report) if args.report else None,
                      keep=args.keep, seed=args.seed, writers=args.writers, warmup=args.warmup, outage=args.outage,
-                     delay=args.wan_delay, witness=not args.no_witness)
+                     delay=args.wan_delay, witness=not args.no_witness, sites=args.sites)
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:

@@ -6,7 +6,9 @@ One drill is one fault, under a verifying workload:
    file (:mod:`tools.workload`); every write that returned is journalled as
    acknowledged before its writer goes on;
 2. **fault** — the primary, the secondary or the witness is SIGKILLed, cut
-   off (WAN proxies in blackhole), or the secondary's link is slowed;
+   off (WAN proxies in blackhole), or the secondary's link is slowed; on a
+   three-site volume (a metro ``sync``/``mwc`` member and a far ``async``
+   one) the far site's link can be cut;
 3. **failover** where the fault takes the primary: the automatic takeover
    (``auto_promote``) where configured, else the operator's ``gmd primary``
    (retried until the witness lets it through); the RTO is the time from the
@@ -15,6 +17,9 @@ One drill is one fault, under a verifying workload:
    acknowledged block with its latest stamp (RPO 0) for ``sync``/``mwc``; for
    ``async``, an exact prefix of the acknowledged writes, and how many writes
    and bytes were lost and how old they were;
+   A far ``async`` member is verified too: at the moment of a primary's
+   loss its image must be an exact prefix of the acknowledged writes (the
+   far site's RPO: writes, bytes and age lost there);
 5. **heal and failback** — the lost daemon restarted (or the link healed), the
    member brought back by mini-copy or merge, and a planned
    ``gmd switchover`` hands the role back; members byte-identical at the end;
@@ -45,7 +50,7 @@ from tools.stamps import BLOCK, verify
 from tools.workload import Workload, probe
 
 FAULTS = ("kill-primary", "partition-primary", "kill-secondary", "kill-witness", "partition-witness",
-          "slow-secondary", "disk-full-secondary")
+          "slow-secondary", "disk-full-secondary", "cut-far-link")
 SMALL_DISK = 64 << 20  # bytes of the secondary's own file system in disk-full-secondary
 PRIMARY_FAULTS = ("kill-primary", "partition-primary")
 MODES = ("sync", "mwc", "async")
@@ -53,6 +58,11 @@ AREA = 32 << 20  # bytes of the volume the workload stamps (at most half the vol
 SLOW_DELAY = 0.03  # seconds one way on a slowed link
 FAILOVER_TIMEOUT = 90.0
 HEAL_TIMEOUT = 180.0
+FAR_SITE = "labor3"  # the local cluster's far DR member with --sites 3
+FAR_DELAY = 0.03  # seconds one way on the far site's links
+FAR_BANDWIDTH = 20_000_000  # bytes/s on the far site's links
+FAR_CUT = 10.0  # seconds a cut far link lasts at least
+FAR_RPO_ALERT = 5  # rpo_alert_seconds of the three-site local cluster's volume
 
 
 @dataclass
@@ -174,6 +184,7 @@ class Drill:
         self.workload: Workload | None = None
         self.report: Report | None = None
         self.oos_during_fault = 0  # bytes marked for the secondary while a fault of it lasted
+        self.far: list[str] = []  # far async members (a three-site volume), verified at a primary's loss
 
     # ------------------------------------------------------------ helpers
 
@@ -185,15 +196,20 @@ class Drill:
     def member_view(self, primary: str, member: str) -> dict[str, Any]:
         return self.c.status(primary)["members"][member]
 
-    def wait_in_sync(self, primary: str, member: str, timeout: float = HEAL_TIMEOUT) -> None:
+    def wait_in_sync(self, primary: str, member: str, timeout: float = HEAL_TIMEOUT, *,
+                     drained: bool = False) -> None:
+        """Wait until ``member`` is connected, uptodate and nothing is marked
+        for it; with ``drained`` (no writes coming) also until an async
+        member has acknowledged everything queued to it."""
         def level():
             st = self.c.try_status(primary)
             if not st:
                 return False
             m = st["members"][member]
             return (m["link"] == "connected" and m["disk"] == "uptodate" and not m["out_of_sync_bytes"]
-                    and m["copy"] is None and not m.get("behind"))
-        self.c.wait(f"{member} to be connected, uptodate and level with {primary}", level, timeout=timeout)
+                    and m["copy"] is None and not m.get("behind") and not (drained and m.get("lag_bytes")))
+        self.c.wait(f"{member} to be connected, uptodate and level with {primary}"
+                    + (" (its queue drained)" if drained else ""), level, timeout=timeout)
 
     def healed(self, primary: str, member: str, since_mono: float, since_wall: float) -> tuple[float, int, list[str]]:
         """Wait until ``member`` is level with ``primary``; record and return how
@@ -239,13 +255,21 @@ class Drill:
         if not others:
             raise DrillError(f"{c.volume} has no member besides {primary}: nothing to fail over to")
         st = c.status(primary)
-        secondary = next((n for n in others if st["members"][n]["link"] == "connected"
-                          and st["members"][n]["disk"] == "uptodate"), None)
+        # The member that takes over: a metro (sync/mwc) one before a far async one.
+        ready = [n for n in others if st["members"][n]["link"] == "connected"
+                 and st["members"][n]["disk"] == "uptodate"]
+        secondary = next((n for n in ready if st["members"][n]["mode"] != "async"), ready[0] if ready else None)
         if secondary is None:
             raise DrillError(f"no member of {c.volume} is connected and uptodate on {primary}: "
                              + "; ".join(f"{n}: {st['members'][n]['link']}/{st['members'][n]['disk']}"
                                          for n in others))
         auto = bool(st.get("takeover", {}).get("auto_promote"))
+        self.far = [n for n in others if n != secondary and st["members"][n]["mode"] == "async"]
+        if self.fault == "cut-far-link" and not self.far:
+            raise DrillError(f"cut-far-link: {c.volume} has no far async member besides {secondary} "
+                             f"(drill a three-site volume: --sites 3)")
+        for n in self.far:
+            self.wait_in_sync(primary, n)
         if self.fault == "partition-primary" and self.needs_force(secondary):
             raise DrillError(f"partition-primary without a witness: neither side holds quorum alone, so nobody "
                              f"may take over, and forcing {secondary} while {primary} lives would split the brain; "
@@ -276,7 +300,7 @@ class Drill:
             if self.fault in PRIMARY_FAULTS:
                 self.primary_fault(primary, secondary, auto, probe_at)
             else:
-                self.secondary_fault(primary, secondary)
+                self.secondary_fault(primary, self.far[0] if self.fault == "cut-far-link" else secondary)
         finally:
             blocked = w.stop(timeout=30)
             if blocked:
@@ -296,6 +320,9 @@ class Drill:
         else:
             c.partition(primary)
             self.event(f"FAULT: {primary} cut from every member and the witness (blackhole)")
+        if self.far:
+            # A partitioned primary stays cut off from the far site too.
+            self.verify_far_at_loss(fault_wall, cut=(primary,) if self.fault == "partition-primary" else ())
         # --- failover
         alone_without_quorum = self.needs_force(secondary)
         if auto and not alone_without_quorum:
@@ -384,6 +411,13 @@ class Drill:
                         else f"{primary}: no self-fence recorded")
                 r.figures["fence_lease_left_seconds"] = left
         heal_s, moved, kinds = self.healed(secondary, primary, heal_mono, heal_from)
+        for n in self.far:
+            self.wait_in_sync(secondary, n)
+            far_copies = self.copies_to(secondary, n, fault_wall)
+            r.check(f"far member {n} caught up from {secondary} without a full copy",
+                    all(p["kind"] != "full" for p in far_copies),
+                    f"passes to {n}: {', '.join(sorted({p['kind'] for p in far_copies})) or 'none'}; "
+                    f"{sum(p['sent_bytes'] for p in far_copies)} bytes moved")
         r.check("old primary brought back without a full copy", "full" not in kinds,
                 f"passes to {primary}: {', '.join(kinds) or 'none (nothing differed)'}; {moved} bytes moved "
                 f"in {heal_s:.1f} s")
@@ -405,6 +439,8 @@ class Drill:
                timeout=60)
         self.event(f"switchover: {primary} primary again, {secondary} secondary")
         self.wait_in_sync(primary, secondary, timeout=60)
+        for n in self.far:
+            self.wait_in_sync(primary, n)
         v3 = self.verify_device(primary, check_acks, fault_at=None, label="after failback")
         r.check(f"every acknowledged write on {primary} after the failback", v3.passed(rpo_zero=True),
                 f"{v3.ok} blocks current, {v3.stale} LOST, {v3.corrupt} corrupt")
@@ -455,6 +491,14 @@ class Drill:
             def heal():
                 c.free_disk(secondary)
                 self.event(f"{secondary}'s filler removed: space again")
+        elif self.fault == "cut-far-link":
+            c.partition(secondary)
+            self.event(f"FAULT: the far site {secondary} cut from every other site (blackhole)")
+
+            def heal():
+                self.far_during_cut(primary, secondary)
+                c.heal()
+                self.event(f"the far site {secondary}'s links healed")
         else:  # slow-secondary
             c.slow(secondary, SLOW_DELAY)
             self.event(f"FAULT: {secondary}'s links slowed by {SLOW_DELAY * 1000:.0f} ms each way")
@@ -466,7 +510,9 @@ class Drill:
         ok = w.wait_acked(100, timeout=30, since=since)
         first = w.first_ack_after(fault_wall)
         stall = (first - fault_wall) if first is not None else None
-        rate_during = self.rate(self.outage)
+        # A cut far link lasts past the 6 s path timeout: the session ends, and
+        # the far member comes back through the bitmap, not the queue alone.
+        rate_during = self.rate(max(self.outage, FAR_CUT) if self.fault == "cut-far-link" else self.outage)
         self.oos_during_fault = c.status(primary)["members"][secondary]["out_of_sync_bytes"]
         times = [fault_wall] + [a.acked_at for a in w.acks() if a.acked_at > fault_wall]
         r.figures["write_rate_before"] = round(rate_before, 1)
@@ -484,7 +530,15 @@ class Drill:
             r.figures["secondary_out_of_sync_during_fault"] = self.oos_during_fault
             r.check(f"{primary} marked what {secondary} could not store", self.oos_during_fault > 0,
                     f"{self.oos_during_fault} bytes out of sync for {secondary} while its disk was full")
-        if self.fault in ("kill-secondary", "disk-full-secondary"):
+        if self.fault == "cut-far-link":
+            r.check(f"far member {secondary} caught up without a full copy", "full" not in kinds,
+                    f"passes: {', '.join(kinds) or 'none'}; {moved} bytes moved in {heal_s:.1f} s")
+            if c.status(primary)["rpo_alert"].get("seconds") is not None:
+                over = c.wait(f"the RPO alert for {secondary} to end", lambda: secondary not in (
+                    c.status(primary)["rpo_alert"]["members_over"]) or None, timeout=10) is True
+                r.check(f"the RPO alert for {secondary} ends once it caught up", over,
+                        "no member over the threshold")
+        elif self.fault in ("kill-secondary", "disk-full-secondary"):
             r.check(f"{secondary} mini-copied back", kinds == ["mini"],
                     f"passes: {', '.join(kinds) or 'none'}; {moved} bytes moved in {heal_s:.1f} s")
         else:
@@ -499,12 +553,72 @@ class Drill:
         blocked = w.stop(timeout=30)
         if blocked:
             raise DrillError(f"{len(blocked)} writes still blocked on {primary} at the end")
+        for n in self.far:
+            self.wait_in_sync(primary, n)
         v = self.verify_device(primary, w.acks(), fault_at=None, label="end")
         r.check("RPO 0: every acknowledged write on the primary", v.passed(rpo_zero=True),
                 f"{v.ok} blocks current, {v.stale} LOST, {v.corrupt} corrupt of {v.blocks_checked}")
         r.figures["rpo_writes"] = v.stale
         r.figures["rpo_bytes"] = v.stale * BLOCK
         self.identical(primary)
+
+    def far_image(self, node: str, label: str, acks, fault_at: float | None) -> Any:
+        """Verify the far member's backing file as it stands (its links cut,
+        so nothing more arrives): an exact prefix of ``acks``?"""
+        path = self.c.backing(node)
+        if path is None:
+            raise DrillError(f"the far member {node}'s backing file is not on this machine: its image cannot be "
+                             "read while it is secondary")
+        time.sleep(1.0)  # the last frames that reached it are applied (writes arrive in order)
+        read, close = read_blocks(str(path))
+        try:
+            v = verify(acks, read, self.workload.run, in_flight=self.workload.in_flight, fault_at=fault_at)
+        finally:
+            close()
+        self.report.verifications[label] = v.as_dict()
+        return v
+
+    def verify_far_at_loss(self, fault_at: float, cut: tuple[str, ...]) -> None:
+        """The primary is lost: were the far site called on now, what would it
+        hold? Its links are cut at once (the new primary would otherwise
+        start catching it up), its image checked, and the links given back."""
+        c, r = self.c, self.report
+        acks = self.workload.acks()
+        for n in self.far:
+            c.partition(n)
+        try:
+            for n in self.far:
+                v = self.far_image(n, f"far site {n} at the primary's loss", acks, fault_at=fault_at)
+                r.check(f"far site {n} is an exact prefix of the acknowledged writes", v.passed(rpo_zero=False),
+                        f"prefix up to write {v.prefix_index} of {v.acked_writes}; {v.corrupt} corrupt blocks")
+                r.figures[f"far_rpo_writes_{n}"] = v.lost_writes
+                r.figures[f"far_rpo_bytes_{n}"] = v.lost_bytes
+                r.figures[f"far_rpo_seconds_{n}"] = round(v.lost_age, 3)
+                self.event(f"far site {n}: RPO {v.lost_writes} writes ({v.lost_bytes} bytes, {v.lost_age:.3f} s)")
+        finally:
+            for n in self.far:
+                c.heal_links(n, keep_cut=cut)
+
+    def far_during_cut(self, primary: str, far: str) -> None:
+        """While the far site is cut off: the primary's view of its RPO, and
+        its own image, frozen, a prefix of the acknowledged writes."""
+        r = self.report
+        m = self.member_view(primary, far)
+        rpo = m.get("rpo") or {}
+        r.figures["far_rpo_bytes_at_heal"] = rpo.get("bytes")
+        r.figures["far_rpo_seconds_at_heal"] = rpo.get("seconds")
+        r.check(f"{primary} shows what {far} lacks", (rpo.get("bytes") or 0) > 0,
+                f"RPO {rpo.get('bytes')} bytes, {rpo.get('seconds')} s; replication {m.get('replication')}, "
+                f"{m['out_of_sync_bytes']} bytes marked, {m.get('lag_bytes')} queued")
+        threshold = self.c.status(primary)["rpo_alert"]
+        if threshold.get("seconds") is not None and (rpo.get("seconds") or 0) > threshold["seconds"] + 1:
+            r.check(f"the RPO alert is raised for {far}", bool(rpo.get("alert")),
+                    f"RPO {rpo.get('seconds')} s against the alert threshold of {threshold['seconds']} s; "
+                    f"members over it: {', '.join(threshold.get('members_over') or {}) or 'none'}")
+        v = self.far_image(far, "far site during the cut", self.workload.acks(), fault_at=None)
+        r.check(f"far site {far} cut off is an exact prefix of the acknowledged writes", v.passed(rpo_zero=False),
+                f"prefix up to write {v.prefix_index} of {v.acked_writes}; {v.corrupt} corrupt blocks")
+        self.event(f"far site {far} during the cut: prefix of {v.prefix_index} writes, {v.lost_writes} behind")
 
     def rate(self, seconds: float) -> float:
         n0, t0 = self.workload.acked(), time.monotonic()
@@ -520,6 +634,8 @@ class Drill:
             os.fsync(fd)  # a barrier on every member
         finally:
             os.close(fd)
+        for n in self.far:
+            self.wait_in_sync(primary, n, drained=True)  # the barrier does not wait for an async member
         paths = {n: c.backing(n) for n in c.nodes}
         if all(p is not None for p in paths.values()):
             hashes = {n: file_hash(p) for n, p in paths.items()}
@@ -552,7 +668,7 @@ def run_drill(*, fault: str, mode: str = "mwc", auto_promote: bool = True, confi
               volume: str | None = None, overwrite: bool = False, proxies: list[str] = (),
               as_json: bool = False, report: Path | None = None, keep: bool = False, seed: int | None = None,
               writers: int = 4, warmup: float = 3.0, outage: float = 3.0, delay: float = 0.0,
-              witness: bool = True) -> int:
+              witness: bool = True, sites: int = 2) -> int:
     """``gmd drill``: build (or reach) the cluster, run one drill, print the report; 0 if it passed."""
     seed = random.randrange(1 << 31) if seed is None else seed
     out = sys.stderr if as_json else sys.stdout
@@ -568,19 +684,33 @@ def run_drill(*, fault: str, mode: str = "mwc", auto_promote: bool = True, confi
     work_dir: Path | None = None
     try:
         if config is None:
-            cluster = LocalCluster(mode=mode, auto_promote=auto_promote, keep=keep, delay=delay,
-                                   witness="W" if witness else None)
+            if sites not in (2, 3):
+                raise DrillError(f"--sites {sites}: the local cluster has 2 sites, or 3 (a far async one)")
+            three = sites == 3
+            if three and mode == "async":
+                raise DrillError("--sites 3 --mode async: the metro member is sync or mwc; the far one is async")
+            if fault == "cut-far-link" and not three:
+                raise DrillError("cut-far-link needs a far site: --sites 3")
+            cluster = LocalCluster(
+                mode=mode, auto_promote=auto_promote, keep=keep, delay=delay, witness="W" if witness else None,
+                names=("labor1", "labor2", FAR_SITE) if three else ("labor1", "labor2"),
+                member_settings={FAR_SITE: {"mode": "async", "votes": 0}} if three else None,
+                volume_settings={"rpo_alert_seconds": FAR_RPO_ALERT} if three else None,
+                far={FAR_SITE: {"delay": FAR_DELAY, "bandwidth": FAR_BANDWIDTH}} if three else None)
             work_dir = cluster.dir
             if fault == "disk-full-secondary":
                 where = cluster.limit_disk("labor2", SMALL_DISK)
                 say(f"labor2's member files on a {SMALL_DISK >> 20} MiB file system of their own ({where})")
-            say(f"building a local cluster in {cluster.dir}: labor1, labor2 ({mode})"
+            far_note = (f", far site {FAR_SITE} (async, 0 votes, {FAR_DELAY * 1000:.0f} ms, "
+                        f"{FAR_BANDWIDTH / 1e6:.0f} MB/s)" if three else "")
+            say(f"building a local cluster in {cluster.dir}: labor1, labor2 ({mode}){far_note}"
                 f"{' and witness W' if witness else ', no witness'}, every link through a WAN proxy; "
                 f"auto_promote {'on' if auto_promote else 'off'}")
             cluster.init_volume("labor1")
             cluster.start()
-            cluster.wait("labor1 and labor2 to connect", lambda: cluster.status("labor1")["members"]["labor2"]
-                         ["link"] == "connected", timeout=60)
+            cluster.wait(f"labor1 and {', '.join(cluster.names[1:])} to connect", lambda: all(
+                m["link"] == "connected" for n, m in cluster.status("labor1")["members"].items() if n != "labor1"),
+                timeout=60)
             cluster.ask("labor1", op="primary", volume=cluster.volume)
         else:
             if not volume:

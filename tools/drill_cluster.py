@@ -202,12 +202,23 @@ class Cluster:
         if not links:
             raise DrillError(f"no WAN proxy on {node}'s links: a slow link needs them (see --proxy)")
         for p in links:
-            p.ask(op="set", delay=self.base_delay + delay)
+            p.ask(op="set", delay=self.baseline(p)["delay"] + delay)
+
+    def baseline(self, p: Proxy) -> dict[str, Any]:
+        """The WAN settings of link ``p`` when nothing is broken."""
+        return {"delay": self.base_delay, "bandwidth": 0}
+
+    def heal_links(self, node: str, *, keep_cut: tuple[str, ...] = ()) -> None:
+        """Heal the links of ``node`` only, but not those to ``keep_cut``."""
+        for p in self.links_of(node):
+            if p.src not in keep_cut and p.dst not in keep_cut:
+                p.ask(op="heal")
+                p.ask(op="set", **self.baseline(p))
 
     def heal(self) -> None:
         for p in self.proxies:
             p.ask(op="heal")
-            p.ask(op="set", delay=self.base_delay)
+            p.ask(op="set", **self.baseline(p))
 
     def describe(self) -> str:
         return ", ".join(self.nodes)
@@ -236,9 +247,13 @@ class LocalCluster(Cluster):
     def __init__(self, *, mode: str = "mwc", size: str = "128MiB", auto_promote: bool = True,
                  names: Iterable[str] = ("labor1", "labor2"), witness: str | None = "W",
                  volume_settings: dict[str, Any] | None = None, member_settings: dict[str, dict] | None = None,
-                 keep: bool = False, directory: Path | None = None, delay: float = 0.0):
+                 keep: bool = False, directory: Path | None = None, delay: float = 0.0,
+                 far: dict[str, dict[str, Any]] | None = None):
         super().__init__()
         self.base_delay = delay
+        # Far sites: node -> {"delay": s, "bandwidth": bytes/s} on every link to
+        # and from it, on top of ``delay`` (a DR site across a WAN).
+        self.far = dict(far or {})
         self.mode, self.size, self.auto_promote, self.keep = mode, size, auto_promote, keep
         self.dir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="gmd-drill-"))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -285,10 +300,21 @@ class LocalCluster(Cluster):
             (self.dir / "data" / w).mkdir(parents=True, exist_ok=True)
         self.proxies = [Proxy(s, d, self.dir / f"proxy-{s}-{d}.sock") for s, d in pairs]
 
+    def baseline(self, p: Proxy) -> dict[str, Any]:
+        settings = {"delay": self.base_delay, "bandwidth": 0}
+        for end in (p.src, p.dst):
+            if end in self.far:
+                settings["delay"] = self.base_delay + float(self.far[end].get("delay", 0.0))
+                settings["bandwidth"] = int(self.far[end].get("bandwidth", 0))
+        return settings
+
     def describe(self) -> str:
         delay = f" ({self.base_delay * 1000:.0f} ms one way)" if self.base_delay else ""
         witness = f" and witness {', '.join(self.witness_names)}" if self.witness_names else " (no witness)"
-        return f"local: {', '.join(self.names)}{witness} on loopback, every link through a WAN proxy{delay}"
+        far = "".join(f"; {n} far: {f.get('delay', 0) * 1000:.0f} ms one way"
+                      + (f", {f['bandwidth'] / 1e6:.0f} MB/s" if f.get("bandwidth") else "")
+                      for n, f in self.far.items())
+        return f"local: {', '.join(self.names)}{witness} on loopback, every link through a WAN proxy{delay}{far}"
 
     def backing(self, node: str) -> Path:
         return self.config_of[node].member(VOLUME, node).device
@@ -355,7 +381,7 @@ class LocalCluster(Cluster):
                 p.proc = subprocess.Popen(
                     [sys.executable, "-m", "transport.wanproxy", "--listen", f"127.0.0.1:{listen}",
                      "--target", f"127.0.0.1:{target}", "--control", str(p.control),
-                     "--delay", str(self.base_delay)],
+                     "--delay", str(self.baseline(p)["delay"]), "--bandwidth", str(self.baseline(p)["bandwidth"])],
                     stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
             finally:
                 log.close()

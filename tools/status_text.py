@@ -77,7 +77,13 @@ def format_status(st: dict[str, Any]) -> str:
             note = (note + "; " if note else "") + (
                 f"verify {human_bytes(vf['done_bytes'])} of {human_bytes(vf['total_bytes'])}, "
                 f"{human_bytes(vf['rate_bytes_per_s'])}/s{eta}, {vf['differing_regions']} differing so far")
-        if m.get("lag_bytes"):
+        rpo = m.get("rpo")
+        if rpo and rpo["bytes"]:
+            at_least = "at least " if rpo.get("seconds_lower_bound") else ""
+            note = (note + "; " if note else "") + (
+                f"RPO {human_bytes(rpo['bytes'])} / {at_least}{rpo['seconds']:.1f} s"
+                + (" (ALERT: over the threshold)" if rpo.get("alert") else ""))
+        elif m.get("lag_bytes"):
             note = (note + "; " if note else "") + f"lag {human_bytes(m['lag_bytes'])} / {m['lag_seconds']:.1f} s"
         if m.get("behind"):
             note = (note + "; " if note else "") + "async queue overflowed: tracking in bitmap"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -47,10 +48,10 @@ def leftovers(directory: Path) -> list[str]:
     return found
 
 
-def drill(tmp_path: Path, *args: str) -> tuple[int, dict, str]:
+def drill(tmp_path: Path, *args: str, warmup: float = 1.0) -> tuple[int, dict, str]:
     env = dict(os.environ, TMPDIR=str(tmp_path))
     report = tmp_path / "report.md"
-    r = subprocess.run([GMD, "drill", *args, "--json", "--report", str(report), "--warmup", "1",
+    r = subprocess.run([GMD, "drill", *args, "--json", "--report", str(report), "--warmup", str(warmup),
                         "--outage", "1"], capture_output=True, text=True, env=env, timeout=600)
     try:
         doc = json.loads(r.stdout)
@@ -110,6 +111,40 @@ def test_an_async_member_taking_over_is_an_exact_prefix_and_its_loss_is_reported
     # What was lost is what the prefix analysis found missing, in writes, bytes and age.
     assert f["rpo_writes"] == v["lost_writes"] and f["rpo_bytes"] == v["lost_writes"] * 4096
     assert f["rpo_seconds"] >= 0 and v["is_prefix"] and v["corrupt"] == 0
+
+
+@pytest.mark.slow
+def test_three_sites_primary_killed_metro_has_everything_far_site_is_an_exact_prefix(tmp_path):
+    """Issue 16 (a): metro mwc + far async (30 ms, 20 MB/s cap, 0 votes), the
+    primary SIGKILLed at a random moment under the stamping workload."""
+    warmup = round(random.uniform(0.5, 3.0), 2)
+    rc, doc, err = drill(tmp_path, "--fault", "kill-primary", "--sites", "3", warmup=warmup)
+    assert rc == 0 and doc["passed"], why(doc, err)
+    names = checks(doc)
+    assert names["RPO 0: every acknowledged write on the new primary"]  # the metro member took over
+    assert names["far site labor3 is an exact prefix of the acknowledged writes"]
+    assert names["far member labor3 caught up from labor2 without a full copy"]
+    f, v = doc["figures"], doc["verifications"]["far site labor3 at the primary's loss"]
+    assert v["is_prefix"] and v["corrupt"] == 0
+    assert f["far_rpo_writes_labor3"] == v["lost_writes"] and f["far_rpo_bytes_labor3"] == v["lost_writes"] * 4096
+    assert "labor3 far: 30 ms" in doc["cluster"]
+
+
+@pytest.mark.slow
+def test_a_cut_far_link_is_frozen_at_a_prefix_raises_the_rpo_alert_and_catches_up(tmp_path):
+    rc, doc, err = drill(tmp_path, "--fault", "cut-far-link", "--sites", "3")
+    assert rc == 0 and doc["passed"], why(doc, err)
+    names = checks(doc)
+    assert names["far site labor3 cut off is an exact prefix of the acknowledged writes"]
+    assert names["the RPO alert is raised for labor3"]
+    assert names["the RPO alert for labor3 ends once it caught up"]
+    assert names["far member labor3 caught up without a full copy"]
+    assert doc["figures"]["far_rpo_bytes_at_heal"] > 0 and doc["figures"]["far_rpo_seconds_at_heal"] > 5
+
+
+def test_cut_far_link_needs_a_far_site(tmp_path):
+    rc, doc, err = drill(tmp_path, "--fault", "cut-far-link")
+    assert rc == 1 and not doc["passed"] and "--sites 3" in doc["error"]
 
 
 @pytest.mark.slow
