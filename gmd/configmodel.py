@@ -118,6 +118,11 @@ class Member:
     statemap: Path
     mode: str  # the member's own mode if set, else the volume's
     votes: int  # the member's own votes if set, else the node's
+    # Where this node, as primary, keeps the writes its async members have
+    # not acknowledged beyond their queue (one file per member: PATH.MEMBER),
+    # so a long outage keeps write order (gmd.backlog). None: memory only.
+    journal: Path | None = None
+    journal_size: int = 1 << 30  # bytes per async member
 
 
 @dataclass(frozen=True)

@@ -400,7 +400,7 @@ class _Parser:
                     )
                 raise self.error(mkey, message)
             self.table(table, mkey)
-            self.check_keys(table, mkey, ("device", "statemap", "mode", "votes"))
+            self.check_keys(table, mkey, ("device", "statemap", "mode", "votes", "journal", "journal_size"))
             device = self.path(
                 self.require(table, mkey, "device", "a path"), join_key(mkey, "device")
             )
@@ -423,8 +423,28 @@ class _Parser:
             votes = nodes[node_name].votes
             if "votes" in table:
                 votes = self.integer(table["votes"], join_key(mkey, "votes"), 0)
-            members[node_name] = Member(node_name, device, statemap, mode, votes)
+            journal = None
+            journal_size = DEFAULT_JOURNAL_SIZE
+            if "journal" in table:
+                journal = self.path(table["journal"], join_key(mkey, "journal"))
+                where = join_key(mkey, "journal")
+                for other in (device, statemap):
+                    if journal == other:
+                        raise self.error(where, f"{journal} is also this member's device or state map")
+            if "journal_size" in table:
+                if journal is None:
+                    raise self.error(join_key(mkey, "journal_size"), "set without a journal (add journal = "
+                                     '"/var/lib/gmd/VOLUME.journal" or remove it)')
+                journal_size, _ = self.size(table["journal_size"], join_key(mkey, "journal_size"))
+                if journal_size < MIN_JOURNAL_SIZE:
+                    raise self.error(join_key(mkey, "journal_size"),
+                                     f"{show_bytes(journal_size)} is below the minimum {show_bytes(MIN_JOURNAL_SIZE)}")
+            members[node_name] = Member(node_name, device, statemap, mode, votes, journal, journal_size)
         return members
+
+
+DEFAULT_JOURNAL_SIZE = 1 << 30  # bytes per async member a journal may hold
+MIN_JOURNAL_SIZE = 1 << 20
 
 
 def _normalized(addr: Address) -> tuple[str, int]:

@@ -153,6 +153,13 @@ class CopyEngine:
         last_reason = None
         try:
             while self.engine.role == Role.PRIMARY and self.engine.local is not None and m.connected:
+                if m.backlog is not None and m.backlog.valid and not m.backlog.caught_up():
+                    # Its backlog first, in order; then the copy finds those
+                    # regions equal (hashes) and clears their marks.
+                    m.set_replication(Replication.REPLAYING, f"{len(m.backlog.waiting)} writes wait in its "
+                                      "backlog; sent in the primary's order before anything is copied")
+                    await m.wait_replayed()
+                    continue
                 behind = self.engine.statemap.out_of_sync_bytes(m.name)
                 m.set_replication(Replication.CATCHING_UP, f"{behind} bytes out "
                                   f"of sync; copying{' while writes are marked' if m.behind else ''}")
@@ -181,7 +188,7 @@ class CopyEngine:
             last = self.running.pop(m.name, None)
             if last is not None and last.ended is None:
                 last.ended = trio.current_time()
-            if m.connected and m.replication is Replication.CATCHING_UP:
+            if m.connected and m.replication in (Replication.CATCHING_UP, Replication.REPLAYING):
                 # Stopped short (demoted, volume down): say how writes reach it now.
                 m.set_replication(Replication.BEHIND if m.behind else Replication.SHIPPING, "copy stopped")
 

@@ -68,12 +68,30 @@ class FrameDispatch:
         self.engine = engine
         self._appliers: dict[str, Applier] = {}  # member (a primary) -> applies its writes in order
         self._hash_answerers: dict[str, HashAnswerer] = {}  # member -> answers its hash requests
+        # The last primary session that ended, while nothing else has changed
+        # our disk since: how far its writes are applied in order is what we
+        # tell that primary in our next intro (``resume``, gmd.backlog).
+        self._last_ended: tuple[str, Applier] | None = None
 
     def stop_applying(self, member: str) -> None:
         """Nothing more of ``member``'s current session reaches our disk."""
         applier = self._appliers.pop(member, None)
         if applier is not None:
             applier.close()
+            self._last_ended = (member, applier)
+
+    def forget_resume(self) -> None:
+        """Our disk changes by other means now (we became primary)."""
+        self._last_ended = None
+
+    def resume_points(self) -> dict[str, int]:
+        """{primary: its sequence our disk holds its writes in order up to},
+        for the last primary session that ended, if it can say."""
+        if self._last_ended is None:
+            return {}
+        member, applier = self._last_ended
+        point = applier.resume_point()
+        return {} if point is None else {member: point}
 
     def forget(self, member: str) -> None:
         """``member``'s session ended: drop what served it."""
@@ -95,6 +113,7 @@ class FrameDispatch:
                 if applier is None or applier.session_id != m.session.id:
                     applier = Applier(self.engine.nursery, self._apply_write, self._apply_flush,
                                       write_now=self._apply_write_now)
+                    self._last_ended = None  # a new session writes to our disk: the old point is gone
                     applier.session_id = m.session.id
                     self._appliers[m.name] = applier
                 applier.submit(ev, link)

@@ -35,6 +35,7 @@ from transport.codec import Intro
 from transport.link import PeerLink
 
 from .config import Address, VolumeConfig
+from .backlog import Backlog, Journal
 from .copyengine import CopyEngine
 from .dispatch import FrameDispatch
 from .errors import GmdError, Refused
@@ -98,8 +99,7 @@ class VolumeEngine:
         self.role = Role.SECONDARY
         self.role_epoch = 0  # bumped on every role change: FUSE handles of an older epoch get EIO
         self.members: dict[str, MemberLink] = {
-            name: MemberLink(name, m.mode, queue_limit=config.async_queue, volume=config.name)
-            for name, m in config.members.items() if name != self.node
+            name: self._member_link(config, name) for name in config.members if name != self.node
         }
         self._nursery: trio.Nursery | None = None
         self._cancel: trio.CancelScope | None = None
@@ -119,6 +119,18 @@ class VolumeEngine:
         self.service = ServiceCommands(self)
         self.takeover = Takeover(self)
         self.rpo = RpoWatch(self)
+
+    def _member_link(self, config: VolumeConfig, name: str) -> MemberLink:
+        """The link to member ``name``; an async one keeps a backlog of its
+        unacknowledged writes, with this node's journal file for it if set."""
+        mode = config.members[name].mode
+        m = MemberLink(name, mode, queue_limit=config.async_queue, volume=config.name)
+        if mode == "async":
+            mine = config.members[self.node]
+            journal = (Journal(mine.journal.with_name(f"{mine.journal.name}.{name}"), mine.journal_size)
+                       if mine.journal is not None else None)
+            m.backlog = Backlog(name, config.async_queue, journal, volume=config.name)
+        return m
 
     # --------------------------------------------------------------- naming
 
@@ -212,6 +224,12 @@ class VolumeEngine:
         self._role_watchers.append(callback)
 
     def role_changed(self) -> None:
+        if self.role == Role.PRIMARY:
+            self.frames.forget_resume()  # our disk now changes by our own writes
+        else:
+            for m in self.members.values():
+                if m.backlog is not None and m.backlog.entries:
+                    m.backlog.drop("no longer primary")  # the next primary ships from its own term
         for callback in list(self._role_watchers):
             callback(self)
 
@@ -240,6 +258,8 @@ class VolumeEngine:
         await local.close()
         for m in self.members.values():
             m.set_state(LinkState.DISCONNECTED, "volume down")
+            if m.backlog is not None:
+                m.backlog.close()
         log.info("%s: down", self.name)
 
     def require_primary(self) -> LocalVolume:
@@ -256,8 +276,7 @@ class VolumeEngine:
         self.config = config
         self.rpo.alert.seconds, self.rpo.alert.bytes = config.rpo_alert_seconds, config.rpo_alert_bytes
         for name in new:
-            self.members[name] = MemberLink(name, config.members[name].mode, queue_limit=config.async_queue,
-                                            volume=config.name)
+            self.members[name] = self._member_link(config, name)
         if self.local is not None:
             self.local.config = config
             self.local.add_new_members()

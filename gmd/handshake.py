@@ -22,6 +22,7 @@ from .replication import LinkState
 
 if TYPE_CHECKING:
     from .config import VolumeConfig
+    from .dispatch import FrameDispatch
     from .replication import MemberLink
     from .resolution import SplitBrainResolver
     from .volume import LocalVolume
@@ -40,6 +41,7 @@ class HandshakeVolume(Protocol):
     def name(self) -> str: ...
     node: str
     def require_up(self) -> LocalVolume: ...
+    frames: FrameDispatch
     resolver: SplitBrainResolver
     role: Role
 
@@ -65,6 +67,9 @@ class Handshake:
             # A copy target (gmd clean) waits for a full copy whatever the
             # primary's map says about it.
             "awaiting_full_copy": sm.sb.local_copy is not None and sm.sb.local_copy.kind == CopyKind.FULL,
+            # How far our disk holds the last primary's writes in order: it
+            # replays its backlog for us from there (gmd.backlog).
+            "resume": self.engine.frames.resume_points(),
         }
 
     def generation_info(self) -> dict[str, Any]:

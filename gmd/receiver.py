@@ -11,7 +11,7 @@ from collections import deque
 
 import trio
 
-from transport.codec import Flush, FlushAck, HashReply, HashRequest, Write, WriteAck
+from transport.codec import WRITE_COPY, Flush, FlushAck, HashReply, HashRequest, Write, WriteAck
 from transport.link import LinkClosed, PeerLink
 
 from .errors import errno_for
@@ -75,6 +75,37 @@ class Applier:
         self.session_id: str | None = None
         self.closed = False
         self.failures = FailureLog()
+        # How far this session's writes are applied in order: every item up
+        # to ``_done_through`` (link sequence) finished, and ``applied_gseq``
+        # is the highest primary sequence among those writes (copy data does
+        # not count: it carries no place in the primary's order). A write
+        # that failed stops it for good. A primary with a backlog for us
+        # resumes from it in the next session (gmd.backlog).
+        self._done_through = 0
+        self._done: dict[int, int] = {}  # link seq finished out of order -> its gseq (0: none)
+        self.applied_gseq = 0
+        self._broken = False
+
+    def _finished(self, item: Write | Flush, ok: bool) -> None:
+        if self._broken:
+            return
+        if not ok:
+            self._broken = True
+            self._done.clear()
+            return
+        order = item.gseq if isinstance(item, Write) and not item.flags & WRITE_COPY else 0
+        self._done[item.seq] = order
+        while self._done_through + 1 in self._done:
+            self._done_through += 1
+            self.applied_gseq = max(self.applied_gseq, self._done.pop(self._done_through))
+
+    def resume_point(self) -> int | None:
+        """The primary sequence this session's writes are applied in order up
+        to, once it is closed and nothing of it is in flight; None otherwise
+        (still running, a write failed, or some write never finished)."""
+        if not self.closed or self._inflight or self._broken:
+            return None
+        return self.applied_gseq
 
     def close(self) -> None:
         """The session ended: apply nothing more (writes in flight finish)."""
@@ -111,6 +142,7 @@ class Applier:
             status = errno_for(e)
             self.failures.failed(item.seq, item.offset, e)
         self.next_seq += 1
+        self._finished(item, status == 0)
         if self._on_applied is not None and status == 0:
             self._on_applied(item)
         try:
@@ -160,6 +192,7 @@ class Applier:
         status = 0
         if self.closed:  # issued, but the session ended before it started: not applied, not acked
             self._inflight.pop(item.seq, None)
+            self._broken = True  # it was issued in order and never applied: nothing after it counts
             done.set()
             return
         try:
@@ -169,6 +202,7 @@ class Applier:
             self.failures.failed(item.seq, item.offset, e)
         finally:
             self._inflight.pop(item.seq, None)
+            self._finished(item, status == 0)
             done.set()
         if self._on_applied is not None and status == 0:
             self._on_applied(item)
@@ -182,6 +216,7 @@ class Applier:
         except Exception as e:
             status = errno_for(e)
             log.error("flush seq %d failed: %s", item.seq, e)
+        self._finished(item, True)  # a failed flush loses no write: the order of what was applied stands
         await _reply(path, FlushAck(item.seq, status))
 
 

@@ -36,8 +36,10 @@ import trio
 
 from quorum.generations import Verdict
 from statemap import DiskState, Role
-from transport.codec import Flush, FlushAck, HashReply, HashRequest, Read, ReadReply, Write, WriteAck
+from transport.codec import WRITE_COPY, Flush, FlushAck, HashReply, HashRequest, Read, ReadReply, Write, WriteAck
 from transport.link import LinkClosed, PeerLink
+
+from .backlog import Backlog, Entry
 
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class Replication(StrEnum):
     SHIPPING = "shipping"
     BEHIND = "behind"
     CATCHING_UP = "catching-up"
+    REPLAYING = "replaying"  # its backlog is sent in order before any copy (gmd.backlog)
 
 
 @dataclass(eq=False)
@@ -89,6 +92,7 @@ class Shipment:
     on_settled: Callable[[Shipment], None] | None = None
     in_sync: int = 0  # a flush's: the volume sequence durable on every member in sync
     copy: bool = False  # copy data: outside the async queue and its limit
+    entry: Entry | None = None  # its place in the member's backlog (async, gmd.backlog)
 
     @property
     def length(self) -> int:
@@ -158,6 +162,9 @@ class MemberLink:
         self.bitmap_done = trio.Event()  # the peer's bitmap arrived in this session
         self.verdict: Verdict | None = None  # generation comparison of this session
         self.verdict_generation: str | None = None  # our current generation when the verdict was made
+        # async: the writes it has not acknowledged, in order, kept across
+        # sessions (and spilled to a journal if configured); None: not async.
+        self.backlog: Backlog | None = None
 
     @property
     def connected(self) -> bool:
@@ -215,6 +222,8 @@ class MemberLink:
         :meth:`VolumeEngine.drain_writes_in_flight`)."""
         if self.behind:
             self.behind = False
+            if self.backlog is not None:
+                self.backlog.restart()  # every write from here on is kept in order again
             log.info("%s: member %s: writes are queued to it again: %s", self.volume, self.name, why)
             self.notify_changed()
 
@@ -236,6 +245,8 @@ class MemberLink:
         ``copy`` data is taken while behind too, outside the queue's limit.
         Synchronous: queue order is sequence order."""
         s = self.session
+        if not copy and self.backlog is not None and self.backlog.valid and not self.behind:
+            return self._ship_kept(gseq, offset, data, on_settled)
         if not self.connected or s is None or (self.behind and not copy):
             return None
         if not copy and self.is_async and self.queued_bytes + len(data) > self.queue_limit:
@@ -263,6 +274,90 @@ class MemberLink:
         self._send(path, sh)
         return sh
 
+    def _ship_kept(self, gseq: int, offset: int, data: bytes,
+                   on_settled: Callable[[Shipment], None]) -> Shipment | None:
+        """An async member's write, kept in its backlog until acknowledged:
+        on the wire now if it is connected, nothing waits ahead of it and the
+        queue has room; else it waits (in memory, then the journal) and None
+        is returned, so the caller marks it like any write not shipped. When
+        the backlog cannot keep it, the backlog is dropped: bitmap tracking."""
+        b = self.backlog
+        s = self.session
+        now = trio.current_time()
+        direct = (self.connected and s is not None and not b.has_waiting
+                  and self.queued_bytes + len(data) <= self.queue_limit)
+        entry = b.add(gseq, offset, data, now, waiting=not direct)
+        if entry is None and direct:
+            direct = False
+            entry = b.add(gseq, offset, data, now, waiting=True)  # memory full: to the journal, and wait
+        if entry is None:
+            full = (f"async queue full ({self.queued_bytes} of {self.queue_limit} bytes"
+                    f"{', no journal' if b.journal is None else ''})")
+            if b.valid:  # (a journal that failed dropped it already)
+                b.drop(full)
+            if self.connected and s is not None:
+                self.behind = True
+                if self.replication is Replication.SHIPPING:
+                    self.set_replication(Replication.BEHIND, f"{b.dropped_reason or full}; writes are marked "
+                                         "in the bitmap until a mini-copy catches it up", logging.WARNING)
+                self.notify_changed()
+            return None
+        if not direct:
+            return None
+        path = s.pick_path()
+        if path is None:
+            entry.waiting = True
+            b.waiting.appendleft(entry)
+            return None
+        sh = Shipment(s.next_link_seq, gseq, "write", offset, data, now, on_settled=on_settled, entry=entry)
+        s.next_link_seq += 1
+        s.unsettled[sh.link_seq] = sh
+        self.queued_bytes += len(data)
+        self._send(path, sh)
+        return sh
+
+    async def wait_replayed(self) -> None:
+        """Return once nothing waits in the backlog and what was replayed is
+        acknowledged, or the link went (a copy then follows the replay)."""
+        b = self.backlog
+        while b is not None and self.connected and b.valid and not b.caught_up():
+            changed, link_changed = b.changed, self.changed
+            async with trio.open_nursery() as n:
+                async def wait(event: trio.Event) -> None:
+                    await event.wait()
+                    n.cancel_scope.cancel()
+                n.start_soon(wait, changed)
+                n.start_soon(wait, link_changed)
+
+    def kept(self, gseq: int) -> bool:
+        """Write ``gseq`` waits in this member's backlog (it will be sent in order)."""
+        return self.backlog is not None and self.backlog.holds(gseq)
+
+    async def pump_backlog(self, still_primary: Callable[[], bool]) -> None:
+        """Send the backlog's waiting writes, in order, while connected and
+        the queue has room; returns when none waits (or the link went)."""
+        b = self.backlog
+        while b is not None and still_primary():
+            s = self.session
+            entry = b.next_waiting()
+            if entry is None or not self.connected or s is None:
+                return
+            if self.queued_bytes and self.queued_bytes + entry.length > self.queue_limit:
+                await self.wait_queue_at_most(max(0, self.queue_limit - entry.length))
+                continue
+            data = await b.data_of(entry)
+            if self.session is not s or not self.connected or b.next_waiting() is not entry:
+                continue  # the link went, or the backlog was dropped, while the journal was read
+            path = s.pick_path()
+            if path is None:
+                return
+            sh = Shipment(s.next_link_seq, entry.gseq, "write", entry.offset, data, entry.queued_at, entry=entry)
+            s.next_link_seq += 1
+            s.unsettled[sh.link_seq] = sh
+            self.queued_bytes += len(data)
+            b.sent(entry)
+            self._send(path, sh)
+
     def ship_flush(self, gseq: int, on_settled: Callable[[Shipment], None] | None = None, *,
                    in_sync: int = 0) -> Shipment | None:
         """Queue a barrier up to ``gseq``; ``in_sync`` tells the member how far
@@ -283,8 +378,8 @@ class MemberLink:
 
     def _send(self, path: PeerLink, sh: Shipment) -> None:
         sh.path = path
-        event = (Write(sh.link_seq, sh.offset, sh.data, gseq=sh.gseq) if sh.kind == "write"
-                 else Flush(sh.link_seq, in_sync=sh.in_sync))
+        event = (Write(sh.link_seq, sh.offset, sh.data, WRITE_COPY if sh.copy else 0, gseq=sh.gseq)
+                 if sh.kind == "write" else Flush(sh.link_seq, in_sync=sh.in_sync))
         try:
             path.send_nowait(event)
             self.bytes_shipped += len(sh.data)
@@ -320,6 +415,11 @@ class MemberLink:
                     self._wake_queue_waiters()
             if ack.status == 0:
                 self.acked_unflushed.append((sh.gseq, sh.offset, sh.length))
+                if sh.entry is not None and self.backlog is not None:
+                    self.backlog.acked(sh.entry)
+            elif sh.entry is not None and self.backlog is not None and self.backlog.valid:
+                # It could not apply it: its disk is no longer the primary's at any earlier instant.
+                self.backlog.drop(f"{self.name} failed a write (errno {ack.status})")
         elif ack.status == 0:
             self.flushed_gseq = max(self.flushed_gseq, sh.gseq)
             self.acked_unflushed = [w for w in self.acked_unflushed if w[0] > sh.gseq]
@@ -390,6 +490,8 @@ class MemberLink:
             self.copy_bytes = 0
             self.behind = False  # the next session starts afresh from the bitmap exchange
             self.replication = Replication.SHIPPING
+            if self.backlog is not None:
+                self.backlog.session_ended()  # kept, to be replayed in order (gmd.backlog)
             for send in self.reads.values():
                 send.close()  # waiting readers see EndOfChannel and try elsewhere
             self.reads.clear()

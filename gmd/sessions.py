@@ -56,6 +56,7 @@ class SessionsVolume(Protocol):
     members: dict[str, MemberLink]
     @property
     def name(self) -> str: ...
+    node: str
     peerstate: PeerState
     ports: NodePorts
     quorum: QuorumKeeper
@@ -303,10 +304,29 @@ class Sessions:
             return
         await self.engine.local.writer.sync_all()  # ORed bits durable before we rely on them
         m.set_state(LinkState.CONNECTED, None)
+        if m.backlog is not None and self.engine.role == Role.PRIMARY:
+            self._resume_backlog(m)  # no await since CONNECTED: the next write finds it settled
         self.engine.quorum.notify()
         log.info("%s: member %s connected (%s)", self.engine.name, m.name, m.verdict.value)
         if self.engine.role == Role.PRIMARY:
             await self.engine.peerstate.tell_member_state(m)
+
+    def _resume_backlog(self, m: MemberLink) -> None:
+        """An async member is back: bring it on from its backlog, in order,
+        from where it says its disk holds our writes; else the bitmap does."""
+        b = m.backlog
+        point = (m.peer_hello_info.get("resume") or {}).get(self.engine.node)
+        waiting = len(b.entries)
+        if b.resume(point):
+            if b.has_waiting:
+                log.info("%s: member %s: replaying %d writes from its backlog in order (it holds ours up to %s)",
+                         self.engine.name, m.name, len(b.waiting), point)
+                self.engine.writepath.start_pump(m)
+        else:
+            if waiting:
+                log.info("%s: member %s: its backlog of %d writes is not replayed; the bitmap brings it back",
+                         self.engine.name, m.name, waiting)
+            b.restart()
 
     async def _send_bitmap(self, m: MemberLink, link: PeerLink) -> None:
         bits = self.engine.local.statemap.out_of_sync_regions(m.name)

@@ -93,6 +93,8 @@ def volume_status(engine: StatusVolume) -> dict[str, Any]:
             "peer_role": m.peer_role.value if m.connected and m.peer_role else None,
             "paths": len([p for p in m.session.paths if not p.closed]) if m.session else 0,
             "rpo": engine.rpo.status(m),  # on the primary: what it would lose (gmd.rpo)
+            # async, on the primary: its unacknowledged writes kept in order (gmd.backlog)
+            "backlog": m.backlog.status(now) if m.backlog is not None and engine.role == Role.PRIMARY else None,
         }
     return {
         "volume": cfg.name, "node": engine.node, "daemon": True, "role": engine.role.value,

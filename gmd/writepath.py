@@ -156,6 +156,7 @@ class WritePath:
         self._dirty_since_flush = False
         self.writes = 0
         self.last_write_at = -1e9  # trio time an application write last started (the copy yields to them)
+        self._pumping: set[str] = set()  # members whose backlog is being sent
         self.bytes_written = 0
 
     def continue_sequence(self) -> None:
@@ -163,6 +164,29 @@ class WritePath:
         members retire what they mirror of its writes and ours in one order."""
         self.gseq = max(self.gseq, self.seen_gseq)
         self.completed_gseq = max(self.completed_gseq, self.gseq)
+        for m in self.engine.members.values():
+            if m.backlog is not None:
+                m.backlog.restart()  # our own term: every write to it is kept from here
+
+    def start_pump(self, m: MemberLink) -> None:
+        """Send ``m``'s waiting backlog in order, if it is connected and no
+        pump runs for it yet."""
+        if m.connected and m.name not in self._pumping and self.engine.role == Role.PRIMARY:
+            self._pumping.add(m.name)
+            self.engine.spawn(self._pump, m)
+
+    async def _pump(self, m: MemberLink) -> None:
+        try:
+            await m.pump_backlog(lambda: self.engine.role == Role.PRIMARY)
+        except Exception as e:  # a journal that cannot be read: back to the bitmap, never down
+            if m.backlog is not None and m.backlog.valid:
+                m.backlog.drop(f"reading its journal failed: {e}")
+            if m.connected:
+                m.behind = True
+                m.notify_changed()
+                self.engine.copier.start_copy(m)
+        finally:
+            self._pumping.discard(m.name)
 
     def note_applied(self, gseq: int) -> None:
         """As secondary: a primary's write with sequence ``gseq`` is applied here."""
@@ -197,8 +221,8 @@ class WritePath:
         regions = sm.regions_of(offset, length)
         rs = self.engine.config.region_size
         for m in self.engine.members.values():
-            if not m.connected or m.behind:
-                continue
+            if not m.connected or m.behind or (m.backlog is not None and m.backlog.has_waiting):
+                continue  # (a member being brought forward in write order gets no region out of turn)
             marked = set(sm.out_of_sync_in(m.name, regions))
             rec = sm.sb.peers.get(m.name)
             if rec is not None and rec.copy is not None and rec.copy.kind is CopyKind.MERGE:
@@ -251,7 +275,12 @@ class WritePath:
                 sh = m.ship_write(ctx.gseq, offset, data, self._settled_callback(m, ctx))
                 if sh is None:
                     away.append(m)
-                    unsent.append(m)
+                    if m.kept(ctx.gseq):
+                        # Waiting in its backlog: it will get it, in order;
+                        # marked all the same (the bitmap is the record).
+                        self.start_pump(m)
+                    else:
+                        unsent.append(m)
                 elif m.is_async:
                     ctx.pending += 1
                 else:

@@ -135,6 +135,11 @@ class Error:
     reason: str
 
 
+# Write flags. WRITE_COPY: copy data (a copy, merge or catch-up pass sends a
+# region's contents), not one of the primary's writes in its order.
+WRITE_COPY = 1
+
+
 @dataclass(frozen=True)
 class Write:
     seq: int  # the link's sequence (order of application on this connection's session)

@@ -17,7 +17,7 @@ Messages:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -67,6 +67,9 @@ class IntroInfo(_Message):
     poke: bool = False  # only to say "dial me now"
     witness: bool = False  # the sender is a witness
     refused: str | None = None  # the server refuses this connection, for this reason
+    # {primary: sequence}: how far the sender's disk holds that primary's
+    # writes in order, from their last session (the primary replays from there).
+    resume: Annotated[dict[str, Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]], msgspec.Meta(max_length=16)] = {}
 
 
 class PeerState(_Message):

@@ -7,7 +7,7 @@ import errno
 
 import trio
 
-from transport.codec import Flush, FlushAck, Write, WriteAck
+from transport.codec import WRITE_COPY, Flush, FlushAck, Write, WriteAck
 
 from gmd.receiver import Applier
 
@@ -144,3 +144,33 @@ async def test_a_member_whose_every_write_fails_logs_one_line_not_one_per_write(
     failures.failed(1001, 0, full)
     assert len(caplog.records) == 2
     assert "1000 writes in the last 10 s (the last: seq 1001 at 0" in caplog.records[1].getMessage()
+
+
+async def test_the_resume_point_is_the_last_write_applied_in_order_once_closed():
+    disk, path = Disk(), FakePath()
+    async with trio.open_nursery() as n:
+        a = Applier(n, disk.write, disk.flush, write_now=disk.write_now)
+        for seq, gseq in ((1, 10), (2, 11)):
+            a.submit(Write(seq, seq * 4096, b"x" * 16, gseq=gseq), path)
+        a.submit(Flush(3), path)
+        a.submit(Write(4, 0, b"c" * 16, flags=WRITE_COPY, gseq=99), path)  # copy data: no place in the order
+        a.submit(Write(6, 8192, b"y" * 16, gseq=13), path)  # 5 never arrives: 6 is not in order
+        await _settle()
+        assert a.resume_point() is None  # still open: it may go on
+        a.close()
+        await _settle()
+        assert a.resume_point() == 11
+
+
+async def test_a_failed_write_leaves_no_resume_point():
+    disk, path = Disk(), FakePath()
+    disk.fail_at = 4096
+    async with trio.open_nursery() as n:
+        a = Applier(n, disk.write, disk.flush, write_now=disk.write_now)
+        a.submit(Write(1, 0, b"x" * 16, gseq=1), path)
+        a.submit(Write(2, 4096, b"x" * 16, gseq=2), path)
+        a.submit(Write(3, 8192, b"x" * 16, gseq=3), path)
+        await _settle()
+        a.close()
+        await _settle()
+        assert a.resume_point() is None

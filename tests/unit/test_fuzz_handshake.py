@@ -248,6 +248,7 @@ def volume(tmp_path_factory):
         config=SimpleNamespace(size=1 << 30, region_size=65536, extent_size=4 << 20, split_brain="disconnect"),
         going_down=False, local=local, name="appslv", node="labor1", require_up=lambda: local,
         resolver=SimpleNamespace(discarding=None), role=Role.SECONDARY,
+        frames=SimpleNamespace(resume_points=dict),
         members={m: MemberLink(m, "sync", queue_limit=1, volume="appslv") for m in ("labor2", "labor3")},
     )
     yield v
