@@ -118,6 +118,10 @@ class Member:
     statemap: Path
     mode: str  # the member's own mode if set, else the volume's
     votes: int  # the member's own votes if set, else the node's
+    # Consistent catch-up (docs/DESIGN.md, "Consistent catch-up: the undo
+    # log"): the member's own undo log file, and the most it may hold.
+    undo_log: Path | None = None
+    undo_log_size: int = 0  # bytes; set (default 1 GiB) when undo_log is
 
 
 @dataclass(frozen=True)
