@@ -21,6 +21,7 @@ from transport.codec import (
     Read,
     ReadReply,
     RemoteProtocolError,
+    WRITE_COPY,
     State,
     Write,
     WriteAck,
@@ -140,7 +141,7 @@ class FrameDispatch:
         length = len(item.data)
         await local.begin_intent(item.offset, length, mirror=True)
         try:
-            await local.apply(item.offset, item.data)
+            await local.apply(item.offset, item.data, copy=bool(item.flags & WRITE_COPY))
         finally:
             local.end_intent(item.offset, length, item.gseq, mirror=True)
         self.engine.writepath.note_applied(item.gseq)
@@ -148,8 +149,9 @@ class FrameDispatch:
     def _apply_write_now(self, item: Write) -> bool:
         """:meth:`_apply_write` on the receiving task, when it need not wait
         (its extents hot on disk, the data small enough for the page cache on
-        the event loop); False, having done nothing, otherwise."""
-        if not self.engine.require_up().apply_now(item.offset, item.data, item.gseq):
+        the event loop); False, having done nothing, otherwise. Copy data
+        never: it may begin a catch-up (see LocalVolume.apply)."""
+        if item.flags & WRITE_COPY or not self.engine.require_up().apply_now(item.offset, item.data, item.gseq):
             return False
         self.engine.writepath.note_applied(item.gseq)
         return True

@@ -162,15 +162,25 @@ class Header:
 
 @dataclass(frozen=True)
 class Rollback:
-    """What a rollback restored."""
+    """What a rollback restored: bytes, regions (and their runs (first, end)),
+    records, and when the restored image was current."""
 
     bytes: int
     regions: int
     records: int
     consistent_at: float
+    runs: tuple[tuple[int, int], ...] = ()
+
+
+def iso_utc(when: float | None) -> str | None:
+    """A wall-clock time as ISO 8601 in UTC (``2026-12-01T10:00:00.123Z``); None for none."""
+    if not when:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z"
 
 
 def encode_record(epoch: int, seq: int, offset: int, data: bytes) -> bytes:
+    """One record: header, checksum, data (see the module docstring)."""
     head = _RECORD.pack(RECORD_MAGIC, len(data), epoch, seq, offset)
     return head + _SUM.pack(xxhash.xxh3_64_intdigest(head + bytes(data))) + bytes(data)
 
@@ -354,6 +364,12 @@ class UndoLog:
                 out.append((start, r))
         return out
 
+    def holds(self, offset: int, length: int) -> bool:
+        """Every region of [offset, offset+length) is saved already."""
+        rs = self.region_size
+        first, end = offset // rs, min(self.regions_total, (offset + length + rs - 1) // rs)
+        return self.preserved[first:end].all()
+
     def region_runs(self, ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
         """The region runs (first, end) covering the byte ranges (offset, length)."""
         rs = self.region_size
@@ -468,10 +484,26 @@ class UndoLog:
             device.write_sync(offset, data)
             restored += length
         device.sync()
-        report = Rollback(restored, self.preserved.count(1), len(self.records), self.consistent_at)
+        runs = tuple(self._runs_of(self.preserved))
+        report = Rollback(restored, self.preserved.count(1), len(self.records), self.consistent_at, runs)
         self._reset()
         self._write_header(state=STATE_EMPTY)
         return report
+
+    @staticmethod
+    def _runs_of(bits: bitarray) -> Iterable[tuple[int, int]]:
+        pos, n = 0, len(bits)
+        while pos < n:
+            try:
+                start = bits.index(1, pos)
+            except ValueError:
+                return
+            try:
+                end = bits.index(0, start)
+            except ValueError:
+                end = n
+            yield start, end
+            pos = end
 
     def discard(self, consistent_at: float | None = None) -> None:
         """The catch-up is over and its data durable: forget what was saved.

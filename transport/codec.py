@@ -135,6 +135,9 @@ class Error:
     reason: str
 
 
+WRITE_COPY = 1  # a Write's flag: copy data (region contents out of write order), not an application write
+
+
 @dataclass(frozen=True)
 class Write:
     seq: int  # the link's sequence (order of application on this connection's session)
