@@ -39,7 +39,7 @@ INTENT_LOOKAHEAD = 3  # extents made hot ahead of a sequential stream
 
 
 def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 else f"{n} bytes"
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 class _PreserveBatch:
