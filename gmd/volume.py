@@ -412,6 +412,15 @@ class LocalVolume:
         finally:
             batch.done.set()
 
+    def resize_undo(self, member: Member) -> None:
+        """A reloaded config gives the undo log another bound (``undo_log_size``).
+        A smaller bound than what it holds refuses further saves, keeps the records."""
+        self.member = member
+        if self.undo is not None and member.undo_log_size != self.undo.limit:
+            log.info("%s: undo log %s bound %s -> %s", self.name, self.undo.path, _mib(self.undo.limit),
+                     _mib(member.undo_log_size))
+            self.undo.limit = member.undo_log_size
+
     async def abandon_catch_up(self, why: str) -> None:
         """The primary gives this disk a full copy (``copying``/``inconsistent``):
         every region is replaced, and the image kept cannot come back; the

@@ -247,8 +247,8 @@ async def test_a_catch_up_that_completes_empties_the_undo_log_and_leaves_the_mem
 async def test_a_catch_up_the_undo_log_cannot_hold_is_refused_until_the_log_is_enlarged(tmp_path, caplog):
     """An undo log of 1 MiB, 4 MiB marked: the primary asks, the member
     refuses, nothing is copied, the marks stay and the status and log say
-    why (member, size, capacity). Restarted with a larger log, the member
-    is caught up."""
+    why (member, size, capacity). Given a larger log (``gmd reload``), the
+    member is caught up."""
     async with far_member(tmp_path, undo={**UNDO, "undo_log_size": "1MiB"}) as (eng, proxy, p2, cfg2):
         m = eng.members["labor2"]
         before = file_hash(backing(tmp_path, "labor2"))
@@ -273,12 +273,11 @@ async def test_a_catch_up_the_undo_log_cannot_hold_is_refused_until_the_log_is_e
         assert refusals and refusals[0].levelname == "ERROR"
         assert len(refusals) == 1, "the same refusal is logged once, not at every retry"
         assert "refusing labor1's catch-up" in p2.log()
-        # The operator enlarges the log and restarts the member: the catch-up runs.
+        # The operator enlarges the log and reloads the member's config: the next try runs.
         set_undo_size(cfg2, "64MiB")
-        p2.stop()
-        p2.start()
-        await trio.to_thread.run_sync(lambda: p2.request(op="up", volume="appslv"))
+        await trio.to_thread.run_sync(lambda: p2.request(op="reload"))
         await wait_for(lambda: _level(eng), timeout=60, what="labor2 caught up")
+        assert "undo log" in p2.log() and "bound 1.0 MiB -> 64.0 MiB" in p2.log()
         assert eng.status()["members"]["labor2"]["catch_up_refused"] is None
         await eng.flush()
         await wait_for(lambda: m.flushed_gseq >= eng.writepath.completed_gseq, what="flushed")
