@@ -109,7 +109,9 @@ class PeerState:
         if path is None:
             return
         decode(PeerStateMessage, fields, "our own STATE")  # a key we send must be one the peer knows
-        if fields.get("your_disk") not in (None, DiskState.UPTODATE.value):
+        if fields.get("your_disk") == DiskState.UPTODATE.value:
+            m.out_of_order_since = None  # level with us: in write order from here
+        elif fields.get("your_disk") is not None:
             m.note_out_of_order()  # what it gets from now on leaves a gap
         try:
             await path.send(State(fields))
