@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 class DispatchVolume(Protocol):
     """What the frame dispatch needs of its volume (the engine provides it)."""
 
+    local: LocalVolume | None
     @property
     def name(self) -> str: ...
     node: str
@@ -95,7 +96,7 @@ class FrameDispatch:
                 applier = self._appliers.get(m.name)
                 if applier is None or applier.session_id != m.session.id:
                     applier = Applier(self.engine.nursery, self._apply_write, self._apply_flush,
-                                      write_now=self._apply_write_now)
+                                      write_now=self._apply_write_now, admit=self._admit)
                     applier.session_id = m.session.id
                     self._appliers[m.name] = applier
                 applier.submit(ev, link)
@@ -130,20 +131,30 @@ class FrameDispatch:
             case _:
                 log.warning("%s: unexpected %s from %s", self.engine.name, type(ev).__name__, m.name)
 
-    async def _apply_write(self, item: Write) -> None:
+    def _admit(self, item: Write):
+        """The write is issued (in link order): see LocalVolume.admit. None
+        while the volume goes down (the write then fails where it is applied)."""
+        local = self.engine.local
+        return local.admit(copy=bool(item.flags & WRITE_COPY)) if local is not None else None
+
+    async def _apply_write(self, item: Write, ticket=None) -> None:
         """Apply a primary's write, mirroring its intent: the extent stays hot
         here until the primary says the write is durable on every member in
         sync. Should the primary be lost, the survivors' hot extents cover
         every write one of them may have and another lack (see
         Sessions.fold_lost_primary). The extent is hot before any await, so a session
         that ends meanwhile finds it in the fold."""
-        local = self.engine.require_up()
-        length = len(item.data)
-        await local.begin_intent(item.offset, length, mirror=True)
         try:
-            await local.apply(item.offset, item.data, copy=bool(item.flags & WRITE_COPY))
+            local = self.engine.require_up()
+            length = len(item.data)
+            await local.begin_intent(item.offset, length, mirror=True)
+            try:
+                await local.apply(item.offset, item.data, copy=bool(item.flags & WRITE_COPY), ticket=ticket)
+            finally:
+                local.end_intent(item.offset, length, item.gseq, mirror=True)
         finally:
-            local.end_intent(item.offset, length, item.gseq, mirror=True)
+            if ticket is not None:
+                ticket.release()  # however it ended: a catch-up's start waits for it
         self.engine.writepath.note_applied(item.gseq)
 
     def _apply_write_now(self, item: Write) -> bool:

@@ -18,6 +18,7 @@ Concurrency rules:
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from pathlib import Path
@@ -40,6 +41,48 @@ INTENT_LOOKAHEAD = 3  # extents made hot ahead of a sequential stream
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
+
+
+class _Counter:
+    """How many of something are under way, and an event for none."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.n += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def leave(self) -> None:
+        self.n -= 1
+        if self.n == 0:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        while self.n:
+            await self._idle.wait()
+
+
+class WriteTicket:
+    """A primary's write as admitted (:meth:`LocalVolume.admit`): ``plain``
+    (admitted before any catch-up began: it writes without saving, and the
+    start of a catch-up waits for it) and the rollback epoch it belongs to.
+    :meth:`release` once it is done or dropped (idempotent)."""
+
+    def __init__(self, volume: LocalVolume, plain: bool, epoch: int):
+        self.plain = plain
+        self.epoch = epoch
+        self._counter = volume._plain if plain else None
+        if self._counter is not None:
+            self._counter.enter()
+
+    def release(self) -> None:
+        if self._counter is not None:
+            self._counter.leave()
+            self._counter = None
 
 
 class _PreserveBatch:
@@ -130,10 +173,10 @@ class LocalVolume:
         self.catching_up = False  # the disk left write order (a catch-up runs); with a log: it is active
         self.in_order_at: float | None = None  # wall-clock time the disk was last known in write order
         self.discard_pending = False  # told uptodate: the next flush ends the catch-up
-        self._starting: trio.Event | None = None  # a catch-up is starting: writes wait for it
-        self._applying = 0  # a primary's writes between the start gate and the end of their device write
-        self._apply_idle = trio.Event()
-        self._apply_idle.set()
+        self._starting: trio.Event | None = None  # a catch-up is starting (or rolling back): writes wait
+        self._epoch = 0  # bumped by a rollback: writes admitted before it are dropped
+        self._plain = _Counter()  # admitted before any catch-up: they write without saving
+        self._writing = _Counter()  # past the gate, saving or writing
         self._undo_lock = trio.Lock()  # one undo-log call at a time (they run in threads)
         self._batch: _PreserveBatch | None = None  # preserves gathered for the next trip to a thread
         self._batch_running = False
@@ -250,35 +293,52 @@ class LocalVolume:
             self.end_intent(offset, len(data), seq)
         return seq
 
-    async def apply(self, offset: int, data: bytes, *, copy: bool = False) -> None:
+    def admit(self, *, copy: bool = False) -> WriteTicket:
+        """Admit a primary's write, synchronously and in the primary's link
+        order (the receiver calls this as it issues the write, before any
+        await): whether it may write without saving depends on whether a
+        catch-up had begun *before it in that order*, not on when its task
+        gets to the disk, so the image an undo log keeps is a prefix."""
+        plain = (not self.preserving and self._starting is None
+                 and not (copy and (not self.catching_up or self.discard_pending)))
+        return WriteTicket(self, plain, self._epoch)
+
+    async def apply(self, offset: int, data: bytes, *, copy: bool = False,
+                    ticket: WriteTicket | None = None) -> None:
         """Apply a primary's write as a member: bounds checked; the caller
         mirrors the primary's intent around it (see VolumeEngine._apply_write).
 
         ``copy`` data (WRITE_COPY) takes the disk out of write order: the
         catch-up begins with it if the primary has not said so before. While
-        a catch-up is preserved, every write (copy or not) first saves the
-        old contents of the regions it overwrites in the undo log, durably;
-        a write the log cannot hold fails (ENOSPC) and leaves the disk as it
-        was."""
-        length = len(data)
-        check_range(offset, length, self.size, writing=True)
-        if copy and (not self.catching_up or self.discard_pending):
-            await self.begin_catch_up("copy data arrived")
-        while self._starting is not None:  # no write overtakes the start of a catch-up
-            await self._starting.wait()
-        self._applying += 1
-        if self._apply_idle.is_set():
-            self._apply_idle = trio.Event()
+        a catch-up is preserved, every write (copy or not) admitted after it
+        began (``ticket``, from :meth:`admit`; taken now if not given) first
+        saves the old contents of the regions it overwrites in the undo log,
+        durably; a write the log cannot hold fails (ENOSPC) and leaves the
+        disk as it was. A write admitted before a rollback is dropped (EIO):
+        it came from the primary that was lost."""
+        ticket = ticket or self.admit(copy=copy)
         try:
-            if self.preserving:
-                await self._preserve(offset, length)
-            await self.device.write(offset, data)
+            length = len(data)
+            check_range(offset, length, self.size, writing=True)
+            if not ticket.plain:
+                if copy and (not self.catching_up or self.discard_pending):
+                    await self.begin_catch_up("copy data arrived")
+                while self._starting is not None:  # no later write overtakes the start of a catch-up
+                    await self._starting.wait()
+                if ticket.epoch != self._epoch:
+                    raise OSError(errno.EIO, f"{self.name}: write of the lost primary dropped: the catch-up it "
+                                             "belonged to was rolled back")
+            self._writing.enter()
+            try:
+                if not ticket.plain and self.preserving:
+                    await self._preserve(offset, length)
+                await self.device.write(offset, data)
+            finally:
+                self._writing.leave()
             if not self.catching_up and not copy:
                 self.in_order_at = time.time()
         finally:
-            self._applying -= 1
-            if self._applying == 0:
-                self._apply_idle.set()
+            ticket.release()
 
     def apply_now(self, offset: int, data: bytes, gseq: int) -> bool:
         """Apply a primary's write on the calling task, mirroring its intent,
@@ -330,9 +390,6 @@ class LocalVolume:
         """The disk holds, or can be rolled back to, an instant of the primary's disk."""
         return self.preserving or (not self.catching_up and self.disk_consistent())
 
-    async def _wait_applies(self) -> None:
-        while self._applying:
-            await self._apply_idle.wait()
 
     async def begin_catch_up(self, why: str) -> None:
         """The disk is about to leave write order (the primary said it is
@@ -357,7 +414,7 @@ class LocalVolume:
         started = self._starting = trio.Event()
         try:
             with trio.CancelScope(shield=True):  # a half-started catch-up would leave writes waiting
-                await self._wait_applies()
+                await self._plain.idle()
                 async with self._undo_lock:
                     if restart:
                         await self.device.flush()
@@ -466,7 +523,9 @@ class LocalVolume:
         started = self._starting = trio.Event()
         try:
             with trio.CancelScope(shield=True):  # half rolled back is safe (it is redone), but finish it
-                await self._wait_applies()
+                await self._plain.idle()
+                await self._writing.idle()
+                self._epoch += 1  # what the lost primary still had on its way is dropped at the gate
                 async with self._undo_lock:
                     report = await self._undo_call(self.undo.rollback, self.device)
         finally:

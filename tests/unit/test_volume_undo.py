@@ -12,6 +12,7 @@ import random
 
 import pytest
 import trio
+import trio.testing
 
 from gmd import admin
 from gmd.config import load_config
@@ -130,3 +131,33 @@ async def test_an_active_log_survives_a_restart_of_the_member(tmp_path):
         assert image(device) == before
     finally:
         await again.close()
+
+
+async def test_the_image_kept_is_a_prefix_of_the_order_writes_were_admitted_in(tmp_path):
+    """W1 is admitted (issued by the receiver) before the catch-up begins and
+    W2 after, but W2's task reaches the disk first: W1 still belongs to the
+    image and W2 does not. A write admitted before a rollback and arriving
+    after it is dropped: it came from the lost primary."""
+    vol, device = await open_member(tmp_path)
+    try:
+        before = bytearray(image(device))
+        first = vol.admit()
+        async with trio.open_nursery() as n:
+            n.start_soon(vol.begin_catch_up, "test")
+            await trio.testing.wait_all_tasks_blocked()
+            assert vol._starting is not None, "the start waits for the write admitted before it"
+            second = vol.admit()
+            assert first.plain and not second.plain
+            n.start_soon(functools.partial(vol.apply, REGION, b"2" * 512, ticket=second))
+            await trio.testing.wait_all_tasks_blocked()
+            await vol.apply(REGION + 4096, b"1" * 512, ticket=first)
+        before[REGION + 4096:REGION + 4096 + 512] = b"1" * 512
+        late = vol.admit(copy=True)
+        await vol.roll_back()
+        assert image(device) == bytes(before)
+        with pytest.raises(OSError) as e:
+            await vol.apply(0, b"3" * REGION, copy=True, ticket=late)
+        assert e.value.errno == errno.EIO and "lost primary" in str(e.value)
+        assert image(device) == bytes(before)
+    finally:
+        await vol.close()
