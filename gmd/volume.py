@@ -570,6 +570,8 @@ class LocalVolume:
         at = None
         if self.preserving:
             at = self.undo.consistent_at
+        elif consistent and self.statemap.sb.role == Role.PRIMARY:
+            at = time.time()  # the primary's own disk is the write order
         elif consistent:
             at = self.in_order_at
         return {"consistent": consistent, "consistent_at": iso_utc(at) if at else None,
