@@ -123,6 +123,10 @@ class Member:
     # so a long outage keeps write order (gmd.backlog). None: memory only.
     journal: Path | None = None
     journal_size: int = 1 << 30  # bytes per async member
+    # Consistent catch-up (docs/DESIGN.md, "Consistent catch-up: the undo
+    # log"): the member's own undo log file, and the most it may hold.
+    undo_log: Path | None = None
+    undo_log_size: int = 0  # bytes; set (default 1 GiB) when undo_log is
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,11 @@ from .configvalues import (
     DEFAULT_EXTENT_SIZE,
     DEFAULT_MODE,
     DEFAULT_REGION_SIZE,
+    DEFAULT_UNDO_LOG_SIZE,
     DEFAULT_VOTES,
     MAX_MEMBERS,
     MIN_REGION_SIZE,
+    MIN_UNDO_LOG_SIZE,
     MODES,
     NAME_RE,
     QUORUM_LOSS_POLICIES,
@@ -400,14 +402,17 @@ class _Parser:
                     )
                 raise self.error(mkey, message)
             self.table(table, mkey)
-            self.check_keys(table, mkey, ("device", "statemap", "mode", "votes", "journal", "journal_size"))
+            self.check_keys(table, mkey, ("device", "statemap", "mode", "votes", "journal", "journal_size",
+                                          "undo_log", "undo_log_size"))
             device = self.path(
                 self.require(table, mkey, "device", "a path"), join_key(mkey, "device")
             )
             statemap = self.path(
                 self.require(table, mkey, "statemap", "a path"), join_key(mkey, "statemap")
             )
-            for path, what in ((device, "device"), (statemap, "statemap")):
+            undo_log, undo_size = self.undo_log(table, mkey)
+            paths = [(device, "device"), (statemap, "statemap")] + ([(undo_log, "undo_log")] if undo_log else [])
+            for path, what in paths:
                 where = join_key(mkey, what)
                 seen = self.member_paths.get((node_name, path))
                 if seen is not None:
@@ -439,8 +444,27 @@ class _Parser:
                 if journal_size < MIN_JOURNAL_SIZE:
                     raise self.error(join_key(mkey, "journal_size"),
                                      f"{show_bytes(journal_size)} is below the minimum {show_bytes(MIN_JOURNAL_SIZE)}")
-            members[node_name] = Member(node_name, device, statemap, mode, votes, journal, journal_size)
+            members[node_name] = Member(node_name, device, statemap, mode, votes, journal, journal_size, undo_log,
+                                        undo_size)
         return members
+
+    def undo_log(self, table: Mapping[str, Any], mkey: str) -> tuple[Path | None, int]:
+        """A member's ``undo_log`` (a path) and ``undo_log_size`` (a size, at
+        least :data:`MIN_UNDO_LOG_SIZE`; default :data:`DEFAULT_UNDO_LOG_SIZE`).
+        A size without a log is refused: it would promise a consistent
+        catch-up that nothing keeps."""
+        if "undo_log" not in table:
+            if "undo_log_size" in table:
+                raise self.error(join_key(mkey, "undo_log_size"),
+                                 "set without undo_log (expected undo_log = \"/path/file\" beside it)")
+            return None, 0
+        path = self.path(table["undo_log"], join_key(mkey, "undo_log"))
+        raw = table.get("undo_log_size", DEFAULT_UNDO_LOG_SIZE)
+        size, _ = self.size(raw, join_key(mkey, "undo_log_size"))
+        if size < MIN_UNDO_LOG_SIZE:
+            raise self.error(join_key(mkey, "undo_log_size"),
+                             f"{as_written(raw, size)} is smaller than the minimum {show_bytes(MIN_UNDO_LOG_SIZE)}")
+        return path, size
 
 
 DEFAULT_JOURNAL_SIZE = 1 << 30  # bytes per async member a journal may hold

@@ -69,6 +69,11 @@ class CopyAborted(Exception):
     """The member went away, or regions were marked again; progress so far is kept."""
 
 
+class CatchUpRefused(CopyAborted):
+    """The member's undo log cannot keep its consistent image through the
+    pass: nothing is copied, its marks stay, the pass is tried again later."""
+
+
 class CopySource(Protocol):
     """What a pass (copy, mini-copy, verify) needs of the primary's copy
     orchestration (:class:`gmd.copyengine.CopyEngine`), and nothing more."""
@@ -100,6 +105,8 @@ class CopySource(Protocol):
     async def drain_writes_in_flight(self) -> None: ...
     async def member_caught_up(self, m: MemberLink) -> None: ...
     async def tell_member(self, m: MemberLink, fields: dict[str, Any]) -> None: ...
+    async def check_catch_up(self, m: MemberLink, kind: str, nbytes: int,
+                             runs: list[tuple[int, int]] | None) -> None: ...
 
 
 def _runs(indexes: list[int]) -> list[tuple[int, int]]:
@@ -126,11 +133,19 @@ async def copy_member(copier: CopySource, m: MemberLink) -> None:
         copier.pass_started(m.name, progress)
         during = DiskState.COPYING if rec.copy.kind is CopyKind.FULL else DiskState.MERGING
         await copier.tell_member(m, {"your_disk": during.value})
+        if rec.copy.kind is CopyKind.MERGE:
+            # A member awaiting a full merge holds a consistent image; what
+            # the merge will send is unknown until compared: the worst case.
+            await copier.check_catch_up(m, PassKind.MERGE.value, size - start, [(start // rs, (size - start) // rs)])
         await _copy_ranges(copier, m, progress, [(off, min(chunk, size - off)) for off in range(start, size, chunk)],
                            chunk, full=True)
     # Regions written while it was away (also below a full copy's fence).
     regions = list(sm.out_of_sync_regions(m.name).search(1))
     if regions:
+        # Out of write order from here: the member's undo log must hold what
+        # the pass overwrites, or the pass waits (its marks stay).
+        await copier.check_catch_up(m, PassKind.MINI.value, len(regions) * rs,
+                                    [(first, end - first) for first, end in _runs(regions)])
         progress = CopyProgress(PassKind.MINI, len(regions) * rs)  # mini-copy, or the mini-merge after a crash
         copier.pass_started(m.name, progress)
         work = []

@@ -21,8 +21,9 @@ import trio
 
 from statemap import DiskState, Role
 from transport.link import LinkClosed
+from transport.messages import MAX_CATCH_UP_RUNS
 
-from .copy import CopyAborted, copy_member
+from .copy import CatchUpRefused, CopyAborted, copy_member
 from .copystate import CopyProgress, PassKind
 from .replication import MemberLink, Replication
 from .verify import verify_member
@@ -30,6 +31,7 @@ from .verify import verify_member
 HISTORY = 16  # copy passes kept for the status (the running ones and the last finished)
 RETRY_FIRST = 0.1  # seconds before the copy retries after a pass stopped short (doubling each time)
 RETRY_MAX = 5.0  # seconds between retries at most
+CATCH_UP_ANSWER_TIMEOUT = 10.0  # seconds a member has to answer a catch-up question
 
 if TYPE_CHECKING:
     from statemap.statemap import StateMap
@@ -76,6 +78,8 @@ class CopyEngine:
         self.verify_reports: dict[str, dict[str, Any]] = {}  # member -> its last verify's report
         self._verify_done: dict[str, trio.Event] = {}  # member -> set when its running verify ends
         self._copying: set[str] = set()
+        self._questions = 0  # catch-up questions asked (their ids)
+        self._answers: dict[tuple[str, int], list] = {}  # (member, id) -> [answered, answer]
 
     # ------------------------------------------------ what the passes use
 
@@ -135,6 +139,52 @@ class CopyEngine:
     async def member_caught_up(self, m: MemberLink) -> None:
         await self.engine.peerstate.member_caught_up(m)
 
+    async def check_catch_up(self, m: MemberLink, kind: str, nbytes: int,
+                             runs: list[tuple[int, int]] | None) -> None:
+        """Before a pass that overwrites ``nbytes`` of ``m``'s regions (``runs``
+        of regions (first, count), when known) out of write order: ask the
+        member whether its undo log can keep its consistent image through
+        it. Raises :class:`CatchUpRefused` (the pass does not run; its marks
+        stay) when it cannot, with the member's reason."""
+        if runs is not None and len(runs) > MAX_CATCH_UP_RUNS:
+            runs = None  # too many to list: the member assumes the worst of the byte count
+        self._questions += 1
+        ident = self._questions
+        slot: list = [trio.Event(), None]
+        self._answers[(m.name, ident)] = slot
+        try:
+            if not m.connected:
+                raise CopyAborted(f"{m.name} went away")
+            question: dict[str, Any] = {"id": ident, "bytes": nbytes}
+            if runs is not None:
+                question["runs"] = [list(r) for r in runs]
+            await self.engine.peerstate.send_state(m, {"catch_up": question})
+            with trio.move_on_after(CATCH_UP_ANSWER_TIMEOUT):
+                await slot[0].wait()
+        finally:
+            self._answers.pop((m.name, ident), None)
+        answer = slot[1]
+        if answer is None:
+            raise CopyAborted(f"{m.name} did not answer the catch-up question within {CATCH_UP_ANSWER_TIMEOUT:.0f} s")
+        m.catch_up_answer = answer
+        if not answer["ok"]:
+            why = answer.get("reason") or "its undo log cannot hold it"
+            m.catch_up_refused = why
+            m.notify_changed()
+            raise CatchUpRefused(f"{m.name} refuses the {kind} pass of {nbytes} bytes: {why}; its regions stay "
+                                 "marked, and the pass is tried again (enlarge its undo_log_size to let it run)")
+        if m.catch_up_refused is not None:
+            log.info("%s: %s accepts the catch-up now", self.engine.name, m.name)
+            m.catch_up_refused = None
+            m.notify_changed()
+
+    def on_catch_up_answer(self, m: MemberLink, answer: dict[str, Any]) -> None:
+        """A member answered a catch-up question (an answer nobody waits for is dropped)."""
+        slot = self._answers.get((m.name, answer.get("id")))
+        if slot is not None:
+            slot[1] = answer
+            slot[0].set()
+
     # ------------------------------------------------------- orchestration
 
     async def tell_member(self, m: MemberLink, fields: dict[str, Any]) -> None:
@@ -172,7 +222,8 @@ class CopyEngine:
                     stopped = isinstance(e, (CopyAborted, LinkClosed))
                     reason = str(e) if stopped else repr(e)
                     if reason != last_reason:
-                        log.log(logging.INFO if stopped else logging.ERROR, "%s: copy to %s %s: %s; retrying",
+                        quiet = stopped and not isinstance(e, CatchUpRefused)
+                        log.log(logging.INFO if quiet else logging.ERROR, "%s: copy to %s %s: %s; retrying",
                                 self.engine.name, m.name, "stopped" if stopped else "failed", reason)
                         last_reason = reason
                     await trio.sleep(min(RETRY_FIRST * 2 ** (failures - 1), RETRY_MAX))

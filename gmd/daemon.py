@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import ssl
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -291,7 +292,10 @@ class NodeDaemon:
                     problems.append(f"volume {name}: {field_name} changed ({getattr(old, field_name)} -> "
                                     f"{getattr(vol, field_name)})")
             for member, m in old.members.items():
-                if vol.members.get(member) != m:
+                new_m = vol.members.get(member)
+                # An undo log's bound may change online (an operator enlarges it
+                # for a catch-up that was refused); nothing else of a member may.
+                if new_m is None or replace(new_m, undo_log_size=m.undo_log_size) != m:
                     problems.append(f"volume {name}: member {member} changed or removed")
         if problems:
             raise Refused("reload-refused", path=self.config.path, problems="; ".join(problems))
@@ -306,6 +310,7 @@ class NodeDaemon:
                 members = await self.engines[name].add_members(vol)
                 if members:
                     added[name] = members
+                self.engines[name].resize_undo_log()
         log.info("%s: config reloaded from %s (added: %s)", self.node, new.path,
                  "; ".join(f"{v}: {', '.join(m)}" for v, m in added.items()) or "nothing")
         return {"added": added}

@@ -201,6 +201,26 @@ class BackingDevice:
         """Make every completed write durable (fdatasync)."""
         await trio.to_thread.run_sync(os.fdatasync, self._fd, limiter=self._limiter)
 
+    # Blocking calls, for a caller already in a worker thread (the undo log's
+    # preserve and rollback, gmd.undolog.Device).
+
+    def read_sync(self, offset: int, length: int) -> bytes:
+        """The bytes at [offset, offset+length), waiting for the disk."""
+        check_range(offset, length, self.size, writing=False)
+        data = _pread_full(self._fd, length, offset)
+        if len(data) != length:
+            raise Refused("device-short-read", path=self.path, got=len(data), length=length, offset=offset)
+        return data
+
+    def write_sync(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` (to the page cache; :meth:`sync` makes it durable)."""
+        check_range(offset, len(data), self.size, writing=True)
+        _pwrite_full(self._fd, data, offset)
+
+    def sync(self) -> None:
+        """fdatasync, blocking."""
+        os.fdatasync(self._fd)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

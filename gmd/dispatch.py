@@ -21,6 +21,7 @@ from transport.codec import (
     Read,
     ReadReply,
     RemoteProtocolError,
+    WRITE_COPY,
     State,
     Write,
     WriteAck,
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 class DispatchVolume(Protocol):
     """What the frame dispatch needs of its volume (the engine provides it)."""
 
+    local: LocalVolume | None
     @property
     def name(self) -> str: ...
     node: str
@@ -112,7 +114,7 @@ class FrameDispatch:
                 applier = self._appliers.get(m.name)
                 if applier is None or applier.session_id != m.session.id:
                     applier = Applier(self.engine.nursery, self._apply_write, self._apply_flush,
-                                      write_now=self._apply_write_now)
+                                      write_now=self._apply_write_now, admit=self._admit)
                     self._last_ended = None  # a new session writes to our disk: the old point is gone
                     applier.session_id = m.session.id
                     self._appliers[m.name] = applier
@@ -148,27 +150,38 @@ class FrameDispatch:
             case _:
                 log.warning("%s: unexpected %s from %s", self.engine.name, type(ev).__name__, m.name)
 
-    async def _apply_write(self, item: Write) -> None:
+    def _admit(self, item: Write):
+        """The write is issued (in link order): see LocalVolume.admit. None
+        while the volume goes down (the write then fails where it is applied)."""
+        local = self.engine.local
+        return local.admit(copy=bool(item.flags & WRITE_COPY)) if local is not None else None
+
+    async def _apply_write(self, item: Write, ticket=None) -> None:
         """Apply a primary's write, mirroring its intent: the extent stays hot
         here until the primary says the write is durable on every member in
         sync. Should the primary be lost, the survivors' hot extents cover
         every write one of them may have and another lack (see
         Sessions.fold_lost_primary). The extent is hot before any await, so a session
         that ends meanwhile finds it in the fold."""
-        local = self.engine.require_up()
-        length = len(item.data)
-        await local.begin_intent(item.offset, length, mirror=True)
         try:
-            await local.apply(item.offset, item.data)
+            local = self.engine.require_up()
+            length = len(item.data)
+            await local.begin_intent(item.offset, length, mirror=True)
+            try:
+                await local.apply(item.offset, item.data, copy=bool(item.flags & WRITE_COPY), ticket=ticket)
+            finally:
+                local.end_intent(item.offset, length, item.gseq, mirror=True)
         finally:
-            local.end_intent(item.offset, length, item.gseq, mirror=True)
+            if ticket is not None:
+                ticket.release()  # however it ended: a catch-up's start waits for it
         self.engine.writepath.note_applied(item.gseq)
 
     def _apply_write_now(self, item: Write) -> bool:
         """:meth:`_apply_write` on the receiving task, when it need not wait
         (its extents hot on disk, the data small enough for the page cache on
-        the event loop); False, having done nothing, otherwise."""
-        if not self.engine.require_up().apply_now(item.offset, item.data, item.gseq):
+        the event loop); False, having done nothing, otherwise. Copy data
+        never: it may begin a catch-up (see LocalVolume.apply)."""
+        if item.flags & WRITE_COPY or not self.engine.require_up().apply_now(item.offset, item.data, item.gseq):
             return False
         self.engine.writepath.note_applied(item.gseq)
         return True

@@ -287,6 +287,11 @@ class VolumeEngine:
         self.quorum.notify()
         return new
 
+    def resize_undo_log(self) -> None:
+        """The config (reloaded) may bound the local member's undo log anew."""
+        if self.local is not None:
+            self.local.resize_undo(self.config.members[self.node])
+
     async def set_expected_votes(self, votes: int | None) -> dict[str, Any]:
         """``gmd quorum VOLUME --expected-votes N`` (None: back to the configured sum)."""
         sm = self.require_up().statemap

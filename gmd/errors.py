@@ -122,6 +122,15 @@ REFUSALS: dict[str, Refusal] = {
         "{volume}: its tasks did not end within {timeout:.0f} s of going down; the state map stays marked dirty "
         "(crash recovery runs at the next start)", errno.EBUSY),
     "daemon-not-serving": Refusal("node {node}: the daemon is not serving; no volume can come up", errno.ENXIO),
+    # -- the undo log of a consistent catch-up
+    "undo-log-unopenable": Refusal("undo log {path}: cannot open or create it: {why}", errno.EIO),
+    "undo-log-damaged": Refusal(
+        "undo log {path} is damaged or of a newer gmd ({why}). It may hold the only consistent image of this "
+        "member: nothing was changed. Copy it away for inspection; once you accept losing that image, move it "
+        "aside and start again (a new, empty log is created)", errno.EIO),
+    "undo-log-other-volume": Refusal(
+        "undo log {path} belongs to {theirs}, not to {ours}; nothing was changed. Give each member its own "
+        "undo_log path, or move the file aside", errno.EINVAL),
     # -- split-brain
     "no-split-brain": Refusal(
         "{volume}: no split-brain to resolve on {node} (no member is standalone for diverging data)", errno.ENOENT),

@@ -61,6 +61,7 @@ class PeerState:
         sm.set_peer_disk(m.name, DiskState.UPTODATE)
         sm.set_bitmap_generation(sm.sb.generations.current, member=m.name)
         m.peer_disk = DiskState.UPTODATE  # before the await: a write marked meanwhile sets it back
+        m.out_of_order_since = None  # level: back in write order (a write marked meanwhile says otherwise)
         await self.engine.local.writer.sync_all()
         if sm.sb.peers[m.name].disk != DiskState.UPTODATE:
             return  # a write was marked for it meanwhile (and it was told); the copy loop goes on
@@ -108,6 +109,10 @@ class PeerState:
         if path is None:
             return
         decode(PeerStateMessage, fields, "our own STATE")  # a key we send must be one the peer knows
+        if fields.get("your_disk") == DiskState.UPTODATE.value:
+            m.out_of_order_since = None  # level with us: in write order from here
+        elif fields.get("your_disk") is not None:
+            m.note_out_of_order()  # what it gets from now on leaves a gap
         try:
             await path.send(State(fields))
         except LinkClosed:
@@ -145,6 +150,7 @@ class PeerState:
             sm.set_disk(disk)
             if from_primary:
                 self.engine.sessions.lost_primary = None  # a live primary has judged us: we follow it now
+                await self._catch_up_told(m, disk)
             if disk == DiskState.UPTODATE and sm.sb.local_copy is not None:
                 sm.set_local_copy(None)  # the copy we were waiting for is done
             if disk == DiskState.UPTODATE and fields.get("role", m.peer_role) == Role.PRIMARY:
@@ -159,6 +165,25 @@ class PeerState:
             sm.adopt_generation(str(fields["generation"]))
         if "disk" in fields:
             m.peer_disk = disk_of(fields["disk"])
+        if fields.get("catch_up") is not None:
+            answer = self.engine.local.catch_up_answer(fields["catch_up"])
+            if not answer["ok"]:
+                log.error("%s: refusing %s's catch-up: %s", self.engine.name, m.name, answer.get("reason"))
+            await self.send_state(m, {"catch_up_answer": answer})
+        if fields.get("catch_up_answer") is not None:
+            self.engine.copier.on_catch_up_answer(m, fields["catch_up_answer"])
         await self.engine.local.writer.sync_all()
         m.notify_changed()
+
+    async def _catch_up_told(self, m: MemberLink, disk: DiskState) -> None:
+        """The primary judged our disk: behind (what we get from now on leaves a
+        gap, so the catch-up begins: the undo log, if any, goes active), level
+        (the catch-up ends at the next flush) or to be replaced whole."""
+        local = self.engine.local
+        if disk == DiskState.UPTODATE:
+            local.told_uptodate()
+        elif disk in (DiskState.OUTDATED, DiskState.MERGING):
+            await local.begin_catch_up(f"primary {m.name} says our disk is {disk.value}")
+        elif disk in (DiskState.COPYING, DiskState.INCONSISTENT):
+            await local.abandon_catch_up(f"primary {m.name} says our disk is {disk.value}")
 

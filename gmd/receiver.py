@@ -55,6 +55,11 @@ class Applier:
     session ended), nothing more is applied: what was received but not yet
     issued is dropped, never acknowledged.
 
+    ``admit(item)``, if given, is called for each write as it is issued, in
+    link order and before any await; what it returns (a ticket) is passed on
+    as ``write(item, ticket)``, and released (``ticket.release()``) if the
+    write is dropped instead (the session ended first).
+
     ``write_now(item)``, if given, applies a write on the receiving task when
     it need not wait, returning False (having done nothing) when it must: a
     write that arrives in order, overlaps nothing in flight and finds nothing
@@ -62,9 +67,10 @@ class Applier:
     (two task switches and a wake-up less per replicated write).
     """
 
-    def __init__(self, nursery: trio.Nursery, write, flush, *, on_applied=None, write_now=None):
+    def __init__(self, nursery: trio.Nursery, write, flush, *, on_applied=None, write_now=None, admit=None):
         self._nursery = nursery
         self._write = write
+        self._admit = admit
         self._flush = flush
         self._write_now = write_now
         self._on_applied = on_applied
@@ -176,7 +182,8 @@ class Applier:
                     done = trio.Event()
                     self._inflight[seq] = (start, end, done)
                     self.next_seq += 1
-                    self._nursery.start_soon(self._apply_write, item, path, done)
+                    ticket = self._admit(item) if self._admit is not None else None
+                    self._nursery.start_soon(self._apply_write, item, path, done, ticket)
                 else:
                     self.next_seq += 1
                     self._nursery.start_soon(self._apply_flush, item, path, seq)
@@ -188,15 +195,17 @@ class Applier:
             if s < seq:
                 await done.wait()
 
-    async def _apply_write(self, item: Write, path: PeerLink, done: trio.Event) -> None:
+    async def _apply_write(self, item: Write, path: PeerLink, done: trio.Event, ticket=None) -> None:
         status = 0
         if self.closed:  # issued, but the session ended before it started: not applied, not acked
             self._inflight.pop(item.seq, None)
             self._broken = True  # it was issued in order and never applied: nothing after it counts
             done.set()
+            if ticket is not None:
+                ticket.release()
             return
         try:
-            await self._write(item)
+            await (self._write(item) if ticket is None else self._write(item, ticket))
         except Exception as e:  # a data-path fault answers with an errno, never kills the daemon
             status = errno_for(e)
             self.failures.failed(item.seq, item.offset, e)

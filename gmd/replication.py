@@ -165,6 +165,14 @@ class MemberLink:
         # async: the writes it has not acknowledged, in order, kept across
         # sessions (and spilled to a journal if configured); None: not async.
         self.backlog: Backlog | None = None
+        # Consistent catch-up, as the primary sees it (docs/DESIGN.md,
+        # "Consistent catch-up: the undo log"): since when the member's disk
+        # is out of write order (told it is behind, or sent copy data; wall
+        # clock; None: in order), its last answer to a catch-up question, and
+        # why it refused the last one.
+        self.out_of_order_since: float | None = None
+        self.catch_up_answer: dict | None = None
+        self.catch_up_refused: str | None = None
 
     @property
     def connected(self) -> bool:
@@ -227,6 +235,30 @@ class MemberLink:
             log.info("%s: member %s: writes are queued to it again: %s", self.volume, self.name, why)
             self.notify_changed()
 
+    def note_out_of_order(self) -> None:
+        """The member's disk leaves write order (it misses writes, or gets copy data)."""
+        if self.out_of_order_since is None:
+            self.out_of_order_since = time.time()
+
+    def consistency(self, now: float, wall: float, undo_configured: bool) -> tuple[bool, float | None]:
+        """(consistent, consistent_at) of the member's disk as this primary
+        sees it: in write order, it holds every write up to the oldest one it
+        has not acknowledged (``now``/``wall``: trio and wall-clock time now);
+        out of order, it is consistent only if its undo log keeps the image
+        from before (its last answer says so, or the config, before it answered)."""
+        if self.out_of_order_since is None:
+            if not self.connected:
+                return True, wall - max(0.0, now - self.last_heard) if self.last_heard else None
+            s = self.session
+            queued = [sh.queued_at for sh in s.unsettled.values() if not sh.copy and sh.kind == "write"] if s else []
+            return True, wall - max(0.0, now - min(queued)) if queued else wall
+        answer = self.catch_up_answer
+        preserving = answer.get("preserving", False) if answer is not None else undo_configured
+        if not preserving:
+            return False, None
+        at = answer.get("consistent_at") if answer is not None else None
+        return True, at if at else self.out_of_order_since
+
     def lag(self, now: float) -> tuple[int, float]:
         """(bytes, seconds) an async member trails the primary by (queued
         writes; copy data is not counted)."""
@@ -263,6 +295,8 @@ class MemberLink:
         path = s.pick_path()
         if path is None:
             return None
+        if copy:
+            self.note_out_of_order()
         sh = Shipment(s.next_link_seq, gseq, "write", offset, data, trio.current_time(), on_settled=on_settled,
                       copy=copy)
         s.next_link_seq += 1
@@ -378,6 +412,8 @@ class MemberLink:
 
     def _send(self, path: PeerLink, sh: Shipment) -> None:
         sh.path = path
+        # Copy data is flagged: the member's disk leaves write order with it
+        # (its undo log, if any, saves what it overwrites).
         event = (Write(sh.link_seq, sh.offset, sh.data, WRITE_COPY if sh.copy else 0, gseq=sh.gseq)
                  if sh.kind == "write" else Flush(sh.link_seq, in_sync=sh.in_sync))
         try:

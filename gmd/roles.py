@@ -19,6 +19,7 @@ from statemap import DiskState, Role
 
 from .errors import GmdError, Refused
 from .replication import MemberLink
+from .undolog import iso_utc
 
 if TYPE_CHECKING:
     from .engine import DeviceFront
@@ -94,13 +95,33 @@ class Roles:
             log.warning("%s: promoted WITHOUT quorum (%d of %d votes) by the operator's --force; writes go on "
                         "without quorum until demoted", self.engine.name, votes, needed)
             sm.set_forced_primary(True)
+        rolled_back = None
         if sm.sb.disk != DiskState.UPTODATE:
             if not force:
                 raise Refused("not-uptodate", volume=self.engine.name, disk=sm.sb.disk.value)
+            # Lost mid-catch-up: the disk is out of write order. Its undo log
+            # returns it to the image it held before the catch-up began.
+            rolled_back = await local.roll_back()
             log.warning("%s: forced promotion of a %s disk; it becomes the copy source", self.engine.name,
                         sm.sb.disk.value)
             sm.make_copy_source()
             sm.begin_use()
+        elif local.catching_up:
+            # Told uptodate, not yet flushed: the disk holds every write; make
+            # it durable and end the catch-up (nothing to roll back).
+            await local.device.flush()
+            await local.end_catch_up("promoted with every write")
+        if rolled_back is not None:
+            # The other members may hold the newer contents of these regions
+            # (the lost primary's, or what the copy sent them): without marks
+            # a later reconciliation would leave them diverged.
+            for name in sm.sb.peers:
+                for first, end in rolled_back.runs:
+                    sm.mark_regions_out_of_sync(name, range(first, end))
+            log.warning("%s: rolled back the interrupted catch-up: %d bytes in %d regions restored from the undo "
+                        "log; the disk is its consistent image of %s, and those regions are marked for every other "
+                        "member", self.engine.name, rolled_back.bytes, rolled_back.regions,
+                        iso_utc(rolled_back.consistent_at))
         # Our bitmap for a member we track nothing for starts now, at our current
         # generation: the first write without it then starts a new generation,
         # so a member that also wrote meanwhile is seen as split-brain, never

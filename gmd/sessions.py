@@ -180,6 +180,8 @@ class Sessions:
             m.peer_disk = disk_of(hello.info.get("disk"))
             m.peer_hello_info = hello.info
             m.behind = False
+            m.catch_up_answer = None  # asked afresh: it may have come back with another undo log
+            m.catch_up_refused = None
             m.bitmap_done = trio.Event()
             m.verdict = self.engine.handshake.verdict(hello)
             m.verdict_generation = self.engine.local.statemap.sb.generations.current

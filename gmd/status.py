@@ -14,6 +14,7 @@ from statemap import DiskState, Role
 
 from .errors import Refused
 from .replication import LinkState
+from .undolog import iso_utc
 
 if TYPE_CHECKING:
     from .config import VolumeConfig
@@ -63,8 +64,12 @@ def volume_status(engine: StatusVolume) -> dict[str, Any]:
             "mode": cfg.members[engine.node].mode,
             "out_of_sync_bytes": sm.local_out_of_sync_bytes(), "copy": None,
             "pending_copy": _fence_json(sm.sb.local_copy),
+            # consistent, consistent_at, catching_up, undo_log: see LocalVolume.consistency_status
+            "consistency": engine.local.consistency_status(),
         }
     }
+    wall = time.time()
+    primary = engine.role == Role.PRIMARY
     for name, m in engine.members.items():
         rec = sm.sb.peers.get(name)
         lag_bytes, lag_s = m.lag(now) if m.is_async else (0, 0.0)
@@ -95,6 +100,9 @@ def volume_status(engine: StatusVolume) -> dict[str, Any]:
             "rpo": engine.rpo.status(m),  # on the primary: what it would lose (gmd.rpo)
             # async, on the primary: its unacknowledged writes kept in order (gmd.backlog)
             "backlog": m.backlog.status(now) if m.backlog is not None and engine.role == Role.PRIMARY else None,
+            # The primary's view of the member's disk: an instant of ours (in
+            # write order, or out of it with an undo log keeping one)?
+            **_member_consistency(m, now, wall, cfg.members[name].undo_log is not None if primary else None),
         }
     return {
         "volume": cfg.name, "node": engine.node, "daemon": True, "role": engine.role.value,
@@ -121,6 +129,13 @@ def volume_status(engine: StatusVolume) -> dict[str, Any]:
                "sequence": engine.writepath.gseq, "in_flight": engine.writepath.in_flight},
     }
 
+
+
+def _member_consistency(m: MemberLink, now: float, wall: float, undo_configured: bool | None) -> dict[str, Any]:
+    if undo_configured is None:  # not primary: no view of its own
+        return {"consistent": None, "consistent_at": None, "catch_up_refused": None}
+    consistent, at = m.consistency(now, wall, undo_configured)
+    return {"consistent": consistent, "consistent_at": iso_utc(at), "catch_up_refused": m.catch_up_refused}
 
 
 def _fence_json(fence) -> dict[str, Any] | None:

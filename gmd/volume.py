@@ -18,21 +18,84 @@ Concurrency rules:
 
 from __future__ import annotations
 
+import errno
 import logging
+import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from statemap import CopyKind, Fence, Role
+from statemap import CopyKind, DiskState, Fence, Role
 from statemap.statemap import Recovery, StateMap
 
 from .config import Member, VolumeConfig
 from .disk import BackingDevice, check_range
+from .undolog import DATA_START, Rollback, UndoLog, iso_utc
 
 log = logging.getLogger(__name__)
 
 INTENT_MODES = ("mwc", "async")
 INTENT_LOOKAHEAD = 3  # extents made hot ahead of a sequential stream
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+class _Counter:
+    """How many of something are under way, and an event for none."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.n += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def leave(self) -> None:
+        self.n -= 1
+        if self.n == 0:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        while self.n:
+            await self._idle.wait()
+
+
+class WriteTicket:
+    """A primary's write as admitted (:meth:`LocalVolume.admit`): ``plain``
+    (admitted before any catch-up began: it writes without saving, and the
+    start of a catch-up waits for it) and the rollback epoch it belongs to.
+    :meth:`release` once it is done or dropped (idempotent)."""
+
+    def __init__(self, volume: LocalVolume, plain: bool, epoch: int):
+        self.plain = plain
+        self.epoch = epoch
+        self._counter = volume._plain if plain else None
+        if self._counter is not None:
+            self._counter.enter()
+
+    def release(self) -> None:
+        if self._counter is not None:
+            self._counter.leave()
+            self._counter = None
+
+
+class _PreserveBatch:
+    """Preserve requests that share one trip to a thread and one fdatasync."""
+
+    def __init__(self) -> None:
+        self.requests: list[list[tuple[int, int]]] = []
+        self.answers: list[BaseException | None] = []
+        self.done = trio.Event()
+
+    def add(self, ranges: list[tuple[int, int]]) -> int:
+        self.requests.append(ranges)
+        return len(self.requests) - 1
 
 
 class MapWriter:
@@ -100,10 +163,23 @@ class LocalVolume:
         self.statemap = statemap
         self.device = device
         self.writer = MapWriter(statemap, limiter)
+        self._limiter = limiter
         self.recovery: Recovery | None = None
         self._seq = 0
         self._completed_seq = 0
         self._closed = False
+        # Consistent catch-up (docs/DESIGN.md, "Consistent catch-up: the undo log").
+        self.undo: UndoLog | None = None
+        self.catching_up = False  # the disk left write order (a catch-up runs); with a log: it is active
+        self.in_order_at: float | None = None  # wall-clock time the disk was last known in write order
+        self.discard_pending = False  # told uptodate: the next flush ends the catch-up
+        self._starting: trio.Event | None = None  # a catch-up is starting (or rolling back): writes wait
+        self._epoch = 0  # bumped by a rollback: writes admitted before it are dropped
+        self._plain = _Counter()  # admitted before any catch-up: they write without saving
+        self._writing = _Counter()  # past the gate, saving or writing
+        self._undo_lock = trio.Lock()  # one undo-log call at a time (they run in threads)
+        self._batch: _PreserveBatch | None = None  # preserves gathered for the next trip to a thread
+        self._batch_running = False
 
     @property
     def name(self) -> str:
@@ -133,7 +209,20 @@ class LocalVolume:
             sm.close()
             raise
         vol = cls(config, member, sm, device, limiter)
+        last_use = sm.sb.clean_stop or sm.sb.updated  # before this open commits anything
         try:
+            if member.undo_log is not None:
+                vol.undo = await trio.to_thread.run_sync(
+                    lambda: UndoLog.open(member.undo_log, volume=config.name, size=config.size,
+                                         region_size=config.region_size, limit=member.undo_log_size,
+                                         identity=sm.identity), limiter=limiter)
+                vol._undo_opened(last_use)
+            elif sm.sb.disk in (DiskState.OUTDATED, DiskState.MERGING):
+                # Without a log nothing says whether a catch-up was under way
+                # when the daemon stopped: not claimed consistent.
+                vol.catching_up = True
+            else:
+                vol.in_order_at = last_use or None
             vol.recovery = sm.recover()
             vol.add_new_members()
             if vol.recovery.needed and not member.mode in INTENT_MODES and sm.sb.role == Role.PRIMARY:
@@ -204,26 +293,290 @@ class LocalVolume:
             self.end_intent(offset, len(data), seq)
         return seq
 
-    async def apply(self, offset: int, data: bytes) -> None:
+    def admit(self, *, copy: bool = False) -> WriteTicket:
+        """Admit a primary's write, synchronously and in the primary's link
+        order (the receiver calls this as it issues the write, before any
+        await): whether it may write without saving depends on whether a
+        catch-up had begun *before it in that order*, not on when its task
+        gets to the disk, so the image an undo log keeps is a prefix."""
+        plain = (not self.preserving and self._starting is None
+                 and not (copy and (not self.catching_up or self.discard_pending)))
+        return WriteTicket(self, plain, self._epoch)
+
+    async def apply(self, offset: int, data: bytes, *, copy: bool = False,
+                    ticket: WriteTicket | None = None) -> None:
         """Apply a primary's write as a member: bounds checked; the caller
-        mirrors the primary's intent around it (see VolumeEngine._apply_write)."""
-        check_range(offset, len(data), self.size, writing=True)
-        await self.device.write(offset, data)
+        mirrors the primary's intent around it (see VolumeEngine._apply_write).
+
+        ``copy`` data (WRITE_COPY) takes the disk out of write order: the
+        catch-up begins with it if the primary has not said so before. While
+        a catch-up is preserved, every write (copy or not) admitted after it
+        began (``ticket``, from :meth:`admit`; taken now if not given) first
+        saves the old contents of the regions it overwrites in the undo log,
+        durably; a write the log cannot hold fails (ENOSPC) and leaves the
+        disk as it was. A write admitted before a rollback is dropped (EIO):
+        it came from the primary that was lost."""
+        ticket = ticket or self.admit(copy=copy)
+        try:
+            length = len(data)
+            check_range(offset, length, self.size, writing=True)
+            if not ticket.plain:
+                if copy and (not self.catching_up or self.discard_pending):
+                    await self.begin_catch_up("copy data arrived")
+                while self._starting is not None:  # no later write overtakes the start of a catch-up
+                    await self._starting.wait()
+                if ticket.epoch != self._epoch:
+                    raise OSError(errno.EIO, f"{self.name}: write of the lost primary dropped: the catch-up it "
+                                             "belonged to was rolled back")
+            self._writing.enter()
+            try:
+                if not ticket.plain and self.preserving:
+                    await self._preserve(offset, length)
+                await self.device.write(offset, data)
+            finally:
+                self._writing.leave()
+            if not self.catching_up and not copy:
+                self.in_order_at = time.time()
+        finally:
+            ticket.release()
 
     def apply_now(self, offset: int, data: bytes, gseq: int) -> bool:
         """Apply a primary's write on the calling task, mirroring its intent,
         when nothing needs to wait: every extent it touches is hot on disk
         already and the data goes to the page cache on the event loop. False,
-        having done nothing, otherwise (the caller takes the awaiting path)."""
+        having done nothing, otherwise (the caller takes the awaiting path):
+        also while a catch-up is preserved or starting, since the old
+        contents must reach the undo log first."""
         length = len(data)
         check_range(offset, length, self.size, writing=True)
+        if self.preserving or self._starting is not None:
+            return False
         if not self.device.can_write_now(length) or not self.statemap.intent_acquire_if_ready(offset, length):
             return False
         try:
             done = self.device.write_now(offset, data)
         finally:
             self.end_intent(offset, length, gseq, mirror=True)
+        if done and not self.catching_up:
+            self.in_order_at = time.time()
         return done
+
+    # ------------------------------------------------------ consistent catch-up
+
+    def _undo_opened(self, last_use: float) -> None:
+        undo = self.undo
+        if undo.active:
+            self.catching_up = True
+            log.warning("%s: undo log %s is active: a catch-up was under way (%d regions, %d bytes saved); this "
+                        "member can return to its image of %s with 'gmd primary --force' should the primary be lost",
+                        self.name, undo.path, undo.regions, undo.used - DATA_START, iso_utc(undo.consistent_at))
+            if undo.torn_tail:
+                log.info("%s: undo log %s: %s", self.name, undo.path, undo.torn_tail)
+        else:
+            self.in_order_at = max(undo.consistent_at, last_use) or None
+
+    @property
+    def preserving(self) -> bool:
+        """A catch-up is under way and the undo log keeps the image before it."""
+        return self.undo is not None and self.undo.active
+
+    def disk_consistent(self) -> bool:
+        """The disk, as it stands, is an instant of the primary's (before any catch-up began)."""
+        sb = self.statemap.sb
+        return sb.disk in (DiskState.UPTODATE, DiskState.OUTDATED, DiskState.MERGING) and sb.local_copy is None
+
+    @property
+    def consistent(self) -> bool:
+        """The disk holds, or can be rolled back to, an instant of the primary's disk."""
+        return self.preserving or (not self.catching_up and self.disk_consistent())
+
+
+    async def begin_catch_up(self, why: str) -> None:
+        """The disk is about to leave write order (the primary said it is
+        behind, or copy data arrived). With an undo log and a consistent
+        disk, the log goes active first, once every write issued before has
+        landed (they belong to the image it keeps); writes arriving
+        meanwhile wait. A catch-up that was over but not yet flushed ends
+        first, so the image kept is the newest."""
+        while self._starting is not None:
+            await self._starting.wait()
+        restart = self.catching_up and self.discard_pending
+        if self.catching_up and not restart:
+            return
+        self.discard_pending = False
+        if self.undo is None or not self.disk_consistent():
+            if not self.catching_up:
+                self.catching_up = True
+                log.warning("%s: catch-up begins (%s) without %s: the disk holds no consistent image until it "
+                            "is done", self.name, why, "an undo log" if self.undo is None
+                            else f"a consistent image to keep (disk {self.statemap.sb.disk.value})")
+            return
+        started = self._starting = trio.Event()
+        try:
+            with trio.CancelScope(shield=True):  # a half-started catch-up would leave writes waiting
+                await self._plain.idle()
+                async with self._undo_lock:
+                    if restart:
+                        await self.device.flush()
+                        await self._undo_call(self.undo.discard)
+                        self.in_order_at = time.time()
+                    point = self.in_order_at or time.time()
+                    await self._undo_call(self.undo.begin, point, self.statemap.identity)
+            self.catching_up = True
+            log.warning("%s: catch-up begins (%s): the disk leaves write order; undo log %s keeps its image of %s "
+                        "(up to %d bytes)", self.name, why, self.undo.path, iso_utc(point), self.undo.limit)
+        finally:
+            self._starting = None
+            started.set()
+
+    async def _undo_call(self, fn, *args):
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def _preserve(self, offset: int, length: int) -> None:
+        """Return once the old contents of [offset, offset+length) are durable
+        in the undo log (at once if they are already). Concurrent writes share
+        one trip to a thread and one fdatasync."""
+        if self.undo.holds(offset, length):
+            return
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _PreserveBatch()
+        index = batch.add([(offset, length)])
+        if not self._batch_running:
+            self._batch_running = True
+            try:
+                with trio.CancelScope(shield=True):  # the others wait for these batches too
+                    while self._batch is not None:
+                        running, self._batch = self._batch, None
+                        await self._run_batch(running)
+            finally:
+                self._batch_running = False
+        await batch.done.wait()
+        error = batch.answers[index]
+        if error is not None:
+            raise error
+
+    async def _run_batch(self, batch: _PreserveBatch) -> None:
+        try:
+            async with self._undo_lock:
+                if not self.preserving:  # the catch-up ended meanwhile: nothing to keep
+                    batch.answers = [None] * len(batch.requests)
+                else:
+                    batch.answers = await self._undo_call(self.undo.preserve, self.device, batch.requests)
+        except Exception as e:  # the log's file failed: no write of the batch may overwrite
+            log.error("%s: undo log %s: %s", self.name, self.undo.path, e)
+            batch.answers = [e] * len(batch.requests)
+        finally:
+            batch.done.set()
+
+    def resize_undo(self, member: Member) -> None:
+        """A reloaded config gives the undo log another bound (``undo_log_size``).
+        A smaller bound than what it holds refuses further saves, keeps the records."""
+        self.member = member
+        if self.undo is not None and member.undo_log_size != self.undo.limit:
+            log.info("%s: undo log %s bound %s -> %s", self.name, self.undo.path, _mib(self.undo.limit),
+                     _mib(member.undo_log_size))
+            self.undo.limit = member.undo_log_size
+
+    async def abandon_catch_up(self, why: str) -> None:
+        """The primary gives this disk a full copy (``copying``/``inconsistent``):
+        every region is replaced, and the image kept cannot come back; the
+        undo log is emptied (it could never hold the whole volume's old
+        contents as cheaply as a copy rewrites them)."""
+        if not self.preserving:
+            self.catching_up = True
+            return
+        async with self._undo_lock:
+            at = self.undo.consistent_at
+            await self._undo_call(self.undo.discard, at)
+        self.catching_up = True
+        log.warning("%s: %s: a full copy replaces the disk; the image of %s kept in undo log %s is given up",
+                    self.name, why, iso_utc(at), self.undo.path)
+
+    def told_uptodate(self) -> None:
+        """The primary says we hold every write: the catch-up ends at the next
+        flush (its data is durable then), and the undo log is emptied."""
+        if self.catching_up:
+            self.discard_pending = True
+
+    async def end_catch_up(self, why: str) -> None:
+        """The catch-up is over and what it wrote is durable: the disk is in
+        write order again, and the undo log is emptied."""
+        if not self.catching_up:
+            return
+        async with self._undo_lock:
+            if self.preserving:
+                await self._undo_call(self.undo.discard)
+        self.catching_up = False
+        self.discard_pending = False
+        self.in_order_at = time.time()
+        log.info("%s: catch-up over (%s): the disk is in write order again%s", self.name, why,
+                 f"; undo log {self.undo.path} emptied" if self.undo is not None else "")
+
+    async def roll_back(self) -> Rollback | None:
+        """Return the disk to the image before the catch-up (the primary is
+        lost mid-catch-up and this member takes over): every saved region is
+        written back and synced, then the log is emptied. None if no catch-up
+        is preserved. The caller marks the regions for the other members."""
+        if not self.preserving:
+            return None
+        started = self._starting = trio.Event()
+        try:
+            with trio.CancelScope(shield=True):  # half rolled back is safe (it is redone), but finish it
+                await self._plain.idle()
+                await self._writing.idle()
+                self._epoch += 1  # what the lost primary still had on its way is dropped at the gate
+                async with self._undo_lock:
+                    report = await self._undo_call(self.undo.rollback, self.device)
+        finally:
+            self._starting = None
+            started.set()
+        self.catching_up = False
+        self.discard_pending = False
+        self.in_order_at = report.consistent_at
+        return report
+
+    def catch_up_answer(self, question: dict[str, Any]) -> dict[str, Any]:
+        """Our answer to the primary's question before a catch-up pass (STATE
+        ``catch_up``): can the undo log hold the old contents of what the
+        pass overwrites? See :class:`transport.messages.CatchUpAnswer`."""
+        answer: dict[str, Any] = {"id": question["id"], "ok": True}
+        if self.undo is None:
+            return answer
+        undo = self.undo
+        answer["undo_log"] = True
+        if not self.preserving and not self.disk_consistent():
+            answer["reason"] = f"disk is {self.statemap.sb.disk.value}: no consistent image to keep"
+            return answer
+        regions = self.statemap.layout.regions
+        runs = question.get("runs")
+        nbytes = question["bytes"]
+        if nbytes > self.size or (runs is not None and any(f + c > regions for f, c in runs)):
+            answer.update(ok=False, reason=f"the catch-up question names bytes beyond the volume ({nbytes} bytes, "
+                                           f"{len(runs or ())} runs)")
+            return answer
+        needed = undo.needed([(f, f + c) for f, c in runs]) if runs is not None else undo.needed_at_most(nbytes)
+        capacity = undo.remaining if self.preserving else max(0, undo.limit - DATA_START)
+        answer.update(preserving=True, needed=needed, capacity=capacity, ok=needed <= capacity,
+                      consistent_at=undo.consistent_at if self.preserving else self.in_order_at)
+        if needed > capacity:
+            answer["reason"] = (f"undo log {undo.path} holds {_mib(capacity)} more, the catch-up needs {_mib(needed)} "
+                                f"(undo_log_size {_mib(undo.limit)})")
+        return answer
+
+    def consistency_status(self) -> dict[str, Any]:
+        """``consistency`` of this member in the status."""
+        consistent = self.consistent
+        at = None
+        if self.preserving:
+            at = self.undo.consistent_at
+        elif consistent and self.statemap.sb.role == Role.PRIMARY:
+            at = time.time()  # the primary's own disk is the write order
+        elif consistent:
+            at = self.in_order_at
+        return {"consistent": consistent, "consistent_at": iso_utc(at) if at else None,
+                "catching_up": self.catching_up,
+                "undo_log": self.undo.status() if self.undo is not None else None}
 
     async def flush(self, *, durable_everywhere: int | None = None) -> None:
         """Local barrier: every completed write is durable; idle extents may retire.
@@ -235,6 +588,8 @@ class LocalVolume:
         done = self._completed_seq if durable_everywhere is None else durable_everywhere
         await self.device.flush()
         self.note_flushed(done)
+        if self.discard_pending:
+            await self.end_catch_up("uptodate, and flushed")
 
     # ------------------------------------------------------------ state-map hooks
 
@@ -296,3 +651,5 @@ class LocalVolume:
         self._closed = True
         self.device.close()
         self.statemap.close()
+        if self.undo is not None:
+            self.undo.close()

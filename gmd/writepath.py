@@ -233,7 +233,8 @@ class WritePath:
                 token = await self._locks.acquire(r * rs, (r + 1) * rs)
                 try:
                     data = await self.engine.local.read(r * rs, rs)
-                    sh = m.ship_write(self.completed_gseq, r * rs, data, lambda sh: None)
+                    # Region contents out of write order: copy data (WRITE_COPY).
+                    sh = m.ship_write(self.completed_gseq, r * rs, data, lambda sh: None, copy=True)
                 finally:
                     self._locks.release(token)
                 if sh is not None:

@@ -22,6 +22,26 @@ def human_bytes(n: int | None) -> str:
 
 
 
+def _consistency_note(note: str, m: dict[str, Any]) -> str:
+    """The member's consistency in its row: said only when it is worth a
+    look (out of write order, an undo log in use, a catch-up refused)."""
+    c = m.get("consistency") or {}  # the local member's own view
+    consistent = c.get("consistent", m.get("consistent"))
+    at = c.get("consistent_at", m.get("consistent_at"))
+    undo = c.get("undo_log") or {}
+    parts = []
+    if consistent is False and m.get("disk") in ("outdated", "merging"):
+        parts.append("NOT consistent (catching up without an undo log)")
+    elif undo.get("active") or (consistent and c.get("catching_up")):
+        parts.append(f"consistent at {at} (undo log {human_bytes(undo.get('used'))} of "
+                     f"{human_bytes(undo.get('size'))})")
+    elif consistent and m.get("disk") not in ("uptodate", None) and at:
+        parts.append(f"consistent at {at}")
+    if m.get("catch_up_refused"):
+        parts.append(f"catch-up refused: {m['catch_up_refused']}")
+    return "; ".join([note, *parts] if note else parts)
+
+
 def format_status(st: dict[str, Any]) -> str:
     """The human form of one volume's status."""
     if "error" in st:
@@ -87,6 +107,7 @@ def format_status(st: dict[str, Any]) -> str:
             note = (note + "; " if note else "") + f"lag {human_bytes(m['lag_bytes'])} / {m['lag_seconds']:.1f} s"
         if m.get("behind"):
             note = (note + "; " if note else "") + "async queue overflowed: tracking in bitmap"
+        note = _consistency_note(note, m)
         if m.get("reason") and m["link"] in ("standalone", "disconnected"):
             note = (note + "; " if note else "") + m["reason"]
         rows.append((name, m["disk"], m["link"], m.get("mode") or "", human_bytes(m["out_of_sync_bytes"]), note))

@@ -72,9 +72,41 @@ class IntroInfo(_Message):
     resume: Annotated[dict[str, Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]], msgspec.Meta(max_length=16)] = {}
 
 
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # bytes or regions: never negative, fits 64 bits
+MAX_CATCH_UP_RUNS = 10_000  # region runs a catch-up question lists at most (more: it gives the byte count only)
+
+
+class CatchUp(_Message):
+    """The primary's question before a catch-up pass: the pass overwrites
+    ``bytes`` of whole regions (``runs`` of regions (first, count) when they
+    are few enough to list); can the member's undo log hold their old contents?"""
+
+    id: Count
+    bytes: Count
+    runs: Annotated[list[tuple[Count, Count]], msgspec.Meta(max_length=MAX_CATCH_UP_RUNS)] | None = None
+
+
+class CatchUpAnswer(_Message):
+    """The member's answer to :class:`CatchUp`. ``ok``: the pass may copy.
+    ``undo_log``: it has one; ``preserving``: its disk holds a consistent image
+    that the log keeps through the pass. ``needed`` and ``capacity`` (bytes
+    left in the log) say why it refused; ``consistent_at`` is the wall-clock
+    time of the image it can return to."""
+
+    id: Count
+    ok: bool
+    undo_log: bool = False
+    preserving: bool = False
+    needed: Count = 0
+    capacity: Count = 0
+    consistent_at: float | None = None
+    reason: str | None = None
+
+
 class PeerState(_Message):
     """A STATE between members: a change of role, a judgement of the receiver's
-    disk, a generation to adopt, a take-over request or its failure."""
+    disk, a generation to adopt, a take-over request or its failure, the
+    catch-up question and its answer."""
 
     role: RoleName | None = None
     your_disk: DiskName | None = None  # the primary's judgement of the receiver's disk
@@ -83,6 +115,8 @@ class PeerState(_Message):
     identity: str | None = None
     take_over: bool = False
     take_over_failed: str | None = None
+    catch_up: CatchUp | None = None
+    catch_up_answer: CatchUpAnswer | None = None
 
 
 class WitnessRequest(_Message):

@@ -831,3 +831,32 @@ def test_split_brain_policy_is_checked():
     e = error_of(QUORUM_BASE.format(volume='split_brain = "discard-younger"\n'))
     assert e.key == "volumes.v.split_brain" and "not a split-brain policy" in e.message
     assert "discard-younger-primary" in e.message
+
+
+UNDO_BASE = ('secret = "s"\n[nodes.a]\naddress = "127.0.0.1:9001"\n[volumes.v]\nsize = "1GiB"\n'
+             '[volumes.v.members.a]\ndevice = "d"\nstatemap = "s"\n{member}')
+
+
+def test_undo_log_is_a_member_path_with_a_size():
+    cfg = parse_config(UNDO_BASE.format(member='undo_log = "v.undo"\nundo_log_size = "4GiB"\n'), file="t.toml",
+                       base_dir=Path("/etc/gmd"))
+    m = cfg.member("v", "a")
+    assert (m.undo_log, m.undo_log_size) == (Path("/etc/gmd/v.undo"), 4 << 30)
+    default = parse_config(UNDO_BASE.format(member='undo_log = "/var/lib/gmd/v.undo"\n'), file="t.toml",
+                           base_dir=Path("/etc/gmd"))
+    assert default.member("v", "a").undo_log_size == 1 << 30
+    none = parse_config(UNDO_BASE.format(member=""), file="t.toml", base_dir=Path("/etc/gmd"))
+    assert (none.member("v", "a").undo_log, none.member("v", "a").undo_log_size) == (None, 0)
+
+
+def test_undo_log_mistakes_name_the_key():
+    e = error_of(UNDO_BASE.format(member='undo_log_size = "4GiB"\n'))
+    assert e.key == "volumes.v.members.a.undo_log_size" and "without undo_log" in e.message
+    e = error_of(UNDO_BASE.format(member='undo_log = "u"\nundo_log_size = "64KiB"\n'))
+    assert e.key == "volumes.v.members.a.undo_log_size" and "smaller than the minimum" in e.message
+    e = error_of(UNDO_BASE.format(member='undo_log = "u"\nundo_log_size = "4GB"\n'))
+    assert e.key == "volumes.v.members.a.undo_log_size"
+    e = error_of(UNDO_BASE.format(member='undo_log = 5\n'))
+    assert e.key == "volumes.v.members.a.undo_log"
+    e = error_of(UNDO_BASE.format(member='undo_log = "s"\n'))  # the state map's own file
+    assert e.key == "volumes.v.members.a.undo_log" and "overwrite each other" in e.message

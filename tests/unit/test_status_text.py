@@ -29,3 +29,26 @@ def test_the_takeover_state_and_a_failed_command_are_shown():
 def test_without_auto_promote_nothing_about_takeover_is_shown():
     assert "takeover" not in format_status(status(takeover={"auto_promote": False, "state": "off",
                                                             "commands": {}}))
+
+
+def member(**extra):
+    m = {"disk": "outdated", "link": "connected", "mode": "async", "out_of_sync_bytes": 1 << 20}
+    m.update(extra)
+    return m
+
+
+def test_the_consistency_of_members_is_shown_when_worth_a_look():
+    text = format_status(status(members={
+        "labor2": member(link="local", consistency={
+            "consistent": True, "consistent_at": "2026-12-01T10:00:00.000Z", "catching_up": True,
+            "undo_log": {"path": "/u", "size": 64 << 20, "used": 3 << 20, "regions": 48, "active": True}}),
+        "labor3": member(consistent=False, consistent_at=None),
+        "labor4": member(consistent=True, consistent_at="2026-12-01T09:00:00.000Z",
+                         catch_up_refused="undo log /x holds 64 MiB more, the catch-up needs 300 MiB"),
+        "labor5": member(disk="uptodate", out_of_sync_bytes=0, consistent=True,
+                         consistent_at="2026-12-01T11:00:00.000Z")}))
+    row = {line.split()[0]: line for line in text.splitlines()[3:] if line.startswith("  labor")}
+    assert "consistent at 2026-12-01T10:00:00.000Z (undo log 3.0 MiB of 64.0 MiB)" in row["labor2"]
+    assert "NOT consistent (catching up without an undo log)" in row["labor3"]
+    assert "catch-up refused: undo log /x holds 64 MiB more, the catch-up needs 300 MiB" in row["labor4"]
+    assert "consistent" not in row["labor5"]  # level and in order: nothing to say
