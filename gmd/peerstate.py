@@ -15,7 +15,7 @@ from statemap import CopyKind, DiskState, Fence, Role
 from transport.codec import State
 from transport.messages import PeerState as PeerStateMessage
 from transport.messages import decode
-from transport.link import LinkClosed
+from transport.link import LinkClosed, PeerLink
 
 from .replication import MemberLink, disk_of, role_of
 
@@ -103,18 +103,37 @@ class PeerState:
         if disk != DiskState.UPTODATE and self.engine.role == Role.PRIMARY:
             self.engine.copier.start_copy(m)
 
-    async def send_state(self, m: MemberLink, fields: dict[str, Any]) -> None:
+    def _state_path(self, m: MemberLink, fields: dict[str, Any]) -> PeerLink | None:
         s = m.session
         path = s.pick_path() if s else None
         if path is None:
-            return
+            return None
         decode(PeerStateMessage, fields, "our own STATE")  # a key we send must be one the peer knows
         if fields.get("your_disk") == DiskState.UPTODATE.value:
             m.out_of_order_since = None  # level with us: in write order from here
         elif fields.get("your_disk") is not None:
             m.note_out_of_order()  # what it gets from now on leaves a gap
+        return path
+
+    async def send_state(self, m: MemberLink, fields: dict[str, Any]) -> None:
+        path = self._state_path(m, fields)
+        if path is None:
+            return
         try:
             await path.send(State(fields))
+        except LinkClosed:
+            pass
+
+    def send_state_nowait(self, m: MemberLink, fields: dict[str, Any]) -> None:
+        """:meth:`send_state` without waiting for room on the link: for the
+        write path, which must not stall behind a member's full socket (a
+        blackholed link holds it until the path times out). One STATE per
+        change of the member's disk, so what it queues is bounded."""
+        path = self._state_path(m, fields)
+        if path is None:
+            return
+        try:
+            path.send_nowait(State(fields))
         except LinkClosed:
             pass
 

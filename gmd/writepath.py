@@ -352,7 +352,7 @@ class WritePath:
         await local.mark_out_of_sync(m.name, offset, length)
         if m.connected and m.peer_disk == DiskState.UPTODATE:
             m.peer_disk = DiskState.OUTDATED
-            await self.engine.peerstate.send_state(m, {"your_disk": DiskState.OUTDATED.value})
+            self.engine.peerstate.send_state_nowait(m, {"your_disk": DiskState.OUTDATED.value})
         if m.connected and self.engine.role == Role.PRIMARY:
             # Still connected: an async member that fell behind, or one that
             # answered a write with an error (its disk full, say). Either is

@@ -69,6 +69,9 @@ class Ack(NamedTuple):
     seq: int
     offset: int
     acked_at: float
+    # How many writes were acknowledged when this one was issued: everything
+    # up to that index happened before it. None: not recorded (old journals).
+    issued_after: int | None = None
 
 
 class CorruptStamp(ValueError):
@@ -149,7 +152,12 @@ class Verification:
     (``lost_bytes`` of data); the first of them was acknowledged
     ``lost_age`` seconds before the fault. ``is_prefix`` says the image is
     what a copy that keeps write order may hold: no offset holds a write
-    acknowledged later than ``prefix_index + slack``.
+    issued after an acknowledgement the image lacks. Where the acks record
+    when each write was issued (``Ack.issued_after``) that is exact, with
+    ``slack`` 0: a write may complete long after it took its place in the
+    order (it waited for a thread, a commit), so its acknowledgement's index
+    says little. Without it, a write ranks by its acknowledgement, and
+    ``slack`` acknowledgements may come out of order.
     """
 
     blocks_checked: int = 0
@@ -234,7 +242,8 @@ def verify(
         writer_index.setdefault(a.writer, []).append(a.index)
     issued = {(off, w, s) for off, ws in in_flight.items() for w, s in ws}
     writers = set(writer_seqs) | {w for _, w, _ in issued}
-    v.slack = len(writers) if slack is None else slack
+    causal = bool(ordered) and all(a.issued_after is not None for a in ordered)
+    v.slack = (0 if causal else len(writers)) if slack is None else slack
 
     def issued_after(writer: int, seq: int) -> int:
         # The index of the writer's last ack before ``seq``: an unacknowledged
@@ -267,9 +276,10 @@ def verify(
                 seqs = [a.seq for a in there] if len(there) > 1 else [want.seq]
                 pos = bisect_left(seqs, st.seq)
                 if pos < len(seqs) and seqs[pos] == st.seq:
-                    rank = there[pos].index
+                    rank = there[pos].issued_after if causal else there[pos].index
                 else:
-                    rank = issued_after(st.writer, st.seq) + 1
+                    # Unacknowledged: issued no earlier than its writer's last ack before it.
+                    rank = issued_after(st.writer, st.seq) + (0 if causal else 1)
                 latest_found = max(latest_found, rank)
                 if st.seq == want.seq:
                     v.ok += 1

@@ -297,6 +297,7 @@ class Workload:
                         seq += 1
                         offset = base + rng.randrange(owned) * stride
                         self._pending[w] = Pending(w, seq, offset, time.time())
+                        issued_after = len(self._acks)  # what it may depend on (tools.stamps.verify)
                 if reopen:
                     if fd is not None:
                         self._close(fd)
@@ -320,8 +321,8 @@ class Workload:
                 with self._cond:
                     del self._pending[w]
                     acked_at = time.time()
-                    ack = Ack(len(self._acks) + 1, w, seq, offset, acked_at)
-                    self._journal(f"a {ack.index} {w} {seq} {offset} {acked_at!r}\n")
+                    ack = Ack(len(self._acks) + 1, w, seq, offset, acked_at, issued_after)
+                    self._journal(f"a {ack.index} {w} {seq} {offset} {acked_at!r} {issued_after}\n")
                     self._acks.append(ack)
                     self._acked_at.append(acked_at)
                     self._cond.notify_all()
@@ -412,8 +413,9 @@ def load_journal(path: str | Path) -> list[Ack]:
     """The acknowledged writes a workload journal records, in index order."""
     acks = []
     for f in _records(path):
-        if f[0] == "a" and len(f) == 6:
-            acks.append(Ack(int(f[1]), int(f[2]), int(f[3]), int(f[4]), float(f[5])))
+        if f[0] == "a" and len(f) in (6, 7):  # 6: before issued_after was recorded
+            acks.append(Ack(int(f[1]), int(f[2]), int(f[3]), int(f[4]), float(f[5]),
+                            int(f[6]) if len(f) == 7 else None))
     return acks
 
 

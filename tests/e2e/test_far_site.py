@@ -20,7 +20,7 @@ import pytest
 from tools.drill import read_blocks
 from tools.drill_cluster import LocalCluster
 from tools.procs import file_hash
-from tools.stamps import verify
+from tools.stamps import parse, verify
 from tools.workload import Workload
 
 from .test_drill import _missing, leftovers
@@ -75,12 +75,27 @@ def far_image_is_a_prefix(c: LocalCluster, w: Workload) -> tuple[bool, str]:
         read, close = read_blocks(str(c.backing("labor2")))
         try:
             v = verify(acks, read, w.run, in_flight=w.in_flight)
+            out_of_order = [] if v.passed(rpo_zero=False) else out_of_order_writes(acks, read, w.run, v.prefix_index)
         finally:
             close()
     finally:
         c.heal()
     return v.passed(rpo_zero=False), (f"prefix up to write {v.prefix_index} of {v.acked_writes}, "
-                                      f"{v.corrupt} corrupt, {v.stale} behind; {v.examples[:3]}")
+                                      f"{v.corrupt} corrupt, {v.stale} behind; held though issued after "
+                                      f"an ack it lacks (ack, issued after, offset): {out_of_order[:5]}")
+
+
+def out_of_order_writes(acks, read, run, prefix_index: int) -> list[tuple[int, int, int]]:
+    """The acknowledged writes an image holds that were issued after an ack
+    it lacks: what makes it no prefix (for the failure message)."""
+    index = {(a.writer, a.seq): a for a in acks}
+    found = []
+    for off in sorted({a.offset for a in acks}):
+        st = parse(read(off), run, off)
+        a = index.get((st.writer, st.seq)) if st is not None else None
+        if a is not None and (a.issued_after or 0) > prefix_index:
+            found.append((a.index, a.issued_after, off))
+    return sorted(found)
 
 
 def level(c: LocalCluster) -> bool:

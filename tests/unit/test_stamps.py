@@ -245,3 +245,36 @@ def test_verify_is_fast_enough_for_a_64_mib_area():
     v = verify(acks, reader(dev), RUN)
     assert time.perf_counter() - t < 3.0
     assert v.ok == v.blocks_checked and v.passed(rpo_zero=True)
+
+
+# --- the causal prefix (acks that record when their write was issued) ---
+
+def _delayed_history():
+    """Writer 0's write A is issued first but completes last (it waited for
+    a thread); writers 1..3 go on meanwhile. In issue order: A, then the
+    others; each ack records how many acks there were when it was issued."""
+    a = Ack(6, 0, 1, 0, 6.0, issued_after=0)  # issued before anything was acknowledged
+    others = [Ack(i, 1 + (i - 1) % 3, 1 + (i - 1) // 3, (1 + (i - 1) % 3) * BLOCK + (i - 1) // 3 * 4 * BLOCK,
+                  float(i), issued_after=max(0, i - 3)) for i in range(1, 6)]
+    return a, others
+
+
+def test_a_write_that_completed_late_may_be_on_a_copy_without_what_completed_after_it():
+    a, others = _delayed_history()
+    # The copy holds A (the primary's first write) and the first two others:
+    # a prefix of the primary's order, though A was acknowledged last.
+    image = replay([a, *others[:2]])
+    v = verify([a, *others], reader(image), RUN)
+    assert v.slack == 0 and v.is_prefix and v.passed(rpo_zero=False)
+    # Ranked by acknowledgement (old journals: no issued_after), the same
+    # image looks out of order: A is ack 6, acks 3..5 are missing.
+    old = [x._replace(issued_after=None) for x in (a, *others)]
+    assert not verify(old, reader(image), RUN, slack=1).is_prefix
+
+
+def test_a_write_issued_after_an_acknowledgement_the_copy_lacks_is_out_of_order():
+    a, others = _delayed_history()
+    # others[4] was issued after ack 2 (others[1]); holding it without others[1] breaks the order.
+    image = replay([a, others[0], others[4]])
+    v = verify([a, *others], reader(image), RUN)
+    assert not v.is_prefix and not v.passed(rpo_zero=False)
