@@ -117,10 +117,11 @@ class BandwidthRule:
     def describe(self) -> str:
         """``08:00-18:00 mon,tue,...`` for log lines."""
         days = ",".join(DAYS[d] for d in sorted(self.days)) if len(self.days) < 7 else "every day"
-        return f"{_clock(self.start)}-{_clock(self.end)} {days}"
+        return f"{clock_text(self.start)}-{clock_text(self.end)} {days}"
 
 
-def _clock(minutes: int) -> str:
+def clock_text(minutes: int) -> str:
+    """Minutes since midnight as ``HH:MM``."""
     return f"{minutes // 60:02d}:{minutes % 60:02d}"
 
 
