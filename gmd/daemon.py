@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import ssl
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -269,8 +270,10 @@ class NodeDaemon:
     async def reload(self) -> dict[str, Any]:
         """``gmd reload``: re-read the config file and apply what can change while
         volumes are in use: members added to a volume, volumes added for this
-        node (they stay down until 'gmd up'). Anything else is refused with the
-        differences named, and nothing is applied."""
+        node (they stay down until 'gmd up'), and how data is shipped to each
+        member (compression, bandwidth limits: from the next piece sent on).
+        Anything else is refused with the differences named, and nothing is
+        applied."""
         new = load_config(self.config.path)
         problems = []
         if self.node not in new.nodes:
@@ -291,7 +294,10 @@ class NodeDaemon:
                     problems.append(f"volume {name}: {field_name} changed ({getattr(old, field_name)} -> "
                                     f"{getattr(vol, field_name)})")
             for member, m in old.members.items():
-                if vol.members.get(member) != m:
+                # How data is shipped to a member (compression, bandwidth) may
+                # change: the engine applies it at once.
+                now = vol.members.get(member)
+                if now is None or replace(now, shipping=m.shipping) != m:
                     problems.append(f"volume {name}: member {member} changed or removed")
         if problems:
             raise Refused("reload-refused", path=self.config.path, problems="; ".join(problems))

@@ -97,7 +97,7 @@ class VolumeEngine:
         self.role = Role.SECONDARY
         self.role_epoch = 0  # bumped on every role change: FUSE handles of an older epoch get EIO
         self.members: dict[str, MemberLink] = {
-            name: MemberLink(name, m.mode, queue_limit=config.async_queue, volume=config.name)
+            name: MemberLink(name, m.mode, queue_limit=config.async_queue, volume=config.name, shipping=m.shipping)
             for name, m in config.members.items() if name != self.node
         }
         self._nursery: trio.Nursery | None = None
@@ -247,12 +247,16 @@ class VolumeEngine:
     async def add_members(self, config: VolumeConfig) -> list[str]:
         """Take a config that adds members to this volume (``gmd reload``), while
         it runs: each new member gets a link, a slot in the state map and, once
-        it connects, a full copy; its votes count from then on."""
+        it connects, a full copy; its votes count from then on. How data is
+        shipped to each member (compression, bandwidth) takes the new
+        settings at once."""
         new = [name for name in config.members if name != self.node and name not in self.members]
         self.config = config
+        for name, m in self.members.items():
+            m.reship(config.members[name].shipping)
         for name in new:
             self.members[name] = MemberLink(name, config.members[name].mode, queue_limit=config.async_queue,
-                                            volume=config.name)
+                                            volume=config.name, shipping=config.members[name].shipping)
         if self.local is not None:
             self.local.config = config
             self.local.add_new_members()

@@ -90,6 +90,8 @@ def volume_status(engine: StatusVolume) -> dict[str, Any]:
             "reason": m.reason,
             "peer_role": m.peer_role.value if m.connected and m.peer_role else None,
             "paths": len([p for p in m.session.paths if not p.closed]) if m.session else 0,
+            # how data is shipped to it: compression, bytes before and on the wire, the limit in force
+            "wire": m.wire_status(),
         }
     return {
         "volume": cfg.name, "node": engine.node, "daemon": True, "role": engine.role.value,
