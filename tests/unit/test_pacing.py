@@ -50,21 +50,29 @@ def test_the_burst_is_20_ms_but_never_below_64_kib():
 
 def test_a_full_bucket_grants_one_burst_then_refills_at_the_rate():
     b = TokenBucket(1_000_000, now=0.0)
-    assert b.take(10 * MIN_BURST, 0.0) == MIN_BURST  # a piece of at most one burst
+    assert b.take(10 * MIN_BURST, 0.0) == MIN_BURST  # at most one burst at once
     assert b.take(1, 0.0) == 0
     assert b.delay(1000, 0.0) == pytest.approx(0.001)
     assert b.take(1000, 0.0005) == 0  # 500 bytes saved up, not the 1000 asked for
     assert b.take(1000, 0.001) == 1000
-    assert b.take(MIN_BURST, 10.0) == MIN_BURST  # saved up to one burst, no more
+    assert b.take(10 * MIN_BURST, 10.0) == MIN_BURST  # saved up to one burst, no more
     assert b.take(1, 10.0) == 0
+
+
+def test_a_large_want_waits_for_half_a_burst_and_gets_all_that_came_in():
+    b = TokenBucket(1_000_000, now=0.0)
+    b.take(MIN_BURST, 0.0)
+    assert b.piece == MIN_BURST // 2
+    assert b.delay(1 << 20, 0.0) == pytest.approx(b.piece / 1_000_000)
+    assert b.take(1 << 20, 0.02) == 0  # 20 KB in: short of the piece
+    assert b.take(1 << 20, 0.04) == 40_000  # woken late: nothing that came in meanwhile is lost
 
 
 def test_what_was_not_sent_goes_back_into_the_bucket():
     b = TokenBucket(1_000_000, now=0.0)
     n = b.take(MIN_BURST, 0.0)
     b.give_back(n - 100)
-    assert b.take(MIN_BURST, 0.0) == 0  # short of one piece
-    assert b.take(MIN_BURST - 100, 0.0) == MIN_BURST - 100
+    assert b.take(MIN_BURST, 0.0) == MIN_BURST - 100
 
 
 def test_a_new_rate_applies_from_then_on():
@@ -72,8 +80,7 @@ def test_a_new_rate_applies_from_then_on():
     b.take(MIN_BURST, 0.0)
     b.set_rate(100_000_000, now=0.01)  # 10 ms at the old rate saved 10 KB
     assert b.burst == 2_000_000
-    assert b.take(10_000, 0.01) == 10_000
-    assert b.take(10**9, 0.02) == 0  # 1 MB saved: short of one 2 MB piece
+    assert b.take(10**9, 0.01) == 0  # 10 KB saved: short of one 1 MB piece
     assert b.take(10**9, 0.03) == 2_000_000
 
 
@@ -93,6 +100,7 @@ def test_no_sequence_of_takes_gets_more_than_one_burst_plus_the_rate_times_the_t
         now += gap
         got = b.take(want, now)
         assert 0 <= got <= min(want, b.burst)
+        assert got == 0 or got >= min(want, b.piece)
         granted += got
         assert granted <= b.burst + rate * now + 1e-6
         # And it never refuses what it holds: after its delay a take succeeds.
@@ -101,7 +109,7 @@ def test_no_sequence_of_takes_gets_more_than_one_burst_plus_the_rate_times_the_t
             assert wait > 0
             now += wait + 1e-9
             got = b.take(want, now)
-            assert got >= min(want, b.burst)
+            assert got >= min(want, b.piece)
             granted += got
             assert granted <= b.burst + rate * now + 1e-6
 
@@ -120,7 +128,7 @@ def test_a_steady_sender_gets_the_rate(rate, piece):
         if not got:
             now += b.delay(piece, now)
     # What it started with plus what flowed in, less at most the piece it last waited for.
-    assert b.burst + rate * now - min(piece, b.burst) - 1 <= sent <= b.burst + rate * now + 1
+    assert b.burst + rate * now - min(piece, b.piece) - 1 <= sent <= b.burst + rate * now + 1
 
 
 # ---------------------------------------------------------------- the schedule
@@ -234,4 +242,6 @@ async def test_try_reserve_is_all_or_nothing(autojump_clock):
     assert p.try_reserve(MIN_BURST - 10)
     assert not p.try_reserve(100)  # 10 bytes left: refused, and the bucket keeps them
     assert p.try_reserve(10)
+    await trio.sleep(1.0)
     assert not p.try_reserve(MIN_BURST + 1)  # never more than one burst at once
+    assert p.try_reserve(MIN_BURST // 2 + 100)  # more than a piece, less than the bucket holds
