@@ -553,12 +553,7 @@ class Connection:
     def send_parts(self, event: Event) -> list:
         """Like :meth:`send`, but the frame as a list of byte strings (header
         first) that are sent in order; a write's data is not copied."""
-        try:
-            _validate(event)
-            ftype, parts = _encode_parts(event)
-        except (struct.error, OverflowError, TypeError, ValueError, AttributeError) as e:
-            raise LocalProtocolError(f"cannot encode {type(event).__name__}: {e}") from None
-        length = sum(len(p) for p in parts)
+        ftype, parts, length = _encode_checked(event)
         bound = self.max_payload if ftype not in (FrameType.HELLO, FrameType.AUTH) else self.frame_bound
         if length > bound:
             raise LocalProtocolError(f"{ftype.name} payload of {length} bytes exceeds {bound}")
@@ -575,14 +570,9 @@ class Connection:
         by :meth:`send_parts`, not yet on the wire) with the same sequence: the
         same write compressed by the link just before it goes out. No state
         changes; LocalProtocolError if it is not such a write or not allowed."""
-        try:
-            _validate(write)
-            ftype, parts = _encode_parts(write)
-        except (struct.error, OverflowError, TypeError, ValueError, AttributeError) as e:
-            raise LocalProtocolError(f"cannot encode {type(write).__name__}: {e}") from None
-        length = sum(len(p) for p in parts)
-        if ftype is not FrameType.WRITE or FrameType.WRITE not in self.sent:
+        if not isinstance(write, Write) or FrameType.WRITE not in self.sent:
             raise LocalProtocolError("send_write_instead replaces a WRITE already sent")
+        ftype, parts, length = _encode_checked(write)
         if length > self.max_payload:
             raise LocalProtocolError(f"WRITE payload of {length} bytes exceeds {self.max_payload}")
         return _frame_parts(ftype, parts, length)
@@ -756,6 +746,17 @@ def _validate(event: Event) -> None:
         v = getattr(event, name, None)
         if v is not None and not 0 <= v < _U64:
             bad(f"{name} {v} outside 0..2**64-1")
+
+
+def _encode_checked(event: Event) -> tuple[FrameType, list, int]:
+    """(frame type, payload parts, payload length) of an event our side may
+    send; LocalProtocolError for one the peer would refuse."""
+    try:
+        _validate(event)
+        ftype, parts = _encode_parts(event)
+    except (struct.error, OverflowError, TypeError, ValueError, AttributeError) as e:
+        raise LocalProtocolError(f"cannot encode {type(event).__name__}: {e}") from None
+    return ftype, parts, sum(len(p) for p in parts)
 
 
 def _frame_parts(ftype: FrameType, parts: list, length: int) -> list:
