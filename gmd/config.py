@@ -41,6 +41,16 @@ File format::
     mode = "sync"                     # optional; default: the volume's mode
     votes = 1                         # optional; default: the node's votes
 
+How data is shipped TO a member (docs/DESIGN.md, "WAN economy"), in the
+volume's table as the default for every member, in a member's table for it::
+
+    compress = "none"                 # default; or "zstd"
+    compress_level = 3                # default; 1..22 (zstd's levels)
+    bandwidth = 0                     # bytes/s, or a size such as "4MiB"; 0 = no limit
+    bandwidth_schedule = [            # local time; the first window that covers now wins
+      {from = "08:00", to = "18:00", days = ["mon", "tue", "wed", "thu", "fri"], bandwidth = "2MiB"},
+    ]                                 # "to" at or before "from": through midnight; days: every day
+
 Sizes are an integer number of bytes or a string: digits with an optional unit
 ``B``, ``KiB``, ``MiB``, ``GiB``, ``TiB``, ``PiB`` or the LVM/dd letters ``K``,
 ``M``, ``G``, ``T``, ``P``; all units are 1024-based and case-insensitive. A
@@ -78,7 +88,7 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
-from .configmodel import Address, Config, Member, Node, TlsConfig, VolumeConfig, Witness
+from .configmodel import Address, Config, Member, Node, Shipping, TlsConfig, VolumeConfig, Witness
 from .configschema import parse_config
 from .configvalues import (
     DEFAULT_CONTROL_TIMEOUT,
@@ -118,6 +128,7 @@ __all__ = [
     "ConfigError",
     "Member",
     "Node",
+    "Shipping",
     "VolumeConfig",
     "Witness",
     "load_config",

@@ -15,7 +15,18 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .configvalues import DEFAULT_CONTROL_TIMEOUT, HOST_RE, PORT_RE, ConfigError, name_list, unknown_name
+from transport.pacing import BandwidthRule, BandwidthSchedule
+
+from .configvalues import (
+    DEFAULT_COMPRESS_LEVEL,
+    DEFAULT_CONTROL_TIMEOUT,
+    HOST_RE,
+    PORT_RE,
+    ConfigError,
+    name_list,
+    unknown_name,
+)
+
 
 @dataclass(frozen=True)
 class Address:
@@ -110,6 +121,23 @@ class Witness:
 
 
 @dataclass(frozen=True)
+class Shipping:
+    """How every node ships data *to* one member: compression and a bandwidth
+    limit (docs/DESIGN.md, "WAN economy"). Each key is the member's own if
+    set, else the volume's, else the default."""
+
+    compress: str = "none"  # "zstd" or "none"
+    compress_level: int = DEFAULT_COMPRESS_LEVEL  # zstd level, 1..22
+    bandwidth: int = 0  # bytes/s outside the schedule's windows; 0: no limit
+    bandwidth_schedule: tuple[BandwidthRule, ...] = ()  # first window covering the local time wins
+
+    @property
+    def schedule(self) -> BandwidthSchedule:
+        """The limits as :class:`transport.pacing.Pacer` takes them."""
+        return BandwidthSchedule(self.bandwidth, self.bandwidth_schedule)
+
+
+@dataclass(frozen=True)
 class Member:
     """One copy of a volume on one node, with its effective mode and votes."""
 
@@ -127,6 +155,7 @@ class Member:
     # log"): the member's own undo log file, and the most it may hold.
     undo_log: Path | None = None
     undo_log_size: int = 0  # bytes; set (default 1 GiB) when undo_log is
+    shipping: Shipping = Shipping()  # how data is shipped to this member
 
 
 @dataclass(frozen=True)
@@ -156,6 +185,7 @@ class VolumeConfig:
     # now is logged once and flagged in status. None: no alert on that measure.
     rpo_alert_seconds: int | None = None
     rpo_alert_bytes: int | None = None
+    shipping: Shipping = Shipping()  # the members' default (each member's is in Member.shipping)
 
 
 @dataclass(frozen=True)

@@ -9,23 +9,31 @@ dotted key at the first mistake. Users import :func:`parse_config` from
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .configmodel import Address, Config, Member, Node, TlsConfig, VolumeConfig, Witness
+from transport.pacing import DAYS, BandwidthRule, clock_text
+
+from .configmodel import Address, Config, Member, Node, Shipping, TlsConfig, VolumeConfig, Witness
 from .configvalues import (
+    COMPRESSORS,
     DEFAULT_CONTROL_TIMEOUT,
     DEFAULT_EXTENT_SIZE,
     DEFAULT_MODE,
     DEFAULT_REGION_SIZE,
     DEFAULT_UNDO_LOG_SIZE,
     DEFAULT_VOTES,
+    MAX_COMPRESS_LEVEL,
     MAX_MEMBERS,
+    MIN_BANDWIDTH,
+    MIN_COMPRESS_LEVEL,
     MIN_REGION_SIZE,
     MIN_UNDO_LOG_SIZE,
     MODES,
@@ -41,6 +49,11 @@ from .configvalues import (
     parse_size,
     show_bytes,
 )
+
+# Keys of how data is shipped to a member: in the volume's table (the default
+# for every member) and in a member's table (for it).
+SHIPPING_KEYS = ("compress", "compress_level", "bandwidth", "bandwidth_schedule")
+_RULE_KEYS = ("from", "to", "days", "bandwidth")
 
 class _Parser:
     """Validates the decoded TOML document; every error names ``file`` and a key."""
@@ -178,6 +191,101 @@ class _Parser:
             result.append(addr)
         return tuple(result)
 
+    # -- how data is shipped to a member
+
+    def shipping(self, table: Mapping[str, Any], key: str, base: Shipping) -> Shipping:
+        """The shipping keys of ``table`` (a volume's or a member's) over ``base``."""
+        compress, level = base.compress, base.compress_level
+        if "compress" in table:
+            where = join_key(key, "compress")
+            compress = self.string(table["compress"], where, 'one of: "zstd", "none"')
+            if compress not in COMPRESSORS:
+                raise self.error(where, f'{json.dumps(compress)} is not a compressor (expected "zstd" or "none")'
+                                        f"{did_you_mean(compress, COMPRESSORS)}")
+        if "compress_level" in table:
+            where = join_key(key, "compress_level")
+            level = self.integer(table["compress_level"], where, MIN_COMPRESS_LEVEL)
+            if level > MAX_COMPRESS_LEVEL:
+                raise self.error(where, f"{level} is too large (expected {MIN_COMPRESS_LEVEL}..{MAX_COMPRESS_LEVEL}, "
+                                        "zstd's levels; 1..3 are the fast ones)")
+        bandwidth = base.bandwidth
+        if "bandwidth" in table:
+            bandwidth = self.bandwidth(table["bandwidth"], join_key(key, "bandwidth"))
+        rules = base.bandwidth_schedule
+        if "bandwidth_schedule" in table:
+            rules = self.bandwidth_schedule(table["bandwidth_schedule"], join_key(key, "bandwidth_schedule"))
+        return Shipping(compress, level, bandwidth, rules)
+
+    def bandwidth(self, value: object, key: str) -> int:
+        """Bytes per second: an integer or a size such as ``"4MiB"``; 0 for no limit."""
+        n = parse_size(value, file=self.file, key=key, minimum=0)
+        if 0 < n < MIN_BANDWIDTH:
+            raise self.error(key, f"{as_written(value, n)} bytes/s is below the least limit "
+                                  f"{show_bytes(MIN_BANDWIDTH)} bytes/s (0 means no limit)")
+        return n
+
+    def bandwidth_schedule(self, value: object, key: str) -> tuple[BandwidthRule, ...]:
+        """A list of ``{from, to, days, bandwidth}`` tables."""
+        if not isinstance(value, list):
+            raise self.error(key, "expected a list of tables such as "
+                                  '{from = "08:00", to = "18:00", days = ["mon"], bandwidth = "2MiB"}, '
+                                  f"got {describe(value)}")
+        rules = []
+        for i, entry in enumerate(value):
+            where = f"{key}[{i}]"
+            entry = self.table(entry, where)
+            self.check_keys(entry, where, _RULE_KEYS)
+            start = self.clock(self.require(entry, where, "from", 'a time of day such as "08:00"'),
+                               join_key(where, "from"), end=False)
+            end = self.clock(self.require(entry, where, "to", 'a time of day such as "18:00"'),
+                             join_key(where, "to"), end=True)
+            if start == end:
+                raise self.error(join_key(where, "to"), f'"to" equals "from" ({clock_text(start)}): a window needs a '
+                                                        'length (for the whole day: from = "00:00", to = "24:00")')
+            days = frozenset(range(7))
+            if "days" in entry:
+                days = self.days(entry["days"], join_key(where, "days"))
+            bandwidth = self.bandwidth(self.require(entry, where, "bandwidth", "bytes/s, 0 for no limit"),
+                                       join_key(where, "bandwidth"))
+            rules.append(BandwidthRule(start, end, days, bandwidth))
+        return tuple(rules)
+
+    def clock(self, value: object, key: str, *, end: bool) -> int:
+        """A local time of day, ``"HH:MM"`` (or a TOML time), as minutes since
+        midnight; ``"24:00"`` is allowed as the end of a window."""
+        expected = '"HH:MM", e.g. "08:00"' + (' or "24:00"' if end else "")
+        if isinstance(value, datetime.time):
+            if value.second or value.microsecond or value.tzinfo is not None:
+                raise self.error(key, f"{value.isoformat()} has seconds or a time zone (expected {expected})")
+            return value.hour * 60 + value.minute
+        text = self.string(value, key, f"a time of day {expected}")
+        m = _CLOCK_RE.fullmatch(text)
+        if m is None:
+            raise self.error(key, f"{json.dumps(text)} is not a time of day (expected {expected})")
+        hours, mins = int(m.group(1)), int(m.group(2))
+        if (hours, mins) == (24, 0) and end:
+            return 24 * 60
+        if hours > 23 or mins > 59:
+            raise self.error(key, f"{json.dumps(text)} is not a time of day (expected {expected})")
+        return hours * 60 + mins
+
+    def days(self, value: object, key: str) -> frozenset[int]:
+        """A non-empty list of weekday names, ``"mon"`` .. ``"sun"``."""
+        expected = f"a list of days from {', '.join(DAYS)}"
+        if not isinstance(value, list) or not value:
+            raise self.error(key, f"expected {expected}, got {describe(value)}")
+        days = set()
+        for i, day in enumerate(value):
+            where = f"{key}[{i}]"
+            name = self.string(day, where, f"a day ({', '.join(DAYS)})")
+            if name not in DAYS:
+                raise self.error(where, f"{json.dumps(name)} is not a day (expected one of: {', '.join(DAYS)})"
+                                        f"{did_you_mean(name.lower(), DAYS)}")
+            if DAYS.index(name) in days:
+                raise self.error(where, f"{json.dumps(name)} is listed twice")
+            days.add(DAYS.index(name))
+        return frozenset(days)
+
     # -- sections
 
     def tls(self, value: object) -> TlsConfig | None:
@@ -290,7 +398,7 @@ class _Parser:
         self.check_keys(table, key, ("size", "region_size", "extent_size", "mode", "members", "async_queue",
                                      "copy_rate", "on_quorum_loss", "quorum_timeout", "split_brain",
                                      "auto_promote", "start_command", "stop_command", "command_timeout",
-                                     "rpo_alert_seconds", "rpo_alert_bytes"))
+                                     "rpo_alert_seconds", "rpo_alert_bytes", *SHIPPING_KEYS))
 
         size, raw_size = self.size(
             self.require(table, key, "size", 'a size such as "4GiB"'), join_key(key, "size")
@@ -329,12 +437,14 @@ class _Parser:
             )
 
         mode = self.mode(table.get("mode", DEFAULT_MODE), join_key(key, "mode"))
+        shipping = self.shipping(table, key, Shipping())
         members = self.members(
             self.require(table, key, "members", "a table of [members.NODE] tables"),
             join_key(key, "members"),
             mode,
             nodes,
             witnesses,
+            shipping,
         )
         async_queue, _ = self.size(table.get("async_queue", "64MiB"), join_key(key, "async_queue"))
         copy_rate = 0
@@ -369,7 +479,8 @@ class _Parser:
                 raise self.error(join_key(key, "rpo_alert_bytes"), "must be more than 0 bytes (leave it out "
                                  "for no alert on bytes)")
         return VolumeConfig(name, size, region, extent, mode, members, async_queue, copy_rate, on_loss, timeout,
-                            split, auto_promote, start, stop, command_timeout, alert_seconds, alert_bytes)
+                            split, auto_promote, start, stop, command_timeout, rpo_alert_seconds=alert_seconds,
+                            rpo_alert_bytes=alert_bytes, shipping=shipping)
 
     def members(
         self,
@@ -378,6 +489,7 @@ class _Parser:
         volume_mode: str,
         nodes: Mapping[str, Node],
         witnesses: Mapping[str, Witness],
+        shipping: Shipping,
     ) -> dict[str, Member]:
         tables = self.table(value, key)
         if not tables:
@@ -403,7 +515,7 @@ class _Parser:
                 raise self.error(mkey, message)
             self.table(table, mkey)
             self.check_keys(table, mkey, ("device", "statemap", "mode", "votes", "journal", "journal_size",
-                                          "undo_log", "undo_log_size"))
+                                          "undo_log", "undo_log_size", *SHIPPING_KEYS))
             device = self.path(
                 self.require(table, mkey, "device", "a path"), join_key(mkey, "device")
             )
@@ -444,8 +556,9 @@ class _Parser:
                 if journal_size < MIN_JOURNAL_SIZE:
                     raise self.error(join_key(mkey, "journal_size"),
                                      f"{show_bytes(journal_size)} is below the minimum {show_bytes(MIN_JOURNAL_SIZE)}")
-            members[node_name] = Member(node_name, device, statemap, mode, votes, journal, journal_size, undo_log,
-                                        undo_size)
+            members[node_name] = Member(node_name, device, statemap, mode, votes, journal=journal,
+                                        journal_size=journal_size, undo_log=undo_log, undo_log_size=undo_size,
+                                        shipping=self.shipping(table, mkey, shipping))
         return members
 
     def undo_log(self, table: Mapping[str, Any], mkey: str) -> tuple[Path | None, int]:
@@ -469,6 +582,9 @@ class _Parser:
 
 DEFAULT_JOURNAL_SIZE = 1 << 30  # bytes per async member a journal may hold
 MIN_JOURNAL_SIZE = 1 << 20
+
+
+_CLOCK_RE = re.compile(r"([0-9]{2}):([0-9]{2})")
 
 
 def _normalized(addr: Address) -> tuple[str, int]:

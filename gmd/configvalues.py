@@ -18,6 +18,8 @@ import re
 from collections.abc import Iterable
 from fractions import Fraction
 
+from transport import compression, pacing
+
 KiB = 1024
 MiB = 1024**2
 GiB = 1024**3
@@ -35,6 +37,13 @@ DEFAULT_UNDO_LOG_SIZE = 1 << 30  # an undo log's bound when undo_log_size is not
 MIN_UNDO_LOG_SIZE = 1 << 20  # smaller holds too few regions to be of use
 DEFAULT_CONTROL_TIMEOUT = 10  # seconds a control client may take to send its request line
 QUORUM_LOSS_POLICIES = ("suspend", "fail")
+COMPRESSORS = ("none", "zstd")
+DEFAULT_COMPRESS_LEVEL = compression.DEFAULT_LEVEL
+MIN_COMPRESS_LEVEL, MAX_COMPRESS_LEVEL = compression.MIN_LEVEL, compression.MAX_LEVEL
+# Below this a bandwidth limit is refused: one 64 KiB piece (the pacer's
+# smallest burst) must cross within a second, or a path looks dead long before
+# a 1 MiB write gets through.
+MIN_BANDWIDTH = pacing.MIN_BANDWIDTH
 SPLIT_BRAIN_POLICIES = ("disconnect", "discard-secondary", "discard-younger-primary", "discard-least-changes")
 MAX_SIZE = 2**63 - 1  # byte offsets travel as signed 64-bit integers
 

@@ -270,8 +270,10 @@ class NodeDaemon:
     async def reload(self) -> dict[str, Any]:
         """``gmd reload``: re-read the config file and apply what can change while
         volumes are in use: members added to a volume, volumes added for this
-        node (they stay down until 'gmd up'). Anything else is refused with the
-        differences named, and nothing is applied."""
+        node (they stay down until 'gmd up'), and how data is shipped to each
+        member (compression, bandwidth limits: from the next piece sent on).
+        Anything else is refused with the differences named, and nothing is
+        applied."""
         new = load_config(self.config.path)
         problems = []
         if self.node not in new.nodes:
@@ -293,9 +295,10 @@ class NodeDaemon:
                                     f"{getattr(vol, field_name)})")
             for member, m in old.members.items():
                 new_m = vol.members.get(member)
-                # An undo log's bound may change online (an operator enlarges it
-                # for a catch-up that was refused); nothing else of a member may.
-                if new_m is None or replace(new_m, undo_log_size=m.undo_log_size) != m:
+                # An undo log's bound, and how data is shipped to a member
+                # (compression, bandwidth), may change online (the engine
+                # applies them at once); nothing else of a member may.
+                if new_m is None or replace(new_m, undo_log_size=m.undo_log_size, shipping=m.shipping) != m:
                     problems.append(f"volume {name}: member {member} changed or removed")
         if problems:
             raise Refused("reload-refused", path=self.config.path, problems="; ".join(problems))

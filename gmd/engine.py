@@ -124,7 +124,8 @@ class VolumeEngine:
         """The link to member ``name``; an async one keeps a backlog of its
         unacknowledged writes, with this node's journal file for it if set."""
         mode = config.members[name].mode
-        m = MemberLink(name, mode, queue_limit=config.async_queue, volume=config.name)
+        m = MemberLink(name, mode, queue_limit=config.async_queue, volume=config.name,
+                       shipping=config.members[name].shipping)
         if mode == "async":
             mine = config.members[self.node]
             journal = (Journal(mine.journal.with_name(f"{mine.journal.name}.{name}"), mine.journal_size)
@@ -271,10 +272,14 @@ class VolumeEngine:
     async def add_members(self, config: VolumeConfig) -> list[str]:
         """Take a config that adds members to this volume (``gmd reload``), while
         it runs: each new member gets a link, a slot in the state map and, once
-        it connects, a full copy; its votes count from then on."""
+        it connects, a full copy; its votes count from then on. How data is
+        shipped to each member (compression, bandwidth) takes the new
+        settings at once."""
         new = [name for name in config.members if name != self.node and name not in self.members]
         self.config = config
         self.rpo.alert.seconds, self.rpo.alert.bytes = config.rpo_alert_seconds, config.rpo_alert_bytes
+        for name, m in self.members.items():
+            m.reship(config.members[name].shipping)
         for name in new:
             self.members[name] = self._member_link(config, name)
         if self.local is not None:

@@ -37,7 +37,11 @@ import trio
 from quorum.generations import Verdict
 from statemap import DiskState, Role
 from transport.codec import WRITE_COPY, Flush, FlushAck, HashReply, HashRequest, Read, ReadReply, Write, WriteAck
+from transport.compression import Compressor
 from transport.link import LinkClosed, PeerLink
+from transport.pacing import Pacer
+
+from .configmodel import Shipping
 
 from .backlog import Backlog, Entry
 
@@ -131,7 +135,8 @@ class Session:
 class MemberLink:
     """The primary's (and the secondary's) state for one remote member."""
 
-    def __init__(self, name: str, mode: str, *, queue_limit: int, volume: str = ""):
+    def __init__(self, name: str, mode: str, *, queue_limit: int, volume: str = "",
+                 shipping: Shipping | None = None):
         self.name = name
         self.volume = volume  # for log lines
         self.mode = mode
@@ -149,7 +154,12 @@ class MemberLink:
         self.flushed_gseq = 0  # highest flush point the member acked
         self.changed = trio.Event()  # set on every state change (status --watch, tests)
         self._queue_waiters: list[tuple[int, trio.Event]] = []  # (bytes, woken when the queue is at most that)
-        self.bytes_shipped = 0
+        self.bytes_shipped = 0  # data of writes (and copy data) handed to the link, before compression
+        # How data goes to this member, over all its paths and sessions: the
+        # bandwidth limit (and every byte sent, counted) and the compression.
+        self.shipping = shipping or Shipping()
+        self.pacer = Pacer(self.shipping.schedule, label=f"{volume}: member {name}")
+        self.compressor = Compressor(enabled=self.shipping.compress == "zstd", level=self.shipping.compress_level)
         self.lacking_since: float | None = None  # wall time of the first write marked for it (gmd.rpo)
         self.last_heard = 0.0  # trio time a frame last arrived from it (a live member pings every second)
         self.reads: dict[int, trio.MemorySendChannel] = {}  # request id -> waiting reader
@@ -173,6 +183,26 @@ class MemberLink:
         self.out_of_order_since: float | None = None
         self.catch_up_answer: dict | None = None
         self.catch_up_refused: str | None = None
+
+    def reship(self, shipping: Shipping) -> None:
+        """New settings for how data goes to this member (``gmd reload``):
+        the paths use them from their next piece on."""
+        if shipping != self.shipping:
+            log.info("%s: member %s: shipping now compress=%s level=%d bandwidth=%d with %d scheduled limits",
+                     self.volume, self.name, shipping.compress, shipping.compress_level, shipping.bandwidth,
+                     len(shipping.bandwidth_schedule))
+        self.shipping = shipping
+        self.pacer.set_schedule(shipping.schedule)
+        self.compressor.configure(enabled=shipping.compress == "zstd", level=shipping.compress_level)
+
+    def wire_status(self) -> dict:
+        """The ``wire`` part of this member's status (docs/DESIGN.md, "WAN economy")."""
+        limit, rule = self.pacer.in_force()
+        c = self.compressor
+        return {"compress": self.shipping.compress, "level": self.shipping.compress_level,
+                "data_bytes": self.bytes_shipped, "wire_bytes": self.pacer.wire_bytes,
+                "compressed_writes": c.compressed_writes, "incompressible_writes": c.incompressible_writes,
+                "untried_writes": c.untried_writes, "bandwidth_limit": limit, "bandwidth_rule": rule}
 
     @property
     def connected(self) -> bool:

@@ -192,7 +192,7 @@ class Sessions:
         session.paths.append(link)
         try:
             async with trio.open_nursery() as n:
-                link.start(n)
+                link.start(n, pacer=m.pacer, compressor=m.compressor)
                 n.start_soon(self._pinger, link)
                 if new_session:
                     n.start_soon(self._open_session, m, link)
@@ -366,13 +366,21 @@ class Sessions:
                 return
 
     async def _receive_loop(self, m: MemberLink, link: PeerLink) -> None:
+        # A path is alive while bytes arrive, not only whole frames: under a
+        # bandwidth limit one large frame (a copy chunk, a write behind queued
+        # data) may take longer than PATH_TIMEOUT to arrive, and no keepalive
+        # can pass it on the stream. A partial frame stays with the codec when
+        # the wait is cut short, so waiting again loses nothing.
         while True:
-            with trio.move_on_after(PATH_TIMEOUT) as timeout:
+            with trio.move_on_at(link.last_received_at + PATH_TIMEOUT) as timeout:
                 try:
                     ev = await link.receive()
                 except LinkClosed:
                     return
             if timeout.cancelled_caught:
+                if trio.current_time() - link.last_received_at < PATH_TIMEOUT:
+                    m.last_heard = link.last_received_at
+                    continue  # part of a frame arrived meanwhile
                 log.warning("%s: path %d to %s silent for %.0f s; closing it",
                             self.engine.name, link.remote.path, m.name, PATH_TIMEOUT)
                 await link.aclose("path timed out", tell_peer=False)

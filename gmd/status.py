@@ -103,6 +103,8 @@ def volume_status(engine: StatusVolume) -> dict[str, Any]:
             # The primary's view of the member's disk: an instant of ours (in
             # write order, or out of it with an undo log keeping one)?
             **_member_consistency(m, now, wall, cfg.members[name].undo_log is not None if primary else None),
+            # how data is shipped to it: compression, bytes before and on the wire, the limit in force
+            "wire": m.wire_status(),
         }
     return {
         "volume": cfg.name, "node": engine.node, "daemon": True, "role": engine.role.value,

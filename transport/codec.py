@@ -18,7 +18,10 @@ Frame (all integers little-endian)::
     16      ...   payload
 
 The length is checked before a byte of the payload is buffered, so a peer can
-never make us allocate more than ``max_payload``. Payloads of the hot-path
+never make us allocate more than ``max_payload``. A WRITE's payload has a u32
+``flags`` field of its own: :data:`WRITE_COPY` (reserved) and
+:data:`WRITE_ZSTD` (the data is one zstd frame, decompressed here, bounded by
+``max_payload`` too); any other bit closes the connection. Payloads of the hot-path
 frames (write, ack, read, hash) are fixed structs followed by raw bytes; the
 rare ones (hello, state, error) are JSON objects.
 
@@ -42,6 +45,8 @@ from typing import Any
 
 import xxhash
 
+from .compression import CorruptFrame, decompress
+
 MAGIC = b"GM"
 # Version 2 authenticates before anything about a volume is said (version 1
 # sent the volume's state in the unauthenticated hello); the two do not mix.
@@ -61,6 +66,13 @@ MAX_NODE_NAME = 255
 # slower that way (bench_write, sync), for reasons not yet understood, so they
 # keep the reassembling path.
 LARGE_FRAME = 4 * 1024 * 1024
+
+# The u32 ``flags`` of a WRITE frame (not the header's flags byte, which stays
+# zero). An unknown bit is a protocol error naming it: a peer that means
+# something we do not know must not have it half understood.
+WRITE_COPY = 1  # copy or catch-up data rather than an application write (reserved: sent by no one yet)
+WRITE_ZSTD = 2  # the data is one zstd frame (transport.compression); the receiver sees it decompressed
+WRITE_FLAGS = WRITE_COPY | WRITE_ZSTD
 
 
 class ProtocolError(Exception):
@@ -142,6 +154,12 @@ WRITE_COPY = 1
 
 @dataclass(frozen=True)
 class Write:
+    """One write shipped to a member. A Write given to :meth:`Connection.send`
+    with :data:`WRITE_ZSTD` set carries one zstd frame as ``data`` (see
+    :func:`transport.compression.compress`); one returned by
+    :meth:`Connection.next_event` always carries the plain data, that bit
+    cleared."""
+
     seq: int  # the link's sequence (order of application on this connection's session)
     offset: int
     data: bytes
@@ -348,7 +366,7 @@ def _field(obj: dict[str, Any], key: str, typ: type | tuple[type, ...], what: st
     return v
 
 
-def _decode(ftype: FrameType, payload: bytes) -> Event:
+def _decode(ftype: FrameType, payload: bytes, max_payload: int) -> Event:
     match ftype:
         case FrameType.HELLO:
             o = _load_json(payload, "hello")
@@ -385,8 +403,22 @@ def _decode(ftype: FrameType, payload: bytes) -> Event:
         case FrameType.WRITE:
             _need(payload, _WRITE.size, "write")
             seq, offset, flags, gseq = _WRITE.unpack_from(payload)
+            unknown = flags & ~WRITE_FLAGS
+            if unknown:
+                bit = unknown & -unknown
+                raise RemoteProtocolError(f"write frame flag {bit:#x} (bit {bit.bit_length() - 1}) is not "
+                                          "defined in protocol version 3")
             # A read-only view of the (immutable) payload: the data is not copied again.
-            return Write(seq, offset, memoryview(payload)[_WRITE.size:], flags, gseq)
+            data: bytes | memoryview = memoryview(payload)[_WRITE.size:]
+            if flags & WRITE_ZSTD:
+                # Bounded as if it had arrived raw: no frame makes us hold more
+                # than one payload's worth of decompressed data.
+                try:
+                    data = decompress(data, max_payload - _WRITE.size)
+                except CorruptFrame as e:
+                    raise RemoteProtocolError(f"write {seq}: {e}") from None
+                flags &= ~WRITE_ZSTD
+            return Write(seq, offset, data, flags, gseq)
         case FrameType.WRITE_ACK:
             _exact(payload, _SEQ_STATUS.size, "write ack")
             return WriteAck(*_SEQ_STATUS.unpack(payload))
@@ -526,12 +558,7 @@ class Connection:
     def send_parts(self, event: Event) -> list:
         """Like :meth:`send`, but the frame as a list of byte strings (header
         first) that are sent in order; a write's data is not copied."""
-        try:
-            _validate(event)
-            ftype, parts = _encode_parts(event)
-        except (struct.error, OverflowError, TypeError, ValueError, AttributeError) as e:
-            raise LocalProtocolError(f"cannot encode {type(event).__name__}: {e}") from None
-        length = sum(len(p) for p in parts)
+        ftype, parts, length = _encode_checked(event)
         bound = self.max_payload if ftype not in (FrameType.HELLO, FrameType.AUTH) else self.frame_bound
         if length > bound:
             raise LocalProtocolError(f"{ftype.name} payload of {length} bytes exceeds {bound}")
@@ -541,12 +568,19 @@ class Connection:
         if ftype is FrameType.ERROR:
             self.state = ConnState.CLOSED
             self.closed_reason = f"we closed: {event.reason}"  # type: ignore[union-attr]
-        head8 = struct.pack("<2sBBI", MAGIC, int(ftype), 0, length)
-        h = xxhash.xxh3_64()
-        h.update(head8)
-        for p in parts:
-            h.update(p)
-        return [head8 + struct.pack("<Q", h.intdigest()), *parts]
+        return _frame_parts(ftype, parts, length)
+
+    def send_write_instead(self, write: Write) -> list:
+        """The frame of ``write`` in place of a write already sent (admitted
+        by :meth:`send_parts`, not yet on the wire) with the same sequence: the
+        same write compressed by the link just before it goes out. No state
+        changes; LocalProtocolError if it is not such a write or not allowed."""
+        if not isinstance(write, Write) or FrameType.WRITE not in self.sent:
+            raise LocalProtocolError("send_write_instead replaces a WRITE already sent")
+        ftype, parts, length = _encode_checked(write)
+        if length > self.max_payload:
+            raise LocalProtocolError(f"WRITE payload of {length} bytes exceeds {self.max_payload}")
+        return _frame_parts(ftype, parts, length)
 
     # -- receiving
 
@@ -640,7 +674,7 @@ class Connection:
         if not isinstance(payload, memoryview):
             del self._buf[:HEADER_SIZE + length]
         self._check(ftype, self.received, RemoteProtocolError, "received")
-        event = _decode(ftype, payload)
+        event = _decode(ftype, payload, self.max_payload)
         self.received.add(ftype)
         self._advance()
         if isinstance(event, Error):
@@ -708,10 +742,36 @@ def _validate(event: Event) -> None:
         case HashRequest():
             if event.block <= 0:
                 bad("block size must be positive")
+        case Write():
+            if not isinstance(event.flags, int) or event.flags & ~WRITE_FLAGS or event.flags < 0:
+                bad(f"flags {event.flags!r} outside the defined bits {WRITE_FLAGS:#x}")
+            if event.flags & WRITE_ZSTD and not event.data[:4] == b"\x28\xb5\x2f\xfd":
+                bad("WRITE_ZSTD set but the data is not a zstd frame")
     for name in ("seq", "offset", "request", "token", "start", "gseq", "in_sync"):
         v = getattr(event, name, None)
         if v is not None and not 0 <= v < _U64:
             bad(f"{name} {v} outside 0..2**64-1")
+
+
+def _encode_checked(event: Event) -> tuple[FrameType, list, int]:
+    """(frame type, payload parts, payload length) of an event our side may
+    send; LocalProtocolError for one the peer would refuse."""
+    try:
+        _validate(event)
+        ftype, parts = _encode_parts(event)
+    except (struct.error, OverflowError, TypeError, ValueError, AttributeError) as e:
+        raise LocalProtocolError(f"cannot encode {type(event).__name__}: {e}") from None
+    return ftype, parts, sum(len(p) for p in parts)
+
+
+def _frame_parts(ftype: FrameType, parts: list, length: int) -> list:
+    """Header (with the checksum over it and every part) followed by the parts."""
+    head8 = struct.pack("<2sBBI", MAGIC, int(ftype), 0, length)
+    h = xxhash.xxh3_64()
+    h.update(head8)
+    for p in parts:
+        h.update(p)
+    return [head8 + struct.pack("<Q", h.intdigest()), *parts]
 
 
 def _checksum(header8: bytes, payload: bytes) -> int:

@@ -5,6 +5,20 @@ bytes. One :class:`PeerLink` is one TCP connection (one path). Every socket gets
 TCP_NODELAY, and frames queued while a send is in progress are coalesced into
 the next ``send_all``, so small acks do not each wait for Nagle's 40 ms.
 
+Shaping (docs/DESIGN.md, "WAN economy"): a link started with a
+:class:`transport.pacing.Pacer` asks it before every piece it writes to the
+socket, so all the paths to one peer together keep to its bandwidth limit,
+and counts what it sent there; with a :class:`transport.compression.Compressor`
+it sends writes compressed where that pays. Both are decided where bytes go
+to the socket, never where frames are queued: :meth:`PeerLink.send_nowait`
+never waits, so the queue order stays the order of the callers. A write to
+compress is queued as it is and compressed just before it goes out, on the
+event loop if it is small (:meth:`Compressor.inline`), else in a thread by
+the sender task. Frames are not reordered: a keepalive waits behind queued
+data like any frame (a frame cannot be interrupted on a stream anyway), and
+a path is judged alive by the bytes that arrive (:attr:`PeerLink.last_received_at`),
+not by whole frames.
+
 Cancellation: a :class:`PeerLink` owns a sender task started with
 :meth:`PeerLink.start`; cancelling the nursery it runs in closes the link. A
 caller cancelled inside :meth:`PeerLink.send` leaves its frame queued (it is
@@ -19,10 +33,11 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import trio
 
+from . import compression
 from .auth import NONCE_BYTES, auth_mac, new_nonce, verify_mac
 from .codec import (
     CLOSED,
@@ -30,6 +45,7 @@ from .codec import (
     PROTOCOL_MAX,
     PROTOCOL_MIN,
     NEED_DATA,
+    WRITE_ZSTD,
     Auth,
     Connection,
     ConnState,
@@ -40,7 +56,10 @@ from .codec import (
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
+    Write,
 )
+from .compression import Compressor
+from .pacing import Pacer
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +79,21 @@ class LinkClosed(Exception):
 
 class LinkRefused(LinkClosed):
     """The handshake failed: a mismatch, a bad secret, or the peer said no."""
+
+
+@dataclass(eq=False)
+class _ToCompress:
+    """A queued write to be compressed just before it goes out: the write,
+    its frame as admitted (sent as it is if compressing does not pay), and
+    the level chosen when it was queued."""
+
+    write: Write
+    raw: list
+    level: int
+
+    @property
+    def size(self) -> int:
+        return sum(len(p) for p in self.raw)
 
 
 def set_nodelay(stream: trio.SocketStream) -> None:
@@ -87,6 +121,10 @@ class PeerLink:
         self._closed_event = trio.Event()
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.last_received_at = trio.current_time()  # when a byte last arrived (path liveness)
+        self.pacer: Pacer | None = None  # see start
+        self.compressor: Compressor | None = None
+        self._to_compress = 0  # _ToCompress items in _out
 
     # ------------------------------------------------------------ lifecycle
 
@@ -101,7 +139,14 @@ class PeerLink:
     async def wait_closed(self) -> None:
         await self._closed_event.wait()
 
-    def start(self, nursery: trio.Nursery) -> None:
+    def start(self, nursery: trio.Nursery, *, pacer: Pacer | None = None,
+              compressor: Compressor | None = None) -> None:
+        """Start the sender task in ``nursery``. ``pacer`` (shared by every
+        path to the same peer) holds what this link sends to its limit and
+        counts it; ``compressor`` (likewise shared) decides which writes go
+        compressed."""
+        self.pacer = pacer
+        self.compressor = compressor
         self._started = True
         if isinstance(self.stream, trio.SocketStream):
             # A second handle on the same socket, for sends that do not wait
@@ -148,27 +193,70 @@ class PeerLink:
 
     # --------------------------------------------------------------- sending
 
-    def _queue(self, parts: list) -> None:
-        if not self._out and not self._sending and self._raw is not None:
-            parts = self._send_now(parts)
-            if not parts:
+    def _queue(self, parts: list, write: Write | None = None) -> None:
+        c = self.compressor
+        if write is not None and c is not None and c.worth_trying(len(write.data)):
+            if c.inline(len(write.data)):
+                parts = self._compressed(write, parts, compression.compress(write.data, c.level))
+            else:
+                item = _ToCompress(write, parts, c.level)
+                self._out.append(item)
+                self._to_compress += 1
+                self._out_bytes += item.size
+                self._wake.set()
                 return
+        if not self._out and not self._sending and self._raw is not None:
+            size = sum(len(p) for p in parts)
+            if self.pacer is None or self.pacer.try_reserve(size):
+                parts = self._send_now(parts, size)
+                if not parts:
+                    return
         self._out.extend(parts)
         self._out_bytes += sum(len(p) for p in parts)
         self._wake.set()
 
-    def _send_now(self, parts: list) -> list:
-        """Send a frame at once when nothing is queued before it: one sendmsg
-        that does not wait (MSG_DONTWAIT), instead of waking the sender task
-        (a task switch on each side of every write's round trip). Returns what
-        did not go out, for the sender task, in order; errors are left to it."""
-        if len(parts) > SENDMSG_MAX_BUFFERS:
-            return parts
-        try:
-            n = self._raw.sendmsg(parts, (), socket.MSG_DONTWAIT)
-        except OSError:  # EAGAIN (the socket buffer is full), or a broken link: the sender finds out
-            return parts
+    def _compressed(self, write: Write, raw: list, packed: bytes) -> list:
+        """The frame to send for ``write``: compressed if the compressor judges
+        ``packed`` worth it, else the ``raw`` frame as admitted."""
+        if not self.compressor.judge(len(write.data), len(packed)):
+            return raw
+        return self.conn.send_write_instead(replace(write, data=packed, flags=write.flags | WRITE_ZSTD))
+
+    async def _compress_queued(self, batch: list) -> list:
+        """``batch`` with each write queued for compression replaced by the
+        frame to send (compressed in a thread: these are the large ones)."""
+        out: list = []
+        for item in batch:
+            if not isinstance(item, _ToCompress):
+                out.append(item)
+                continue
+            self._to_compress -= 1
+            packed = await trio.to_thread.run_sync(compression.compress, item.write.data, item.level)
+            out.extend(self._compressed(item.write, item.raw, packed))
+        return out
+
+    def _count_sent(self, n: int) -> None:
         self.bytes_sent += n
+        if self.pacer is not None:
+            self.pacer.sent(n)
+
+    def _send_now(self, parts: list, size: int) -> list:
+        """Send a frame of ``size`` bytes at once when nothing is queued before
+        it (and the pacer reserved ``size`` for it): one sendmsg that does not
+        wait (MSG_DONTWAIT), instead of waking the sender task (a task switch
+        on each side of every write's round trip). Returns what did not go
+        out, for the sender task, in order; errors are left to it."""
+        n = 0
+        try:
+            if len(parts) <= SENDMSG_MAX_BUFFERS:
+                n = self._raw.sendmsg(parts, (), socket.MSG_DONTWAIT)
+        except OSError:  # EAGAIN (the socket buffer is full), or a broken link: the sender finds out
+            pass
+        if self.pacer is not None:
+            self.pacer.give_back(size - n)  # the rest is paced again by the sender task
+        if not n:
+            return parts
+        self._count_sent(n)
         for i, part in enumerate(parts):
             if n < len(part):
                 return [memoryview(part)[n:], *parts[i + 1:]]
@@ -188,7 +276,7 @@ class PeerLink:
         """Queue ``event`` without waiting (callers bound their own queues)."""
         if self._closed is not None:
             raise LinkClosed(self._closed)
-        self._queue(self._frame(event))
+        self._queue(self._frame(event), event if isinstance(event, Write) else None)
 
     async def send(self, event: Event) -> None:
         """Queue ``event`` for the sender task; waits only when much is queued."""
@@ -216,15 +304,15 @@ class PeerLink:
                     continue
                 parts = self._out
                 self._out = []
-                sent = self._out_bytes
                 self._out_bytes = 0
                 self._drained.set()
                 self._sending = True
                 try:
+                    if self._to_compress:
+                        parts = await self._compress_queued(parts)
                     await self._send_parts(parts)
                 finally:
                     self._sending = False
-                self.bytes_sent += sent
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             self._mark_closed(f"send failed: {e!r}")
         finally:
@@ -233,27 +321,60 @@ class PeerLink:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
 
+    async def _reserve(self, want: int) -> int:
+        return want if self.pacer is None else await self.pacer.reserve(want)
+
     async def _send_parts(self, parts: list) -> None:
-        """Send the queued frame parts in order. On a plain TCP stream they go
-        out by ``sendmsg`` straight from the caller's buffers (a write's data is
-        never copied in user space); TLS needs one contiguous buffer."""
+        """Send the queued frame parts in order, each piece as the pacer allows
+        (all at once without a limit). On a plain TCP stream they go out by
+        ``sendmsg`` straight from the caller's buffers (a write's data is
+        never copied in user space); TLS needs one contiguous buffer, and the
+        limit counts its plaintext."""
         if not isinstance(self.stream, trio.SocketStream):
-            await self.stream.send_all(b"".join(parts))
+            data = memoryview(b"".join(parts))
+            while data:
+                n = await self._reserve(len(data))
+                try:
+                    await self.stream.send_all(data[:n])
+                except BaseException:
+                    if self.pacer is not None:
+                        self.pacer.give_back(n)
+                    raise
+                self._count_sent(n)
+                data = data[n:]
             return
         sock = self.stream.socket
         views = [memoryview(p) for p in parts]
+        remaining = sum(len(v) for v in views)
         i = 0
         while i < len(views):
-            batch = views[i:i + SENDMSG_MAX_BUFFERS]
-            n = await sock.sendmsg(batch)
+            allowed = await self._reserve(remaining)
+            batch = []
+            room = allowed
+            for v in views[i:i + SENDMSG_MAX_BUFFERS]:
+                if room <= 0:
+                    break
+                batch.append(v if len(v) <= room else v[:room])
+                room -= len(batch[-1])
+            try:
+                n = await sock.sendmsg(batch)
+            except BaseException:
+                if self.pacer is not None:
+                    self.pacer.give_back(allowed)
+                raise
+            if self.pacer is not None:
+                self.pacer.give_back(allowed - n)
+            self._count_sent(n)
+            remaining -= n
             # Skip what went out; a partly sent buffer continues from its tail.
-            for v in batch:
+            while n:
+                v = views[i]
                 if n >= len(v):
                     n -= len(v)
                     i += 1
                 else:
                     views[i] = v[n:]
-                    break
+                    n = 0
 
     # ------------------------------------------------------------- receiving
 
@@ -283,6 +404,7 @@ class PeerLink:
                     self._mark_closed(f"receive failed: {e!r}")
                     raise LinkClosed(self._closed) from None
                 self.bytes_received += len(data)
+                self.last_received_at = trio.current_time()
                 self.conn.receive_data(data)
                 continue
             if isinstance(event, Error):
@@ -306,6 +428,7 @@ class PeerLink:
                         break
                     got += n
                     self.bytes_received += n
+                    self.last_received_at = trio.current_time()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             self._mark_closed(f"receive failed: {e!r}")
             raise LinkClosed(self._closed) from None
