@@ -105,6 +105,21 @@ def format_status(st: dict[str, Any]) -> str:
                 + (" (ALERT: over the threshold)" if rpo.get("alert") else ""))
         elif m.get("lag_bytes"):
             note = (note + "; " if note else "") + f"lag {human_bytes(m['lag_bytes'])} / {m['lag_seconds']:.1f} s"
+        bl = m.get("backlog")
+        if bl and bl["waiting_writes"]:
+            journal = (f", journal {human_bytes(bl['journal_used_bytes'])} of {human_bytes(bl['journal_limit'])}"
+                       if bl.get("journal") else "")
+            note = (note + "; " if note else "") + (
+                f"{bl['waiting_writes']} writes wait in order ({human_bytes(bl['memory_bytes'])} in memory"
+                f"{journal}), oldest {bl['oldest_seconds']:.1f} s")
+        elif bl and bl["state"] == "bitmap" and bl.get("dropped_reason") and m.get("out_of_sync_bytes"):
+            note = (note + "; " if note else "") + f"write order lost ({bl['dropped_reason']}): bitmap tracking"
+        wire = m.get("wire") or {}
+        if wire.get("compress") == "zstd" and wire.get("data_bytes"):
+            note = (note + "; " if note else "") + (
+                f"zstd {wire['data_bytes'] / max(1, wire['wire_bytes']):.1f}:1")
+        if wire.get("bandwidth_limit"):
+            note = (note + "; " if note else "") + f"limit {human_bytes(wire['bandwidth_limit'])}/s"
         if m.get("behind"):
             note = (note + "; " if note else "") + "async queue overflowed: tracking in bitmap"
         note = _consistency_note(note, m)

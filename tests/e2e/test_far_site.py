@@ -105,7 +105,7 @@ def level(c: LocalCluster) -> bool:
 
 
 def test_an_outage_longer_than_the_queue_is_caught_up_in_write_order_from_the_journal(cluster_factory, tmp_path):
-    c = cluster_factory(journal_size="256MiB")
+    c = cluster_factory(journal_size="768MiB")  # more than the outage's writes at this machine's pace
     w = Workload(c.device("labor1"), area=(0, AREA), writers=4, direct=True,
                  journal=tmp_path / "acknowledged.journal", seed=random.randrange(1 << 30))
     w.start()
@@ -115,7 +115,9 @@ def test_an_outage_longer_than_the_queue_is_caught_up_in_write_order_from_the_jo
         t0 = time.monotonic()
         c.wait("the backlog to outgrow the queue", lambda: far_view(c)["backlog"]["journal_bytes"] > 0,
                timeout=60)
-        time.sleep(max(0.0, 8.0 - (time.monotonic() - t0)))
+        # Until the session has ended (the 6 s path timeout), and a moment more.
+        c.wait("the far session to end", lambda: far_view(c)["link"] != "connected", timeout=30)
+        time.sleep(max(0.5, 7.0 - (time.monotonic() - t0)))
         during = far_view(c)
         assert during["link"] != "connected" and during["backlog"]["state"] == "waiting", during
         assert during["backlog"]["journal_bytes"] > 0 and during["rpo"]["bytes"] > 0

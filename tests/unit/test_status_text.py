@@ -52,3 +52,17 @@ def test_the_consistency_of_members_is_shown_when_worth_a_look():
     assert "NOT consistent (catching up without an undo log)" in row["labor3"]
     assert "catch-up refused: undo log /x holds 64 MiB more, the catch-up needs 300 MiB" in row["labor4"]
     assert "consistent" not in row["labor5"]  # level and in order: nothing to say
+
+
+def test_a_far_members_rpo_backlog_and_wire_are_shown():
+    far = member(rpo={"bytes": 3 << 20, "seconds": 42.0, "seconds_lower_bound": False, "alert": True},
+                 backlog={"state": "waiting", "waiting_writes": 768, "memory_bytes": 2 << 20, "journal": "/j",
+                          "journal_used_bytes": 1 << 20, "journal_limit": 1 << 30, "oldest_seconds": 42.0},
+                 wire={"compress": "zstd", "data_bytes": 4000, "wire_bytes": 1000, "bandwidth_limit": 4 << 20})
+    text = format_status(status(role="primary", members={"labor3": far}))
+    assert "RPO 3.0 MiB / 42.0 s (ALERT: over the threshold)" in text
+    assert "768 writes wait in order (2.0 MiB in memory, journal 1.0 MiB of 1.0 GiB), oldest 42.0 s" in text
+    assert "zstd 4.0:1" in text and "limit 4.0 MiB/s" in text
+    dropped = member(backlog={"state": "bitmap", "waiting_writes": 0, "dropped_reason": "journal /j is full"})
+    assert "write order lost (journal /j is full): bitmap tracking" in format_status(
+        status(role="primary", members={"labor3": dropped}))
