@@ -56,7 +56,8 @@ class Entry:
     data: bytes | None = None  # in memory; None: in the journal at ``journal_at``
     journal_at: int = -1
     waiting: bool = True  # not on the wire in the current session
-
+    group_point: int = 0  # a consistency group's mark (no data; ``gseq`` the last write before it)
+    key: int = 0  # its place in the backlog
 
 class Journal:
     """An append-only spill file for a backlog's write data, reused from the
@@ -129,7 +130,9 @@ class Backlog:
         self.volume = volume
         self.memory_limit = memory_limit
         self.journal = journal
-        self.entries: OrderedDict[int, Entry] = OrderedDict()  # gseq -> entry, in order
+        self.entries: OrderedDict[int, Entry] = OrderedDict()  # key -> entry, in order
+        self._writes: dict[int, Entry] = {}  # gseq -> the write's entry
+        self._next_key = 0
         self.waiting: deque[Entry] = deque()  # not on the wire now, in order
         self.memory_bytes = 0
         self.journal_bytes = 0
@@ -162,18 +165,33 @@ class Backlog:
             self.journal_bytes += len(data)
         else:
             return None
-        self.entries[gseq] = e
-        if waiting:
+        self._keep(e)
+        self._writes[gseq] = e
+        return e
+
+    def add_mark(self, gseq: int, point: int, now: float, *, waiting: bool) -> Entry | None:
+        """Keep a consistency group's mark in the member's order (after
+        write ``gseq``); None if the backlog is not valid."""
+        if not self.valid:
+            return None
+        e = Entry(gseq, 0, 0, now, data=b"", waiting=waiting, group_point=point)
+        self._keep(e)
+        return e
+
+    def _keep(self, e: Entry) -> None:
+        self._next_key += 1
+        e.key = self._next_key
+        self.entries[e.key] = e
+        if e.waiting:
             self.waiting.append(e)
         self._changed()
-        return e
 
     @property
     def has_waiting(self) -> bool:
         return bool(self.waiting)
 
     def holds(self, gseq: int) -> bool:
-        return gseq in self.entries
+        return gseq in self._writes
 
     def next_waiting(self) -> Entry | None:
         return self.waiting[0] if self.waiting else None
@@ -193,9 +211,11 @@ class Backlog:
     # ------------------------------------------------------------ settling
 
     def acked(self, e: Entry) -> None:
-        if self.entries.pop(e.gseq, None) is None:
+        if self.entries.pop(e.key, None) is None:
             return
-        self.acked_max = max(self.acked_max, e.gseq)
+        if not e.group_point:
+            self._writes.pop(e.gseq, None)
+            self.acked_max = max(self.acked_max, e.gseq)
         self._release(e)
         self._changed()
 
@@ -233,8 +253,9 @@ class Backlog:
             self.drop(f"{self.member} applied writes in order up to {applied}, less than it acknowledged "
                       f"({self.acked_max})")
             return False
-        for gseq in [g for g in self.entries if g <= applied]:
-            self.acked(self.entries[gseq])
+        # (a mark right after the last write it applied may not have reached it: sent again, harmless)
+        for e in [e for e in self.entries.values() if e.gseq < applied or (e.gseq == applied and not e.group_point)]:
+            self.acked(e)
         self.waiting = deque(self.entries.values())
         if self.waiting:
             self.replays += 1
@@ -246,6 +267,7 @@ class Backlog:
         for e in self.entries.values():
             self._release(e)
         self.entries.clear()
+        self._writes.clear()
         self.waiting.clear()
         if self.journal is not None:
             self.journal.empty()
@@ -279,15 +301,15 @@ class Backlog:
         """Nothing waits, and what was replayed is acknowledged (or dropped)."""
         if self.waiting:
             return False
-        oldest = next(iter(self.entries), None)
-        return oldest is None or oldest > self.replayed_to
+        oldest = next(iter(self.entries.values()), None)
+        return oldest is None or oldest.gseq > self.replayed_to
 
     def status(self, now: float) -> dict[str, Any]:
         oldest = next(iter(self.entries.values()), None)
         state = "bitmap" if not self.valid else ("waiting" if self.waiting else "shipping")
         return {
             "state": state,
-            "writes": len(self.entries), "waiting_writes": len(self.waiting),
+            "writes": len(self._writes), "waiting_writes": sum(1 for e in self.waiting if not e.group_point),
             "memory_bytes": self.memory_bytes, "memory_limit": self.memory_limit,
             "journal": str(self.journal.path) if self.journal is not None else None,
             "journal_bytes": self.journal_bytes,

@@ -186,6 +186,9 @@ class VolumeConfig:
     rpo_alert_seconds: int | None = None
     rpo_alert_bytes: int | None = None
     shipping: Shipping = Shipping()  # the members' default (each member's is in Member.shipping)
+    # A consistency group (docs/DESIGN.md, "Consistency groups"): volumes
+    # whose far members stop at one instant of all of them. None: alone.
+    group: str | None = None
 
 
 @dataclass(frozen=True)

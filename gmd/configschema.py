@@ -373,9 +373,25 @@ class _Parser:
         self, value: object, nodes: Mapping[str, Node], witnesses: Mapping[str, Witness]
     ) -> dict[str, VolumeConfig]:
         tables = self.named_tables(value, "volumes", "volume")
-        return {
+        volumes = {
             name: self.volume(name, table, nodes, witnesses) for name, table in tables.items()
         }
+        # A consistency group's volumes share one write order towards their
+        # far members: they must have their members on the same nodes, in
+        # the same modes (one primary, one far site, failing over together).
+        first: dict[str, VolumeConfig] = {}
+        for v in volumes.values():
+            if v.group is None:
+                continue
+            other = first.setdefault(v.group, v)
+            layout = {n: m.mode for n, m in v.members.items()}
+            theirs = {n: m.mode for n, m in other.members.items()}
+            if layout != theirs:
+                raise self.error(join_key("volumes", v.name, "group"),
+                                 f"volume {v.name} has members {layout} but {other.name} of group "
+                                 f"{json.dumps(v.group)} has {theirs}: a group's volumes have their members "
+                                 "on the same nodes in the same modes")
+        return volumes
 
     def size(self, raw: object, key: str) -> tuple[int, object]:
         """A size in bytes, plus the value as written for messages."""
@@ -398,7 +414,7 @@ class _Parser:
         self.check_keys(table, key, ("size", "region_size", "extent_size", "mode", "members", "async_queue",
                                      "copy_rate", "on_quorum_loss", "quorum_timeout", "split_brain",
                                      "auto_promote", "start_command", "stop_command", "command_timeout",
-                                     "rpo_alert_seconds", "rpo_alert_bytes", *SHIPPING_KEYS))
+                                     "rpo_alert_seconds", "rpo_alert_bytes", "group", *SHIPPING_KEYS))
 
         size, raw_size = self.size(
             self.require(table, key, "size", 'a size such as "4GiB"'), join_key(key, "size")
@@ -480,7 +496,9 @@ class _Parser:
                                  "for no alert on bytes)")
         return VolumeConfig(name, size, region, extent, mode, members, async_queue, copy_rate, on_loss, timeout,
                             split, auto_promote, start, stop, command_timeout, rpo_alert_seconds=alert_seconds,
-                            rpo_alert_bytes=alert_bytes, shipping=shipping)
+                            rpo_alert_bytes=alert_bytes, shipping=shipping,
+                            group=self.name(self.string(table["group"], join_key(key, "group")), join_key(key, "group"),
+                                            "consistency group") if "group" in table else None)
 
     def members(
         self,

@@ -39,6 +39,7 @@ from .control import MAX_CONTROL_CLIENTS, MAX_REQUEST, prepare_socket_path
 from .engine import NodePorts, VolumeEngine
 from .errors import ExitCode, GmdError, Refused, exit_code_for
 from .fuse import VolumeFS, serve_fuse
+from .groups import GroupHold, GroupMarks
 from .listeners import open_listeners
 from .memory import bound_heap
 from .requests import check_request, decode_line, op_of
@@ -77,6 +78,23 @@ class NodeDaemon:
                                limiter=self.limiter, witnesses=self.witness_clients, host=self._host_nursery)
         for vol in config.volumes_for_node(node):
             self.engines[vol.name] = VolumeEngine(vol, node, self.ports)
+        self.groups = self._consistency_groups()
+
+    def _consistency_groups(self) -> dict[str, GroupMarks]:
+        """The marks this node puts into its groups' streams as primary, and
+        the hold its async members of a group keep (gmd.groups)."""
+        groups: dict[str, GroupMarks] = {}
+        for engine in self.engines.values():
+            g = engine.config.group
+            if g is None:
+                continue
+            groups.setdefault(g, GroupMarks(g)).volumes.append(engine)
+        for g, marks in groups.items():
+            held = [e for e in marks.volumes if e.config.members[self.node].mode == "async"]
+            hold = GroupHold(g, [e.name for e in held])
+            for e in held:
+                e.group_hold = hold
+        return groups
 
     # ------------------------------------------------------------- serving
 
@@ -100,6 +118,8 @@ class NodeDaemon:
                 self.listen_addresses.append(bound)
             for client in self.witness_clients.values():
                 n.start_soon(client.run)
+            for marks in self.groups.values():
+                n.start_soon(marks.run)
             if self.mount:
                 self.fs = VolumeFS(self.engines, self.node_config.mount, self.node)
                 await n.start(serve_fuse, self.fs)
@@ -289,7 +309,7 @@ class NodeDaemon:
                 if not problems:
                     problems.append(f"volume {name} is gone (take it down and restart the daemon)")
                 continue
-            for field_name in ("size", "region_size", "extent_size", "mode", "async_queue"):
+            for field_name in ("size", "region_size", "extent_size", "mode", "async_queue", "group"):
                 if getattr(old, field_name) != getattr(vol, field_name):
                     problems.append(f"volume {name}: {field_name} changed ({getattr(old, field_name)} -> "
                                     f"{getattr(vol, field_name)})")

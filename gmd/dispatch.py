@@ -30,6 +30,7 @@ from transport.link import LinkClosed, PeerLink
 from transport.messages import PeerState, decode
 
 from .errors import errno_for
+from .groups import GroupHold, HoldView
 from .receiver import Applier, HashAnswerer
 from .replication import MemberLink
 
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 class DispatchVolume(Protocol):
     """What the frame dispatch needs of its volume (the engine provides it)."""
 
+    group_hold: GroupHold | None
     local: LocalVolume | None
     @property
     def name(self) -> str: ...
@@ -113,8 +115,10 @@ class FrameDispatch:
                     return
                 applier = self._appliers.get(m.name)
                 if applier is None or applier.session_id != m.session.id:
+                    hold = self.engine.group_hold
                     applier = Applier(self.engine.nursery, self._apply_write, self._apply_flush,
-                                      write_now=self._apply_write_now, admit=self._admit)
+                                      write_now=self._apply_write_now, admit=self._admit,
+                                      hold=HoldView(hold, self.engine.name, m.name) if hold is not None else None)
                     self._last_ended = None  # a new session writes to our disk: the old point is gone
                     applier.session_id = m.session.id
                     self._appliers[m.name] = applier

@@ -38,6 +38,7 @@ from .config import Address, VolumeConfig
 from .backlog import Backlog, Journal
 from .copyengine import CopyEngine
 from .dispatch import FrameDispatch
+from .groups import GroupHold
 from .errors import GmdError, Refused
 from .handshake import Handshake
 from .peerstate import PeerState
@@ -119,6 +120,7 @@ class VolumeEngine:
         self.service = ServiceCommands(self)
         self.takeover = Takeover(self)
         self.rpo = RpoWatch(self)
+        self.group_hold: GroupHold | None = None  # set by the daemon: our async member of a group holds (gmd.groups)
 
     def _member_link(self, config: VolumeConfig, name: str) -> MemberLink:
         """The link to member ``name``; an async one keeps a backlog of its

@@ -67,7 +67,8 @@ class Applier:
     (two task switches and a wake-up less per replicated write).
     """
 
-    def __init__(self, nursery: trio.Nursery, write, flush, *, on_applied=None, write_now=None, admit=None):
+    def __init__(self, nursery: trio.Nursery, write, flush, *, on_applied=None, write_now=None, admit=None,
+                 hold=None):
         self._nursery = nursery
         self._write = write
         self._admit = admit
@@ -91,6 +92,16 @@ class Applier:
         self._done: dict[int, int] = {}  # link seq finished out of order -> its gseq (0: none)
         self.applied_gseq = 0
         self._broken = False
+        # A consistency group's hold (gmd.groups): writes are issued only up
+        # to a mark every volume of the group received. ``hold`` has
+        # received(point), safe() and watch(wake)/unwatch(wake).
+        self._hold = hold
+        self._received_through = 0  # every link sequence up to here arrived
+        self._marks: deque[tuple[int, int]] = deque()  # (link seq, point) received in order, not yet released
+        self._released_seq = 0 if hold is not None else 1 << 64  # items up to here may be issued
+        self._drain_to = 0  # closed: items up to here are still applied (released before the end)
+        if hold is not None:
+            hold.watch(self._release)
 
     def _finished(self, item: Write | Flush, ok: bool) -> None:
         if self._broken:
@@ -109,20 +120,66 @@ class Applier:
         """The primary sequence this session's writes are applied in order up
         to, once it is closed and nothing of it is in flight; None otherwise
         (still running, a write failed, or some write never finished)."""
-        if not self.closed or self._inflight or self._broken:
+        if not self.closed or self._inflight or self._broken or self._waiting:
             return None
         return self.applied_gseq
 
     def close(self) -> None:
-        """The session ended: apply nothing more (writes in flight finish)."""
+        """The session ended: apply nothing more (writes in flight finish).
+        Under a group's hold, what was released still is, so every volume of
+        the group stops at the same mark; the rest is dropped."""
         self.closed = True
-        self._waiting.clear()
+        if self._hold is None:
+            self._waiting.clear()
+            return
+        self._hold.unwatch(self._release)
+        self._drain_to = self._released_seq
+        self._waiting = {s: v for s, v in self._waiting.items() if s <= self._drain_to}
+        self._start_pump()
+
+    def _received(self) -> None:
+        """Note what arrived in order: a group's mark among it is received."""
+        while True:
+            nxt = self._received_through + 1
+            if nxt < self.next_seq:
+                self._received_through = nxt
+                continue
+            entry = self._waiting.get(nxt)
+            if entry is None:
+                break
+            self._received_through = nxt
+            item = entry[0]
+            if isinstance(item, Flush) and item.group_point:
+                self._marks.append((nxt, item.group_point))
+                self._hold.received(item.group_point)  # may move the group's safe mark: _release
+        self._release()
+
+    def _release(self) -> None:
+        """Issue what lies before the group's safe mark."""
+        if self.closed:
+            return
+        safe = self._hold.safe()
+        while self._marks and self._marks[0][1] <= safe:
+            self._released_seq = self._marks.popleft()[0]
+        self._start_pump()
+
+    def _issuable(self, seq: int) -> bool:
+        return seq <= (self._drain_to if self.closed else self._released_seq)
+
+    def _start_pump(self) -> None:
+        if not self._pump_running and self.next_seq in self._waiting and self._issuable(self.next_seq):
+            self._pump_running = True
+            self._nursery.start_soon(self._pump)
 
     def submit(self, item: Write | Flush, path: PeerLink) -> None:
         if self.closed:
             return
         if item.seq < self.next_seq:
             self._nursery.start_soon(self._ack_duplicate, item, path)
+            return
+        if self._hold is not None:
+            self._waiting[item.seq] = (item, path)
+            self._received()
             return
         if (self._write_now is not None and item.seq == self.next_seq and not self._pump_running
                 and isinstance(item, Write) and self._apply_now(item, path)):
@@ -171,7 +228,7 @@ class Applier:
 
     async def _pump(self) -> None:
         try:
-            while self.next_seq in self._waiting and not self.closed:
+            while self.next_seq in self._waiting and self._issuable(self.next_seq):
                 item, path = self._waiting.pop(self.next_seq)
                 seq = self.next_seq
                 if isinstance(item, Write):
@@ -197,7 +254,7 @@ class Applier:
 
     async def _apply_write(self, item: Write, path: PeerLink, done: trio.Event, ticket=None) -> None:
         status = 0
-        if self.closed:  # issued, but the session ended before it started: not applied, not acked
+        if self.closed and item.seq > self._drain_to:  # issued, the session ended before it started: not applied
             self._inflight.pop(item.seq, None)
             self._broken = True  # it was issued in order and never applied: nothing after it counts
             done.set()

@@ -97,6 +97,7 @@ class Shipment:
     in_sync: int = 0  # a flush's: the volume sequence durable on every member in sync
     copy: bool = False  # copy data: outside the async queue and its limit
     entry: Entry | None = None  # its place in the member's backlog (async, gmd.backlog)
+    group_point: int = 0  # a flush that is a consistency group's mark (gmd.groups)
 
     @property
     def length(self) -> int:
@@ -409,6 +410,10 @@ class MemberLink:
             if self.queued_bytes and self.queued_bytes + entry.length > self.queue_limit:
                 await self.wait_queue_at_most(max(0, self.queue_limit - entry.length))
                 continue
+            if entry.group_point:
+                if self._ship_mark(entry) is None:
+                    return
+                continue
             data = await b.data_of(entry)
             if self.session is not s or not self.connected or b.next_waiting() is not entry:
                 continue  # the link went, or the backlog was dropped, while the journal was read
@@ -422,8 +427,40 @@ class MemberLink:
             b.sent(entry)
             self._send(path, sh)
 
+    def ship_group_mark(self, point: int, gseq: int, in_sync: int = 0) -> None:
+        """A consistency group's mark ``point``, after write ``gseq``, in this
+        async member's order: on the wire now, or waiting in the backlog
+        behind the writes before it (gmd.groups). Nothing to a member behind
+        (its catch-up copy is out of order anyway) or away without a backlog."""
+        if self.behind:
+            return
+        b = self.backlog
+        if b is not None and b.valid:
+            direct = self.connected and self.session is not None and not b.has_waiting
+            entry = b.add_mark(gseq, point, trio.current_time(), waiting=not direct)
+            if direct and entry is not None:
+                self._ship_mark(entry)
+            return
+        self.ship_flush(gseq, in_sync=in_sync, group_point=point)
+
+    def _ship_mark(self, entry: Entry) -> Shipment | None:
+        s = self.session
+        path = s.pick_path() if s is not None and self.connected else None
+        if path is None:
+            return None
+        sh = Shipment(s.next_link_seq, entry.gseq, "flush", queued_at=entry.queued_at, entry=entry,
+                      group_point=entry.group_point)
+        s.next_link_seq += 1
+        s.unsettled[sh.link_seq] = sh
+        if self.backlog is not None and self.backlog.next_waiting() is entry:
+            self.backlog.sent(entry)
+        else:
+            entry.waiting = False
+        self._send(path, sh)
+        return sh
+
     def ship_flush(self, gseq: int, on_settled: Callable[[Shipment], None] | None = None, *,
-                   in_sync: int = 0) -> Shipment | None:
+                   in_sync: int = 0, group_point: int = 0) -> Shipment | None:
         """Queue a barrier up to ``gseq``; ``in_sync`` tells the member how far
         every write is durable on every member in sync (it retires its mirror
         of our intents up to there)."""
@@ -434,7 +471,7 @@ class MemberLink:
         if path is None:
             return None
         sh = Shipment(s.next_link_seq, gseq, "flush", queued_at=trio.current_time(), on_settled=on_settled,
-                      in_sync=in_sync)
+                      in_sync=in_sync, group_point=group_point)
         s.next_link_seq += 1
         s.unsettled[sh.link_seq] = sh
         self._send(path, sh)
@@ -445,7 +482,7 @@ class MemberLink:
         # Copy data is flagged: the member's disk leaves write order with it
         # (its undo log, if any, saves what it overwrites).
         event = (Write(sh.link_seq, sh.offset, sh.data, WRITE_COPY if sh.copy else 0, gseq=sh.gseq)
-                 if sh.kind == "write" else Flush(sh.link_seq, in_sync=sh.in_sync))
+                 if sh.kind == "write" else Flush(sh.link_seq, in_sync=sh.in_sync, group_point=sh.group_point))
         try:
             path.send_nowait(event)
             self.bytes_shipped += len(sh.data)
@@ -489,6 +526,8 @@ class MemberLink:
         elif ack.status == 0:
             self.flushed_gseq = max(self.flushed_gseq, sh.gseq)
             self.acked_unflushed = [w for w in self.acked_unflushed if w[0] > sh.gseq]
+            if sh.entry is not None and self.backlog is not None:
+                self.backlog.acked(sh.entry)
         sh.settle(ack.status == 0, ack.status)
 
     async def _request(self, make_event):

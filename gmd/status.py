@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .replication import MemberLink
     from .resolution import SplitBrainResolver
     from .roles import Roles
+    from .groups import GroupHold
     from .rpo import RpoWatch
     from .sessions import Sessions
     from .takeover import ServiceCommands, Takeover
@@ -42,6 +43,7 @@ class StatusVolume(Protocol):
     node: str
     quorum: QuorumKeeper
     rpo: RpoWatch
+    group_hold: GroupHold | None
     resolver: SplitBrainResolver
     role: Role
     roles: Roles
@@ -122,6 +124,10 @@ def volume_status(engine: StatusVolume) -> dict[str, Any]:
         },
         "copy_rate": engine.copier.rate,
         "rpo_alert": engine.rpo.alert.to_json(),
+        # A consistency group (gmd.groups): its name, and on a far member how
+        # far each of the group's volumes received the primary's marks.
+        "group": None if cfg.group is None else {
+            "name": cfg.group, "hold": engine.group_hold.status() if engine.group_hold is not None else None},
         "split_brain": {"resolving_towards": engine.resolver.discarding,
                         "saved_images": list(engine.resolver.saved_images)},
         "lost_primary": engine.sessions.lost_primary,

@@ -448,6 +448,11 @@ class WritePath:
         self._locks.release(token)
 
     @property
+    def in_sync_gseq(self) -> int:
+        """The sequence up to which every write is durable on every member in sync."""
+        return self._in_sync_gseq
+
+    @property
     def completed_sequence(self) -> int:
         return self.completed_gseq
 

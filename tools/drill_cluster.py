@@ -248,8 +248,11 @@ class LocalCluster(Cluster):
                  names: Iterable[str] = ("labor1", "labor2"), witness: str | None = "W",
                  volume_settings: dict[str, Any] | None = None, member_settings: dict[str, dict] | None = None,
                  keep: bool = False, directory: Path | None = None, delay: float = 0.0,
-                 far: dict[str, dict[str, Any]] | None = None):
+                 far: dict[str, dict[str, Any]] | None = None, more_volumes: Iterable[str] = ()):
         super().__init__()
+        # More volumes like the first (its settings, their own files), e.g.
+        # the rest of a consistency group: [VOLUME, *more_volumes].
+        self.volumes = [VOLUME, *more_volumes]
         self.base_delay = delay
         # Far sites: node -> {"delay": s, "bandwidth": bytes/s} on every link to
         # and from it, on top of ``delay`` (a DR site across a WAN).
@@ -287,6 +290,7 @@ class LocalCluster(Cluster):
             doc = cluster_document(specs, volume=VOLUME, size=self.size, mode=self.mode, secret="drill-secret",
                                    volume_settings=self.volume_settings,
                                    tables=witness_tables({w: proxied[(me, w)]} if w else {}))
+            self._add_volumes(doc)
             path = self.dir / f"{me}.toml"
             path.write_text(tomli_w.dumps(doc))
             cfg = self.config_of[me] = load_config(path)
@@ -296,9 +300,20 @@ class LocalCluster(Cluster):
             doc = cluster_document([NodeSpec(n, address=[real[n]]) for n in self.names], volume=VOLUME,
                                    size=self.size, mode=self.mode, secret="drill-secret",
                                    volume_settings=self.volume_settings, tables=witness_tables(real))
+            self._add_volumes(doc)
             self.witness_config.write_text(tomli_w.dumps(doc))
             (self.dir / "data" / w).mkdir(parents=True, exist_ok=True)
         self.proxies = [Proxy(s, d, self.dir / f"proxy-{s}-{d}.sock") for s, d in pairs]
+
+    def _add_volumes(self, doc: dict[str, Any]) -> None:
+        """Copy the first volume's table for each further volume, with files of its own."""
+        first = doc["volumes"][VOLUME]
+        for name in self.volumes[1:]:
+            table = {**first, "members": {}}
+            for node, member in first["members"].items():
+                table["members"][node] = {k: (v.replace(f"/{VOLUME}.", f"/{name}.") if isinstance(v, str) else v)
+                                          for k, v in member.items()}
+            doc["volumes"][name] = table
 
     def baseline(self, p: Proxy) -> dict[str, Any]:
         settings = {"delay": self.base_delay, "bandwidth": 0}
@@ -316,8 +331,8 @@ class LocalCluster(Cluster):
                       for n, f in self.far.items())
         return f"local: {', '.join(self.names)}{witness} on loopback, every link through a WAN proxy{delay}{far}"
 
-    def backing(self, node: str) -> Path:
-        return self.config_of[node].member(VOLUME, node).device
+    def backing(self, node: str, volume: str = VOLUME) -> Path:
+        return self.config_of[node].member(volume, node).device
 
     def votes_of(self, node: str) -> int:
         return self.config_of[node].member(VOLUME, node).votes
@@ -368,8 +383,10 @@ class LocalCluster(Cluster):
         """Fresh maps and sparse files everywhere; ``primary`` the source and the
         others taken as identical (all files are zeros), so no initial copy."""
         for n in self.names:
-            admin.init_volume(self.config_of[n], n, VOLUME)
-        admin.mark_dirty(self.config_of[primary], primary, VOLUME, skip_initial_copy=True)
+            for v in self.volumes:
+                admin.init_volume(self.config_of[n], n, v)
+        for v in self.volumes:
+            admin.mark_dirty(self.config_of[primary], primary, v, skip_initial_copy=True)
 
     def start(self) -> None:
         """Proxies, the witness and every node's daemon; the volume up everywhere."""
@@ -393,7 +410,8 @@ class LocalCluster(Cluster):
         for n in self.names:
             self.start_node(n)
         for n in self.names:
-            self.ask(n, op="up", volume=VOLUME)
+            for v in self.volumes:
+                self.ask(n, op="up", volume=v)
 
     def start_witness(self) -> None:
         w = self.witness_names[0]
@@ -428,7 +446,8 @@ class LocalCluster(Cluster):
         for n in self.nodes.values():
             if n.proc is not None and n.proc.poll() is None:
                 try:
-                    control.request(n.control, {"op": "down", "volume": VOLUME, "force": True}, timeout=30)
+                    for v in self.volumes:
+                        control.request(n.control, {"op": "down", "volume": v, "force": True}, timeout=30)
                 except Exception:
                     pass  # stopped below regardless
             if n.proc is not None:

@@ -54,6 +54,7 @@ from tools.stamps import BLOCK, Ack, stamp
 
 PROBE_WRITER = 0xFFFF
 JOURNAL_HEADER = "# gmd workload journal v1"
+DEVICE_SPAN = 1 << 40  # where each device of a multi-device workload starts in its address space
 
 
 class Pending(NamedTuple):
@@ -88,9 +89,15 @@ class Workload:
     returns); without, each pwrite is followed by an fsync. ``journal`` is a
     local file, truncated at :meth:`start`. ``run`` (8 bytes) tags every
     block of this run; a random one by default.
+
+    ``path`` may also be a list of paths (the volumes of a consistency
+    group): the same area of each, one address space in which device ``i``
+    starts at ``i * DEVICE_SPAN`` (the offsets in acks and stamps are these
+    *logical* offsets; :func:`device_of` maps one back). Every writer writes
+    to all of them, so one order runs across the devices.
     """
 
-    def __init__(self, path: str | Path, *, area: tuple[int, int], writers: int = 4, direct: bool = True,
+    def __init__(self, path: str | Path | list[str | Path], *, area: tuple[int, int], writers: int = 4, direct: bool = True,
                  journal: str | Path, run: bytes | None = None, seed: int | None = None):
         offset, length = area
         if offset % BLOCK or length % BLOCK or offset < 0 or length <= 0:
@@ -99,7 +106,10 @@ class Workload:
             raise ValueError(f"writers must be between 1 and {PROBE_WRITER - 1}, not {writers}")
         if length // BLOCK < writers:
             raise ValueError(f"an area of {length // BLOCK} blocks cannot give each of {writers} writers one")
-        self.path = str(path)
+        self.paths = [str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)]
+        if not self.paths:
+            raise ValueError("no device to write to")
+        self.path = self.paths[0]
         self.area = (offset, length)
         self.writers = writers
         self.direct = direct
@@ -274,6 +284,7 @@ class Workload:
         flags = _open_flags(self.direct)
         buf = mmap.mmap(-1, BLOCK) if self.direct else None  # page-aligned, as O_DIRECT needs
         fd: int | None = None
+        others: list[int] = []  # the other devices' files, when there are several
         generation = -1
         seq = 0
         try:
@@ -296,16 +307,31 @@ class Workload:
                     if not reopen:
                         seq += 1
                         offset = base + rng.randrange(owned) * stride
+                        if len(self.paths) > 1:
+                            offset += rng.randrange(len(self.paths)) * DEVICE_SPAN
                         self._pending[w] = Pending(w, seq, offset, time.time())
                         issued_after = len(self._acks)  # what it may depend on (tools.stamps.verify)
                 if reopen:
+                    for extra in others:
+                        self._close(extra)
+                    others = []
                     if fd is not None:
                         self._close(fd)
                     fd = self._open(w, path, flags)
+                    if fd is not None and len(self.paths) > 1:
+                        others = [self._open(w, p, flags) for p in self.paths[1:]]
+                        if None in others:
+                            for extra in others:
+                                if extra is not None:
+                                    self._close(extra)
+                            others = []
+                            self._close(fd)
+                            fd = None
                     continue
                 block = stamp(self.run, w, seq, offset, time.time_ns())
+                device, at = device_of(offset)
                 try:
-                    _write_block(fd, buf, block, offset)
+                    _write_block(fd if device == 0 else others[device - 1], buf, block, at)
                 except OSError as e:
                     reason = "SHORT_WRITE" if isinstance(e, ShortWrite) else _errno_name(e)
                     with self._cond:
@@ -327,6 +353,8 @@ class Workload:
                     self._acked_at.append(acked_at)
                     self._cond.notify_all()
         finally:
+            for extra in others:
+                self._close(extra)
             if fd is not None:
                 self._close(fd)
             if buf is not None:
@@ -362,6 +390,11 @@ class Workload:
         except OSError as e:
             with self._cond:
                 self._errors[f"close:{_errno_name(e)}"] += 1
+
+
+def device_of(offset: int) -> tuple[int, int]:
+    """(device index, offset in it) of a logical offset (see :class:`Workload`)."""
+    return offset // DEVICE_SPAN, offset % DEVICE_SPAN
 
 
 def _write_block(fd: int, buf: mmap.mmap | None, block: bytes, offset: int) -> None:

@@ -180,6 +180,11 @@ class Flush:
     # member in sync: a member keeps the extents of later writes hot (a
     # mirror of the primary's intents) for when the primary is lost.
     in_sync: int = 0
+    # A consistency group's mark (0: none): every write of every volume of
+    # the group before this point is on its way to the far member before
+    # any after it; a far member applies writes only up to a mark that all
+    # the group's volumes have received (gmd.groups).
+    group_point: int = 0
 
 
 @dataclass(frozen=True)
@@ -262,6 +267,7 @@ CLOSED = _Sentinel.CLOSED
 
 _WRITE = struct.Struct("<QQIQ")  # link seq, offset, flags, volume seq
 _FLUSH = struct.Struct("<QQ")  # link seq, in-sync volume seq
+_FLUSH_GROUP = struct.Struct("<QQQ")  # ... and a consistency group's mark
 _SEQ_STATUS = struct.Struct("<Qi")
 _SEQ = struct.Struct("<Q")
 _READ = struct.Struct("<QQI")
@@ -314,6 +320,8 @@ def _encode_single(event: Event) -> tuple[FrameType, bytes]:
         case WriteAck():
             return FrameType.WRITE_ACK, _SEQ_STATUS.pack(event.seq, event.status)
         case Flush():
+            if event.group_point:
+                return FrameType.FLUSH, _FLUSH_GROUP.pack(event.seq, event.in_sync, event.group_point)
             return FrameType.FLUSH, _FLUSH.pack(event.seq, event.in_sync)
         case FlushAck():
             return FrameType.FLUSH_ACK, _SEQ_STATUS.pack(event.seq, event.status)
@@ -423,6 +431,8 @@ def _decode(ftype: FrameType, payload: bytes, max_payload: int) -> Event:
             _exact(payload, _SEQ_STATUS.size, "write ack")
             return WriteAck(*_SEQ_STATUS.unpack(payload))
         case FrameType.FLUSH:
+            if len(payload) == _FLUSH_GROUP.size:
+                return Flush(*_FLUSH_GROUP.unpack(payload))
             _exact(payload, _FLUSH.size, "flush")
             return Flush(*_FLUSH.unpack(payload))
         case FrameType.FLUSH_ACK:
@@ -747,7 +757,7 @@ def _validate(event: Event) -> None:
                 bad(f"flags {event.flags!r} outside the defined bits {WRITE_FLAGS:#x}")
             if event.flags & WRITE_ZSTD and not event.data[:4] == b"\x28\xb5\x2f\xfd":
                 bad("WRITE_ZSTD set but the data is not a zstd frame")
-    for name in ("seq", "offset", "request", "token", "start", "gseq", "in_sync"):
+    for name in ("seq", "offset", "request", "token", "start", "gseq", "in_sync", "group_point"):
         v = getattr(event, name, None)
         if v is not None and not 0 <= v < _U64:
             bad(f"{name} {v} outside 0..2**64-1")

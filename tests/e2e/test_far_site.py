@@ -21,7 +21,7 @@ from tools.drill import read_blocks
 from tools.drill_cluster import LocalCluster
 from tools.procs import file_hash
 from tools.stamps import parse, verify
-from tools.workload import Workload
+from tools.workload import Workload, device_of
 
 from .test_drill import _missing, leftovers
 
@@ -169,3 +169,51 @@ def test_a_full_journal_degrades_to_bitmap_tracking_and_a_mini_copy(cluster_fact
     copies = [p for p in c.status("labor1")["copies"] if p["member"] == "labor2"]
     assert copies and all(p["kind"] == "mini" for p in copies), copies
     assert file_hash(c.backing("labor1")) == file_hash(c.backing("labor2"))
+
+
+def test_a_consistency_group_of_three_volumes_stops_at_one_instant_at_the_far_site(tmp_path):
+    """Issue 16 (e): one workload writing across three volumes of a group;
+    the primary SIGKILLed at a random moment; the far site's three volumes
+    together are an exact prefix of the group's write sequence."""
+    volumes = ["appslv", "db2", "db3"]
+    c = LocalCluster(mode="mwc", size="32MiB", auto_promote=False, witness=None, directory=tmp_path / "cluster",
+                     keep=bool(os.environ.get("GMD_TEST_KEEP")), more_volumes=volumes[1:],
+                     volume_settings={"group": "db", "async_queue": "8MiB"},
+                     member_settings={"labor2": {"mode": "async", "votes": 0}},
+                     far={"labor2": {"delay": 0.03, "bandwidth": FAR_BANDWIDTH}})
+    try:
+        c.init_volume("labor1")
+        c.start()
+        for v in volumes:
+            c.wait(f"{v} to connect", lambda v=v: c.ask("labor1", op="status", volume=v)["status"]["members"]
+                   ["labor2"]["link"] == "connected", timeout=60)
+            c.ask("labor1", op="primary", volume=v)
+        w = Workload([str(c.nodes["labor1"].mount / v) for v in volumes], area=(0, 8 << 20), writers=6,
+                     direct=True, journal=tmp_path / "acknowledged.journal", seed=random.randrange(1 << 30))
+        w.start()
+        try:
+            assert w.wait_acked(500, timeout=30)
+            time.sleep(random.uniform(0.5, 3.0))
+            far = c.ask("labor2", op="status", volume="db2")["status"]["group"]
+            assert far["name"] == "db" and sorted(far["hold"]["received"]) == volumes, far
+            c.kill("labor1")
+        finally:
+            w.stop(timeout=30)
+        time.sleep(1.5)  # the far site applies what came before the group's last mark, and drops the rest
+        acks = w.acks()
+        files = [open(c.backing("labor2", v), "rb") for v in volumes]
+        try:
+            def read(off):
+                d, at = device_of(off)
+                files[d].seek(at)
+                return files[d].read(4096)
+            v = verify(acks, read, w.run, in_flight=w.in_flight)
+        finally:
+            for f in files:
+                f.close()
+        assert v.corrupt == 0 and v.passed(rpo_zero=False), (
+            f"prefix up to write {v.prefix_index} of {v.acked_writes}: {v.as_dict()}")
+        assert v.prefix_index > 0
+    finally:
+        c.teardown()
+    assert not leftovers(tmp_path), leftovers(tmp_path)

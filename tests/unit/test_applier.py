@@ -174,3 +174,48 @@ async def test_a_failed_write_leaves_no_resume_point():
         a.close()
         await _settle()
         assert a.resume_point() is None
+
+
+async def test_a_group_hold_applies_only_up_to_a_mark_every_volume_received():
+    from gmd.groups import GroupHold, HoldView
+    hold = GroupHold("db", ["v1", "v2"])
+    d1, d2, p1, p2 = Disk(), Disk(), FakePath(), FakePath()
+    async with trio.open_nursery() as n:
+        a1 = Applier(n, d1.write, d1.flush, write_now=d1.write_now, hold=HoldView(hold, "v1", "labor1"))
+        a2 = Applier(n, d2.write, d2.flush, write_now=d2.write_now, hold=HoldView(hold, "v2", "labor1"))
+        a1.submit(Write(1, 0, b"a" * 16, gseq=1), p1)
+        a1.submit(Flush(2, group_point=100), p1)
+        a1.submit(Write(3, 4096, b"b" * 16, gseq=3), p1)
+        await _settle()
+        assert d1.applied_later == [] and p1.sent == []  # v2 has not received mark 100: nothing yet
+        a2.submit(Write(1, 0, b"c" * 16, gseq=2), p2)
+        a2.submit(Flush(2, group_point=100), p2)
+        await _settle()
+        # Both received mark 100: what came before it is applied, in both.
+        assert d1.applied_later == [1] and d2.applied_later == [1]
+        assert WriteAck(1, 0) in p1.sent and FlushAck(2, 0) in p1.sent and WriteAck(3, 0) not in p1.sent
+        a1.submit(Flush(4, group_point=200), p1)
+        a2.submit(Write(3, 8192, b"d" * 16, gseq=4), p2)
+        await _settle()
+        assert d1.applied_later == [1] and d2.applied_later == [1]  # v2 has no mark 200 yet
+        # The primary is lost now: each applies what came before mark 100 and drops the rest.
+        a1.close()
+        a2.close()
+        await _settle()
+        assert d1.applied_later == [1] and d2.applied_later == [1]
+        assert d1.data[4096:4112] == bytes(16) and d2.data[8192:8208] == bytes(16)
+
+
+async def test_a_hold_released_just_before_the_end_is_still_applied():
+    from gmd.groups import GroupHold, HoldView
+    hold = GroupHold("db", ["v1"])
+    d1, p1 = Disk(), FakePath()
+    d1.slow = 0.01
+    async with trio.open_nursery() as n:
+        a1 = Applier(n, d1.write, d1.flush, hold=HoldView(hold, "v1", "labor1"))
+        for seq in range(1, 5):
+            a1.submit(Write(seq, seq * 4096, b"x" * 16, gseq=seq), p1)
+        a1.submit(Flush(5, group_point=7), p1)
+        a1.close()  # released (it alone makes the group) before the session ended
+        await trio.sleep(0.2)
+        assert sorted(d1.applied_later) == [1, 2, 3, 4]

@@ -272,6 +272,7 @@ EXAMPLES = [
     pytest.param(WriteAck(5, -28), id="write-ack-negative-errno"),
     pytest.param(Flush(6), id="flush"),
     pytest.param(Flush(7, in_sync=2**64 - 1), id="flush-in-sync"),
+    pytest.param(Flush(9, in_sync=3, group_point=2**64 - 1), id="flush-group-mark"),
     pytest.param(Write(8, 4096, b"w", gseq=12345), id="write-gseq"),
     pytest.param(FlushAck(6, 0), id="flush-ack"),
     pytest.param(FlushAck(7, 122), id="flush-ack-EDQUOT"),
