@@ -235,7 +235,12 @@ class Drill:
         return [p for p in st.get("copies", []) if p["member"] == member and p["started_at"] >= since - 0.5]
 
     def verify_device(self, node: str, acks, *, fault_at: float | None, label: str) -> Any:
-        read, close = read_blocks(self.c.device(node))
+        return self.verify_path(self.c.device(node), acks, fault_at=fault_at, label=label)
+
+    def verify_path(self, path: str, acks, *, fault_at: float | None, label: str) -> Any:
+        """Verify the image at ``path`` (a volume file, or a member's backing
+        file) against ``acks``; recorded in the report as ``label``."""
+        read, close = read_blocks(path)
         try:
             v = verify(acks, read, self.workload.run, in_flight=self.workload.in_flight, fault_at=fault_at)
         finally:
@@ -570,13 +575,7 @@ class Drill:
             raise DrillError(f"the far member {node}'s backing file is not on this machine: its image cannot be "
                              "read while it is secondary")
         time.sleep(1.0)  # the last frames that reached it are applied (writes arrive in order)
-        read, close = read_blocks(str(path))
-        try:
-            v = verify(acks, read, self.workload.run, in_flight=self.workload.in_flight, fault_at=fault_at)
-        finally:
-            close()
-        self.report.verifications[label] = v.as_dict()
-        return v
+        return self.verify_path(str(path), acks, fault_at=fault_at, label=label)
 
     def verify_far_at_loss(self, fault_at: float, cut: tuple[str, ...]) -> None:
         """The primary is lost: were the far site called on now, what would it

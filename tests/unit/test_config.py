@@ -860,3 +860,15 @@ def test_undo_log_mistakes_name_the_key():
     assert e.key == "volumes.v.members.a.undo_log"
     e = error_of(UNDO_BASE.format(member='undo_log = "s"\n'))  # the state map's own file
     assert e.key == "volumes.v.members.a.undo_log" and "overwrite each other" in e.message
+
+
+def test_the_readme_three_site_example_parses_as_described():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Three sites: a metro mirror"):]
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    v = parse(block).volumes["appslv"]
+    assert v.group == "erp" and v.rpo_alert_seconds == 60 and v.auto_promote
+    far = v.members["labor3"]
+    assert (far.mode, far.votes, far.shipping.compress) == ("async", 0, "zstd")
+    assert far.undo_log == Path("/var/lib/gmd/appslv.undo") and far.undo_log_size == 20 << 30
+    assert all(v.members[n].journal is not None and v.members[n].mode == "mwc" for n in ("labor1", "labor2"))
