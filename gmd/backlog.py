@@ -56,7 +56,9 @@ class Entry:
     data: bytes | None = None  # in memory; None: in the journal at ``journal_at``
     journal_at: int = -1
     waiting: bool = True  # not on the wire in the current session
-    group_point: int = 0  # a consistency group's mark (no data; ``gseq`` the last write before it)
+    kind: str = "write"  # or "flush": a barrier, or a consistency group's mark (no data)
+    group_point: int = 0  # a flush that is a group's mark: its point (``gseq``: the last write before it)
+    in_sync: int = 0  # a flush's in_sync (see transport.codec.Flush)
     key: int = 0  # its place in the backlog
 
 class Journal:
@@ -169,12 +171,15 @@ class Backlog:
         self._writes[gseq] = e
         return e
 
-    def add_mark(self, gseq: int, point: int, now: float, *, waiting: bool) -> Entry | None:
-        """Keep a consistency group's mark in the member's order (after
-        write ``gseq``); None if the backlog is not valid."""
+    def add_flush(self, gseq: int, now: float, *, waiting: bool, group_point: int = 0,
+                  in_sync: int = 0) -> Entry | None:
+        """Keep a barrier (the application's fsync) or a consistency group's
+        mark in the member's order, after write ``gseq``; None if the backlog
+        is not valid."""
         if not self.valid:
             return None
-        e = Entry(gseq, 0, 0, now, data=b"", waiting=waiting, group_point=point)
+        e = Entry(gseq, 0, 0, now, data=b"", waiting=waiting, kind="flush", group_point=group_point,
+                  in_sync=in_sync)
         self._keep(e)
         return e
 
@@ -213,7 +218,7 @@ class Backlog:
     def acked(self, e: Entry) -> None:
         if self.entries.pop(e.key, None) is None:
             return
-        if not e.group_point:
+        if e.kind == "write":
             self._writes.pop(e.gseq, None)
             self.acked_max = max(self.acked_max, e.gseq)
         self._release(e)
@@ -254,7 +259,7 @@ class Backlog:
                       f"({self.acked_max})")
             return False
         # (a mark right after the last write it applied may not have reached it: sent again, harmless)
-        for e in [e for e in self.entries.values() if e.gseq < applied or (e.gseq == applied and not e.group_point)]:
+        for e in [e for e in self.entries.values() if e.gseq < applied or (e.gseq == applied and e.kind == "write")]:
             self.acked(e)
         self.waiting = deque(self.entries.values())
         if self.waiting:
@@ -309,7 +314,7 @@ class Backlog:
         state = "bitmap" if not self.valid else ("waiting" if self.waiting else "shipping")
         return {
             "state": state,
-            "writes": len(self._writes), "waiting_writes": sum(1 for e in self.waiting if not e.group_point),
+            "writes": len(self._writes), "waiting_writes": sum(1 for e in self.waiting if e.kind == "write"),
             "memory_bytes": self.memory_bytes, "memory_limit": self.memory_limit,
             "journal": str(self.journal.path) if self.journal is not None else None,
             "journal_bytes": self.journal_bytes,

@@ -410,8 +410,8 @@ class MemberLink:
             if self.queued_bytes and self.queued_bytes + entry.length > self.queue_limit:
                 await self.wait_queue_at_most(max(0, self.queue_limit - entry.length))
                 continue
-            if entry.group_point:
-                if self._ship_mark(entry) is None:
+            if entry.kind == "flush":
+                if self._ship_flush_entry(entry) is None:
                     return
                 continue
             data = await b.data_of(entry)
@@ -437,19 +437,19 @@ class MemberLink:
         b = self.backlog
         if b is not None and b.valid:
             direct = self.connected and self.session is not None and not b.has_waiting
-            entry = b.add_mark(gseq, point, trio.current_time(), waiting=not direct)
+            entry = b.add_flush(gseq, trio.current_time(), waiting=not direct, group_point=point, in_sync=in_sync)
             if direct and entry is not None:
-                self._ship_mark(entry)
+                self._ship_flush_entry(entry)
             return
         self.ship_flush(gseq, in_sync=in_sync, group_point=point)
 
-    def _ship_mark(self, entry: Entry) -> Shipment | None:
+    def _ship_flush_entry(self, entry: Entry) -> Shipment | None:
         s = self.session
         path = s.pick_path() if s is not None and self.connected else None
         if path is None:
             return None
         sh = Shipment(s.next_link_seq, entry.gseq, "flush", queued_at=entry.queued_at, entry=entry,
-                      group_point=entry.group_point)
+                      group_point=entry.group_point, in_sync=entry.in_sync)
         s.next_link_seq += 1
         s.unsettled[sh.link_seq] = sh
         if self.backlog is not None and self.backlog.next_waiting() is entry:
@@ -463,7 +463,13 @@ class MemberLink:
                    in_sync: int = 0, group_point: int = 0) -> Shipment | None:
         """Queue a barrier up to ``gseq``; ``in_sync`` tells the member how far
         every write is durable on every member in sync (it retires its mirror
-        of our intents up to there)."""
+        of our intents up to there). An async member whose backlog has
+        writes waiting gets it behind them, in its order (it covers them): kept
+        in the backlog, and None is returned."""
+        b = self.backlog
+        if b is not None and b.valid and b.has_waiting and not self.behind:
+            b.add_flush(gseq, trio.current_time(), waiting=True, group_point=group_point, in_sync=in_sync)
+            return None
         s = self.session
         if not self.connected or s is None:
             return None

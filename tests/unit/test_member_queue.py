@@ -51,3 +51,51 @@ async def test_no_wait_when_the_queue_is_already_low_enough():
     m = MemberLink("labor2", "async", queue_limit=1 << 20)
     with trio.fail_after(1):
         await m.wait_queue_at_most(0)
+
+
+class _Path:
+    closed = False
+
+    def __init__(self):
+        self.sent = []
+
+    def send_nowait(self, event):
+        self.sent.append(event)
+
+
+async def test_a_barrier_waits_behind_the_writes_waiting_in_the_backlog_and_a_replay_keeps_order():
+    from gmd.backlog import Backlog
+    from transport.codec import Flush, FlushAck, Write
+    m = MemberLink("labor3", "async", queue_limit=8192)
+    m.backlog = Backlog("labor3", memory_limit=1 << 20)
+    m.session = Session("s1", m.name)
+    path = _Path()
+    m.session.paths.append(path)
+    m.set_state(LinkState.CONNECTED)
+    settled = []
+    for g in (1, 2, 3, 4):  # two fit in the queue; two wait
+        m.ship_write(g, g * 4096, b"x" * 4096, settled.append)
+    assert m.ship_flush(4, in_sync=0) is None  # behind the waiting writes, not ahead of them
+    assert [type(e).__name__ for e in path.sent] == ["Write", "Write"]
+    m.on_ack(WriteAck(1))
+    m.on_ack(WriteAck(2))
+    with trio.fail_after(5):
+        await m.pump_backlog(lambda: True)
+    kinds = [(type(e).__name__, getattr(e, "gseq", None)) for e in path.sent]
+    assert kinds == [("Write", 1), ("Write", 2), ("Write", 3), ("Write", 4), ("Flush", None)]
+    # The link dies with 3, 4 and the barrier unacknowledged; the member says
+    # it applied 3: the next session replays 4 and the barrier, in order.
+    m.on_ack(WriteAck(3))
+    m.end_session("gone")
+    assert m.backlog.resume(3)
+    m.session = Session("s2", m.name)
+    path2 = _Path()
+    m.session.paths.append(path2)
+    m.set_state(LinkState.CONNECTED)
+    with trio.fail_after(5):
+        await m.pump_backlog(lambda: True)
+    assert [(type(e).__name__, getattr(e, "gseq", None)) for e in path2.sent] == [("Write", 4), ("Flush", None)]
+    m.on_ack(WriteAck(1))
+    m.on_ack(FlushAck(2))
+    assert m.backlog.caught_up() and not m.backlog.entries and m.flushed_gseq == 4
+    assert isinstance(path2.sent[1], Flush) and isinstance(path2.sent[0], Write)
