@@ -31,6 +31,7 @@ from statemap.statemap import Recovery, StateMap
 
 from .config import Member, VolumeConfig
 from .disk import BackingDevice, check_range
+from .keeper import Keeper
 from .undolog import DATA_START, Rollback, UndoLog, iso_utc
 
 log = logging.getLogger(__name__)
@@ -83,19 +84,6 @@ class WriteTicket:
         if self._counter is not None:
             self._counter.leave()
             self._counter = None
-
-
-class _PreserveBatch:
-    """Preserve requests that share one trip to a thread and one fdatasync."""
-
-    def __init__(self) -> None:
-        self.requests: list[list[tuple[int, int]]] = []
-        self.answers: list[BaseException | None] = []
-        self.done = trio.Event()
-
-    def add(self, ranges: list[tuple[int, int]]) -> int:
-        self.requests.append(ranges)
-        return len(self.requests) - 1
 
 
 class MapWriter:
@@ -178,8 +166,7 @@ class LocalVolume:
         self._plain = _Counter()  # admitted before any catch-up: they write without saving
         self._writing = _Counter()  # past the gate, saving or writing
         self._undo_lock = trio.Lock()  # one undo-log call at a time (they run in threads)
-        self._batch: _PreserveBatch | None = None  # preserves gathered for the next trip to a thread
-        self._batch_running = False
+        self._undo_keeper: Keeper | None = None  # saves old contents to the undo log before overwrites
 
     @property
     def name(self) -> str:
@@ -435,39 +422,12 @@ class LocalVolume:
     async def _preserve(self, offset: int, length: int) -> None:
         """Return once the old contents of [offset, offset+length) are durable
         in the undo log (at once if they are already). Concurrent writes share
-        one trip to a thread and one fdatasync."""
-        if self.undo.holds(offset, length):
-            return
-        batch = self._batch
-        if batch is None:
-            batch = self._batch = _PreserveBatch()
-        index = batch.add([(offset, length)])
-        if not self._batch_running:
-            self._batch_running = True
-            try:
-                with trio.CancelScope(shield=True):  # the others wait for these batches too
-                    while self._batch is not None:
-                        running, self._batch = self._batch, None
-                        await self._run_batch(running)
-            finally:
-                self._batch_running = False
-        await batch.done.wait()
-        error = batch.answers[index]
-        if error is not None:
-            raise error
-
-    async def _run_batch(self, batch: _PreserveBatch) -> None:
-        try:
-            async with self._undo_lock:
-                if not self.preserving:  # the catch-up ended meanwhile: nothing to keep
-                    batch.answers = [None] * len(batch.requests)
-                else:
-                    batch.answers = await self._undo_call(self.undo.preserve, self.device, batch.requests)
-        except Exception as e:  # the log's file failed: no write of the batch may overwrite
-            log.error("%s: undo log %s: %s", self.name, self.undo.path, e)
-            batch.answers = [e] * len(batch.requests)
-        finally:
-            batch.done.set()
+        one trip to a thread and one fdatasync (:class:`gmd.keeper.Keeper`)."""
+        if self._undo_keeper is None:
+            # Keeps what the catch-up overwrites; a batch finding it ended keeps nothing.
+            self._undo_keeper = Keeper(self.undo, self.device, call=self._undo_call, lock=self._undo_lock,
+                                       active=lambda: self.preserving, name=f"{self.name}: undo log")
+        await self._undo_keeper.keep(offset, length)
 
     def resize_undo(self, member: Member) -> None:
         """A reloaded config gives the undo log another bound (``undo_log_size``).
