@@ -54,6 +54,7 @@ examples:
   gmd daemon --node labor1        run the node daemon (foreground; SIGTERM stops it cleanly)
   gmd up appslv && gmd primary appslv
   gmd status appslv --json        machine-readable status (works without a daemon)
+  gmd test-failover start appslv --node labor3   a test image of labor3's copy (appslv@test in its mount)
   gmddirty -l appslv              HAGEO spelling of 'gmd dirty appslv'
 """
 
@@ -199,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_volume_op)
     p.add_argument("volume", metavar="VOLUME")
     p.add_argument("--rate", metavar="SIZE", help='copy rate limit per member, e.g. "50MiB" (per second); 0 for none')
+
+    p = command("test-failover", "on a secondary member: a writable point-in-time image of its copy "
+                                 "(VOLUME@test in its mount) while replication goes on; end discards it",
+                cmd_test_failover)
+    p.add_argument("action", choices=("start", "end"), help="start a test failover, or end it")
+    p.add_argument("volume", metavar="VOLUME")
+    p.add_argument("--loop", action="store_true", help="with start: also attach a loop device to the image")
+    p.add_argument("--space", metavar="SIZE",
+                   help='with start: what the image may keep of overwritten contents and write of its own, '
+                        'together (e.g. "4GiB"; default the member\'s test_image_size, 1 GiB); the test ends '
+                        "when it runs out")
+    p.add_argument("--json", action="store_true", help="print the test's status as JSON")
 
     p = command("status", "show roles, disk and link states, out-of-sync bytes", cmd_status)
     p.add_argument("volume", metavar="VOLUME", nargs="?", help="one volume (default: all of this node's)")
@@ -482,6 +495,39 @@ def cmd_volume_op(args: argparse.Namespace) -> int:
         print(f"{args.volume}: device {reply['device']}")
     if reply.get("loop"):
         print(f"{args.volume}: loop device {reply['loop']}")
+    return ExitCode.OK
+
+
+def cmd_test_failover(args: argparse.Namespace) -> int:
+    config, node = _load(args)
+    try:
+        config.volume(args.volume)
+    except ConfigError as e:
+        raise Refused("config", message=e.message) from None
+    req: dict[str, Any] = {"op": "test_failover", "volume": args.volume, "action": args.action}
+    if args.action == "start":
+        req["loop"] = args.loop
+        if args.space is not None:
+            try:
+                req["space"] = parse_size(args.space, file="--space", key="space", minimum=1 << 20)
+            except ConfigError as e:
+                raise Refused("bad-space", message=e.message) from None
+    elif args.loop or args.space is not None:
+        raise Refused("bad-space", message="--loop and --space go with 'start', not 'end'")
+    try:
+        tf = _daemon_request(config, node, req)["test_failover"]
+    except control.ControlUnavailable as e:
+        raise Refused("daemon-not-running", why=e, node=node) from None
+    if args.json:
+        _print_json(tf)
+    elif args.action == "start":
+        print(f"{args.volume}: test failover on {node}: image {tf['image']} as of {tf['consistent_at']}"
+              + (f", loop device {tf['loop']}" if tf.get("loop") else "")
+              + f"; space {human_bytes(tf['space'])}; replication into {node} goes on. "
+              f"End it with 'gmd test-failover end {args.volume}'")
+    else:
+        print(f"{args.volume}: test failover on {node} ended; its image is discarded ({human_bytes(tf['kept_bytes'])} "
+              f"kept, {human_bytes(tf['overlay_bytes'])} written to it)")
     return ExitCode.OK
 
 
