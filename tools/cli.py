@@ -48,6 +48,7 @@ environment:
 examples:
   gmd demo                        a whole local cluster end to end (root)
   gmd drill --fault kill-primary  a disaster-recovery drill on a local cluster (root)
+  gmd drill --test-failover --sites 3   a test failover on the far site under load (root)
   gmd init appslv                 create this node's state map (and backing file)
   gmd dirty appslv                this copy is the source: others get a full copy
   gmd clean appslv                this copy is the target of a full copy
@@ -164,7 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("drill", "a disaster-recovery drill: a verifying workload, a fault, failover, verification, "
                          "failback and a report (needs root; exit 0 only if every check passed)", cmd_drill)
-    p.add_argument("--fault", required=True, choices=DRILL_FAULTS, help="what to break")
+    p.add_argument("--fault", choices=DRILL_FAULTS, help="what to break (or --test-failover)")
+    p.add_argument("--test-failover", action="store_true",
+                   help="instead of a fault: a test failover on --on NODE under the workload (the image must "
+                        "be a frozen prefix while the member stays current; the member unchanged by it)")
+    p.add_argument("--on", metavar="NODE",
+                   help="with --test-failover: the member that runs it (default the far site with --sites 3, "
+                        "else the secondary)")
     p.add_argument("--mode", choices=DRILL_MODES, default="mwc",
                    help="replication mode of the built-in local cluster (default mwc)")
     p.add_argument("--no-auto-promote", action="store_true",
@@ -301,6 +308,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_drill(args: argparse.Namespace) -> int:
     # --config is a common option: here it selects a configured cluster instead of the local one.
     config = getattr(args, "config", None)
+    if (args.fault is None) == (not args.test_failover):
+        raise Refused("drill-options", message="give one of --fault F and --test-failover")
+    if args.on is not None and not args.test_failover:
+        raise Refused("drill-options", message="--on NODE goes with --test-failover")
     if args.writers < 1 or args.warmup < 0 or args.outage < 0 or not 0 <= args.wan_delay <= 1:
         raise Refused("drill-options", message="--writers must be at least 1, --warmup and --outage not "
                                                "negative, --wan-delay between 0 and 1 s")
@@ -308,7 +319,8 @@ def cmd_drill(args: argparse.Namespace) -> int:
                      config=Path(config) if config else None, volume=args.volume, overwrite=args.overwrite,
                      proxies=args.proxy, as_json=args.json, report=Path(args.report) if args.report else None,
                      keep=args.keep, seed=args.seed, writers=args.writers, warmup=args.warmup, outage=args.outage,
-                     delay=args.wan_delay, witness=not args.no_witness, sites=args.sites)
+                     delay=args.wan_delay, witness=not args.no_witness, sites=args.sites,
+                     test_failover=args.test_failover, on=args.on)
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:

@@ -668,8 +668,11 @@ def run_drill(*, fault: str, mode: str = "mwc", auto_promote: bool = True, confi
               volume: str | None = None, overwrite: bool = False, proxies: list[str] = (),
               as_json: bool = False, report: Path | None = None, keep: bool = False, seed: int | None = None,
               writers: int = 4, warmup: float = 3.0, outage: float = 3.0, delay: float = 0.0,
-              witness: bool = True, sites: int = 2) -> int:
-    """``gmd drill``: build (or reach) the cluster, run one drill, print the report; 0 if it passed."""
+              witness: bool = True, sites: int = 2, test_failover: bool = False, on: str | None = None) -> int:
+    """``gmd drill``: build (or reach) the cluster, run one drill, print the report; 0 if it passed.
+    ``test_failover``: instead of a fault, a test failover on ``on`` (tools.drill_testfailover)."""
+    if test_failover:
+        fault = "test-failover"
     seed = random.randrange(1 << 31) if seed is None else seed
     out = sys.stderr if as_json else sys.stdout
 
@@ -730,8 +733,14 @@ def run_drill(*, fault: str, mode: str = "mwc", auto_promote: bool = True, confi
             mode = cluster.config.volumes[volume].mode
             say(f"drilling {volume} of {config} (nodes {', '.join(cluster.nodes)}); journal and logs in {work_dir}")
         say(f"seed {seed}")
-        drill = Drill(cluster, fault=fault, mode=mode, seed=seed, writers=writers, warmup=warmup, outage=outage,
-                      work_dir=work_dir, say=say)
+        if test_failover:
+            from tools.drill_testfailover import TestFailoverDrill  # here: it builds on this module
+
+            drill = TestFailoverDrill(cluster, on=on, mode=mode, seed=seed, writers=writers, warmup=warmup,
+                                      outage=outage, work_dir=work_dir, say=say)
+        else:
+            drill = Drill(cluster, fault=fault, mode=mode, seed=seed, writers=writers, warmup=warmup,
+                          outage=outage, work_dir=work_dir, say=say)
         try:
             rep = drill.run()
         except Exception as e:  # a step that went wrong fails the drill, with what and why in the report
