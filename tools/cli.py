@@ -475,12 +475,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return ExitCode.FAILED if found or not verified else ExitCode.OK
 
 
-def cmd_volume_op(args: argparse.Namespace) -> int:
+def _load_volume(args: argparse.Namespace) -> tuple[Config, str]:
+    """The config and this node, once ``args.volume`` is known to be a configured volume."""
     config, node = _load(args)
     try:
         config.volume(args.volume)
     except ConfigError as e:
         raise Refused("config", message=e.message) from None
+    return config, node
+
+
+def cmd_volume_op(args: argparse.Namespace) -> int:
+    config, node = _load_volume(args)
     req: dict[str, Any] = {"op": args.command, "volume": args.volume}
     if args.command in ("primary", "down", "secondary"):
         req["force"] = args.force
@@ -511,11 +517,7 @@ def cmd_volume_op(args: argparse.Namespace) -> int:
 
 
 def cmd_test_failover(args: argparse.Namespace) -> int:
-    config, node = _load(args)
-    try:
-        config.volume(args.volume)
-    except ConfigError as e:
-        raise Refused("config", message=e.message) from None
+    config, node = _load_volume(args)
     req: dict[str, Any] = {"op": "test_failover", "volume": args.volume, "action": args.action}
     if args.action == "start":
         req["loop"] = args.loop

@@ -166,6 +166,24 @@ def read_blocks(path: str) -> tuple[Callable[[int], bytes], Callable[[], None]]:
     return read, close
 
 
+def primary_of(c: Cluster) -> str:
+    """The node that is primary for the drill's volume; DrillError if none."""
+    primary = c.primary()
+    if primary is None:
+        raise DrillError(f"no node is primary for {c.volume}: make one primary first (gmd primary)")
+    return primary
+
+
+def verify_file(path: str, acks, workload: Workload, *, fault_at: float | None) -> Any:
+    """:func:`tools.stamps.verify` of the blocks ``path`` holds (read with
+    O_DIRECT) against ``acks`` of ``workload``."""
+    read, close = read_blocks(path)
+    try:
+        return verify(acks, read, workload.run, in_flight=workload.in_flight, fault_at=fault_at)
+    finally:
+        close()
+
+
 class Drill:
     """One drill of ``fault`` on ``cluster`` (whose volume is up everywhere
     and has a primary); :meth:`run` returns the :class:`Report`."""
@@ -235,11 +253,7 @@ class Drill:
         return [p for p in st.get("copies", []) if p["member"] == member and p["started_at"] >= since - 0.5]
 
     def verify_device(self, node: str, acks, *, fault_at: float | None, label: str) -> Any:
-        read, close = read_blocks(self.c.device(node))
-        try:
-            v = verify(acks, read, self.workload.run, in_flight=self.workload.in_flight, fault_at=fault_at)
-        finally:
-            close()
+        v = verify_file(self.c.device(node), acks, self.workload, fault_at=fault_at)
         self.report.verifications[label] = v.as_dict()
         return v
 
@@ -247,9 +261,7 @@ class Drill:
 
     def run(self) -> Report:
         c = self.c
-        primary = c.primary()
-        if primary is None:
-            raise DrillError(f"no node is primary for {c.volume}: make one primary first (gmd primary)")
+        primary = primary_of(c)
         members = list(c.nodes)
         others = [n for n in members if n != primary]
         if not others:
@@ -570,11 +582,7 @@ class Drill:
             raise DrillError(f"the far member {node}'s backing file is not on this machine: its image cannot be "
                              "read while it is secondary")
         time.sleep(1.0)  # the last frames that reached it are applied (writes arrive in order)
-        read, close = read_blocks(str(path))
-        try:
-            v = verify(acks, read, self.workload.run, in_flight=self.workload.in_flight, fault_at=fault_at)
-        finally:
-            close()
+        v = verify_file(str(path), acks, self.workload, fault_at=fault_at)
         self.report.verifications[label] = v.as_dict()
         return v
 

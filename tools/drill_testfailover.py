@@ -31,10 +31,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tools.drill import AREA, FAR_SITE, Report, read_blocks
+from tools.drill import AREA, FAR_SITE, Report, primary_of, verify_file
 from tools.drill_cluster import Cluster, DrillError
 from tools.procs import file_hash
-from tools.stamps import BLOCK, verify
+from tools.stamps import BLOCK
 from tools.workload import Workload
 
 SAMPLE_EVERY = 0.2  # seconds between samples of the member's lag on the primary
@@ -92,12 +92,7 @@ class TestFailoverDrill:
         return samples, problems
 
     def verify_image(self, path: str, label: str) -> Any:
-        read, close = read_blocks(path)
-        try:
-            v = verify(self.workload.acks(), read, self.workload.run, in_flight=self.workload.in_flight,
-                       fault_at=None)
-        finally:
-            close()
+        v = verify_file(path, self.workload.acks(), self.workload, fault_at=None)
         self.report.verifications[label] = v.as_dict()
         return v
 
@@ -105,9 +100,7 @@ class TestFailoverDrill:
 
     def run(self) -> Report:
         c = self.c
-        primary = c.primary()
-        if primary is None:
-            raise DrillError(f"no node is primary for {c.volume}: make one primary first (gmd primary)")
+        primary = primary_of(c)
         others = [n for n in c.nodes if n != primary]
         target = self.on or (FAR_SITE if FAR_SITE in others else (others[0] if others else None))
         if target is None:
