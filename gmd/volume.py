@@ -648,7 +648,8 @@ class LocalVolume:
             return None
         self.test, self._test_keeper, self.test_ended = None, None, reason
         self._ended_images.append(image)
-        log_at = log.info if reason.startswith("ended by") else log.error
+        # Running out of space or a failing file is news the operator did not ask for.
+        log_at = log.error if reason.startswith(("out of space", "keeping")) else log.info
         log_at("%s: test failover ended: %s (%d bytes kept, %d written to the image)", self.name, reason,
                image.kept_bytes, image.overlay_bytes)
         on_end, self._test_on_end = self._test_on_end, None

@@ -860,3 +860,14 @@ def test_undo_log_mistakes_name_the_key():
     assert e.key == "volumes.v.members.a.undo_log"
     e = error_of(UNDO_BASE.format(member='undo_log = "s"\n'))  # the state map's own file
     assert e.key == "volumes.v.members.a.undo_log" and "overwrite each other" in e.message
+
+
+def test_test_image_size_is_a_member_size_of_at_least_a_mebibyte():
+    cfg = parse_config(UNDO_BASE.format(member='test_image_size = "8GiB"\n'), file="t.toml", base_dir=Path("/etc/gmd"))
+    assert cfg.member("v", "a").test_image_size == 8 << 30
+    default = parse_config(UNDO_BASE.format(member=""), file="t.toml", base_dir=Path("/etc/gmd"))
+    assert default.member("v", "a").test_image_size == 1 << 30
+    e = error_of(UNDO_BASE.format(member='test_image_size = "64KiB"\n'))
+    assert e.key == "volumes.v.members.a.test_image_size" and "smaller than the minimum" in e.message
+    e = error_of(UNDO_BASE.format(member='test_image_size = true\n'))
+    assert e.key == "volumes.v.members.a.test_image_size"
