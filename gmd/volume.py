@@ -635,8 +635,10 @@ class LocalVolume:
             await keeper.keep(offset, length)
         except Exception as e:
             if self.test is image:
-                self.end_test(f"out of space: {e}" if isinstance(e, OSError) and e.errno == errno.ENOSPC
-                              else f"keeping the image's contents failed: {e}")
+                full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+                self.end_test(f"out of space: {image.kept_bytes} bytes kept and {image.overlay_bytes} written of "
+                              f"{image.space}, and a replicated write needed more (give --space or "
+                              f"test_image_size more)" if full else f"keeping the image's contents failed: {e}")
 
     def end_test(self, reason: str) -> TestImage | None:
         """End the test failover now: nothing more is kept, and the image
