@@ -155,6 +155,9 @@ class Member:
     # log"): the member's own undo log file, and the most it may hold.
     undo_log: Path | None = None
     undo_log_size: int = 0  # bytes; set (default 1 GiB) when undo_log is
+    # Test failover (docs/DESIGN.md, "Test failover"): what the image may
+    # keep of the member's old contents and write of its own, together.
+    test_image_size: int = 1 << 30
     shipping: Shipping = Shipping()  # how data is shipped to this member
 
 

@@ -28,6 +28,7 @@ from .configvalues import (
     DEFAULT_EXTENT_SIZE,
     DEFAULT_MODE,
     DEFAULT_REGION_SIZE,
+    DEFAULT_TEST_IMAGE_SIZE,
     DEFAULT_UNDO_LOG_SIZE,
     DEFAULT_VOTES,
     MAX_COMPRESS_LEVEL,
@@ -35,6 +36,7 @@ from .configvalues import (
     MIN_BANDWIDTH,
     MIN_COMPRESS_LEVEL,
     MIN_REGION_SIZE,
+    MIN_TEST_IMAGE_SIZE,
     MIN_UNDO_LOG_SIZE,
     MODES,
     NAME_RE,
@@ -533,7 +535,7 @@ class _Parser:
                 raise self.error(mkey, message)
             self.table(table, mkey)
             self.check_keys(table, mkey, ("device", "statemap", "mode", "votes", "journal", "journal_size",
-                                          "undo_log", "undo_log_size", *SHIPPING_KEYS))
+                                          "undo_log", "undo_log_size", "test_image_size", *SHIPPING_KEYS))
             device = self.path(
                 self.require(table, mkey, "device", "a path"), join_key(mkey, "device")
             )
@@ -574,9 +576,16 @@ class _Parser:
                 if journal_size < MIN_JOURNAL_SIZE:
                     raise self.error(join_key(mkey, "journal_size"),
                                      f"{show_bytes(journal_size)} is below the minimum {show_bytes(MIN_JOURNAL_SIZE)}")
+            test_size = DEFAULT_TEST_IMAGE_SIZE
+            if "test_image_size" in table:
+                raw = table["test_image_size"]
+                test_size, _ = self.size(raw, join_key(mkey, "test_image_size"))
+                if test_size < MIN_TEST_IMAGE_SIZE:
+                    raise self.error(join_key(mkey, "test_image_size"), f"{as_written(raw, test_size)} is smaller "
+                                     f"than the minimum {show_bytes(MIN_TEST_IMAGE_SIZE)}")
             members[node_name] = Member(node_name, device, statemap, mode, votes, journal=journal,
                                         journal_size=journal_size, undo_log=undo_log, undo_log_size=undo_size,
-                                        shipping=self.shipping(table, mkey, shipping))
+                                        test_image_size=test_size, shipping=self.shipping(table, mkey, shipping))
         return members
 
     def undo_log(self, table: Mapping[str, Any], mkey: str) -> tuple[Path | None, int]:

@@ -315,10 +315,12 @@ class NodeDaemon:
                                     f"{getattr(vol, field_name)})")
             for member, m in old.members.items():
                 new_m = vol.members.get(member)
-                # An undo log's bound, and how data is shipped to a member
-                # (compression, bandwidth), may change online (the engine
-                # applies them at once); nothing else of a member may.
-                if new_m is None or replace(new_m, undo_log_size=m.undo_log_size, shipping=m.shipping) != m:
+                # An undo log's bound, how data is shipped to a member
+                # (compression, bandwidth), and the space of the next test
+                # failover may change online (the engine applies them at
+                # once); nothing else of a member may.
+                if new_m is None or replace(new_m, undo_log_size=m.undo_log_size, shipping=m.shipping,
+                                            test_image_size=m.test_image_size) != m:
                     problems.append(f"volume {name}: member {member} changed or removed")
         if problems:
             raise Refused("reload-refused", path=self.config.path, problems="; ".join(problems))
@@ -390,6 +392,12 @@ class NodeDaemon:
             if "expected_votes" in req:  # null: back to the configured sum
                 return {"ok": True, "quorum": await engine.set_expected_votes(req["expected_votes"])}
             return {"ok": True, "quorum": engine.status()["quorum"]}
+        if op == "test_failover":
+            engine = self._engine(req)
+            if req["action"] == "start":
+                return {"ok": True, "test_failover": await engine.start_test_failover(loop=req["loop"],
+                                                                                    space=req["space"])}
+            return {"ok": True, "test_failover": await engine.end_test_failover()}
         if op == "stop":
             self.stop()
             return {"ok": True}

@@ -117,7 +117,7 @@ class FrameDispatch:
                 if applier is None or applier.session_id != m.session.id:
                     hold = self.engine.group_hold
                     applier = Applier(self.engine.nursery, self._apply_write, self._apply_flush,
-                                      write_now=self._apply_write_now, admit=self._admit,
+                                      write_now=self._apply_write_now, admit=self._admit, gate=self._gate,
                                       hold=HoldView(hold, self.engine.name, m.name) if hold is not None else None)
                     self._last_ended = None  # a new session writes to our disk: the old point is gone
                     applier.session_id = m.session.id
@@ -159,6 +159,11 @@ class FrameDispatch:
         while the volume goes down (the write then fails where it is applied)."""
         local = self.engine.local
         return local.admit(copy=bool(item.flags & WRITE_COPY)) if local is not None else None
+
+    async def _gate(self) -> bool:
+        """Before a write is issued: wait while a test image freezes (LocalVolume.issue_gate)."""
+        local = self.engine.local
+        return await local.issue_gate() if local is not None else False
 
     async def _apply_write(self, item: Write, ticket=None) -> None:
         """Apply a primary's write, mirroring its intent: the extent stays hot

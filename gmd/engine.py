@@ -15,6 +15,7 @@ member links, the role and its epoch, the quorum keeper) and the lifecycle
 * :mod:`gmd.copyengine` — copy and verify orchestration;
 * :mod:`gmd.resolution` — split-brain resolution;
 * :mod:`gmd.takeover` — automatic takeover, self-fencing, start/stop commands;
+* :mod:`gmd.testfailover` — a test failover's image on a secondary member;
 * :mod:`gmd.status` — the status snapshot.
 
 The public methods below are the engine's interface to the daemon, the FUSE
@@ -50,6 +51,7 @@ from .rpo import RpoWatch
 from .sessions import Sessions
 from .status import volume_status
 from .takeover import ServiceCommands, Takeover
+from .testfailover import TestFailover
 from .volume import LocalVolume
 from .witness import WitnessClient
 from .writepath import WritePath
@@ -121,6 +123,7 @@ class VolumeEngine:
         self.takeover = Takeover(self)
         self.rpo = RpoWatch(self)
         self.group_hold: GroupHold | None = None  # set by the daemon: our async member of a group holds (gmd.groups)
+        self.testfailover = TestFailover(self)
 
     def _member_link(self, config: VolumeConfig, name: str) -> MemberLink:
         """The link to member ``name``; an async one keeps a backlog of its
@@ -225,6 +228,12 @@ class VolumeEngine:
     def subscribe_role_change(self, callback: Callable[[VolumeEngine], None]) -> None:
         """Call ``callback(engine)`` after every role change (promote, demote)."""
         self._role_watchers.append(callback)
+
+    def front_changed(self) -> None:
+        """What the front shows of this volume changed (a test image came or
+        went): its watchers are told as of a role change."""
+        for callback in list(self._role_watchers):
+            callback(self)
 
     def role_changed(self) -> None:
         if self.role == Role.PRIMARY:
@@ -380,6 +389,12 @@ class VolumeEngine:
 
     async def resolve(self, *, dry_run: bool) -> dict[str, Any]:
         return await self.resolver.resolve(dry_run=dry_run)
+
+    async def start_test_failover(self, *, loop: bool = False, space: int | None = None) -> dict[str, Any]:
+        return await self.testfailover.start(loop=loop, space=space)
+
+    async def end_test_failover(self) -> dict[str, Any]:
+        return await self.testfailover.end()
 
     def status(self) -> dict[str, Any]:
         """``gmd status VOLUME --json`` from the running daemon."""

@@ -90,6 +90,7 @@ REFUSALS: dict[str, Refusal] = {
     "expected-votes-too-small": Refusal("expected votes must be at least 1, not {votes}", errno.EINVAL, _U),
     "expected-votes-option": Refusal("--expected-votes must be at least 1, not {votes}", errno.EINVAL, _U),
     "bad-rate": Refusal("--rate: {message}", errno.EINVAL, _U),
+    "bad-space": Refusal("--space: {message}", errno.EINVAL, _U),
     "drill-options": Refusal("{message}", errno.EINVAL, _U),
     "watch-needs-terminal": Refusal("--watch redraws for a terminal; use --json without it in scripts",
                                     errno.ENOTTY, _U),
@@ -131,6 +132,12 @@ REFUSALS: dict[str, Refusal] = {
     "undo-log-other-volume": Refusal(
         "undo log {path} belongs to {theirs}, not to {ours}; nothing was changed. Give each member its own "
         "undo_log path, or move the file aside", errno.EINVAL),
+    # -- test failover
+    "test-failover-refused": Refusal("{volume}: no test failover on {node}: {reason}", errno.EBUSY),
+    "test-failover-none": Refusal("{volume}: no test failover runs on {node}{last}", errno.ENOENT),
+    "test-failover-primary": Refusal(
+        "{volume}: {node} is primary; a test failover runs on a secondary member (run it there: "
+        "'gmd test-failover start {volume} --node MEMBER')", errno.EBUSY, _U),
     # -- split-brain
     "no-split-brain": Refusal(
         "{volume}: no split-brain to resolve on {node} (no member is standalone for diverging data)", errno.ENOENT),

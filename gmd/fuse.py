@@ -1,4 +1,5 @@
-"""The FUSE front: each volume this node is primary for appears as one file.
+"""The FUSE front: each volume this node is primary for appears as one file,
+and the image of a test failover on a secondary as ``<volume>@test``.
 
 One mount per node daemon (pyfuse3 inside the daemon's trio loop). The file
 ``<mount>/<volume>`` has the volume's exact size; reads and writes go through
@@ -11,6 +12,12 @@ unlink, rename and their kin fail with EPERM.
 Only errnos cross this edge (:func:`_errnos`). When the node stops being
 primary the file disappears, and a handle opened before that gets EIO, never
 data from a copy that may be stale.
+
+A test failover's image (docs/DESIGN.md, "Test failover") appears as
+``<mount>/<volume>@test`` on the member that runs it, readable and writable,
+while the test runs; its reads and writes go to the test image (never to the
+member's disk), ``fsync`` promises nothing (a crash discards the image), and
+a handle opened before the test ended gets EIO.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import trio
 from .engine import DeviceFront, VolumeEngine
 from .errors import errno_for
 from .quorum_keeper import NoQuorum
+from .testfailover import IMAGE_SUFFIX
 
 
 log = logging.getLogger(__name__)
@@ -79,14 +87,18 @@ class VolumeFS(pyfuse3.Operations):
         self.node = node
         self.inode_of: dict[str, int] = {}
         self.engine_of: dict[int, VolumeEngine] = {}
+        self.images: set[int] = set()  # inodes of test images (``<volume>@test``)
         for i, (name, engine) in enumerate(engines.items()):
-            ino = pyfuse3.ROOT_INODE + 1 + i
+            ino = pyfuse3.ROOT_INODE + 1 + 2 * i
             self.inode_of[name] = ino
             self.engine_of[ino] = engine
+            self.inode_of[name + IMAGE_SUFFIX] = ino + 1
+            self.engine_of[ino + 1] = engine
+            self.images.add(ino + 1)
             # The engine asks us who holds its file open, and tells us when its role changes.
             engine.attach_front(DeviceFront(str(self.mount / name), functools.partial(self.open_handles, engine)))
             engine.subscribe_role_change(self.role_changed)
-        self._handles: dict[int, tuple[VolumeEngine, int]] = {}
+        self._handles: dict[int, tuple[VolumeEngine, int, bool]] = {}  # fh -> (engine, epoch, a test image)
         self._next_fh = 1
 
     # ----------------------------------------------------------- visibility
@@ -95,24 +107,36 @@ class VolumeFS(pyfuse3.Operations):
     def visible(engine: VolumeEngine) -> bool:
         return engine.is_up and engine.role.value == "primary"
 
+    def shown(self, inode: int) -> bool:
+        """The file of ``inode`` is there now: the volume on its primary, a test image while its test runs."""
+        engine = self.engine_of[inode]
+        return engine.is_up and engine.testfailover.active if inode in self.images else self.visible(engine)
+
+    @staticmethod
+    def _epoch(engine: VolumeEngine, image: bool) -> int:
+        return engine.testfailover.epoch if image else engine.role_epoch
+
     def _engine(self, inode: int) -> VolumeEngine:
         engine = self.engine_of.get(inode)
-        if engine is None or not self.visible(engine):
+        if engine is None or not self.shown(inode):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return engine
 
     def open_handles(self, engine: VolumeEngine) -> int:
-        """Handles of ``engine``'s file opened in its current role epoch."""
-        return sum(1 for e, epoch in self._handles.values() if e is engine and epoch == engine.role_epoch)
+        """Handles of ``engine``'s file opened in its current role epoch (not its test image's)."""
+        return sum(1 for e, epoch, image in self._handles.values()
+                   if e is engine and not image and epoch == engine.role_epoch)
 
     def role_changed(self, engine: VolumeEngine) -> None:
-        """Tell the kernel to forget the entry (called on promote/demote/down)."""
-        try:
-            # ENOENT only means the kernel never looked the entry up (or forgot
-            # it already): nothing to forget, and no traceback in the log.
-            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, engine.name.encode(), ignore_enoent=True)
-        except Exception as e:  # not mounted yet, or already gone
-            log.debug("invalidate %s: %s", engine.name, e)
+        """Tell the kernel to forget the entries (called on promote/demote/down,
+        and when a test image comes or goes)."""
+        for name in (engine.name, engine.name + IMAGE_SUFFIX):
+            try:
+                # ENOENT only means the kernel never looked the entry up (or forgot
+                # it already): nothing to forget, and no traceback in the log.
+                pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode(), ignore_enoent=True)
+            except Exception as e:  # not mounted yet, or already gone
+                log.debug("invalidate %s: %s", name, e)
 
     # ----------------------------------------------------------- attributes
 
@@ -139,7 +163,7 @@ class VolumeFS(pyfuse3.Operations):
         e.st_gid = os.getgid()
         e.attr_timeout = ENTRY_TIMEOUT
         e.entry_timeout = ENTRY_TIMEOUT
-        e.generation = engine.role_epoch
+        e.generation = self._epoch(engine, inode in self.images)
         return e
 
     @_errnos
@@ -174,7 +198,7 @@ class VolumeFS(pyfuse3.Operations):
 
     @_errnos
     async def readdir(self, fh, start_id, token):
-        entries = [(name, ino) for name, ino in self.inode_of.items() if self.visible(self.engine_of[ino])]
+        entries = [(name, ino) for name, ino in self.inode_of.items() if self.shown(ino)]
         for i, (name, ino) in enumerate(entries):
             if i < start_id:
                 continue
@@ -187,7 +211,8 @@ class VolumeFS(pyfuse3.Operations):
     async def statfs(self, ctx):
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = BLOCK
-        total = sum(e.config.size for e in self.engine_of.values()) // BLOCK
+        total = sum(self.engine_of[ino].config.size for name, ino in self.inode_of.items()
+                    if ino not in self.images) // BLOCK
         s.f_blocks = total
         s.f_bfree = s.f_bavail = 0
         s.f_files = len(self.engine_of) + 1
@@ -229,7 +254,8 @@ class VolumeFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = (engine, engine.role_epoch)
+        image = inode in self.images
+        self._handles[fh] = (engine, self._epoch(engine, image), image)
         fi = pyfuse3.FileInfo(fh=fh)
         fi.direct_io = True  # every request reaches the engine; no stale page cache
         fi.keep_cache = False
@@ -239,38 +265,50 @@ class VolumeFS(pyfuse3.Operations):
             fi.parallel_direct_writes = True
         return fi
 
-    def _handle(self, fh: int) -> VolumeEngine:
+    def _valid(self, entry: tuple[VolumeEngine, int, bool]) -> bool:
+        engine, epoch, image = entry
+        if image:
+            return engine.is_up and engine.testfailover.active and engine.testfailover.epoch == epoch
+        return engine.role_epoch == epoch and self.visible(engine)
+
+    def _handle(self, fh: int) -> tuple[VolumeEngine, bool]:
         entry = self._handles.get(fh)
         if entry is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        engine, epoch = entry
-        if engine.role_epoch != epoch or not self.visible(engine):
-            # The node stopped being primary since this handle was opened.
+        if not self._valid(entry):
+            # The node stopped being primary (or the test ended) since this handle was opened.
             raise pyfuse3.FUSEError(errno.EIO)
-        return engine
+        return entry[0], entry[2]
 
     @_errnos
     async def read(self, fh, off, size):
-        engine = self._handle(fh)
+        engine, image = self._handle(fh)
         vsize = engine.config.size
         if off >= vsize or size <= 0:
             return b""
+        if image:
+            return await engine.testfailover.read(off, min(size, vsize - off))
         return await engine.read(off, min(size, vsize - off))
 
     @_errnos
     async def write(self, fh, off, buf):
-        engine = self._handle(fh)
-        await engine.write(off, bytes(buf))
+        engine, image = self._handle(fh)
+        if image:
+            await engine.testfailover.write(off, bytes(buf))
+        else:
+            await engine.write(off, bytes(buf))
         return len(buf)
 
     @_errnos
     async def fsync(self, fh, datasync):
-        await self._handle(fh).flush()
+        engine, image = self._handle(fh)
+        if not image:  # a test image promises nothing durable: a crash discards it
+            await engine.flush()
 
     @_errnos
     async def flush(self, fh):
         entry = self._handles.get(fh)
-        if entry is not None and entry[0].role_epoch == entry[1] and self.visible(entry[0]):
+        if entry is not None and not entry[2] and self._valid(entry):
             await entry[0].flush()
 
     async def release(self, fh):

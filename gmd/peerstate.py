@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .resolution import SplitBrainResolver
     from .roles import Roles
     from .sessions import Sessions
+    from .testfailover import TestFailover
     from .volume import LocalVolume
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class PeerStateVolume(Protocol):
     roles: Roles
     sessions: Sessions
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None: ...
+    testfailover: TestFailover
 
 
 class PeerState:
@@ -170,6 +172,7 @@ class PeerState:
             if from_primary:
                 self.engine.sessions.lost_primary = None  # a live primary has judged us: we follow it now
                 await self._catch_up_told(m, disk)
+                await self.engine.testfailover.tell_primary(m)  # a session began: it learns of our test
             if disk == DiskState.UPTODATE and sm.sb.local_copy is not None:
                 sm.set_local_copy(None)  # the copy we were waiting for is done
             if disk == DiskState.UPTODATE and fields.get("role", m.peer_role) == Role.PRIMARY:
@@ -191,6 +194,8 @@ class PeerState:
             await self.send_state(m, {"catch_up_answer": answer})
         if fields.get("catch_up_answer") is not None:
             self.engine.copier.on_catch_up_answer(m, fields["catch_up_answer"])
+        if fields.get("test_failover") is not None:
+            self.engine.testfailover.member_said(m, fields["test_failover"])
         await self.engine.local.writer.sync_all()
         m.notify_changed()
 

@@ -60,6 +60,11 @@ class Applier:
     as ``write(item, ticket)``, and released (``ticket.release()``) if the
     write is dropped instead (the session ended first).
 
+    ``gate()``, if given, is awaited before each write is issued (before it
+    is admitted, holding nothing): it returns True if it waited, and the pump
+    then looks again (the session may have ended meanwhile). A test failover
+    freezes its image behind it (see LocalVolume.issue_gate).
+
     ``write_now(item)``, if given, applies a write on the receiving task when
     it need not wait, returning False (having done nothing) when it must: a
     write that arrives in order, overlaps nothing in flight and finds nothing
@@ -68,10 +73,11 @@ class Applier:
     """
 
     def __init__(self, nursery: trio.Nursery, write, flush, *, on_applied=None, write_now=None, admit=None,
-                 hold=None):
+                 hold=None, gate=None):
         self._nursery = nursery
         self._write = write
         self._admit = admit
+        self._gate = gate
         self._flush = flush
         self._write_now = write_now
         self._on_applied = on_applied
@@ -229,6 +235,9 @@ class Applier:
     async def _pump(self) -> None:
         try:
             while self.next_seq in self._waiting and self._issuable(self.next_seq):
+                if (self._gate is not None and isinstance(self._waiting[self.next_seq][0], Write)
+                        and await self._gate()):
+                    continue
                 item, path = self._waiting.pop(self.next_seq)
                 seq = self.next_seq
                 if isinstance(item, Write):

@@ -184,6 +184,7 @@ class MemberLink:
         self.out_of_order_since: float | None = None
         self.catch_up_answer: dict | None = None
         self.catch_up_refused: str | None = None
+        self.test_failover: dict | None = None  # what the member last said of a test failover there (STATE)
 
     def reship(self, shipping: Shipping) -> None:
         """New settings for how data goes to this member (``gmd reload``):

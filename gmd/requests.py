@@ -118,6 +118,12 @@ OPS: dict[str, dict[str, Field]] = {
                 "dry_run": flag("explain what would happen, change nothing")},
     "switchover": {"volume": _volume(), "to": text("the node to hand the primary role to")},
     "reload": {},
+    "test_failover": {"volume": _volume(),
+                      "action": text("start a test failover on this (secondary) member, or end it",
+                                     choices=("start", "end")),
+                      "loop": flag("with start: also attach a loop device to the test image"),
+                      "space": count("with start: bytes the image may keep and write (null: the member's "
+                                     "test_image_size)", minimum=1 << 20, nullable=True, default=None)},
     "quorum": {"volume": _volume(),
                "expected_votes": count("votes to count quorum from (null: the configured sum; absent: "
                                        "only show)", minimum=1, nullable=True)},

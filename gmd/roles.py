@@ -95,6 +95,9 @@ class Roles:
             log.warning("%s: promoted WITHOUT quorum (%d of %d votes) by the operator's --force; writes go on "
                         "without quorum until demoted", self.engine.name, votes, needed)
             sm.set_forced_primary(True)
+        if local.test is not None:
+            # The member's disk serves writes now: a test image of it ends.
+            local.end_test("the member was promoted")
         rolled_back = None
         if sm.sb.disk != DiskState.UPTODATE:
             if not force:
@@ -155,7 +158,7 @@ class Roles:
         await local.writer.sync_all()
         self.engine.role_changed()
         if self.want_loop and self.device_path is not None:
-            self.loop_device = await trio.to_thread.run_sync(_losetup_attach, self.device_path)
+            self.loop_device = await trio.to_thread.run_sync(losetup_attach, self.device_path)
             log.info("%s: loop device %s", self.engine.name, self.loop_device)
         for m in self.engine.members.values():
             if not m.connected:
@@ -205,7 +208,7 @@ class Roles:
             log.warning("%s: demoting with the device in use (%s)", self.engine.name, "; ".join(holders))
         if self.loop_device is not None:
             # Detach first: the loop driver flushes through us while we are primary.
-            await trio.to_thread.run_sync(_losetup_detach, self.loop_device)
+            await trio.to_thread.run_sync(losetup_detach, self.loop_device)
             self.loop_device = None
         self.engine.role = Role.SECONDARY  # no new writes from here on
         self.engine.role_epoch += 1
@@ -288,14 +291,16 @@ class Roles:
             log.error("%s: switchover from %s: cannot take over: %s", self.engine.name, m.name, e)
             await self.engine.peerstate.send_state(m, {"take_over_failed": str(e)})
 
-def _losetup_attach(path: str) -> str:
+def losetup_attach(path: str) -> str:
+    """Attach a loop device to ``path`` (the volume's file, or a test image); its name."""
     r = subprocess.run(["losetup", "--find", "--show", path], capture_output=True, text=True)
     if r.returncode != 0:
         raise Refused("losetup-failed", path=path, why=r.stderr.strip())
     return r.stdout.strip()
 
 
-def _losetup_detach(dev: str) -> None:
+def losetup_detach(dev: str) -> None:
+    """Detach loop device ``dev`` (a busy one is detached once its last user closes it)."""
     r = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
     if r.returncode != 0:
         log.warning("losetup -d %s: %s", dev, r.stderr.strip())

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .rpo import RpoWatch
     from .sessions import Sessions
     from .takeover import ServiceCommands, Takeover
+    from .testfailover import TestFailover
     from .volume import LocalVolume
     from .writepath import WritePath
 
@@ -50,6 +51,7 @@ class StatusVolume(Protocol):
     service: ServiceCommands
     sessions: Sessions
     takeover: Takeover
+    testfailover: TestFailover
     writepath: WritePath
 
 
@@ -107,6 +109,8 @@ def volume_status(engine: StatusVolume) -> dict[str, Any]:
             **_member_consistency(m, now, wall, cfg.members[name].undo_log is not None if primary else None),
             # how data is shipped to it: compression, bytes before and on the wire, the limit in force
             "wire": m.wire_status(),
+            # what the member said of a test failover running there (gmd.testfailover)
+            "test_failover": m.test_failover if m.connected else None,
         }
     return {
         "volume": cfg.name, "node": engine.node, "daemon": True, "role": engine.role.value,
@@ -133,6 +137,8 @@ def volume_status(engine: StatusVolume) -> dict[str, Any]:
         "lost_primary": engine.sessions.lost_primary,
         "copies": [p.history_json(member, now, time.time()) for member, p in engine.copier.history],
         "takeover": {**engine.takeover.status(), "commands": dict(engine.service.last)},
+        # a test failover's image of this member's disk (active, times, space; the last one's end)
+        "test_failover": engine.testfailover.status(),
         "io": {"writes": engine.writepath.writes, "bytes_written": engine.writepath.bytes_written,
                "sequence": engine.writepath.gseq, "in_flight": engine.writepath.in_flight},
     }

@@ -191,18 +191,25 @@ class UndoLog:
     Open with :meth:`open` (a file) or :meth:`load` (any :class:`StateMapIO`,
     e.g. :class:`statemap.faultio.FaultIO` in crash tests). ``limit`` is the
     most the file may hold (``undo_log_size``), header pages included.
-    Not thread-safe: one call at a time (the daemon keeps to that)."""
+    ``durable`` (the default) makes :meth:`preserve` ``fdatasync`` the log
+    before it returns; a keeper that a crash discards anyway (a test
+    failover's, :mod:`gmd.testimage`) goes without, its records reaching the
+    page cache before the overwrite is issued, which is all a reader of the
+    same file needs. Not thread-safe for changes: one changing call at a time
+    (the daemon keeps to that); :meth:`read_kept` may run beside them."""
 
-    def __init__(self, io: StateMapIO, header: Header, *, limit: int):
+    def __init__(self, io: StateMapIO, header: Header, *, limit: int, durable: bool = True):
         self.io = io
         self.path = io.name
         self.header = header
         self.limit = limit
+        self.durable = durable
         self.region_size = header.region_size
         self.regions_total = header.volume_size // header.region_size
         self.preserved = bitarray(self.regions_total, endian="little")
         self.preserved.setall(0)
         self.records: list[tuple[int, int, int]] = []  # (file offset of the data, volume offset, length)
+        self.located: dict[int, int] = {}  # preserved region -> file offset of its saved contents
         self.tail = DATA_START
         self.torn_tail: str | None = None  # why reading stopped before the end of the file (open only)
 
@@ -210,7 +217,7 @@ class UndoLog:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, volume: str, size: int, region_size: int, limit: int,
-             identity: str | None = None) -> UndoLog:
+             identity: str | None = None, durable: bool = True) -> UndoLog:
         """Open (or create, empty) the undo log at ``path`` for this volume's
         geometry. :class:`~gmd.errors.Refused` naming the file when it cannot
         be opened, is damaged or belongs to another volume."""
@@ -227,20 +234,21 @@ class UndoLog:
         try:
             if created:
                 fsync_directory(path.parent)
-            return cls.load(io, volume=volume, size=size, region_size=region_size, limit=limit, identity=identity)
+            return cls.load(io, volume=volume, size=size, region_size=region_size, limit=limit, identity=identity,
+                            durable=durable)
         except BaseException:
             io.close()
             raise
 
     @classmethod
     def load(cls, io: StateMapIO, *, volume: str, size: int, region_size: int, limit: int,
-             identity: str | None = None) -> UndoLog:
+             identity: str | None = None, durable: bool = True) -> UndoLog:
         """The log held by ``io``; an empty file is given an empty header."""
         if io.size() == 0:
             header = Header(1, STATE_EMPTY, 0, size, region_size, 0.0, 0.0, volume, identity or "")
             io.pwrite(PAGE, header.encode(), "header")
             io.fsync()
-            return cls(io, header, limit=limit)
+            return cls(io, header, limit=limit, durable=durable)
         reasons = []
         best: Header | None = None
         for slot in (0, 1):
@@ -260,7 +268,7 @@ class UndoLog:
         if best.state == STATE_ACTIVE and identity and best.identity and best.identity != identity:
             raise Refused("undo-log-other-volume", path=io.name, theirs=f"identity {best.identity[:8]}…",
                           ours=f"identity {identity[:8]}…")
-        undo = cls(io, best, limit=limit)
+        undo = cls(io, best, limit=limit, durable=durable)
         if best.state == STATE_ACTIVE:
             undo._read_records()
         return undo
@@ -303,7 +311,16 @@ class UndoLog:
     def _index(self, data_at: int, offset: int, length: int) -> None:
         self.records.append((data_at, offset, length))
         rs = self.region_size
-        self.preserved[offset // rs:(offset + length) // rs] = 1
+        self._located(offset // rs, (offset + length) // rs, data_at)
+
+    def _located(self, first: int, end: int, data_at: int) -> None:
+        """Regions [first, end) are saved, from ``data_at`` in the file on.
+        The location is known before the bit is set: a reader that finds the
+        bit finds where the contents are."""
+        rs = self.region_size
+        for i, region in enumerate(range(first, end)):
+            self.located.setdefault(region, data_at + i * rs)
+        self.preserved[first:end] = 1
 
     def close(self) -> None:
         self.io.close()
@@ -370,6 +387,18 @@ class UndoLog:
         first, end = offset // rs, min(self.regions_total, (offset + length + rs - 1) // rs)
         return self.preserved[first:end].all()
 
+    def read_kept(self, region: int) -> bytes | None:
+        """The saved contents of ``region`` (the oldest, if saved twice), or
+        None if it is not saved. Safe beside a running :meth:`preserve`: a
+        region's location is recorded before its bit."""
+        at = self.located.get(region) if self.preserved[region] else None
+        if at is None:
+            return None
+        data = self.io.pread(at, self.region_size)
+        if len(data) != self.region_size:
+            raise OSError(errno.EIO, f"{self.path}: saved region {region} cut short at byte {at}")
+        return data
+
     def region_runs(self, ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
         """The region runs (first, end) covering the byte ranges (offset, length)."""
         rs = self.region_size
@@ -408,6 +437,7 @@ class UndoLog:
     def _reset(self) -> None:
         self.preserved.setall(0)
         self.records.clear()
+        self.located.clear()
         self.tail = DATA_START
         self.torn_tail = None
 
@@ -423,6 +453,7 @@ class UndoLog:
         answers: list[BaseException | None] = []
         start_tail, start_records = self.tail, len(self.records)
         batch: list[tuple[int, int]] = []  # region runs appended by this batch (indexed after the fsync)
+        where: list[int] = []  # the file offset of each run's data
         try:
             for ranges in requests:
                 runs = list(self._minus(self._runs(self.region_runs(ranges)), batch))
@@ -431,17 +462,17 @@ class UndoLog:
                     answers.append(UndoLogFull(self.path, needed, self.remaining))
                     continue
                 for a, b in runs:
-                    self._append(device, a, b)
+                    where.append(self._append(device, a, b))
                     batch.append((a, b))
                 answers.append(None)
-            if batch:
+            if batch and self.durable:
                 self.io.fsync()
         except BaseException:
             self.tail = start_tail  # what was appended is not durable: written over next time
             del self.records[start_records:]
             raise
-        for a, b in batch:
-            self.preserved[a:b] = 1
+        for (a, b), data_at in zip(batch, where):
+            self._located(a, b, data_at)
         return answers
 
     @staticmethod
@@ -457,7 +488,9 @@ class UndoLog:
             if pos < b:
                 yield pos, b
 
-    def _append(self, device: Device, first: int, end: int) -> None:
+    def _append(self, device: Device, first: int, end: int) -> int:
+        """Append one record of regions [first, end)'s current contents; the
+        file offset of its data."""
         rs = self.region_size
         offset, length = first * rs, (end - first) * rs
         data = device.read_sync(offset, length)
@@ -467,6 +500,7 @@ class UndoLog:
         self.io.pwrite(self.tail, record, "record")
         self.records.append((self.tail + RECORD_OVERHEAD, offset, length))
         self.tail += len(record)
+        return self.tail - length
 
     def rollback(self, device: Device) -> Rollback:
         """Write every saved region back (newest record first, so the oldest

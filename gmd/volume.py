@@ -19,8 +19,10 @@ Concurrency rules:
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,9 @@ from statemap.statemap import Recovery, StateMap
 
 from .config import Member, VolumeConfig
 from .disk import BackingDevice, check_range
+from .errors import Refused
+from .keeper import Keeper
+from .testimage import TestImage, remove_image_files
 from .undolog import DATA_START, Rollback, UndoLog, iso_utc
 
 log = logging.getLogger(__name__)
@@ -70,32 +75,20 @@ class WriteTicket:
     """A primary's write as admitted (:meth:`LocalVolume.admit`): ``plain``
     (admitted before any catch-up began: it writes without saving, and the
     start of a catch-up waits for it) and the rollback epoch it belongs to.
-    :meth:`release` once it is done or dropped (idempotent)."""
+    Every ticket counts as issued until released (the freeze of a test image
+    waits for those). :meth:`release` once it is done or dropped (idempotent)."""
 
     def __init__(self, volume: LocalVolume, plain: bool, epoch: int):
         self.plain = plain
         self.epoch = epoch
-        self._counter = volume._plain if plain else None
-        if self._counter is not None:
-            self._counter.enter()
+        self._counters = [volume._issued, volume._plain] if plain else [volume._issued]
+        for counter in self._counters:
+            counter.enter()
 
     def release(self) -> None:
-        if self._counter is not None:
-            self._counter.leave()
-            self._counter = None
-
-
-class _PreserveBatch:
-    """Preserve requests that share one trip to a thread and one fdatasync."""
-
-    def __init__(self) -> None:
-        self.requests: list[list[tuple[int, int]]] = []
-        self.answers: list[BaseException | None] = []
-        self.done = trio.Event()
-
-    def add(self, ranges: list[tuple[int, int]]) -> int:
-        self.requests.append(ranges)
-        return len(self.requests) - 1
+        for counter in self._counters:
+            counter.leave()
+        self._counters = []
 
 
 class MapWriter:
@@ -178,8 +171,18 @@ class LocalVolume:
         self._plain = _Counter()  # admitted before any catch-up: they write without saving
         self._writing = _Counter()  # past the gate, saving or writing
         self._undo_lock = trio.Lock()  # one undo-log call at a time (they run in threads)
-        self._batch: _PreserveBatch | None = None  # preserves gathered for the next trip to a thread
-        self._batch_running = False
+        self._undo_keeper: Keeper | None = None  # saves old contents to the undo log before overwrites
+        # Test failover (docs/DESIGN.md, "Test failover"): the image, and
+        # what keeps the contents it needs before the member overwrites them.
+        self.test: TestImage | None = None
+        self.test_ended: str | None = None  # why the last test ended (None: none ended since the daemon started)
+        self._test_keeper: Keeper | None = None
+        self._test_lock = trio.Lock()  # one call of the image's files at a time (keeps, image writes, removal)
+        self._test_on_end: Callable[[TestImage, str], None] | None = None
+        self._freezing: trio.Event | None = None  # a test image is being frozen: no write is issued meanwhile
+        self._issued = _Counter()  # writes admitted and not yet done (the freeze waits for them)
+        self._image_ops = _Counter()  # reads and writes of the test image in worker threads
+        self._ended_images: list[TestImage] = []  # ended, files not removed yet
 
     @property
     def name(self) -> str:
@@ -211,6 +214,12 @@ class LocalVolume:
         vol = cls(config, member, sm, device, limiter)
         last_use = sm.sb.clean_stop or sm.sb.updated  # before this open commits anything
         try:
+            # A test failover does not outlive its daemon: what a killed one left is discarded.
+            left = await trio.to_thread.run_sync(remove_image_files, member.statemap, limiter=limiter)
+            if left:
+                vol.test_ended = "the daemon stopped while the test ran; its image was discarded at the restart"
+                log.warning("%s: a test failover was running when the daemon stopped; its image is discarded "
+                            "(removed %s)", config.name, ", ".join(map(str, left)))
             if member.undo_log is not None:
                 vol.undo = await trio.to_thread.run_sync(
                     lambda: UndoLog.open(member.undo_log, volume=config.name, size=config.size,
@@ -316,7 +325,9 @@ class LocalVolume:
         durably; a write the log cannot hold fails (ENOSPC) and leaves the
         disk as it was. A write admitted before a rollback is dropped (EIO):
         it came from the primary that was lost."""
-        ticket = ticket or self.admit(copy=copy)
+        if ticket is None:
+            await self.issue_gate()  # as the receiver's pump does before it admits a write
+            ticket = self.admit(copy=copy)
         try:
             length = len(data)
             check_range(offset, length, self.size, writing=True)
@@ -332,6 +343,8 @@ class LocalVolume:
             try:
                 if not ticket.plain and self.preserving:
                     await self._preserve(offset, length)
+                if self.test is not None:
+                    await self._keep_for_test(offset, length)
                 await self.device.write(offset, data)
             finally:
                 self._writing.leave()
@@ -349,8 +362,10 @@ class LocalVolume:
         contents must reach the undo log first."""
         length = len(data)
         check_range(offset, length, self.size, writing=True)
-        if self.preserving or self._starting is not None:
+        if self.preserving or self._starting is not None or self._freezing is not None:
             return False
+        if self.test is not None and not self.test.holds(offset, length):
+            return False  # the image's contents of these regions must be kept first
         if not self.device.can_write_now(length) or not self.statemap.intent_acquire_if_ready(offset, length):
             return False
         try:
@@ -435,39 +450,12 @@ class LocalVolume:
     async def _preserve(self, offset: int, length: int) -> None:
         """Return once the old contents of [offset, offset+length) are durable
         in the undo log (at once if they are already). Concurrent writes share
-        one trip to a thread and one fdatasync."""
-        if self.undo.holds(offset, length):
-            return
-        batch = self._batch
-        if batch is None:
-            batch = self._batch = _PreserveBatch()
-        index = batch.add([(offset, length)])
-        if not self._batch_running:
-            self._batch_running = True
-            try:
-                with trio.CancelScope(shield=True):  # the others wait for these batches too
-                    while self._batch is not None:
-                        running, self._batch = self._batch, None
-                        await self._run_batch(running)
-            finally:
-                self._batch_running = False
-        await batch.done.wait()
-        error = batch.answers[index]
-        if error is not None:
-            raise error
-
-    async def _run_batch(self, batch: _PreserveBatch) -> None:
-        try:
-            async with self._undo_lock:
-                if not self.preserving:  # the catch-up ended meanwhile: nothing to keep
-                    batch.answers = [None] * len(batch.requests)
-                else:
-                    batch.answers = await self._undo_call(self.undo.preserve, self.device, batch.requests)
-        except Exception as e:  # the log's file failed: no write of the batch may overwrite
-            log.error("%s: undo log %s: %s", self.name, self.undo.path, e)
-            batch.answers = [e] * len(batch.requests)
-        finally:
-            batch.done.set()
+        one trip to a thread and one fdatasync (:class:`gmd.keeper.Keeper`)."""
+        if self._undo_keeper is None:
+            # Keeps what the catch-up overwrites; a batch finding it ended keeps nothing.
+            self._undo_keeper = Keeper(self.undo, self.device, call=self._undo_call, lock=self._undo_lock,
+                                       active=lambda: self.preserving, name=f"{self.name}: undo log")
+        await self._undo_keeper.keep(offset, length)
 
     def resize_undo(self, member: Member) -> None:
         """A reloaded config gives the undo log another bound (``undo_log_size``).
@@ -578,6 +566,130 @@ class LocalVolume:
                 "catching_up": self.catching_up,
                 "undo_log": self.undo.status() if self.undo is not None else None}
 
+    # ------------------------------------------------------------ test failover
+
+    async def issue_gate(self) -> bool:
+        """Wait while a test image is being frozen: the receiver issues no
+        write meanwhile, so the image holds exactly the writes issued before
+        (it waits before admitting, holding no ticket). True if it waited."""
+        if self._freezing is None:
+            return False
+        while self._freezing is not None:
+            await self._freezing.wait()
+        return True
+
+    def test_refusal(self) -> str | None:
+        """Why no test image can be frozen now, or None."""
+        if self.test is not None:
+            return "a test failover runs already; end it first ('gmd test-failover end')"
+        if self.statemap.sb.role == Role.PRIMARY:
+            return "this node is primary: a test failover runs on a secondary member"
+        if self.catching_up:
+            return ("the disk is out of write order (a catch-up runs"
+                    + (", its undo log keeps the image before it" if self.preserving else "")
+                    + "): no consistent point to freeze; try again once it is uptodate")
+        if not self.disk_consistent():
+            return f"the disk is {self.statemap.sb.disk.value}: it holds no consistent image to test"
+        return None
+
+    async def start_test(self, space: int, on_end: Callable[[TestImage, str], None]) -> TestImage:
+        """Freeze a test image of this member's disk: every write issued
+        before has landed, none issued after is on the disk (the receiver
+        waits at :meth:`issue_gate` meanwhile). From then on every write
+        keeps the old contents of the regions it overwrites for the image
+        first. ``on_end(image, reason)`` is called (synchronously) if the
+        volume ends the test itself (space used up). Refused, with the reason,
+        if the disk holds no consistent point."""
+        while self._starting is not None or self._freezing is not None:
+            await (self._starting or self._freezing).wait()
+        why = self.test_refusal()
+        if why:
+            raise Refused("test-failover-refused", volume=self.name, node=self.member.node, reason=why)
+        freezing = self._freezing = trio.Event()
+        try:
+            with trio.CancelScope(shield=True):  # a half-frozen image would leave writes waiting
+                await self._issued.idle()
+                why = self.test_refusal()  # a catch-up may have begun with a write that was in flight
+                if why:
+                    raise Refused("test-failover-refused", volume=self.name, node=self.member.node, reason=why)
+                at = self.in_order_at or time.time()
+                image = await trio.to_thread.run_sync(functools.partial(
+                    TestImage.create, self.member.statemap, volume=self.name, size=self.size,
+                    region_size=self.config.region_size, space=space, consistent_at=at,
+                    identity=self.statemap.identity), limiter=self._limiter)
+                image.started_at, image.consistent_at = time.time(), at
+                self.test, self.test_ended, self._test_on_end = image, None, on_end
+                self._test_keeper = Keeper(image.kept, self.device, call=self._undo_call, lock=self._test_lock,
+                                           active=lambda: self.test is image, name=f"{self.name}: test image")
+        finally:
+            self._freezing = None
+            freezing.set()
+        return image
+
+    async def _keep_for_test(self, offset: int, length: int) -> None:
+        """Keep the image's contents of [offset, offset+length) before the
+        member overwrites them. Never fails the member's write: when the
+        space is used up (or the file fails) the test ends first."""
+        image, keeper = self.test, self._test_keeper
+        try:
+            await keeper.keep(offset, length)
+        except Exception as e:
+            if self.test is image:
+                full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+                self.end_test(f"out of space: {image.kept_bytes} bytes kept and {image.overlay_bytes} written of "
+                              f"{image.space}, and a replicated write needed more (give --space or "
+                              f"test_image_size more)" if full else f"keeping the image's contents failed: {e}")
+
+    def end_test(self, reason: str) -> TestImage | None:
+        """End the test failover now: nothing more is kept, and the image
+        can no longer be read or written (operations in flight fail). Its
+        files are removed by :meth:`discard_test`. Returns the image (None
+        if no test ran)."""
+        image = self.test
+        if image is None:
+            return None
+        self.test, self._test_keeper, self.test_ended = None, None, reason
+        self._ended_images.append(image)
+        # Running out of space or a failing file is news the operator did not ask for.
+        log_at = log.error if reason.startswith(("out of space", "keeping")) else log.info
+        log_at("%s: test failover ended: %s (%d bytes kept, %d written to the image)", self.name, reason,
+               image.kept_bytes, image.overlay_bytes)
+        on_end, self._test_on_end = self._test_on_end, None
+        if on_end is not None:
+            on_end(image, reason)
+        return image
+
+    async def discard_test(self, image: TestImage) -> None:
+        """Remove an ended image's files, once no operation of it is in flight."""
+        if image not in self._ended_images:
+            return
+        with trio.CancelScope(shield=True):
+            await self._image_ops.idle()
+            async with self._test_lock:
+                await self._undo_call(image.remove)
+            self._ended_images.remove(image)
+
+    async def _image_op(self, image: TestImage, fn, *args):
+        if self.test is not image:
+            raise OSError(errno.EIO, f"{self.name}: the test failover ended ({self.test_ended})")
+        self._image_ops.enter()
+        try:
+            result = await trio.to_thread.run_sync(fn, self.device, *args, limiter=self._limiter)
+        finally:
+            self._image_ops.leave()
+        if self.test is not image:  # ended meanwhile: what was read may be newer than the image
+            raise OSError(errno.EIO, f"{self.name}: the test failover ended ({self.test_ended})")
+        return result
+
+    async def read_test(self, image: TestImage, offset: int, length: int) -> bytes:
+        """Read the test image (EIO once it ended)."""
+        return await self._image_op(image, image.read, offset, length)
+
+    async def write_test(self, image: TestImage, offset: int, data: bytes) -> None:
+        """Write into the test image (its overlay; the member's disk is never touched)."""
+        async with self._test_lock:  # against the keeps: one exact account of the space
+            await self._image_op(image, image.write, offset, data)
+
     async def flush(self, *, durable_everywhere: int | None = None) -> None:
         """Local barrier: every completed write is durable; idle extents may retire.
 
@@ -640,6 +752,10 @@ class LocalVolume:
             return
         try:
             with trio.CancelScope(shield=True):
+                if self.test is not None:
+                    self.end_test("the volume went down")
+                for image in list(self._ended_images):
+                    await self.discard_test(image)
                 await self.flush()
                 self.statemap.retire_idle()
                 self.statemap.prepare_clean_close()
@@ -649,6 +765,8 @@ class LocalVolume:
 
     def _close_files(self) -> None:
         self._closed = True
+        for image in self._ended_images + ([self.test] if self.test is not None else []):
+            image.close()  # files removed at the next open
         self.device.close()
         self.statemap.close()
         if self.undo is not None:

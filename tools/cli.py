@@ -48,12 +48,14 @@ environment:
 examples:
   gmd demo                        a whole local cluster end to end (root)
   gmd drill --fault kill-primary  a disaster-recovery drill on a local cluster (root)
+  gmd drill --test-failover --sites 3   a test failover on the far site under load (root)
   gmd init appslv                 create this node's state map (and backing file)
   gmd dirty appslv                this copy is the source: others get a full copy
   gmd clean appslv                this copy is the target of a full copy
   gmd daemon --node labor1        run the node daemon (foreground; SIGTERM stops it cleanly)
   gmd up appslv && gmd primary appslv
   gmd status appslv --json        machine-readable status (works without a daemon)
+  gmd test-failover start appslv --node labor3   a test image of labor3's copy (appslv@test in its mount)
   gmddirty -l appslv              HAGEO spelling of 'gmd dirty appslv'
 """
 
@@ -163,7 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("drill", "a disaster-recovery drill: a verifying workload, a fault, failover, verification, "
                          "failback and a report (needs root; exit 0 only if every check passed)", cmd_drill)
-    p.add_argument("--fault", required=True, choices=DRILL_FAULTS, help="what to break")
+    p.add_argument("--fault", choices=DRILL_FAULTS, help="what to break (or --test-failover)")
+    p.add_argument("--test-failover", action="store_true",
+                   help="instead of a fault: a test failover on --on NODE under the workload (the image must "
+                        "be a frozen prefix while the member stays current; the member unchanged by it)")
+    p.add_argument("--on", metavar="NODE",
+                   help="with --test-failover: the member that runs it (default the far site with --sites 3, "
+                        "else the secondary)")
     p.add_argument("--mode", choices=DRILL_MODES, default="mwc",
                    help="replication mode of the built-in local cluster (default mwc)")
     p.add_argument("--no-auto-promote", action="store_true",
@@ -199,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_volume_op)
     p.add_argument("volume", metavar="VOLUME")
     p.add_argument("--rate", metavar="SIZE", help='copy rate limit per member, e.g. "50MiB" (per second); 0 for none')
+
+    p = command("test-failover", "on a secondary member: a writable point-in-time image of its copy "
+                                 "(VOLUME@test in its mount) while replication goes on; end discards it",
+                cmd_test_failover)
+    p.add_argument("action", choices=("start", "end"), help="start a test failover, or end it")
+    p.add_argument("volume", metavar="VOLUME")
+    p.add_argument("--loop", action="store_true", help="with start: also attach a loop device to the image")
+    p.add_argument("--space", metavar="SIZE",
+                   help='with start: what the image may keep of overwritten contents and write of its own, '
+                        'together (e.g. "4GiB"; default the member\'s test_image_size, 1 GiB); the test ends '
+                        "when it runs out")
+    p.add_argument("--json", action="store_true", help="print the test's status as JSON")
 
     p = command("status", "show roles, disk and link states, out-of-sync bytes", cmd_status)
     p.add_argument("volume", metavar="VOLUME", nargs="?", help="one volume (default: all of this node's)")
@@ -288,6 +308,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_drill(args: argparse.Namespace) -> int:
     # --config is a common option: here it selects a configured cluster instead of the local one.
     config = getattr(args, "config", None)
+    if (args.fault is None) == (not args.test_failover):
+        raise Refused("drill-options", message="give one of --fault F and --test-failover")
+    if args.on is not None and not args.test_failover:
+        raise Refused("drill-options", message="--on NODE goes with --test-failover")
     if args.writers < 1 or args.warmup < 0 or args.outage < 0 or not 0 <= args.wan_delay <= 1:
         raise Refused("drill-options", message="--writers must be at least 1, --warmup and --outage not "
                                                "negative, --wan-delay between 0 and 1 s")
@@ -295,7 +319,8 @@ def cmd_drill(args: argparse.Namespace) -> int:
                      config=Path(config) if config else None, volume=args.volume, overwrite=args.overwrite,
                      proxies=args.proxy, as_json=args.json, report=Path(args.report) if args.report else None,
                      keep=args.keep, seed=args.seed, writers=args.writers, warmup=args.warmup, outage=args.outage,
-                     delay=args.wan_delay, witness=not args.no_witness, sites=args.sites)
+                     delay=args.wan_delay, witness=not args.no_witness, sites=args.sites,
+                     test_failover=args.test_failover, on=args.on)
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
@@ -450,12 +475,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return ExitCode.FAILED if found or not verified else ExitCode.OK
 
 
-def cmd_volume_op(args: argparse.Namespace) -> int:
+def _load_volume(args: argparse.Namespace) -> tuple[Config, str]:
+    """The config and this node, once ``args.volume`` is known to be a configured volume."""
     config, node = _load(args)
     try:
         config.volume(args.volume)
     except ConfigError as e:
         raise Refused("config", message=e.message) from None
+    return config, node
+
+
+def cmd_volume_op(args: argparse.Namespace) -> int:
+    config, node = _load_volume(args)
     req: dict[str, Any] = {"op": args.command, "volume": args.volume}
     if args.command in ("primary", "down", "secondary"):
         req["force"] = args.force
@@ -482,6 +513,35 @@ def cmd_volume_op(args: argparse.Namespace) -> int:
         print(f"{args.volume}: device {reply['device']}")
     if reply.get("loop"):
         print(f"{args.volume}: loop device {reply['loop']}")
+    return ExitCode.OK
+
+
+def cmd_test_failover(args: argparse.Namespace) -> int:
+    config, node = _load_volume(args)
+    req: dict[str, Any] = {"op": "test_failover", "volume": args.volume, "action": args.action}
+    if args.action == "start":
+        req["loop"] = args.loop
+        if args.space is not None:
+            try:
+                req["space"] = parse_size(args.space, file="--space", key="space", minimum=1 << 20)
+            except ConfigError as e:
+                raise Refused("bad-space", message=e.message) from None
+    elif args.loop or args.space is not None:
+        raise Refused("bad-space", message="--loop and --space go with 'start', not 'end'")
+    try:
+        tf = _daemon_request(config, node, req)["test_failover"]
+    except control.ControlUnavailable as e:
+        raise Refused("daemon-not-running", why=e, node=node) from None
+    if args.json:
+        _print_json(tf)
+    elif args.action == "start":
+        print(f"{args.volume}: test failover on {node}: image {tf['image']} as of {tf['consistent_at']}"
+              + (f", loop device {tf['loop']}" if tf.get("loop") else "")
+              + f"; space {human_bytes(tf['space'])}; replication into {node} goes on. "
+              f"End it with 'gmd test-failover end {args.volume}'")
+    else:
+        print(f"{args.volume}: test failover on {node} ended; its image is discarded ({human_bytes(tf['kept_bytes'])} "
+              f"kept, {human_bytes(tf['overlay_bytes'])} written to it)")
     return ExitCode.OK
 
 

@@ -166,6 +166,24 @@ def read_blocks(path: str) -> tuple[Callable[[int], bytes], Callable[[], None]]:
     return read, close
 
 
+def primary_of(c: Cluster) -> str:
+    """The node that is primary for the drill's volume; DrillError if none."""
+    primary = c.primary()
+    if primary is None:
+        raise DrillError(f"no node is primary for {c.volume}: make one primary first (gmd primary)")
+    return primary
+
+
+def verify_file(path: str, acks, workload: Workload, *, fault_at: float | None) -> Any:
+    """:func:`tools.stamps.verify` of the blocks ``path`` holds (read with
+    O_DIRECT) against ``acks`` of ``workload``."""
+    read, close = read_blocks(path)
+    try:
+        return verify(acks, read, workload.run, in_flight=workload.in_flight, fault_at=fault_at)
+    finally:
+        close()
+
+
 class Drill:
     """One drill of ``fault`` on ``cluster`` (whose volume is up everywhere
     and has a primary); :meth:`run` returns the :class:`Report`."""
@@ -240,11 +258,7 @@ class Drill:
     def verify_path(self, path: str, acks, *, fault_at: float | None, label: str) -> Any:
         """Verify the image at ``path`` (a volume file, or a member's backing
         file) against ``acks``; recorded in the report as ``label``."""
-        read, close = read_blocks(path)
-        try:
-            v = verify(acks, read, self.workload.run, in_flight=self.workload.in_flight, fault_at=fault_at)
-        finally:
-            close()
+        v = verify_file(path, acks, self.workload, fault_at=fault_at)
         self.report.verifications[label] = v.as_dict()
         return v
 
@@ -252,9 +266,7 @@ class Drill:
 
     def run(self) -> Report:
         c = self.c
-        primary = c.primary()
-        if primary is None:
-            raise DrillError(f"no node is primary for {c.volume}: make one primary first (gmd primary)")
+        primary = primary_of(c)
         members = list(c.nodes)
         others = [n for n in members if n != primary]
         if not others:
@@ -667,8 +679,11 @@ def run_drill(*, fault: str, mode: str = "mwc", auto_promote: bool = True, confi
               volume: str | None = None, overwrite: bool = False, proxies: list[str] = (),
               as_json: bool = False, report: Path | None = None, keep: bool = False, seed: int | None = None,
               writers: int = 4, warmup: float = 3.0, outage: float = 3.0, delay: float = 0.0,
-              witness: bool = True, sites: int = 2) -> int:
-    """``gmd drill``: build (or reach) the cluster, run one drill, print the report; 0 if it passed."""
+              witness: bool = True, sites: int = 2, test_failover: bool = False, on: str | None = None) -> int:
+    """``gmd drill``: build (or reach) the cluster, run one drill, print the report; 0 if it passed.
+    ``test_failover``: instead of a fault, a test failover on ``on`` (tools.drill_testfailover)."""
+    if test_failover:
+        fault = "test-failover"
     seed = random.randrange(1 << 31) if seed is None else seed
     out = sys.stderr if as_json else sys.stdout
 
@@ -729,8 +744,14 @@ def run_drill(*, fault: str, mode: str = "mwc", auto_promote: bool = True, confi
             mode = cluster.config.volumes[volume].mode
             say(f"drilling {volume} of {config} (nodes {', '.join(cluster.nodes)}); journal and logs in {work_dir}")
         say(f"seed {seed}")
-        drill = Drill(cluster, fault=fault, mode=mode, seed=seed, writers=writers, warmup=warmup, outage=outage,
-                      work_dir=work_dir, say=say)
+        if test_failover:
+            from tools.drill_testfailover import TestFailoverDrill  # here: it builds on this module
+
+            drill = TestFailoverDrill(cluster, on=on, mode=mode, seed=seed, writers=writers, warmup=warmup,
+                                      outage=outage, work_dir=work_dir, say=say)
+        else:
+            drill = Drill(cluster, fault=fault, mode=mode, seed=seed, writers=writers, warmup=warmup,
+                          outage=outage, work_dir=work_dir, say=say)
         try:
             rep = drill.run()
         except Exception as e:  # a step that went wrong fails the drill, with what and why in the report

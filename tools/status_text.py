@@ -42,6 +42,21 @@ def _consistency_note(note: str, m: dict[str, Any]) -> str:
     return "; ".join([note, *parts] if note else parts)
 
 
+def test_failover_line(tf: dict[str, Any] | None) -> str | None:
+    """The one line of this member's test failover: running (image, space),
+    or how the last one ended; None when there is nothing to say."""
+    if not tf:
+        return None
+    if tf.get("active"):
+        loop = f", loop {tf['loop']}" if tf.get("loop") else ""
+        return (f"test failover: image {tf['image']}{loop} as of {tf['consistent_at']}; kept "
+                f"{human_bytes(tf['kept_bytes'])} + written {human_bytes(tf['overlay_bytes'])} of "
+                f"{human_bytes(tf['space'])}")
+    if tf.get("ended_reason"):
+        return f"last test failover ended: {tf['ended_reason']}"
+    return None
+
+
 def format_status(st: dict[str, Any]) -> str:
     """The human form of one volume's status."""
     if "error" in st:
@@ -80,6 +95,9 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"  discarded data saved (read-only): {image} (regions listed in {image}.json)")
     for w in sm.get("warnings", []):
         lines.append(f"  warning: {w}")
+    line = test_failover_line(st.get("test_failover"))
+    if line:
+        lines.append(f"  {line}")
     rows = [("member", "disk", "link", "mode", "out of sync", "note")]
     for name, m in st["members"].items():
         note = ""
@@ -122,6 +140,9 @@ def format_status(st: dict[str, Any]) -> str:
             note = (note + "; " if note else "") + f"limit {human_bytes(wire['bandwidth_limit'])}/s"
         if m.get("behind"):
             note = (note + "; " if note else "") + "async queue overflowed: tracking in bitmap"
+        tf = m.get("test_failover") or {}
+        if tf.get("active"):
+            note = (note + "; " if note else "") + "test failover runs there"
         note = _consistency_note(note, m)
         if m.get("reason") and m["link"] in ("standalone", "disconnected"):
             note = (note + "; " if note else "") + m["reason"]

@@ -103,10 +103,20 @@ class CatchUpAnswer(_Message):
     reason: str | None = None
 
 
+class TestFailoverNote(_Message):
+    """A member's word on a test failover running on it (docs/DESIGN.md,
+    "Test failover"): wall-clock times of its start and of the image."""
+
+    active: bool
+    started_at: float | None = None
+    consistent_at: float | None = None
+    ended_reason: str | None = None
+
+
 class PeerState(_Message):
     """A STATE between members: a change of role, a judgement of the receiver's
     disk, a generation to adopt, a take-over request or its failure, the
-    catch-up question and its answer."""
+    catch-up question and its answer, a test failover on the sender."""
 
     role: RoleName | None = None
     your_disk: DiskName | None = None  # the primary's judgement of the receiver's disk
@@ -117,6 +127,7 @@ class PeerState(_Message):
     take_over_failed: str | None = None
     catch_up: CatchUp | None = None
     catch_up_answer: CatchUpAnswer | None = None
+    test_failover: TestFailoverNote | None = None  # the sender's test failover began or ended
 
 
 class WitnessRequest(_Message):

@@ -872,3 +872,14 @@ def test_the_readme_three_site_example_parses_as_described():
     assert (far.mode, far.votes, far.shipping.compress) == ("async", 0, "zstd")
     assert far.undo_log == Path("/var/lib/gmd/appslv.undo") and far.undo_log_size == 20 << 30
     assert all(v.members[n].journal is not None and v.members[n].mode == "mwc" for n in ("labor1", "labor2"))
+
+
+def test_test_image_size_is_a_member_size_of_at_least_a_mebibyte():
+    cfg = parse_config(UNDO_BASE.format(member='test_image_size = "8GiB"\n'), file="t.toml", base_dir=Path("/etc/gmd"))
+    assert cfg.member("v", "a").test_image_size == 8 << 30
+    default = parse_config(UNDO_BASE.format(member=""), file="t.toml", base_dir=Path("/etc/gmd"))
+    assert default.member("v", "a").test_image_size == 1 << 30
+    e = error_of(UNDO_BASE.format(member='test_image_size = "64KiB"\n'))
+    assert e.key == "volumes.v.members.a.test_image_size" and "smaller than the minimum" in e.message
+    e = error_of(UNDO_BASE.format(member='test_image_size = true\n'))
+    assert e.key == "volumes.v.members.a.test_image_size"

@@ -32,6 +32,7 @@ PARTS = {
     "quorum_keeper": "QuorumVolume",
     "status": "StatusVolume",
     "takeover": "TakeoverVolume",
+    "testfailover": "TestFailoverVolume",
 }
 
 

@@ -66,3 +66,18 @@ def test_a_far_members_rpo_backlog_and_wire_are_shown():
     dropped = member(backlog={"state": "bitmap", "waiting_writes": 0, "dropped_reason": "journal /j is full"})
     assert "write order lost (journal /j is full): bitmap tracking" in format_status(
         status(role="primary", members={"labor3": dropped}))
+
+
+def test_a_test_failover_is_one_line_here_and_a_note_on_the_primary():
+    tf = {"active": True, "started_at": "2026-12-01T10:00:01.000Z", "consistent_at": "2026-12-01T10:00:00.900Z",
+          "image": "/run/gmd/labor3/appslv@test", "loop": "/dev/loop3", "kept_bytes": 2 << 20, "kept_regions": 32,
+          "space": 1 << 30, "overlay_bytes": 4096, "ended_reason": None}
+    text = format_status(status(test_failover=tf))
+    assert ("test failover: image /run/gmd/labor3/appslv@test, loop /dev/loop3 as of 2026-12-01T10:00:00.900Z; "
+            "kept 2.0 MiB + written 4.0 KiB of 1.0 GiB") in text
+    ended = format_status(status(test_failover={**tf, "active": False, "ended_reason": "out of space: ..."}))
+    assert "last test failover ended: out of space: ..." in ended and "test failover: image" not in ended
+    member = {"disk": "uptodate", "link": "connected", "mode": "async", "out_of_sync_bytes": 0,
+              "test_failover": {"active": True}}
+    assert "test failover runs there" in format_status(status(role="primary", members={"labor3": member}))
+    assert "test failover" not in format_status(status(test_failover={**tf, "active": False}))
