@@ -148,7 +148,11 @@ class RpoWatch:
         now_trio = trio.current_time() if now_trio is None else now_trio
         now_wall = time.time() if now_wall is None else now_wall
         oos = local.statemap.out_of_sync_bytes(m.name) if m.name in local.statemap.sb.peers else self.engine.config.size
-        if not oos:
+        if not oos and m.connected and not m.behind and not (m.backlog is not None and m.backlog.has_waiting):
+            # Level (as far as marks go) and taking writes: it lacks only what
+            # is in flight. Not while it is away: a session that just ended
+            # has its lost writes marked a moment later (its lacking_since is
+            # kept from their age).
             m.lacking_since = None
             self._from_start.discard(m.name)
         queued, age = m.lag(now_trio)
