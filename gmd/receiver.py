@@ -158,6 +158,15 @@ class Applier:
             if isinstance(item, Flush) and item.group_point:
                 self._marks.append((nxt, item.group_point))
                 self._hold.received(item.group_point)  # may move the group's safe mark: _release
+            elif isinstance(item, Write) and item.flags & WRITE_COPY:
+                # Copy data: the primary is catching this volume up out of
+                # order (it fell behind and gets no marks meanwhile). Held, it
+                # would never be applied; released, with what waits before it,
+                # it leaves write order, which the member's undo log (begun
+                # when it was told it is outdated, before any of it) covers.
+                # The group's other volumes hold at the last mark meanwhile.
+                self._released_seq = max(self._released_seq, nxt)
+                self._marks.clear()
         self._release()
 
     def _release(self) -> None:

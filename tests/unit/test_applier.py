@@ -219,3 +219,21 @@ async def test_a_hold_released_just_before_the_end_is_still_applied():
         a1.close()  # released (it alone makes the group) before the session ended
         await trio.sleep(0.2)
         assert sorted(d1.applied_later) == [1, 2, 3, 4]
+
+
+async def test_copy_data_is_never_held_back_by_a_group_that_gets_no_marks():
+    from gmd.groups import GroupHold, HoldView
+    hold = GroupHold("db", ["v1", "v2"])  # v2 never says a word: v1 holds its writes
+    d1, p1 = Disk(), FakePath()
+    async with trio.open_nursery() as n:
+        a1 = Applier(n, d1.write, d1.flush, hold=HoldView(hold, "v1", "labor1"))
+        a1.submit(Write(1, 0, b"a" * 16, gseq=1), p1)
+        a1.submit(Flush(2, group_point=100), p1)
+        a1.submit(Write(3, 4096, b"b" * 16, gseq=2), p1)
+        await _settle()
+        assert d1.applied_later == []
+        # v1 fell behind: its catch-up copy arrives; it and what waited before it are applied.
+        a1.submit(Write(4, 8192, b"c" * 16, flags=WRITE_COPY, gseq=2), p1)
+        await _settle()
+        assert sorted(d1.applied_later) == [1, 3, 4]
+        a1.close()
