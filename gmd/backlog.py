@@ -146,7 +146,7 @@ class Backlog:
         self.dropped_reason: str | None = None  # why it last went back to bitmap tracking
         self.dropped_count = 0
         self.replays = 0
-        self.changed = trio.Event()
+        self._changed_event: trio.Event | None = None  # made only when someone waits (every write adds and acks)
 
     # ------------------------------------------------------------ adding
 
@@ -298,9 +298,18 @@ class Backlog:
 
     # ------------------------------------------------------------ waiting
 
+    @property
+    def changed(self) -> trio.Event:
+        """Set at the next change of the backlog (an entry added, sent,
+        acknowledged, or the backlog dropped)."""
+        if self._changed_event is None:
+            self._changed_event = trio.Event()
+        return self._changed_event
+
     def _changed(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
+        if self._changed_event is not None:
+            self._changed_event.set()
+            self._changed_event = None
 
     def caught_up(self) -> bool:
         """Nothing waits, and what was replayed is acknowledged (or dropped)."""
