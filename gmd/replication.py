@@ -593,9 +593,10 @@ class MemberLink:
             s.closed = True
             failed = sorted(s.unsettled.values(), key=lambda x: x.link_seq)
             writes = [sh.queued_at for sh in failed if sh.kind == "write" and not sh.copy]
-            if writes and self.lacking_since is None:
+            if writes:
                 # What it now lacks, it has lacked since the oldest of these was queued (gmd.rpo).
-                self.lacking_since = time.time() - max(0.0, trio.current_time() - min(writes))
+                since = time.time() - max(0.0, trio.current_time() - min(writes))
+                self.lacking_since = since if self.lacking_since is None else min(self.lacking_since, since)
             s.unsettled.clear()
             self.queued_bytes = 0
             self._wake_queue_waiters()

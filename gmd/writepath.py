@@ -341,7 +341,10 @@ class WritePath:
         if local is None:
             return
         if m.lacking_since is None:
-            m.lacking_since = time.time()  # its RPO in seconds counts from here (gmd.rpo)
+            # Its RPO in seconds counts from here, or from the oldest write
+            # still unacknowledged by it, which it lacks too (gmd.rpo).
+            _, age = m.lag(trio.current_time())
+            m.lacking_since = time.time() - age
         if not sent:
             self.unsent.note(m.name, offset, length)
         self.remarked.note(m.name, offset, length)  # a copy pass that read these regions before keeps their bits
