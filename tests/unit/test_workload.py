@@ -285,8 +285,11 @@ def test_one_workload_writes_across_several_devices_in_one_order(workdir, direct
     assert v.ok == v.blocks_checked and v.passed(rpo_zero=True), v.as_dict()
     # One device missing an early write that later writes on the others
     # came after: the devices together are no prefix.
-    once = [a for a in acks[:50] if sum(b.offset == a.offset for b in acks) == 1]
-    a = once[0]
+    last = {}
+    for b in acks:
+        last[b.offset] = b  # each offset's last write
+    a = min(last.values(), key=lambda b: b.index)  # the earliest write nothing overwrote
+    assert any(b.issued_after >= a.index for b in acks), "no write was issued after it: too short a run"
     d, at = device_of(a.offset)
     hole = bytearray(datas[d])
     hole[at:at + BLOCK] = bytes(BLOCK)
