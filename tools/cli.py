@@ -60,6 +60,27 @@ examples:
 """
 
 
+COMMON_EPILOG = """\
+exit codes: 0 ok, 1 failed, 2 usage error
+
+environment:
+  GMD_CONFIG   cluster config file (default /etc/gmd/gmd.toml); --config wins
+  GMD_NODE     this node's name in the config; --node wins (else the host name)
+"""
+
+#: Examples shown under each command's --help: (command line, what it does).
+EXAMPLES: dict[str, Sequence[tuple[str, str]]] = {}
+
+
+def command_epilog(examples: Sequence[tuple[str, str]]) -> str:
+    """The text under a command's --help: its examples, then exit codes and environment."""
+    if not examples:
+        return COMMON_EPILOG
+    width = max(len(line) for line, _ in examples)
+    lines = [f"  {line:<{width}}  {what}" if what else f"  {line}" for line, what in examples]
+    return "examples:\n" + "\n".join(lines) + "\n\n" + COMMON_EPILOG
+
+
 def _common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     """Options accepted both before and after the subcommand."""
     d = argparse.SUPPRESS if suppress else None
@@ -82,8 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, help: str, func: Callable[..., int]) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, epilog=EPILOG,
+    def command(name: str, help: str, func: Callable[..., int], *,
+                examples: Sequence[tuple[str, str]] = ()) -> argparse.ArgumentParser:
+        # Every command's --help ends with examples of that command (EXAMPLES,
+        # or the ``examples`` given here), then the exit codes and environment.
+        p = sub.add_parser(name, help=help, description=help,
+                           epilog=command_epilog(examples or EXAMPLES.get(name, ())),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         _common_options(p, suppress=True)
         p.set_defaults(func=func)
