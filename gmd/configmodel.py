@@ -162,6 +162,16 @@ class Member:
 
 
 @dataclass(frozen=True)
+class Hook:
+    """A command run on some of a volume's events (``[[volumes.V.hooks]]``, gmd.hooks)."""
+
+    on: tuple[str, ...]  # event kinds (gmd.events.KINDS)
+    run: tuple[str, ...]  # argv
+    where: tuple[tuple[str, tuple[object, ...]], ...] = ()  # (field, accepted values): all must hold
+    timeout: int = 60  # seconds before its process group is killed
+
+
+@dataclass(frozen=True)
 class VolumeConfig:
     """A mirrored volume: geometry, mode and members (keyed by node, file order)."""
 
@@ -192,6 +202,7 @@ class VolumeConfig:
     # A consistency group (docs/DESIGN.md, "Consistency groups"): volumes
     # whose far members stop at one instant of all of them. None: alone.
     group: str | None = None
+    hooks: tuple[Hook, ...] = ()  # commands run on the volume's events (gmd.hooks)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 from transport.pacing import DAYS, BandwidthRule, clock_text
 
-from .configmodel import Address, Config, Member, Node, Shipping, TlsConfig, VolumeConfig, Witness
+from .configmodel import Address, Config, Hook, Member, Node, Shipping, TlsConfig, VolumeConfig, Witness
 from .configvalues import (
     COMPRESSORS,
     DEFAULT_CONTROL_TIMEOUT,
@@ -51,6 +51,11 @@ from .configvalues import (
     parse_size,
     show_bytes,
 )
+from .events import KINDS
+
+# Event kinds a hook may run on: every kind but the stream's own
+# bookkeeping, and "hook" (a hook's own result: no hook feeds itself).
+HOOK_KINDS = tuple(k for k in KINDS if k not in ("dropped", "now_end", "hook"))
 
 # Keys of how data is shipped to a member: in the volume's table (the default
 # for every member) and in a member's table (for it).
@@ -416,7 +421,7 @@ class _Parser:
         self.check_keys(table, key, ("size", "region_size", "extent_size", "mode", "members", "async_queue",
                                      "copy_rate", "on_quorum_loss", "quorum_timeout", "split_brain",
                                      "auto_promote", "start_command", "stop_command", "command_timeout",
-                                     "rpo_alert_seconds", "rpo_alert_bytes", "group", *SHIPPING_KEYS))
+                                     "rpo_alert_seconds", "rpo_alert_bytes", "group", "hooks", *SHIPPING_KEYS))
 
         size, raw_size = self.size(
             self.require(table, key, "size", 'a size such as "4GiB"'), join_key(key, "size")
@@ -500,7 +505,47 @@ class _Parser:
                             split, auto_promote, start, stop, command_timeout, rpo_alert_seconds=alert_seconds,
                             rpo_alert_bytes=alert_bytes, shipping=shipping,
                             group=self.name(self.string(table["group"], join_key(key, "group")), join_key(key, "group"),
-                                            "consistency group") if "group" in table else None)
+                                            "consistency group") if "group" in table else None,
+                            hooks=self.hooks(table.get("hooks", []), join_key(key, "hooks"), command_timeout))
+
+    def hooks(self, value: object, key: str, default_timeout: int) -> tuple[Hook, ...]:
+        """``[[volumes.V.hooks]]``: ``on`` (event kinds), ``run`` (a command),
+        optional ``where`` (event field -> a value or a list of values) and
+        ``timeout`` (seconds, default the volume's command_timeout)."""
+        if not isinstance(value, list):
+            raise self.error(key, f"expected an array of tables ([[{key}]]), got {describe(value)}")
+        hooks = []
+        for i, table in enumerate(value):
+            at = f"{key}[{i}]"
+            table = self.table(table, at)
+            self.check_keys(table, at, ("on", "run", "where", "timeout"))
+            on = self.require(table, at, "on", 'an event kind or a list of them, e.g. ["link", "split_brain"]')
+            kinds = [on] if isinstance(on, str) else on
+            if not isinstance(kinds, list) or not kinds or not all(isinstance(k, str) for k in kinds):
+                raise self.error(join_key(at, "on"), f"expected an event kind or a non-empty list of them, "
+                                                     f"got {describe(on)}")
+            for k in kinds:
+                if k not in HOOK_KINDS:
+                    raise self.error(join_key(at, "on"), f"{json.dumps(k)} is not an event kind (expected one of: "
+                                                         f"{', '.join(HOOK_KINDS)}){did_you_mean(k, HOOK_KINDS)}")
+            run = self.command(self.require(table, at, "run", "a command (string or list of strings)"),
+                               join_key(at, "run"))
+            fields = {"volume", "node", "member", *(f for k in kinds for f in KINDS[k])}
+            where = []
+            raw_where = self.table(table.get("where", {}), join_key(at, "where"))
+            for name, accepted in raw_where.items():
+                wkey = join_key(join_key(at, "where"), name)
+                if name not in fields:
+                    raise self.error(wkey, f"{', '.join(kinds)} events have no field {json.dumps(name)} (fields: "
+                                           f"{', '.join(sorted(fields))}){did_you_mean(name, sorted(fields))}")
+                values = accepted if isinstance(accepted, list) else [accepted]
+                if not values or not all(isinstance(v, (str, bool, int)) for v in values):
+                    raise self.error(wkey, f"expected a string, boolean or integer, or a list of them, got "
+                                           f"{describe(accepted)}")
+                where.append((name, tuple(values)))
+            timeout = self.integer(table.get("timeout", default_timeout), join_key(at, "timeout"), 1)
+            hooks.append(Hook(tuple(kinds), run, tuple(where), timeout))
+        return tuple(hooks)
 
     def members(
         self,

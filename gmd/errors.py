@@ -92,6 +92,7 @@ REFUSALS: dict[str, Refusal] = {
     "bad-rate": Refusal("--rate: {message}", errno.EINVAL, _U),
     "bad-space": Refusal("--space: {message}", errno.EINVAL, _U),
     "drill-options": Refusal("{message}", errno.EINVAL, _U),
+    "bad-count": Refusal("--count must be at least 1, not {count}", errno.EINVAL, _U),
     "watch-needs-terminal": Refusal("--watch redraws for a terminal; use --json without it in scripts",
                                     errno.ENOTTY, _U),
     "listen-failed": Refusal("{who}: cannot listen on {host}:{port}: {why} (is another daemon using it?)",

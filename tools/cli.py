@@ -245,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "when it runs out")
     p.add_argument("--json", action="store_true", help="print the test's status as JSON")
 
+    p = command("events", "stream the state changes of this node's volumes, one JSON object a line "
+                          "(role, disk, link, paths, quorum, copies, split-brain, errors)", cmd_events,
+                examples=[("gmd events", "every change on this node, as it happens (Ctrl-C to stop)"),
+                          ("gmd events appslv --now", "appslv's current state as events, then its changes"),
+                          ("gmd events --now-only", "the current state as events, then exit"),
+                          ("gmd events appslv --count 1", "wait for the next change of appslv, print it, exit")])
+    p.add_argument("volume", metavar="VOLUME", nargs="?", help="one volume's events (default: every volume's)")
+    p.add_argument("--now", action="store_true", help="first print the current state as events (marked "
+                                                      '"now": true, ended by a "now_end" event)')
+    p.add_argument("--now-only", action="store_true", help="print the current state as events, then exit")
+    p.add_argument("--count", type=int, metavar="N", help="exit after N events (the --now ones included)")
+
     p = command("status", "show roles, disk and link states, out-of-sync bytes", cmd_status)
     p.add_argument("volume", metavar="VOLUME", nargs="?", help="one volume (default: all of this node's)")
     p.add_argument("--json", action="store_true", help="print JSON (a stable interface for scripts)")
@@ -567,6 +579,38 @@ def cmd_test_failover(args: argparse.Namespace) -> int:
     else:
         print(f"{args.volume}: test failover on {node} ended; its image is discarded ({human_bytes(tf['kept_bytes'])} "
               f"kept, {human_bytes(tf['overlay_bytes'])} written to it)")
+    return ExitCode.OK
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    config, node = _load(args)
+    if args.count is not None and args.count < 1:
+        raise Refused("bad-count", count=args.count)
+    req = {"op": "events", "volume": args.volume, "now": args.now or args.now_only}
+    check_request(req)
+    printed = 0
+    try:
+        lines = control.stream(config.node(node).control, req)
+        reply = next(lines)
+        if not reply.get("ok"):
+            raise DaemonRefused(reply.get("error", "daemon refused"), reply.get("exit_code", 1))
+        for event in lines:
+            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.flush()  # a reader (a pipe, a script) gets each event as it happens
+            printed += 1
+            if (args.count is not None and printed >= args.count) or (args.now_only and event["kind"] == "now_end"):
+                break
+        else:
+            print(f"{node}: the daemon closed the event stream (it stopped)", file=sys.stderr)
+            return ExitCode.FAILED
+    except control.ControlUnavailable as e:
+        raise Refused("daemon-not-running", why=e, node=node) from None
+    except BrokenPipeError:
+        # The reader went away (gmd events | head): that ends the stream, no error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        if "lines" in locals():
+            lines.close()
     return ExitCode.OK
 
 
