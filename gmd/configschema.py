@@ -21,6 +21,7 @@ from typing import Any
 
 from transport.pacing import DAYS, BandwidthRule, clock_text
 
+from . import configkeys
 from .configmodel import Address, Config, Hook, Member, Node, Shipping, TlsConfig, VolumeConfig, Witness
 from .configvalues import (
     COMPRESSORS,
@@ -57,10 +58,8 @@ from .events import KINDS
 # bookkeeping, and "hook" (a hook's own result: no hook feeds itself).
 HOOK_KINDS = tuple(k for k in KINDS if k not in ("dropped", "now_end", "hook"))
 
-# Keys of how data is shipped to a member: in the volume's table (the default
-# for every member) and in a member's table (for it).
-SHIPPING_KEYS = ("compress", "compress_level", "bandwidth", "bandwidth_schedule")
-_RULE_KEYS = ("from", "to", "days", "bandwidth")
+# The keys each table accepts come from the reference (gmd.configkeys), so a
+# key accepted here is a key docs/CONFIG.md explains.
 
 class _Parser:
     """Validates the decoded TOML document; every error names ``file`` and a key."""
@@ -241,7 +240,7 @@ class _Parser:
         for i, entry in enumerate(value):
             where = f"{key}[{i}]"
             entry = self.table(entry, where)
-            self.check_keys(entry, where, _RULE_KEYS)
+            self.check_keys(entry, where, configkeys.RULE.names)
             start = self.clock(self.require(entry, where, "from", 'a time of day such as "08:00"'),
                                join_key(where, "from"), end=False)
             end = self.clock(self.require(entry, where, "to", 'a time of day such as "18:00"'),
@@ -300,7 +299,7 @@ class _Parser:
         if value is None:
             return None
         table = self.table(value, "tls")
-        self.check_keys(table, "tls", ("cert", "key", "ca"))
+        self.check_keys(table, "tls", configkeys.TLS.names)
         paths = {}
         for k, what in (("cert", "this node's certificate (PEM)"), ("key", "its private key (PEM)"),
                         ("ca", "the CA certificate that signed every node's certificate (PEM)")):
@@ -308,7 +307,7 @@ class _Parser:
         return TlsConfig(**paths)
 
     def document(self, doc: dict[str, Any]) -> tuple[str, dict, dict, dict]:
-        self.check_keys(doc, "", ("secret", "nodes", "witnesses", "volumes", "tls"))
+        self.check_keys(doc, "", configkeys.TOP.names)
         secret = self.string(
             self.require(doc, "", "secret", "a non-empty string shared by all nodes"),
             "secret",
@@ -328,7 +327,7 @@ class _Parser:
         nodes = {}
         for name, table in tables.items():
             key = join_key("nodes", name)
-            self.check_keys(table, key, ("address", "listen", "control", "control_timeout", "mount", "votes"))
+            self.check_keys(table, key, configkeys.NODE.names)
             addresses = self.addresses_of(table, key)
             listen: tuple[Address, ...] = ()
             if "listen" in table:
@@ -369,7 +368,7 @@ class _Parser:
                     key, f"{json.dumps(name)} is already a node (nodes.{name}); "
                     "a node and a witness may not share a name"
                 )
-            self.check_keys(table, key, ("address", "votes", "state"))
+            self.check_keys(table, key, configkeys.WITNESS.names)
             addresses = self.addresses_of(table, key)
             votes = self.integer(table.get("votes", DEFAULT_VOTES), join_key(key, "votes"), 0)
             state = self.path(table.get("state", f"/var/lib/gmd/witness-{name}.json"), join_key(key, "state"))
@@ -418,10 +417,7 @@ class _Parser:
         witnesses: Mapping[str, Witness],
     ) -> VolumeConfig:
         key = join_key("volumes", name)
-        self.check_keys(table, key, ("size", "region_size", "extent_size", "mode", "members", "async_queue",
-                                     "copy_rate", "on_quorum_loss", "quorum_timeout", "split_brain",
-                                     "auto_promote", "start_command", "stop_command", "command_timeout",
-                                     "rpo_alert_seconds", "rpo_alert_bytes", "group", "hooks", *SHIPPING_KEYS))
+        self.check_keys(table, key, configkeys.VOLUME.names)
 
         size, raw_size = self.size(
             self.require(table, key, "size", 'a size such as "4GiB"'), join_key(key, "size")
@@ -518,7 +514,7 @@ class _Parser:
         for i, table in enumerate(value):
             at = f"{key}[{i}]"
             table = self.table(table, at)
-            self.check_keys(table, at, ("on", "run", "where", "timeout"))
+            self.check_keys(table, at, configkeys.HOOK.names)
             on = self.require(table, at, "on", 'an event kind or a list of them, e.g. ["link", "split_brain"]')
             kinds = [on] if isinstance(on, str) else on
             if not isinstance(kinds, list) or not kinds or not all(isinstance(k, str) for k in kinds):
@@ -579,8 +575,7 @@ class _Parser:
                     )
                 raise self.error(mkey, message)
             self.table(table, mkey)
-            self.check_keys(table, mkey, ("device", "statemap", "mode", "votes", "journal", "journal_size",
-                                          "undo_log", "undo_log_size", "test_image_size", *SHIPPING_KEYS))
+            self.check_keys(table, mkey, configkeys.MEMBER.names)
             device = self.path(
                 self.require(table, mkey, "device", "a path"), join_key(mkey, "device")
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,22 @@ def test_help_and_version_and_python_m():
     assert run("--version", check_rc=0).stdout.startswith("gmd ")
     p = subprocess.run([sys.executable, "-m", "gmd", "--version"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.startswith("gmd ")
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+def test_bash_completion_script_completes_commands_and_options():
+    script = run("completion", "bash", check_rc=0).stdout
+    # What bash does on "gmd sta<TAB>" and "gmd status --js<TAB>" once the script is sourced.
+    probe = script + """
+complete -p gmd >/dev/null || exit 3
+COMP_WORDS=(gmd sta); COMP_CWORD=1; COMP_LINE="gmd sta"; COMP_POINT=${#COMP_LINE}
+_shtab_gmd gmd sta gmd; echo "commands: ${COMPREPLY[*]}"
+COMP_WORDS=(gmd status --js); COMP_CWORD=2; COMP_LINE="gmd status --js"; COMP_POINT=${#COMP_LINE}
+_shtab_gmd gmd --js status; echo "options: ${COMPREPLY[*]}"
+"""
+    out = subprocess.run(["bash", "--norc", "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "commands: status" in out.stdout and "options: --json" in out.stdout, out.stdout
 
 
 def test_witness_and_quorum_commands_refuse_bad_arguments(cfg):
