@@ -58,3 +58,22 @@ def test_the_unknown_policy_message_lists_continue():
 def test_the_default_stays_suspend_and_auto_promote_is_free_with_it():
     v = parse(two_sites('auto_promote = true\n')).volume("v")
     assert (v.on_quorum_loss, v.auto_promote) == ("suspend", True)
+
+
+def test_status_text_names_the_policy_and_a_primary_writing_alone():
+    from gmd.configvalues import QUORUM_LOSS_NOTES
+    from tools.status_text import format_status
+
+    st = {"volume": "appslv", "node": "labor1", "role": "primary", "mode": "sync", "size": 64 << 20,
+          "daemon": True, "device": None,
+          "state_map": {"path": "/s.sm", "clean": False, "generation": "g", "updated": 0.0, "warnings": []},
+          "quorum": {"votes": 1, "needed": 2, "expected": 2, "ok": False, "witnesses": {}, "policy": "continue",
+                     "policy_note": QUORUM_LOSS_NOTES["continue"], "writing_alone": True},
+          "members": {}}
+    text = format_status(st)
+    assert "NO QUORUM; writing on ALONE (on_quorum_loss = continue)" in text
+    assert ("on quorum loss (continue): two sites without witness: the primary writes on alone when its peer is "
+            "lost") in text and "forcing it while the primary lives makes a split-brain" in text
+    st["quorum"].update(policy="suspend", policy_note=QUORUM_LOSS_NOTES["suspend"], writing_alone=False)
+    text = format_status(st)
+    assert "ALONE" not in text and "on quorum loss (suspend): without quorum the primary's writes wait" in text
