@@ -17,7 +17,7 @@ import trio
 
 from statemap import DiskState, StateMap
 
-from .harness import GMD, MiB, backing, file_hash, wait_for
+from .harness import GMD, MiB, NodeSpec, backing, daemon_processes, file_hash, init_in_sync, wait_for, write_config
 from .test_quorum import Cluster, _pwrite_regions, _read_region, run_in_thread
 
 REGION = 65536
@@ -129,3 +129,47 @@ async def test_the_survivor_is_promoted_only_by_force_and_a_forced_split_is_dete
             assert _read_region(backing(tmp_path, "labor2"), r, REGION) == data
         for r, data in ours.items():
             assert _read_region(backing(tmp_path, "labor1"), r, REGION) == data
+
+
+async def test_a_dead_primary_s_survivor_is_forced_and_the_old_primary_comes_back_behind_it(tmp_path):
+    """labor1, primary, is SIGKILLed: on labor2 'gmd primary' is refused,
+    '--force' promotes it and it writes. labor1 comes back: it wrote nothing
+    since, so the generations say it is behind, and it is caught up from
+    labor2 (no split-brain) and ends identical."""
+    cfg = write_config(tmp_path, [NodeSpec("labor1"), NodeSpec("labor2")], mode="mwc", extra_volume=CONTINUE)
+    init_in_sync(cfg, "labor1", ["labor2"])
+    env = dict(os.environ, GMD_CONFIG=str(cfg), GMD_NODE="labor2")
+
+    def gmd(*args):
+        return subprocess.run([GMD, *args], env=env, capture_output=True, text=True, timeout=60)
+
+    with daemon_processes(cfg, ["labor1", "labor2"], tmp_path) as procs:
+        for p in procs.values():
+            await run_in_thread(lambda p=p: p.request(op="up", volume="appslv"))
+        await wait_for(lambda: procs["labor2"].status()["members"]["labor1"]["link"] == "connected",
+                       what="connected")
+        reply = await run_in_thread(lambda: procs["labor1"].request(op="primary", volume="appslv"))
+        await run_in_thread(_pwrite_regions, reply["device"], {r: os.urandom(REGION) for r in range(64)}, REGION)
+
+        await run_in_thread(procs["labor1"].kill)
+        await run_in_thread(procs["labor1"].remove_dead_mount)
+        await wait_for(lambda: procs["labor2"].status()["members"]["labor1"]["link"] != "connected",
+                       what="labor2 sees labor1 lost")
+        refused = await run_in_thread(gmd, "primary", "appslv")
+        assert refused.returncode == 1 and 'on_quorum_loss = "continue"' in refused.stderr, refused.stderr
+        forced = await run_in_thread(gmd, "primary", "appslv", "--force")
+        assert forced.returncode == 0, forced.stderr
+        device = (await run_in_thread(procs["labor2"].status))["device"]
+        theirs = {r: os.urandom(REGION) for r in (5, 200)}
+        await run_in_thread(_pwrite_regions, device, theirs, REGION)
+
+        await run_in_thread(procs["labor1"].start)
+        await run_in_thread(lambda: procs["labor1"].request(op="up", volume="appslv"))
+        await wait_for(lambda: procs["labor2"].status()["members"]["labor1"]["disk"] == "uptodate", timeout=60,
+                       what="labor1 caught up from labor2")
+        st1 = await run_in_thread(procs["labor1"].status)
+        assert st1["role"] == "secondary"
+        assert "split-brain" not in str(st1["members"]["labor2"].get("reason"))
+        for r, data in theirs.items():
+            assert _read_region(backing(tmp_path, "labor1"), r, REGION) == data
+        assert file_hash(backing(tmp_path, "labor1")) == file_hash(backing(tmp_path, "labor2"))
