@@ -31,7 +31,10 @@ File format::
     extent_size = "4MiB"              # default; power of two, >= region_size
     mode = "mwc"                      # default; "sync", "mwc" or "async"
     on_quorum_loss = "suspend"        # default; or "fail": writes get EIO after
-    quorum_timeout = 30               #   this many seconds without quorum
+    quorum_timeout = 30               #   this many seconds without quorum;
+                                      #   or "continue": two members, no witness,
+                                      #   the primary writes on alone (README,
+                                      #   "Two sites without a witness")
     split_brain = "disconnect"        # default; or "discard-secondary",
                                       #   "discard-younger-primary", "discard-least-changes"
 

@@ -470,10 +470,10 @@ class _Parser:
         if "copy_rate" in table:  # bytes per second, e.g. "50MiB"
             copy_rate, _ = self.size(table["copy_rate"], join_key(key, "copy_rate"))
         on_loss = self.string(table.get("on_quorum_loss", "suspend"), join_key(key, "on_quorum_loss"),
-                              'one of: "suspend", "fail"')
+                              'one of: "suspend", "fail", "continue"')
         if on_loss not in QUORUM_LOSS_POLICIES:
             raise self.error(join_key(key, "on_quorum_loss"),
-                             f'{json.dumps(on_loss)} is not a policy (expected "suspend" or "fail")'
+                             f'{json.dumps(on_loss)} is not a policy (expected "suspend", "fail" or "continue")'
                              f"{did_you_mean(on_loss, QUORUM_LOSS_POLICIES)}")
         timeout = self.integer(table.get("quorum_timeout", 30), join_key(key, "quorum_timeout"), 1)
         split = self.string(table.get("split_brain", "disconnect"), join_key(key, "split_brain"),
@@ -483,6 +483,8 @@ class _Parser:
                              f"{json.dumps(split)} is not a split-brain policy (expected one of: "
                              f"{', '.join(SPLIT_BRAIN_POLICIES)}){did_you_mean(split, SPLIT_BRAIN_POLICIES)}")
         auto_promote = self.boolean(table.get("auto_promote", False), join_key(key, "auto_promote"))
+        if on_loss == "continue":
+            self.two_sites_alone(join_key(key, "on_quorum_loss"), members, witnesses, auto_promote)
         start = stop = None
         if "start_command" in table:
             start = self.command(table["start_command"], join_key(key, "start_command"))
@@ -542,6 +544,28 @@ class _Parser:
             timeout = self.integer(table.get("timeout", default_timeout), join_key(at, "timeout"), 1)
             hooks.append(Hook(tuple(kinds), run, tuple(where), timeout))
         return tuple(hooks)
+
+    def two_sites_alone(self, key: str, members: Mapping[str, Member], witnesses: Mapping[str, Witness],
+                        auto_promote: bool) -> None:
+        """``on_quorum_loss = "continue"`` (two sites without a witness) is safe
+        only where a lost peer cannot take over by itself: exactly two voting
+        members, no witness votes (they would give the survivor a quorum), and
+        no ``auto_promote`` (the survivor must only ever be forced)."""
+        why = None
+        if len(members) != 2:
+            why = (f"this volume has {len(members)} member(s); with three or more a majority survives the loss "
+                   'of one, so use "suspend"')
+        elif silent := [name for name, m in members.items() if m.votes < 1]:
+            why = f"member {silent[0]} has no vote; both members must vote (votes >= 1)"
+        elif voting := [w.name for w in witnesses.values() if w.votes > 0]:
+            why = (f"witness {voting[0]} holds votes; with a witness the survivor of a lost primary can get "
+                   'quorum, so keep "suspend" (or give the witnesses 0 votes)')
+        elif auto_promote:
+            why = ("auto_promote = true is set; the survivor of a lost primary must never promote itself "
+                   "(only 'gmd primary --force'); remove auto_promote")
+        if why:
+            raise self.error(key, f'"continue" is for two sites without a witness: exactly two members, '
+                                  f"both voting, no witness votes, no auto_promote; {why}")
 
     def members(
         self,

@@ -73,8 +73,11 @@ def format_status(st: dict[str, Any]) -> str:
         f"  quorum: {q.get('votes', '?')} votes present, {q['needed']} of {q['expected']} expected needed"
         + (f" (operator override {q['expected_override']})" if q.get("expected_override") else "")
         + ("" if "ok" not in q else (": quorum" if q["ok"] else ": NO QUORUM"))
-        + ("; FORCED primary (writes go on without quorum)" if q.get("forced") else ""),
+        + ("; FORCED primary (writes go on without quorum)" if q.get("forced") else "")
+        + ("; writing on ALONE (on_quorum_loss = continue)" if q.get("writing_alone") else ""),
     ]
+    if q.get("policy_note"):
+        lines.append(f"  on quorum loss ({q.get('policy')}): {q['policy_note']}")
     for w, ws in (q.get("witnesses") or {}).items():
         lines.append(f"  witness {w}: " + ("connected" if ws["connected"] else f"unreachable ({ws['reason']})")
                      + (", its votes count here" if ws["granted"] else f", votes not granted ({ws['why']})"))

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from gmd.configvalues import QUORUM_LOSS_NOTES
+
 from ..conftest import write_cluster_config
 
 BIN = Path(sys.executable).parent
@@ -59,7 +61,8 @@ def test_init_dirty_status_round_trip(cfg, tmp_path):
     peer = st["members"]["labor2"]
     assert peer["disk"] == "inconsistent" and peer["out_of_sync_bytes"] == 256 * MiB
     assert peer["pending_copy"] == {"kind": "full", "fence": 0}
-    assert st["quorum"] == {"votes": None, "needed": 2, "expected": 2, "ok": None, "expected_override": None}
+    assert st["quorum"] == {"votes": None, "needed": 2, "expected": 2, "ok": None, "expected_override": None,
+                            "policy": "suspend", "policy_note": QUORUM_LOSS_NOTES["suspend"]}
     assert st["state_map"]["clean"] is True and st["state_map"]["recovery_needed"] is False
 
     human = run("status", "appslv", env_extra=env, check_rc=0).stdout
