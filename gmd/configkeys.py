@@ -286,7 +286,13 @@ VOLUME = Table(
             "What a write does while the primary has no quorum.", example="fail", default='"suspend"',
             choices=QUORUM_LOSS_POLICIES,
             values=(("suspend", "it waits until quorum returns"),
-                    ("fail", "it gets EIO after `quorum_timeout` seconds"))),
+                    ("fail", "it gets EIO after `quorum_timeout` seconds"),
+                    ("continue", "two sites without a witness, HAGEO style: only for a volume of exactly two "
+                                 "voting members, no witness with votes and no `auto_promote`. The primary "
+                                 "writes on alone when its peer is lost (the peer is recorded outdated first, "
+                                 "and gets a mini-copy when back); the survivor of a lost primary is promoted "
+                                 "only with `gmd primary --force`, and forcing it while the primary lives "
+                                 "makes a split-brain (README, \"Two sites without a witness\")"))),
         Key("quorum_timeout", "an integer >= 1 (seconds)",
             'How long a write waits for quorum before EIO, under on_quorum_loss = "fail".',
             example=30, default="30"),

@@ -54,6 +54,7 @@ from .replication import MemberLink
 if TYPE_CHECKING:
     from statemap.statemap import StateMap
 
+    from .config import VolumeConfig
     from .engine import NodePorts
     from .volume import LocalVolume
 
@@ -66,6 +67,7 @@ WAIT_POLL = 0.5  # a suspended write re-checks at least this often
 class QuorumVolume(Protocol):
     """What the quorum keeper needs of its volume (the engine provides it)."""
 
+    config: VolumeConfig
     local: LocalVolume | None
     @property
     def name(self) -> str: ...
