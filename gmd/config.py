@@ -19,6 +19,8 @@ File format::
                                       #   request line (this default; >= 1)
     mount = "/run/gmd/NAME"           # FUSE mount point (this default)
     votes = 1                         # integer >= 0     (this default)
+    up = ["appslv"]                   # volumes attached at start, as 'gmd up' (none by default;
+    up_loop = ["dbvol"]               #   up_loop: as 'gmd up --loop'); each has a member here
 
     [witnesses.NAME]                  # optional; diskless vote holders
     address = "10.0.0.9:7800"         # required, string or list
