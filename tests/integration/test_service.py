@@ -13,8 +13,8 @@ import pytest
 from gmd import admin
 from gmd.config import load_config
 
-from .harness import GMD, DaemonProcess, NodeSpec, WitnessProcess, free_ports, init_in_sync, witness_table, \
-    write_config
+from .harness import GMD, DaemonProcess, NodeSpec, WitnessProcess, free_ports, in_process_daemon, init_in_sync, \
+    witness_table, write_config
 
 
 class NotifyListener:
@@ -108,9 +108,19 @@ def test_a_volume_that_cannot_come_up_fails_the_start_and_never_reports_ready(tm
     assert any(m.get("STOPPING") == "1" and "could not come up" in m["STATUS"] for m in msgs), msgs
 
 
+async def test_up_loop_volumes_come_up_as_gmd_up_loop(tmp_path):
+    cfg = write_config(tmp_path, [NodeSpec("labor1", node={"up_loop": ["appslv"]}), NodeSpec("labor2")])
+    init_in_sync(cfg, "labor1", ["labor2"])
+    async with in_process_daemon(cfg, "labor1") as daemon:
+        assert await daemon.attach_configured() == ["appslv"]
+        engine = daemon.engines["appslv"]
+        assert engine.is_up and engine.roles.want_loop  # a loop device whenever labor1 is primary
+
+
 def test_witness_reports_ready_once_listening_and_stopping_on_sigterm(tmp_path, notify):
     (port,) = free_ports(1)
     cfg = write_config(tmp_path, [NodeSpec("labor1"), NodeSpec("labor2")], extra_tables=witness_table("W", port))
+    os.chmod(cfg, 0o666)  # anyone may change who gets the votes: a warning, not a refusal
     witness = WitnessProcess(cfg, "W", tmp_path)
     try:
         witness.start()
@@ -122,3 +132,4 @@ def test_witness_reports_ready_once_listening_and_stopping_on_sigterm(tmp_path, 
         assert any(m.get("STOPPING") == "1" for m in notify.pending())
     finally:
         witness.stop()
+    assert f"WARNING: witness W: {cfg} is writable by its group and others (mode 0666)" in witness.log()
