@@ -501,31 +501,38 @@ async def run_daemon(config: Config, node: str, mount: bool = True) -> None:
                         daemon.stop()
 
                 outer.start_soon(watch_signals)
-                failure = None
-                async with trio.open_nursery() as n:
-                    notifier.status(f"node {node}: starting")
-                    await n.start(daemon.serve)
-                    try:
-                        await daemon.attach_configured(lambda text: notifier.status(f"node {node}: {text}"))
-                    except Refused as e:
-                        # Raised once the daemon stopped cleanly: gmd prints it last.
-                        failure = e
-                        daemon.stop()
-                    if failure is None and not daemon.stopping:
-                        print(f"ready node={node} control={daemon.node_config.control} "
-                              f"peers={','.join(f'{h}:{p}' for h, p in daemon.listen_addresses)}", flush=True)
-                        notifier.ready(daemon.service_status())
-                    async with trio.open_nursery() as status_updates:
-                        if notifier.active:
-                            status_updates.start_soon(_keep_service_status, daemon, notifier)
-                        await daemon.stop_requested()
-                        status_updates.cancel_scope.cancel()
-                    notifier.stopping(f"node {node}: {failure}; stopping" if failure else
-                                      f"node {node}: stopping, taking its volumes down cleanly")
+                failure = await _serve_until_stopped(daemon, notifier)
                 # serve() returned: every volume is down cleanly.
                 outer.cancel_scope.cancel()
     finally:
         notifier.close()
     if failure is not None:
-        raise failure
+        raise failure  # after the clean stop: gmd prints it last
     log.info("%s: stopped", node)
+
+
+async def _serve_until_stopped(daemon: NodeDaemon, notifier: ServiceNotifier) -> Refused | None:
+    """Serve ``daemon`` and attach its configured volumes, report readiness,
+    and return once it has stopped cleanly: the reason it could not start, if
+    one of those volumes failed to come up, else None."""
+    node, failure = daemon.node, None
+    async with trio.open_nursery() as n:
+        notifier.status(f"node {node}: starting")
+        await n.start(daemon.serve)
+        try:
+            await daemon.attach_configured(lambda text: notifier.status(f"node {node}: {text}"))
+        except Refused as e:
+            failure = e
+            daemon.stop()
+        if failure is None and not daemon.stopping:
+            print(f"ready node={node} control={daemon.node_config.control} "
+                  f"peers={','.join(f'{h}:{p}' for h, p in daemon.listen_addresses)}", flush=True)
+            notifier.ready(daemon.service_status())
+        async with trio.open_nursery() as status_updates:
+            if notifier.active:
+                status_updates.start_soon(_keep_service_status, daemon, notifier)
+            await daemon.stop_requested()
+            status_updates.cancel_scope.cancel()
+        notifier.stopping(f"node {node}: {failure}; stopping" if failure else
+                          f"node {node}: stopping, taking its volumes down cleanly")
+    return failure
