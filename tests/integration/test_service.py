@@ -1,20 +1,26 @@
-"""The daemons as systemd runs them (Type=notify): $NOTIFY_SOCKET set, READY=1
-only once the node's configured volumes are up, STOPPING=1 and a clean exit on
-SIGTERM. The test plays the service manager: it listens on the notify socket."""
+"""The daemons as systemd runs them (Type=notify): the rendered unit's command
+line and environment, $NOTIFY_SOCKET set, READY=1 only once the node's
+configured volumes are up, STOPPING=1 and a clean exit on SIGTERM. The test
+plays the service manager: it listens on the notify socket. (systemd itself
+is not PID 1 where these run; the unit files are checked by systemd-analyze
+in tests/unit/test_units.py.)"""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from gmd import admin
 from gmd.config import load_config
+from tools import units
 
-from .harness import GMD, DaemonProcess, NodeSpec, WitnessProcess, free_ports, in_process_daemon, init_in_sync, \
-    witness_table, write_config
+from .harness import GMD, DaemonProcess, NodeSpec, WitnessProcess, die_with_parent, free_ports, in_process_daemon, \
+    init_in_sync, witness_table, write_config
 
 
 class NotifyListener:
@@ -68,23 +74,43 @@ def notify(monkeypatch):
         listener.close()
 
 
+def unit_command(cfg, key: str, instance: str) -> tuple[list[str], dict[str, str]]:
+    """``key`` (ExecStart, ExecReload) of the rendered gmd@.service for
+    ``instance``, as argv, and the environment the unit sets."""
+    text = next(u.text for u in units.render(Path(GMD), cfg) if u.name == "gmd@.service")
+    lines = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+    env_name, env_value = lines["Environment"].split("=", 1)
+    return lines[key].replace("%i", instance).split(), {env_name: env_value}
+
+
 def test_node_daemon_is_ready_only_with_its_up_volumes_attached_and_stops_cleanly(tmp_path, notify):
     cfg = write_config(tmp_path, [NodeSpec("labor1", node={"up": ["appslv"]}), NodeSpec("labor2")])
     init_in_sync(cfg, "labor1", ["labor2"])
-    daemon = DaemonProcess(cfg, "labor1", tmp_path)  # labor2 stays off: the volume comes up all the same
+    # Started as systemd starts gmd@labor1 (labor2 stays off: the volume comes up all the same).
+    argv, unit_env = unit_command(cfg, "ExecStart", "labor1")
+    assert argv == [GMD, "daemon", "--node", "labor1"] and unit_env == {"GMD_CONFIG": str(cfg)}
+    env = {**os.environ, **unit_env}
+    daemon = DaemonProcess(cfg, "labor1", tmp_path)  # for its control requests and clean-up
+    with open(daemon.log_path, "ab") as log:
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                preexec_fn=die_with_parent)
     try:
-        daemon.start()
         before, ready = notify.until("READY")
         # Asked at once, as a unit ordered after gmd@labor1 would: the volume is up.
         assert daemon.request(op="status", volume="appslv")["up"] is True
         assert ready["READY"] == "1"
         assert ready["STATUS"] == "node labor1: appslv secondary uptodate"  # what the state was at READY
         assert [m["STATUS"] for m in before] == ["node labor1: starting", "node labor1: attaching appslv"]
-        assert daemon.stop() == 0
+        reload_argv, _ = unit_command(cfg, "ExecReload", "labor1")  # systemctl reload gmd@labor1
+        assert subprocess.run(reload_argv, env=env, capture_output=True, timeout=60).returncode == 0
+        proc.send_signal(signal.SIGTERM)  # systemctl stop: KillSignal=SIGTERM
+        assert proc.wait(timeout=60) == 0, daemon.log()
         msgs = notify.pending()
         assert any(m.get("STOPPING") == "1" for m in msgs), msgs
     finally:
-        daemon.stop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         daemon.remove_dead_mount()
     st = admin.offline_status(load_config(cfg), "labor1", "appslv")
     assert st["state_map"]["clean"] is True
