@@ -157,7 +157,7 @@ class NodeDaemon:
         wanted = set(self.node_config.up) | set(self.node_config.up_loop)
         attached = []
         for name, engine in self.engines.items():
-            if name not in wanted or self._stopping.is_set():
+            if name not in wanted or self.stopping:
                 continue
             loop = name in self.node_config.up_loop
             progress(f"attaching {name}" + (" (loop device when primary)" if loop else ""))
@@ -489,8 +489,8 @@ async def run_daemon(config: Config, node: str, mount: bool = True) -> None:
     for risk in config_file_risks(config.path):
         log.warning("%s: %s; its start and stop commands run as root: make it root's, mode 0600 or 0640",
                     node, risk)
-    notifier = ServiceNotifier.from_environment()
     daemon = NodeDaemon(config, node, mount=mount)
+    notifier = ServiceNotifier.from_environment()
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as outer:
