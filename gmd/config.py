@@ -19,6 +19,8 @@ File format::
                                       #   request line (this default; >= 1)
     mount = "/run/gmd/NAME"           # FUSE mount point (this default)
     votes = 1                         # integer >= 0     (this default)
+    up = ["appslv"]                   # volumes attached at start, as 'gmd up' (none by default;
+    up_loop = ["dbvol"]               #   up_loop: as 'gmd up --loop'); each has a member here
 
     [witnesses.NAME]                  # optional; diskless vote holders
     address = "10.0.0.9:7800"         # required, string or list
@@ -137,6 +139,7 @@ __all__ = [
     "Shipping",
     "VolumeConfig",
     "Witness",
+    "config_file_risks",
     "load_config",
     "parse_config",
     "parse_size",
@@ -189,6 +192,25 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         ) from None
     text = text.removeprefix("\ufeff")  # tolerate a byte-order mark from some editors
     return parse_config(text, file=file, base_dir=path.absolute().parent)
+
+
+def config_file_risks(path: str | os.PathLike[str]) -> list[str]:
+    """What makes the config file at ``path`` unsafe to run as root: owned by
+    someone other than root, or writable by its group or by others. The file's
+    start/stop commands run as root, so whoever can change it can run anything
+    as root. Empty when the file is safe (or cannot be examined: reading it
+    reports that). The daemons log these as warnings; they do not refuse."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    risks = []
+    if st.st_uid != 0:
+        risks.append(f"{path} is owned by uid {st.st_uid}, not root")
+    writable = [who for who, bit in (("its group", 0o020), ("others", 0o002)) if st.st_mode & bit]
+    if writable:
+        risks.append(f"{path} is writable by {' and '.join(writable)} (mode {st.st_mode & 0o7777:04o})")
+    return risks
 
 
 def resolve_config_path(cli_value: str | None, environ: Mapping[str, str]) -> Path:

@@ -361,6 +361,13 @@ NODE = Table(
             "while this node is primary.", example="/run/gmd/NODE", default='"/run/gmd/NODE"'),
         Key("votes", "an integer >= 0", "The node's votes in each volume's quorum (a member may set its "
             "own); 0 for a node that should never decide.", example=1, default="1"),
+        Key("up", "a list of volume names (volumes with a member on this node)",
+            "Volumes the daemon attaches when it starts, as `gmd up` would; it reports ready to systemd "
+            "only once they are up, and fails its start if one cannot come up. Read at start only.",
+            example=["VOLUME"], default="[]"),
+        Key("up_loop", "a list of volume names (not also in `up`)",
+            "The same, each with a loop device whenever this node is primary (`gmd up --loop`).",
+            example=[], default="[]"),
     ),
 )
 

@@ -104,6 +104,10 @@ class Node:
     votes: int
     listen: tuple[Address, ...] = ()  # where the daemon binds; default: addresses
     control_timeout: int = DEFAULT_CONTROL_TIMEOUT  # seconds to send a control request line
+    # Volumes the daemon attaches when it starts, as 'gmd up' (up_loop: as
+    # 'gmd up --loop'), before it reports itself ready; file order.
+    up: tuple[str, ...] = ()
+    up_loop: tuple[str, ...] = ()
 
     @property
     def listen_addresses(self) -> tuple[Address, ...]:

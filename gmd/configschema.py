@@ -316,6 +316,7 @@ class _Parser:
         nodes = self.nodes(self.require(doc, "", "nodes", "at least one [nodes.NAME] table"))
         witnesses = self.witnesses(doc.get("witnesses", {}), nodes)
         volumes = self.volumes(doc.get("volumes", {}), nodes, witnesses)
+        self.node_volumes(nodes, volumes)
         return secret, nodes, witnesses, volumes
 
     def nodes(self, value: object) -> dict[str, Node]:
@@ -355,8 +356,41 @@ class _Parser:
             votes = self.integer(table.get("votes", DEFAULT_VOTES), join_key(key, "votes"), 0)
             control_timeout = self.integer(table.get("control_timeout", DEFAULT_CONTROL_TIMEOUT),
                                            join_key(key, "control_timeout"), 1)
-            nodes[name] = Node(name, addresses, control, mount, votes, listen, control_timeout)
+            up = self.names(table.get("up", []), join_key(key, "up"), "volume")
+            up_loop = self.names(table.get("up_loop", []), join_key(key, "up_loop"), "volume")
+            both = [v for v in up if v in up_loop]
+            if both:
+                raise self.error(join_key(key, "up_loop"),
+                                 f"volume {json.dumps(both[0])} is also in up (list it in up, or in up_loop "
+                                 "for a loop device as well, not in both)")
+            nodes[name] = Node(name, addresses, control, mount, votes, listen, control_timeout, up, up_loop)
         return nodes
+
+    def names(self, value: object, key: str, kind: str) -> tuple[str, ...]:
+        """A list of distinct names (checked as names, not yet against what they name)."""
+        if not isinstance(value, list):
+            raise self.error(key, f"expected a list of {kind} names, got {describe(value)}")
+        names: list[str] = []
+        for i, item in enumerate(value):
+            where = f"{key}[{i}]"
+            name = self.name(self.string(item, where, f"a {kind} name"), where, kind)
+            if name in names:
+                raise self.error(where, f"{kind} {json.dumps(name)} is listed twice")
+            names.append(name)
+        return tuple(names)
+
+    def node_volumes(self, nodes: Mapping[str, Node], volumes: Mapping[str, VolumeConfig]) -> None:
+        """Every volume a node brings up at start exists and has a member there."""
+        for node in nodes.values():
+            for field_name in ("up", "up_loop"):
+                for i, vol in enumerate(getattr(node, field_name)):
+                    where = f"{join_key(join_key('nodes', node.name), field_name)}[{i}]"
+                    if vol not in volumes:
+                        raise self.error(where, f"{json.dumps(vol)} is not a configured volume (volumes: "
+                                                f"{name_list(volumes)}){did_you_mean(vol, volumes)}")
+                    if node.name not in volumes[vol].members:
+                        raise self.error(where, f"volume {json.dumps(vol)} has no member on node {node.name} "
+                                                f"(members: {name_list(volumes[vol].members)})")
 
     def witnesses(self, value: object, nodes: Mapping[str, Node]) -> dict[str, Witness]:
         tables = self.named_tables(value, "witnesses", "witness")

@@ -34,7 +34,7 @@ from transport.tls import TlsContexts, make_contexts
 
 from statemap.errors import StateMapError
 
-from .config import Address, Config, ConfigError, load_config
+from .config import Address, Config, ConfigError, config_file_risks, load_config
 from .control import MAX_CONTROL_CLIENTS, MAX_REQUEST, prepare_socket_path
 from .engine import NodePorts, VolumeEngine
 from .errors import ExitCode, GmdError, Refused, exit_code_for
@@ -46,6 +46,7 @@ from .hooks import HookRunner
 from .listeners import open_listeners
 from .memory import bound_heap
 from .requests import check_request, decode_line, op_of
+from .sdnotify import ServiceNotifier
 from .witness import WitnessClient
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,49 @@ class NodeDaemon:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stopping.is_set()
+
+    async def stop_requested(self) -> None:
+        """Return once :meth:`stop` was called (a signal, or the control op)."""
+        await self._stopping.wait()
+
+    async def attach_configured(self, progress=lambda text: None) -> list[str]:
+        """Attach the volumes this node's ``up`` and ``up_loop`` keys name, in
+        file order, each as 'gmd up' (``--loop`` for ``up_loop``) would; the
+        names attached. ``progress`` gets a line before each. The first that
+        fails raises ``Refused("up-at-start-failed")`` naming it and why; those
+        attached before stay up (stopping the daemon takes them down cleanly).
+        A stop requested meanwhile ends the loop early."""
+        wanted = set(self.node_config.up) | set(self.node_config.up_loop)
+        attached = []
+        for name, engine in self.engines.items():
+            if name not in wanted or self.stopping:
+                continue
+            loop = name in self.node_config.up_loop
+            progress(f"attaching {name}" + (" (loop device when primary)" if loop else ""))
+            try:
+                await engine.up(loop=loop)
+            except Exception as e:  # whatever it was, the operator must read which volume and why
+                if not isinstance(e, EXPECTED_ERRORS):
+                    log.exception("%s: attaching %s at start failed", self.node, name)
+                raise Refused("up-at-start-failed", volume=name, why=_one_line(e), node=self.node,
+                              key="up_loop" if loop else "up") from e
+            attached.append(name)
+        return attached
+
+    def service_status(self) -> str:
+        """One line for the service manager: each volume's role and disk here."""
+        parts = []
+        for name, engine in self.engines.items():
+            if not engine.is_up:
+                parts.append(f"{name} down")
+            else:
+                parts.append(f"{name} {engine.role.value} {engine.local.statemap.sb.disk.value}")
+        return f"node {self.node}: " + (", ".join(parts) or "no volumes")
 
     async def shutdown(self) -> None:
         """Bring every volume down cleanly."""
@@ -453,23 +497,74 @@ def _error_line(message: str, code: int) -> bytes:
     return jsonlines.encode(_error_reply(message, code))
 
 
+SERVICE_STATUS_INTERVAL = 5.0  # seconds between checks of the line 'systemctl status' shows
+
+
+async def _keep_service_status(daemon: NodeDaemon, notifier: ServiceNotifier) -> None:
+    """Keep the service manager's STATUS= line current (roles change after start)."""
+    shown = daemon.service_status()
+    while True:
+        await trio.sleep(SERVICE_STATUS_INTERVAL)
+        line = daemon.service_status()
+        if line != shown:
+            notifier.status(line)
+            shown = line
+
+
 async def run_daemon(config: Config, node: str, mount: bool = True) -> None:
-    """``gmd daemon``: serve until SIGTERM/SIGINT, then stop cleanly."""
+    """``gmd daemon``: serve, attach the volumes the config brings up at start,
+    report readiness (a ``ready`` line on stdout and, under systemd, READY=1),
+    then run until SIGTERM/SIGINT and stop cleanly (STOPPING=1 first). A volume
+    that cannot come up at start stops the daemon cleanly and raises (exit 1,
+    never ready): see :meth:`NodeDaemon.attach_configured`."""
     log.info("%s: %s", node, bound_heap())
+    for risk in config_file_risks(config.path):
+        log.warning("%s: %s; its start and stop commands run as root: make it root's, mode 0600 or 0640",
+                    node, risk)
     daemon = NodeDaemon(config, node, mount=mount)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as outer:
+    notifier = ServiceNotifier.from_environment()
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as outer:
 
-            async def watch_signals():
-                async for signum in signals:
-                    log.info("%s: %s received; stopping cleanly", node, signal.Signals(signum).name)
-                    daemon.stop()
+                async def watch_signals():
+                    async for signum in signals:
+                        log.info("%s: %s received; stopping cleanly", node, signal.Signals(signum).name)
+                        daemon.stop()
 
-            outer.start_soon(watch_signals)
-            async with trio.open_nursery() as n:
-                await n.start(daemon.serve)
-                print(f"ready node={node} control={daemon.node_config.control} "
-                      f"peers={','.join(f'{h}:{p}' for h, p in daemon.listen_addresses)}", flush=True)
-            # serve() returned: every volume is down cleanly.
-            outer.cancel_scope.cancel()
+                outer.start_soon(watch_signals)
+                failure = await _serve_until_stopped(daemon, notifier)
+                # serve() returned: every volume is down cleanly.
+                outer.cancel_scope.cancel()
+    finally:
+        notifier.close()
+    if failure is not None:
+        raise failure  # after the clean stop: gmd prints it last
     log.info("%s: stopped", node)
+
+
+async def _serve_until_stopped(daemon: NodeDaemon, notifier: ServiceNotifier) -> Refused | None:
+    """Serve ``daemon`` and attach its configured volumes, report readiness,
+    and return once it has stopped cleanly: the reason it could not start, if
+    one of those volumes failed to come up, else None."""
+    node, failure = daemon.node, None
+    async with trio.open_nursery() as n:
+        notifier.status(f"node {node}: starting")
+        await n.start(daemon.serve)
+        try:
+            await daemon.attach_configured(lambda text: notifier.status(f"node {node}: {text}"))
+        except Refused as e:
+            failure = e
+            daemon.stop()
+        if failure is None and not daemon.stopping:
+            print(f"ready node={node} control={daemon.node_config.control} "
+                  f"peers={','.join(f'{h}:{p}' for h, p in daemon.listen_addresses)}", flush=True)
+            notifier.ready(daemon.service_status())
+        async with trio.open_nursery() as status_updates:
+            if notifier.active:
+                status_updates.start_soon(_keep_service_status, daemon, notifier)
+            await daemon.stop_requested()
+            status_updates.cancel_scope.cancel()
+        notifier.stopping(f"node {node}: {failure}; stopping" if failure else
+                          f"node {node}: stopping, taking its volumes down cleanly")
+    return failure

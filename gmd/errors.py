@@ -128,6 +128,9 @@ REFUSALS: dict[str, Refusal] = {
     "volume-tasks-stuck": Refusal(
         "{volume}: its tasks did not end within {timeout:.0f} s of going down; the state map stays marked dirty "
         "(crash recovery runs at the next start)", errno.EBUSY),
+    "up-at-start-failed": Refusal(
+        "{volume} could not come up at start ({why}); the daemon stops without reporting itself ready. Fix "
+        "that, or take {volume} out of nodes.{node}.{key}, then start the daemon again", errno.EIO),
     "daemon-not-serving": Refusal("node {node}: the daemon is not serving; no volume can come up", errno.ENXIO),
     # -- the undo log of a consistent catch-up
     "undo-log-unopenable": Refusal("undo log {path}: cannot open or create it: {why}", errno.EIO),
@@ -162,6 +165,17 @@ REFUSALS: dict[str, Refusal] = {
         "{volume}: {target} did not take over ({why}), and {node} could not become primary again: {error}",
         errno.EIO),
     # -- the witness
+    # -- gmd install-units
+    "units-dir-missing": Refusal("{path}: no such directory (where the systemd units go; give another with --dir)",
+                                 errno.ENOENT),
+    "units-differ": Refusal(
+        "{path} exists and differs from the unit gmd would write; see the new one with --dry-run, then use "
+        "--force to replace it", errno.EEXIST),
+    "units-unsafe-path": Refusal(
+        "{what} {path} contains {char!r}, which a unit file would have to quote or escape; use a path "
+        "without it", errno.EINVAL, _U),
+    "units-no-gmd": Refusal("cannot find the gmd executable (looked for {tried}); run install-units with the "
+                            "gmd the units should start", errno.ENOENT),
     "witness-state-unreadable": Refusal("witness {name}: cannot read its state file {path}: {why}", errno.EIO),
     "witness-state-damaged": Refusal(
         "witness {name}: state file {path} is damaged ({why}). It records which members a primary wrote "

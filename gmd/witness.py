@@ -57,9 +57,10 @@ from transport.link import (
 )
 from transport.tls import TlsContexts, make_contexts
 
-from .config import Address, Config
+from .config import Address, Config, config_file_risks
 from .errors import Refused
 from .listeners import open_listeners
+from .sdnotify import ServiceNotifier
 
 log = logging.getLogger(__name__)
 
@@ -328,28 +329,37 @@ def write_state_file(path: Path, data: bytes) -> None:
 
 
 async def run_witness(config: Config, name: str) -> None:
-    """``gmd witness``: serve until SIGTERM/SIGINT."""
+    """``gmd witness``: serve until SIGTERM/SIGINT; under systemd, READY=1 once
+    listening and STOPPING=1 when a stop begins."""
+    for risk in config_file_risks(config.path):
+        log.warning("witness %s: %s; whoever can change it decides the cluster's votes: make it root's, "
+                    "mode 0600 or 0640", name, risk)
+    notifier = ServiceNotifier.from_environment()
     daemon = WitnessDaemon(config, name)
     try:
-        await _serve_until_signal(daemon, name)
+        await _serve_until_signal(daemon, name, notifier)
     finally:
         daemon.close()
+        notifier.close()
 
 
-async def _serve_until_signal(daemon: WitnessDaemon, name: str) -> None:
+async def _serve_until_signal(daemon: WitnessDaemon, name: str, notifier: ServiceNotifier) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as outer:
 
             async def watch_signals():
                 async for signum in signals:
                     log.info("witness %s: %s received; stopping", name, signal.Signals(signum).name)
+                    notifier.stopping(f"witness {name}: stopping")
                     daemon.stop()
 
             outer.start_soon(watch_signals)
             async with trio.open_nursery() as n:
                 await n.start(daemon.serve)
-                print(f"ready witness={name} listen={','.join(f'{h}:{p}' for h, p in daemon.listen_addresses)}",
-                      flush=True)
+                listen = ",".join(f"{h}:{p}" for h, p in daemon.listen_addresses)
+                print(f"ready witness={name} listen={listen}", flush=True)
+                notifier.ready(f"witness {name}: listening on {listen}; "
+                               f"{len(daemon.book.holdings(trio.current_time()))} registrations")
             outer.cancel_scope.cancel()
 
 

@@ -19,13 +19,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gmd import __version__, admin, control
-from gmd.config import Config, ConfigError, load_config, parse_size, resolve_config_path, resolve_node
+from gmd.config import (Config, ConfigError, config_file_risks, load_config, parse_size, resolve_config_path,
+                        resolve_node)
 from gmd.errors import ExitCode, GmdError, Refused, UsageError, exit_code_for
 from gmd.requests import check_request
 from tools.demo import run_demo
 from tools.drill import FAULTS as DRILL_FAULTS
 from tools.drill import MODES as DRILL_MODES
 from tools.drill import run_drill
+from tools import units
 from tools.status_text import format_status, human_bytes
 
 
@@ -109,6 +111,9 @@ EXAMPLES: dict[str, Sequence[tuple[str, str]]] = {
     "status": (("gmd status", "every volume of this node"),
                ("gmd status appslv --json", "machine-readable (works without a daemon)"),
                ("gmd status appslv --watch", "redraw every second until Ctrl-C")),
+    "install-units": (("gmd install-units", "write gmd@.service and gmd-witness@.service to /etc/systemd/system"),
+                      ("gmd install-units --dry-run", "show the units and where they would go"),
+                      ("gmd install-units --config /etc/gmd/a.toml", "units that run with that config (GMD_CONFIG)")),
     "completion": (("gmd completion bash > /etc/bash_completion.d/gmd", "install bash completion"),
                    ("gmd completion zsh > /usr/local/share/zsh/site-functions/_gmd", "install zsh completion"),
                    ("gmd completion tcsh", "print the tcsh completion (source it from ~/.tcshrc)")),
@@ -203,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("witness", "run a witness (a diskless vote holder) in the foreground", cmd_witness)
     p.add_argument("--name", required=True, metavar="W", help="the witness's name in the config ([witnesses.W])")
+
+    p = command("install-units", "write the systemd units gmd@.service (node daemon, instance = node name) "
+                                 "and gmd-witness@.service (witness), for this gmd and config", cmd_install_units)
+    p.add_argument("--dir", metavar="DIR", default=str(units.DEFAULT_UNIT_DIR),
+                   help=f"where to write them (default {units.DEFAULT_UNIT_DIR})")
+    p.add_argument("--force", action="store_true", help="replace units there that differ (e.g. edited by hand)")
+    p.add_argument("--dry-run", action="store_true", help="show the units and what would be written; write nothing")
 
     p = command("reload", "re-read the config in the running daemon: add members or volumes online",
                 cmd_reload)
@@ -462,6 +474,44 @@ def cmd_witness(args: argparse.Namespace) -> int:
         known = ", ".join(config.witnesses) or "none"
         raise Refused("no-such-witness", path=config.path, name=args.name, known=known)
     trio.run(run_witness, config, args.name)
+    return ExitCode.OK
+
+
+def cmd_install_units(args: argparse.Namespace) -> int:
+    config_path = resolve_config_path(getattr(args, "config", None), os.environ).absolute()
+    rendered = units.render(units.gmd_executable(), config_path)
+    unit_dir = Path(args.dir)
+    steps = units.plan(unit_dir, rendered, force=args.force or args.dry_run)
+    if args.dry_run:
+        for step in steps:
+            what = {"write": "would write", "unchanged": "unchanged:",
+                    "replace": "would replace" if args.force else "differs (needs --force):"}[step.action]
+            print(f"--- {what} {step.path}\n{step.unit.text}")
+        print("--- dry run: nothing written")
+    else:
+        units.install(steps)
+        for step in steps:
+            print({"write": "wrote", "replace": "replaced", "unchanged": "unchanged"}[step.action], step.path)
+    print(f"the units run {units.gmd_executable()} with GMD_CONFIG={config_path}")
+    try:
+        config = load_config(config_path)
+    except ConfigError as e:
+        log.warning("%s; the units cannot start until it loads", e)
+        config = None
+    nodes, witnesses = ["NODE"], ["WITNESS"]
+    if config is not None:
+        for risk in config_file_risks(config_path):
+            log.warning("%s: its start and stop commands run as root; make it root's, mode 0600 or 0640", risk)
+        try:
+            nodes = [resolve_node(getattr(args, "node", None), os.environ, config)]
+        except ConfigError:
+            nodes = list(config.nodes)  # this host is none of them by name: the operator picks
+        witnesses = list(config.witnesses)
+    print("next:\n  systemctl daemon-reload")
+    for node in nodes:
+        print(f"  systemctl enable --now gmd@{node}")
+    for witness in witnesses:
+        print(f"  systemctl enable --now gmd-witness@{witness}   # on the witness's host")
     return ExitCode.OK
 
 
