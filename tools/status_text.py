@@ -76,7 +76,7 @@ class NextStep:
     """A bad state of the volume and what the operator can do about it."""
 
     state: str  # what is wrong, e.g. "labor2 standalone: split-brain"
-    advice: str  # what to run (a real command) or check
+    advice: str  # what to run (each command in single quotes, as the CLI's messages quote them) or check
     severity: str = "bad"  # "bad" (red) or "warn" (yellow)
 
 
@@ -96,17 +96,17 @@ def next_steps(st: dict[str, Any], *, daemon_reachable: bool | None = None) -> l
     steps: list[NextStep] = []
     if not st.get("daemon"):
         if daemon_reachable:
-            steps.append(NextStep(f"{vol} is down on {node}", f"bring it up: gmd up {vol}"))
+            steps.append(NextStep(f"{vol} is down on {node}", f"bring it up: 'gmd up {vol}'"))
         else:
             steps.append(NextStep(f"daemon not running on {node}",
-                                  f"start it: gmd daemon --node {node} (or the service unit that runs it), "
-                                  f"then gmd up {vol}"))
+                                  f"start it: 'gmd daemon --node {node}' (or the service unit that runs it), "
+                                  f"then 'gmd up {vol}'"))
     resolving = (st.get("split_brain") or {}).get("resolving_towards")
     for name, m in peers.items():
         if m.get("link") == "standalone" and (m.get("reason") or "").startswith("split-brain") and not resolving:
             steps.append(NextStep(
                 f"{name} standalone: split-brain",
-                f"on the side whose changes should go: gmd resolve {vol} --discard-local --dry-run "
+                f"on the side whose changes should go: 'gmd resolve {vol} --discard-local --dry-run' "
                 "shows the plan; without --dry-run it discards them (saved to an image first)"))
     if q.get("ok") is False:
         votes = q.get("votes") or 0
@@ -116,27 +116,27 @@ def next_steps(st: dict[str, Any], *, daemon_reachable: bool | None = None) -> l
         steps.append(NextStep(
             f"no quorum{suspended}: {votes} votes present, {q.get('needed')} needed",
             (f"not here: {', '.join(away)}; bring them back. " if away else "")
-            + f"Only after a site is lost for good: gmd quorum {vol} --expected-votes {max(votes, 1)}"))
+            + f"Only after a site is lost for good: 'gmd quorum {vol} --expected-votes {max(votes, 1)}'"))
     local = members.get(node) or {}
     if (local.get("disk") == "inconsistent" and not local.get("pending_copy")
             and not any(m.get("disk") == "uptodate" for m in members.values())):
         steps.append(NextStep(
             f"{node} inconsistent and no member uptodate to copy from",
-            f"on the node whose data is to be kept: gmd dirty {vol}; on the others: gmd clean {vol}"))
+            f"on the node whose data is to be kept: 'gmd dirty {vol}'; on the others: 'gmd clean {vol}'"))
     primary = st.get("role") == "primary"
     for name, m in peers.items():
         rpo = m.get("rpo") or {}
         if rpo.get("alert"):
             steps.append(NextStep(
                 f"{name} RPO over the alert threshold: {_rpo_text(rpo)}",
-                f"a disaster now would lose that much; check its link (gmd status {vol} --json: "
+                f"a disaster now would lose that much; check its link ('gmd status {vol} --json': "
                 f"members.{name}.wire and .backlog); it catches up by itself once the link keeps up",
                 "warn"))
         if m.get("link") in ("disconnected", "connecting", "unknown") and st.get("daemon"):
             steps.append(NextStep(
-                f"{name} {m['link']}" + (f" ({m['reason']})" if m.get("reason") else ""),
+                f"{name} {m['link']}",
                 f"its writes are marked here and copied when it is back; is its daemon running and "
-                f"{vol} up there (gmd up {vol} on {name})?", "warn"))
+                f"{vol} up there ('gmd up {vol}' on {name})?", "warn"))
         # A connected member still marked out of sync with no copy going
         # (e.g. after a verify found differences) waits for an operator's resync;
         # a member that fell behind ("behind") gets its mini-copy by itself.
@@ -147,7 +147,7 @@ def next_steps(st: dict[str, Any], *, daemon_reachable: bool | None = None) -> l
             what = (f"verify found {lv['differing_regions']} differing regions on {name}"
                     if lv.get("differing_regions") else f"{name} out of sync")
             steps.append(NextStep(f"{what} ({human_bytes(m['out_of_sync_bytes'])} marked)",
-                                  f"copy them: gmd resync {vol}", "warn"))
+                                  f"copy them: 'gmd resync {vol}'", "warn"))
     return steps
 
 
@@ -281,10 +281,12 @@ def _header(st: dict[str, Any]) -> list[Text]:
     return lines
 
 
-def _members_table(st: dict[str, Any]) -> Table:
-    table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0), header_style="bold", show_edge=False)
-    for col in ("member", "role", "mode", "disk", "link", "replication", "paths", "out of sync", "lag", "RPO"):
-        table.add_column(col, no_wrap=True, justify="right" if col in ("paths", "out of sync") else "left")
+def _members_table(st: dict[str, Any], width: int) -> tuple[Table, dict[str, str]]:
+    """One row per member, and what did not fit: a column nobody has a value
+    in (lag of sync members, paths offline) is left out, and on a terminal too
+    narrow for lag and RPO they go to the member's note instead."""
+    columns = ("member", "role", "mode", "disk", "link", "replication", "paths", "out of sync", "lag", "RPO")
+    rows = []
     for name, m in st["members"].items():
         local = m.get("link") == "local"
         oos = m.get("out_of_sync_bytes")
@@ -292,65 +294,86 @@ def _members_table(st: dict[str, Any]) -> Table:
         rpo = m.get("rpo") or {}
         rpo_cell = (Text(_rpo_text(rpo) + (" ALERT" if rpo.get("alert") else ""), style=BAD if rpo.get("alert")
                          else "") if rpo.get("bytes") else Text("-"))
-        table.add_row(
+        rows.append((name, (
             Text(name, style="bold" if local else ""),
-            st["role"] if local else (m.get("peer_role") or "-"),
-            m.get("mode") or "-",
+            Text(st["role"] if local else (m.get("peer_role") or "-")),
+            Text(m.get("mode") or "-"),
             _styled(m.get("disk"), DISK_STYLE),
             _styled(m.get("link"), LINK_STYLE),
             _styled(m.get("replication"), REPLICATION_STYLE),
-            "-" if local or m.get("paths") is None else str(m["paths"]),
+            Text("-" if local or m.get("paths") is None else str(m["paths"])),
             Text(human_bytes(oos), style=BUSY if oos else ""),
-            lag, rpo_cell)
-    return table
+            Text(lag), rpo_cell)))
+    keep = [i for i in range(len(columns)) if i < 6 or any(r[i].plain != "-" for _, r in rows)]
+    wide = {i: max([len(columns[i])] + [len(r[i].plain) for _, r in rows]) for i in keep}
+    moved: dict[str, str] = {}
+    if 2 + sum(wide.values()) + 2 * (len(keep) - 1) > width:
+        for name, r in rows:
+            said = [f"{columns[i]} {r[i].plain}" for i in keep if i in (6, 8, 9) and r[i].plain != "-"]
+            if said:
+                moved[name] = "; ".join(said)
+        keep = [i for i in keep if i not in (6, 8, 9)]
+    table = Table(box=None, pad_edge=False, padding=(0, 0, 0, 2), header_style="bold", show_edge=False)
+    for i in keep:
+        table.add_column(columns[i], no_wrap=True, justify="right" if columns[i] in ("paths", "out of sync") else "left")
+    for _, r in rows:
+        table.add_row(*(r[i] for i in keep))
+    return table, moved
 
 
-def _bar(done: int, total: int, colour: bool, width: int = 24) -> RenderableType:
+def _bar(done: int, total: int, colour: bool, width: int) -> RenderableType:
     if colour:
-        return ProgressBar(total=max(total, 1), completed=done, width=width,
-                           complete_style=BUSY, finished_style=GOOD)
-    filled = width * done // max(total, 1)
-    return Text("[" + "#" * filled + "." * (width - filled) + "]")
+        return ProgressBar(total=max(total, 1), completed=done, width=width, complete_style=BUSY,
+                           finished_style=GOOD)
+    filled = (width - 2) * done // max(total, 1)
+    return Text("[" + "#" * filled + "." * (width - 2 - filled) + "]")
 
 
-def _passes(st: dict[str, Any], colour: bool) -> Table | None:
-    """A bar per running copy, merge or verify: done of total, rate, ETA."""
-    grid = Table.grid(padding=(0, 2))
-    for _ in range(7):
-        grid.add_column(no_wrap=True)
-    rows = 0
+def _passes(st: dict[str, Any], colour: bool, width: int) -> Table | None:
+    """A bar per running copy, merge or verify: done of total, rate, ETA. The
+    figures keep their width; the bar takes what is left, 10 to 30 wide."""
+    cells = []
     for name, m in st["members"].items():
         for p in (m.get("copy"), m.get("verify")):
             if not p:
                 continue
-            rows += 1
             done, total = p["done_bytes"], p["total_bytes"]
-            eta = p.get("eta_s")
             label = PASS_LABEL.get(p["kind"], p["kind"])
-            grid.add_row(
-                f"  {label} {'of' if p['kind'] == 'verify' else 'to'} {name}",
-                _bar(done, total, colour),
+            cells.append((
+                p, f"  {label} {'of' if p['kind'] == 'verify' else 'to'} {name}",
                 f"{human_bytes(done)} of {human_bytes(total)}",
                 f"{100 * done // max(total, 1)}%",
                 f"{human_bytes(p['rate_bytes_per_s'])}/s",
-                f"ETA {human_seconds(eta)}",
-                f"{p['differing_regions']} differing so far" if "differing_regions" in p else "")
-    return grid if rows else None
+                f"ETA {human_seconds(p.get('eta_s'))}",
+                f"{p['differing_regions']} differing so far" if "differing_regions" in p else ""))
+    if not cells:
+        return None
+    if not any(c[-1] for c in cells):  # no verify: no column for its differences
+        cells = [c[:-1] for c in cells]
+    widths = [max(len(c[i]) for c in cells) for i in range(1, len(cells[0]))]
+    bar_width = max(8, min(30, width - sum(widths) - 2 * len(widths)))
+    grid = Table.grid(padding=(0, 0, 0, 2), pad_edge=False)
+    for _ in range(len(widths) + 1):
+        grid.add_column(no_wrap=True)
+    for p, label, *figures in cells:
+        grid.add_row(label, _bar(p["done_bytes"], p["total_bytes"], colour, bar_width), *figures)
+    return grid
 
 
-def status_view(st: dict[str, Any], *, colour: bool = False,
+def status_view(st: dict[str, Any], *, colour: bool = False, width: int = PLAIN_WIDTH,
                 daemon_reachable: bool | None = None) -> RenderableType:
     """One volume's status as a rich renderable: header, members, progress
     bars, notes, next steps. ``colour`` picks rich's bars over ASCII ones; the
     console it is printed on decides whether any style reaches the output."""
     if "error" in st:
         return Text(f"{st['volume']} on {st['node']}: cannot read status: {st['error']}", style=BAD)
-    parts: list[RenderableType] = [*_header(st), Padding(_members_table(st), (0, 0, 0, 2))]
-    bars = _passes(st, colour)
+    table, moved = _members_table(st, width)
+    parts: list[RenderableType] = [*_header(st), Padding(table, (0, 0, 0, 2))]
+    bars = _passes(st, colour, width)
     if bars is not None:
         parts.append(bars)
     for name, m in st["members"].items():
-        note = _member_note(m)
+        note = "; ".join(n for n in (moved.get(name), _member_note(m)) if n)
         if note:
             parts.append(Text(f"  {name}: {note}"))
         lv = m.get("last_verify")
@@ -375,4 +398,4 @@ def render_plain(renderable: RenderableType, width: int = PLAIN_WIDTH) -> str:
 
 def format_status(st: dict[str, Any], *, width: int = PLAIN_WIDTH, daemon_reachable: bool | None = None) -> str:
     """The plain-text form of one volume's status (the demo, logs, a pipe)."""
-    return render_plain(status_view(st, colour=False, daemon_reachable=daemon_reachable), width)
+    return render_plain(status_view(st, colour=False, width=width, daemon_reachable=daemon_reachable), width)
