@@ -329,7 +329,7 @@ def _bar(done: int, total: int, colour: bool, width: int) -> RenderableType:
     return Text("[" + "#" * filled + "." * (width - 2 - filled) + "]")
 
 
-def _passes(st: dict[str, Any], colour: bool, width: int) -> Table | None:
+def _passes(st: dict[str, Any], colour: bool, width: int) -> RenderableType | None:
     """A bar per running copy, merge or verify: done of total, rate, ETA. The
     figures keep their width; the bar takes what is left, 10 to 30 wide."""
     cells = []
@@ -351,7 +351,15 @@ def _passes(st: dict[str, Any], colour: bool, width: int) -> Table | None:
     if not any(c[-1] for c in cells):  # no verify: no column for its differences
         cells = [c[:-1] for c in cells]
     widths = [max(len(c[i]) for c in cells) for i in range(1, len(cells[0]))]
-    bar_width = max(8, min(30, width - sum(widths) - 2 * len(widths)))
+    bar_width = min(30, width - sum(widths) - 2 * len(widths))
+    if bar_width < 8:  # a narrow terminal: the bar on one line, its figures on the next
+        lines: list[RenderableType] = []
+        for p, label, *figures in cells:
+            row = Table.grid(padding=(0, 0, 0, 2), pad_edge=False)
+            row.add_row(label, _bar(p["done_bytes"], p["total_bytes"], colour,
+                                    max(8, min(30, width - widths[0] - 3))))
+            lines += [row, Text("    " + "  ".join(f for f in figures if f))]
+        return Group(*lines)
     grid = Table.grid(padding=(0, 0, 0, 2), pad_edge=False)
     for _ in range(len(widths) + 1):
         grid.add_column(no_wrap=True)
