@@ -18,6 +18,7 @@ from quorum import expected_votes, votes_needed
 from statemap import DiskState, StateMap, ensure_not_in_use
 
 from .config import Config, ConfigError, Member, VolumeConfig
+from .configvalues import QUORUM_LOSS_NOTES
 from .disk import create_sparse_file, device_size
 from .errors import Refused
 
@@ -205,6 +206,7 @@ def offline_status(config: Config, node: str, volume: str) -> dict[str, Any]:
             "quorum": {
                 "votes": None, "needed": votes_needed(expected), "expected": expected, "ok": None,
                 "expected_override": sb.expected_votes,
+                "policy": vol.on_quorum_loss, "policy_note": QUORUM_LOSS_NOTES[vol.on_quorum_loss],
             },
             "members": members,
             "state_map": {

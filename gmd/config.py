@@ -31,7 +31,10 @@ File format::
     extent_size = "4MiB"              # default; power of two, >= region_size
     mode = "mwc"                      # default; "sync", "mwc" or "async"
     on_quorum_loss = "suspend"        # default; or "fail": writes get EIO after
-    quorum_timeout = 30               #   this many seconds without quorum
+    quorum_timeout = 30               #   this many seconds without quorum;
+                                      #   or "continue": two members, no witness,
+                                      #   the primary writes on alone (README,
+                                      #   "Two sites without a witness")
     split_brain = "disconnect"        # default; or "discard-secondary",
                                       #   "discard-younger-primary", "discard-least-changes"
 
@@ -73,9 +76,11 @@ lower case, IP literals in canonical form, no DNS: ``localhost`` and
 ``127.0.0.1`` are different); no two nodes share a control socket or mount point;
 on one node no two members (of any volumes) share a device or state map path.
 
-The work is shared by four modules: :mod:`gmd.configvalues` (:class:`ConfigError`,
+The work is shared by five modules: :mod:`gmd.configvalues` (:class:`ConfigError`,
 defaults and limits, :func:`parse_size`, the wording of messages),
-:mod:`gmd.configmodel` (the frozen dataclasses), :mod:`gmd.configschema`
+:mod:`gmd.configmodel` (the frozen dataclasses), :mod:`gmd.configkeys` (every
+table and key with its description: the reference docs/CONFIG.md is made from
+it, and the schema's allowed keys come from it), :mod:`gmd.configschema`
 (:func:`parse_config`: the checks) and this one (finding and reading the file,
 naming the local node). Every public name is importable from here.
 """
@@ -88,6 +93,7 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
+from .configkeys import NO_VALUE, TOP, Key, Table, documented_tables, example_table, walk
 from .configmodel import Address, Config, Member, Node, Shipping, TlsConfig, VolumeConfig, Witness
 from .configschema import parse_config
 from .configvalues import (
@@ -138,6 +144,9 @@ __all__ = [
     "resolve_node",
 ]
 
+# The key reference (gmd.configkeys) for the docs generator
+# (tools/config_reference.py): NO_VALUE, TOP, Key, Table, documented_tables,
+# example_table, walk.
 # Also importable from here, as before the split: TlsConfig, KiB .. PiB,
 # DEFAULT_VOTES, DEFAULT_CONTROL_TIMEOUT, QUORUM_LOSS_POLICIES,
 # SPLIT_BRAIN_POLICIES, MAX_SIZE.

@@ -162,6 +162,16 @@ class Member:
 
 
 @dataclass(frozen=True)
+class Hook:
+    """A command run on some of a volume's events (``[[volumes.V.hooks]]``, gmd.hooks)."""
+
+    on: tuple[str, ...]  # event kinds (gmd.events.KINDS)
+    run: tuple[str, ...]  # argv
+    where: tuple[tuple[str, tuple[object, ...]], ...] = ()  # (field, accepted values): all must hold
+    timeout: int = 60  # seconds before its process group is killed
+
+
+@dataclass(frozen=True)
 class VolumeConfig:
     """A mirrored volume: geometry, mode and members (keyed by node, file order)."""
 
@@ -173,7 +183,10 @@ class VolumeConfig:
     members: dict[str, Member]
     async_queue: int = 64 * 1024 * 1024  # bytes an async member may lag before bitmap tracking
     copy_rate: int = 0  # bytes/s the copy engine may compare (and send) per member; 0: no limit
-    on_quorum_loss: str = "suspend"  # writes without quorum wait ("suspend") or get EIO ("fail")
+    # Writes without quorum wait ("suspend") or get EIO ("fail"); "continue":
+    # two sites without a witness, the primary writes on alone when it loses
+    # its only peer (docs/DESIGN.md, "Two sites without a witness").
+    on_quorum_loss: str = "suspend"
     quorum_timeout: int = 30  # seconds a write waits for quorum under "fail"
     split_brain: str = "disconnect"  # who discards its changes after a split-brain, if anyone
     # Automatic takeover (docs/DESIGN.md, "Automatic takeover"): a secondary
@@ -192,6 +205,7 @@ class VolumeConfig:
     # A consistency group (docs/DESIGN.md, "Consistency groups"): volumes
     # whose far members stop at one instant of all of them. None: alone.
     group: str | None = None
+    hooks: tuple[Hook, ...] = ()  # commands run on the volume's events (gmd.hooks)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from typing import Any
 
 from transport.pacing import DAYS, BandwidthRule, clock_text
 
-from .configmodel import Address, Config, Member, Node, Shipping, TlsConfig, VolumeConfig, Witness
+from . import configkeys
+from .configmodel import Address, Config, Hook, Member, Node, Shipping, TlsConfig, VolumeConfig, Witness
 from .configvalues import (
     COMPRESSORS,
     DEFAULT_CONTROL_TIMEOUT,
@@ -51,11 +52,14 @@ from .configvalues import (
     parse_size,
     show_bytes,
 )
+from .events import KINDS
 
-# Keys of how data is shipped to a member: in the volume's table (the default
-# for every member) and in a member's table (for it).
-SHIPPING_KEYS = ("compress", "compress_level", "bandwidth", "bandwidth_schedule")
-_RULE_KEYS = ("from", "to", "days", "bandwidth")
+# Event kinds a hook may run on: every kind but the stream's own
+# bookkeeping, and "hook" (a hook's own result: no hook feeds itself).
+HOOK_KINDS = tuple(k for k in KINDS if k not in ("dropped", "now_end", "hook"))
+
+# The keys each table accepts come from the reference (gmd.configkeys), so a
+# key accepted here is a key docs/CONFIG.md explains.
 
 class _Parser:
     """Validates the decoded TOML document; every error names ``file`` and a key."""
@@ -236,7 +240,7 @@ class _Parser:
         for i, entry in enumerate(value):
             where = f"{key}[{i}]"
             entry = self.table(entry, where)
-            self.check_keys(entry, where, _RULE_KEYS)
+            self.check_keys(entry, where, configkeys.RULE.names)
             start = self.clock(self.require(entry, where, "from", 'a time of day such as "08:00"'),
                                join_key(where, "from"), end=False)
             end = self.clock(self.require(entry, where, "to", 'a time of day such as "18:00"'),
@@ -295,7 +299,7 @@ class _Parser:
         if value is None:
             return None
         table = self.table(value, "tls")
-        self.check_keys(table, "tls", ("cert", "key", "ca"))
+        self.check_keys(table, "tls", configkeys.TLS.names)
         paths = {}
         for k, what in (("cert", "this node's certificate (PEM)"), ("key", "its private key (PEM)"),
                         ("ca", "the CA certificate that signed every node's certificate (PEM)")):
@@ -303,7 +307,7 @@ class _Parser:
         return TlsConfig(**paths)
 
     def document(self, doc: dict[str, Any]) -> tuple[str, dict, dict, dict]:
-        self.check_keys(doc, "", ("secret", "nodes", "witnesses", "volumes", "tls"))
+        self.check_keys(doc, "", configkeys.TOP.names)
         secret = self.string(
             self.require(doc, "", "secret", "a non-empty string shared by all nodes"),
             "secret",
@@ -323,7 +327,7 @@ class _Parser:
         nodes = {}
         for name, table in tables.items():
             key = join_key("nodes", name)
-            self.check_keys(table, key, ("address", "listen", "control", "control_timeout", "mount", "votes"))
+            self.check_keys(table, key, configkeys.NODE.names)
             addresses = self.addresses_of(table, key)
             listen: tuple[Address, ...] = ()
             if "listen" in table:
@@ -364,7 +368,7 @@ class _Parser:
                     key, f"{json.dumps(name)} is already a node (nodes.{name}); "
                     "a node and a witness may not share a name"
                 )
-            self.check_keys(table, key, ("address", "votes", "state"))
+            self.check_keys(table, key, configkeys.WITNESS.names)
             addresses = self.addresses_of(table, key)
             votes = self.integer(table.get("votes", DEFAULT_VOTES), join_key(key, "votes"), 0)
             state = self.path(table.get("state", f"/var/lib/gmd/witness-{name}.json"), join_key(key, "state"))
@@ -413,10 +417,7 @@ class _Parser:
         witnesses: Mapping[str, Witness],
     ) -> VolumeConfig:
         key = join_key("volumes", name)
-        self.check_keys(table, key, ("size", "region_size", "extent_size", "mode", "members", "async_queue",
-                                     "copy_rate", "on_quorum_loss", "quorum_timeout", "split_brain",
-                                     "auto_promote", "start_command", "stop_command", "command_timeout",
-                                     "rpo_alert_seconds", "rpo_alert_bytes", "group", *SHIPPING_KEYS))
+        self.check_keys(table, key, configkeys.VOLUME.names)
 
         size, raw_size = self.size(
             self.require(table, key, "size", 'a size such as "4GiB"'), join_key(key, "size")
@@ -469,10 +470,10 @@ class _Parser:
         if "copy_rate" in table:  # bytes per second, e.g. "50MiB"
             copy_rate, _ = self.size(table["copy_rate"], join_key(key, "copy_rate"))
         on_loss = self.string(table.get("on_quorum_loss", "suspend"), join_key(key, "on_quorum_loss"),
-                              'one of: "suspend", "fail"')
+                              'one of: "suspend", "fail", "continue"')
         if on_loss not in QUORUM_LOSS_POLICIES:
             raise self.error(join_key(key, "on_quorum_loss"),
-                             f'{json.dumps(on_loss)} is not a policy (expected "suspend" or "fail")'
+                             f'{json.dumps(on_loss)} is not a policy (expected "suspend", "fail" or "continue")'
                              f"{did_you_mean(on_loss, QUORUM_LOSS_POLICIES)}")
         timeout = self.integer(table.get("quorum_timeout", 30), join_key(key, "quorum_timeout"), 1)
         split = self.string(table.get("split_brain", "disconnect"), join_key(key, "split_brain"),
@@ -482,6 +483,8 @@ class _Parser:
                              f"{json.dumps(split)} is not a split-brain policy (expected one of: "
                              f"{', '.join(SPLIT_BRAIN_POLICIES)}){did_you_mean(split, SPLIT_BRAIN_POLICIES)}")
         auto_promote = self.boolean(table.get("auto_promote", False), join_key(key, "auto_promote"))
+        if on_loss == "continue":
+            self.two_sites_alone(join_key(key, "on_quorum_loss"), members, witnesses, auto_promote)
         start = stop = None
         if "start_command" in table:
             start = self.command(table["start_command"], join_key(key, "start_command"))
@@ -500,7 +503,69 @@ class _Parser:
                             split, auto_promote, start, stop, command_timeout, rpo_alert_seconds=alert_seconds,
                             rpo_alert_bytes=alert_bytes, shipping=shipping,
                             group=self.name(self.string(table["group"], join_key(key, "group")), join_key(key, "group"),
-                                            "consistency group") if "group" in table else None)
+                                            "consistency group") if "group" in table else None,
+                            hooks=self.hooks(table.get("hooks", []), join_key(key, "hooks"), command_timeout))
+
+    def hooks(self, value: object, key: str, default_timeout: int) -> tuple[Hook, ...]:
+        """``[[volumes.V.hooks]]``: ``on`` (event kinds), ``run`` (a command),
+        optional ``where`` (event field -> a value or a list of values) and
+        ``timeout`` (seconds, default the volume's command_timeout)."""
+        if not isinstance(value, list):
+            raise self.error(key, f"expected an array of tables ([[{key}]]), got {describe(value)}")
+        hooks = []
+        for i, table in enumerate(value):
+            at = f"{key}[{i}]"
+            table = self.table(table, at)
+            self.check_keys(table, at, configkeys.HOOK.names)
+            on = self.require(table, at, "on", 'an event kind or a list of them, e.g. ["link", "split_brain"]')
+            kinds = [on] if isinstance(on, str) else on
+            if not isinstance(kinds, list) or not kinds or not all(isinstance(k, str) for k in kinds):
+                raise self.error(join_key(at, "on"), f"expected an event kind or a non-empty list of them, "
+                                                     f"got {describe(on)}")
+            for k in kinds:
+                if k not in HOOK_KINDS:
+                    raise self.error(join_key(at, "on"), f"{json.dumps(k)} is not an event kind (expected one of: "
+                                                         f"{', '.join(HOOK_KINDS)}){did_you_mean(k, HOOK_KINDS)}")
+            run = self.command(self.require(table, at, "run", "a command (string or list of strings)"),
+                               join_key(at, "run"))
+            fields = {"volume", "node", "member", *(f for k in kinds for f in KINDS[k])}
+            where = []
+            raw_where = self.table(table.get("where", {}), join_key(at, "where"))
+            for name, accepted in raw_where.items():
+                wkey = join_key(join_key(at, "where"), name)
+                if name not in fields:
+                    raise self.error(wkey, f"{', '.join(kinds)} events have no field {json.dumps(name)} (fields: "
+                                           f"{', '.join(sorted(fields))}){did_you_mean(name, sorted(fields))}")
+                values = accepted if isinstance(accepted, list) else [accepted]
+                if not values or not all(isinstance(v, (str, bool, int)) for v in values):
+                    raise self.error(wkey, f"expected a string, boolean or integer, or a list of them, got "
+                                           f"{describe(accepted)}")
+                where.append((name, tuple(values)))
+            timeout = self.integer(table.get("timeout", default_timeout), join_key(at, "timeout"), 1)
+            hooks.append(Hook(tuple(kinds), run, tuple(where), timeout))
+        return tuple(hooks)
+
+    def two_sites_alone(self, key: str, members: Mapping[str, Member], witnesses: Mapping[str, Witness],
+                        auto_promote: bool) -> None:
+        """``on_quorum_loss = "continue"`` (two sites without a witness) is safe
+        only where a lost peer cannot take over by itself: exactly two voting
+        members, no witness votes (they would give the survivor a quorum), and
+        no ``auto_promote`` (the survivor must only ever be forced)."""
+        why = None
+        if len(members) != 2:
+            why = (f"this volume has {len(members)} member(s); with three or more a majority survives the loss "
+                   'of one, so use "suspend"')
+        elif silent := [name for name, m in members.items() if m.votes < 1]:
+            why = f"member {silent[0]} has no vote; both members must vote (votes >= 1)"
+        elif voting := [w.name for w in witnesses.values() if w.votes > 0]:
+            why = (f"witness {voting[0]} holds votes; with a witness the survivor of a lost primary can get "
+                   'quorum, so keep "suspend" (or give the witnesses 0 votes)')
+        elif auto_promote:
+            why = ("auto_promote = true is set; the survivor of a lost primary must never promote itself "
+                   "(only 'gmd primary --force'); remove auto_promote")
+        if why:
+            raise self.error(key, f'"continue" is for two sites without a witness: exactly two members, '
+                                  f"both voting, no witness votes, no auto_promote; {why}")
 
     def members(
         self,
@@ -534,8 +599,7 @@ class _Parser:
                     )
                 raise self.error(mkey, message)
             self.table(table, mkey)
-            self.check_keys(table, mkey, ("device", "statemap", "mode", "votes", "journal", "journal_size",
-                                          "undo_log", "undo_log_size", "test_image_size", *SHIPPING_KEYS))
+            self.check_keys(table, mkey, configkeys.MEMBER.names)
             device = self.path(
                 self.require(table, mkey, "device", "a path"), join_key(mkey, "device")
             )

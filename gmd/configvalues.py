@@ -38,7 +38,18 @@ MIN_UNDO_LOG_SIZE = 1 << 20  # smaller holds too few regions to be of use
 DEFAULT_TEST_IMAGE_SIZE = 1 << 30  # what a test failover's image may keep and write, when not given
 MIN_TEST_IMAGE_SIZE = 1 << 20  # smaller holds too few regions to be of use
 DEFAULT_CONTROL_TIMEOUT = 10  # seconds a control client may take to send its request line
-QUORUM_LOSS_POLICIES = ("suspend", "fail")
+QUORUM_LOSS_POLICIES = ("suspend", "fail", "continue")
+# What each on_quorum_loss policy trades, as ``gmd status`` says it (README,
+# "Two sites without a witness").
+QUORUM_LOSS_NOTES = {
+    "suspend": "without quorum the primary's writes wait until it is back; a lost primary's survivor never "
+               "diverges, and is promoted with quorum (or gmd primary --force)",
+    "fail": "without quorum the primary's writes fail with EIO after quorum_timeout; a lost primary's survivor "
+            "never diverges, and is promoted with quorum (or gmd primary --force)",
+    "continue": "two sites without witness: the primary writes on alone when its peer is lost (the peer is "
+                "outdated, then mini-copied when back); a lost primary's survivor needs gmd primary --force, "
+                "and forcing it while the primary lives makes a split-brain",
+}
 COMPRESSORS = ("none", "zstd")
 DEFAULT_COMPRESS_LEVEL = compression.DEFAULT_LEVEL
 MIN_COMPRESS_LEVEL, MAX_COMPRESS_LEVEL = compression.MIN_LEVEL, compression.MAX_LEVEL

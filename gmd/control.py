@@ -3,7 +3,9 @@
 Request: one JSON object per line, ``{"op": "status", "volume": "appslv"}``,
 checked against the schema in :mod:`gmd.requests` (every op, its fields and
 their types). Reply: one JSON object per line, ``{"ok": true, ...}`` or
-``{"ok": false, "error": "...", "exit_code": 1}``. The CLI is the only client;
+``{"ok": false, "error": "...", "exit_code": 1}``. The ``events`` request is
+answered by its reply line, then one line per event until the client closes
+the connection (:func:`stream`). The CLI is the only client;
 the ops are carried out by :meth:`gmd.daemon.NodeDaemon.handle_control`.
 
 The daemon serves at most :data:`MAX_CONTROL_CLIENTS` connections at a time
@@ -20,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from transport import jsonlines
@@ -55,6 +58,25 @@ def request(path: str | os.PathLike[str], req: dict[str, Any], *, timeout: float
         if e.errno != errno.EAGAIN:
             raise
         raise _unavailable(path, e) from None
+
+
+def stream(path: str | os.PathLike[str], req: dict[str, Any], *, timeout: float = 60.0) -> Iterator[dict[str, Any]]:
+    """Send a request answered by a stream (``events``): yield its reply,
+    then each line the daemon sends, until it closes the connection. Raises
+    :class:`ControlUnavailable` when nothing listens there."""
+    lines = jsonlines.stream(path, req, timeout=timeout, max_line=MAX_REPLY)
+    try:
+        yield next(lines)
+    except (FileNotFoundError, ConnectionRefusedError, jsonlines.NoReply) as e:
+        raise _unavailable(path, e) from None
+    except TimeoutError as e:
+        if e.errno != errno.EAGAIN:
+            raise
+        raise _unavailable(path, e) from None
+    try:
+        yield from lines
+    finally:
+        lines.close()
 
 
 async def request_async(path: str | os.PathLike[str], req: dict[str, Any], *,

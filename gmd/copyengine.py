@@ -74,6 +74,7 @@ class CopyEngine:
         self.rate = engine.config.copy_rate  # bytes/s per member copy; 0: unlimited
         # (member, progress) of the last passes started, for the status's "copies"
         self.history: deque[tuple[str, CopyProgress]] = deque(maxlen=HISTORY)
+        self.passes = 0  # copy passes begun since the daemon started (numbers them)
         self.verifying: dict[str, CopyProgress] = {}  # member -> its running verify
         self.verify_reports: dict[str, dict[str, Any]] = {}  # member -> its last verify's report
         self._verify_done: dict[str, trio.Event] = {}  # member -> set when its running verify ends
@@ -121,6 +122,8 @@ class CopyEngine:
         before = self.running.get(member)
         if before is not None and before.ended is None:
             before.ended = trio.current_time()
+        self.passes += 1
+        progress.number = self.passes
         self.running[member] = progress
         self.history.append((member, progress))
 

@@ -60,12 +60,13 @@ class CopyProgress:
             log.info("mini-copy: %d of the first %d regions differ; shipping the rest without comparing",
                      self.regions_differing, self.regions_compared)
     started: float = field(default_factory=trio.current_time)
+    number: int = 0  # which pass of the volume this is (1, 2, ...): names it in events
     ended: float | None = None  # trio time the pass ended (None: running)
 
     def history_json(self, member: str, now: float, wall_now: float) -> dict[str, Any]:
         """One entry of the status's ``copies`` list: what a finished (or the running) pass moved."""
         end = self.ended if self.ended is not None else now
-        return {"member": member, "kind": self.kind.value, "sent_bytes": self.sent_bytes,
+        return {"member": member, "kind": self.kind.value, "pass": self.number, "sent_bytes": self.sent_bytes,
                 "done_bytes": self.done_bytes, "total_bytes": self.total_bytes,
                 "started_at": round(wall_now - (now - self.started), 3), "seconds": round(end - self.started, 3),
                 "running": self.ended is None}

@@ -38,8 +38,11 @@ from .config import Address, Config, ConfigError, load_config
 from .control import MAX_CONTROL_CLIENTS, MAX_REQUEST, prepare_socket_path
 from .engine import NodePorts, VolumeEngine
 from .errors import ExitCode, GmdError, Refused, exit_code_for
+from .eventfeed import EventFeed
+from .events import LogEvents
 from .fuse import VolumeFS, serve_fuse
 from .groups import GroupHold, GroupMarks
+from .hooks import HookRunner
 from .listeners import open_listeners
 from .memory import bound_heap
 from .requests import check_request, decode_line, op_of
@@ -77,8 +80,20 @@ class NodeDaemon:
         self.ports = NodePorts(dial=self.dial, peer_addresses=lambda name: self.config.node(name).addresses,
                                limiter=self.limiter, witnesses=self.witness_clients, host=self._host_nursery)
         for vol in config.volumes_for_node(node):
-            self.engines[vol.name] = VolumeEngine(vol, node, self.ports)
+            self._add_engine(VolumeEngine(vol, node, self.ports))
         self.groups = self._consistency_groups()
+        # gmd events: the volumes' state changes, and the hooks that run on them
+        self.events = EventFeed(node, lambda: self.engines)
+        self.hooks = HookRunner(self.events.hub, self._hooks_of)
+
+    def _add_engine(self, engine: VolumeEngine) -> None:
+        self.engines[engine.name] = engine
+        # A role change is told at once, not at the feed's next look.
+        engine.subscribe_role_change(lambda _engine: self.events.poke())
+
+    def _hooks_of(self, volume: str):
+        engine = self.engines.get(volume)
+        return engine.config.hooks if engine is not None else ()
 
     def _consistency_groups(self) -> dict[str, GroupMarks]:
         """The marks this node puts into its groups' streams as primary, and
@@ -113,6 +128,14 @@ class NodeDaemon:
             stack.callback(n.cancel_scope.cancel)
             stack.callback(setattr, self, "nursery", None)
             stack.push_async_callback(self.shutdown)
+            n.start_soon(self.events.run)
+            n.start_soon(self.hooks.run)
+            # What the daemon warns of is an event too; not the hooks' own
+            # results (a "hook" event says those), so no hook feeds itself.
+            log_events = LogEvents(self.events.hub, lambda name: name == self.node or name in self.engines,
+                                   quiet=("gmd.hooks",))
+            logging.getLogger("gmd").addHandler(log_events)
+            stack.callback(logging.getLogger("gmd").removeHandler, log_events)
             for i, addr in enumerate(self.node_config.listen_addresses):
                 bound = await n.start(self._listen, addr, i)
                 self.listen_addresses.append(bound)
@@ -249,9 +272,13 @@ class NodeDaemon:
             self._control_clients += 1
             try:
                 reply = await self._control_exchange(stream, timeout)
+                reader = reply.pop("_reader", None) if reply is not None else None
                 if reply is not None:
                     with trio.move_on_after(timeout):  # a client that never reads its reply
                         await stream.send_all(jsonlines.encode(reply))
+                self.events.poke()  # a request may have changed a state: tell it now
+                if reader is not None:  # gmd events: the stream follows, until the client closes it
+                    await self.events.serve_reader(stream, *reader)
             finally:
                 self._control_clients -= 1
                 if self._control_clients < MAX_CONTROL_CLIENTS:
@@ -329,7 +356,7 @@ class NodeDaemon:
         added: dict[str, list[str]] = {}
         for name, vol in mine.items():
             if name not in self.engines:
-                self.engines[name] = VolumeEngine(vol, self.node, self.ports)
+                self._add_engine(VolumeEngine(vol, self.node, self.ports))
                 added[name] = ["(new volume)"]
             else:
                 members = await self.engines[name].add_members(vol)
@@ -398,6 +425,11 @@ class NodeDaemon:
                 return {"ok": True, "test_failover": await engine.start_test_failover(loop=req["loop"],
                                                                                     space=req["space"])}
             return {"ok": True, "test_failover": await engine.end_test_failover()}
+        if op == "events":  # the reply, then the events until the client closes (see _control_client)
+            if req["volume"] is not None:
+                self._engine(req)  # a volume this node has
+            sub, first = self.events.open_reader(req["volume"], req["now"])
+            return {"ok": True, "events": True, "_reader": (sub, first)}
         if op == "stop":
             self.stop()
             return {"ok": True}

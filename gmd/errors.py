@@ -92,6 +92,7 @@ REFUSALS: dict[str, Refusal] = {
     "bad-rate": Refusal("--rate: {message}", errno.EINVAL, _U),
     "bad-space": Refusal("--space: {message}", errno.EINVAL, _U),
     "drill-options": Refusal("{message}", errno.EINVAL, _U),
+    "bad-count": Refusal("--count must be at least 1, not {count}", errno.EINVAL, _U),
     "watch-needs-terminal": Refusal("--watch redraws the view for people; scripts poll 'gmd status --json' "
                                     "instead", errno.ENOTTY, _U),
     "status-options": Refusal("{message}", errno.EINVAL, _U),
@@ -113,6 +114,11 @@ REFUSALS: dict[str, Refusal] = {
         "A primary out of sight may still be writing. If it is known to be down: 'gmd primary {volume} "
         "--force' (or 'gmd quorum {volume} --expected-votes N'); if both sides are forced, their data diverges",
         errno.EAGAIN),
+    "no-quorum-primary-writes-alone": Refusal(
+        "{volume}: no quorum: {votes} of {needed} votes needed are present. Under on_quorum_loss = \"continue\" "
+        "(two sites without a witness) the primary writes on alone when it loses this node, so it may be writing "
+        "now. Only once it is known to be down: 'gmd primary {volume} --force'; forcing it while the primary lives "
+        "makes a split-brain", errno.EAGAIN),
     "not-uptodate": Refusal(
         "{volume}: local disk is {disk}, not uptodate; promoting it would serve stale or inconsistent data. "
         "'gmd primary --force' makes this copy the source (other members then get a full copy)", errno.ESTALE),

@@ -13,6 +13,10 @@ majority of the expected votes) that knows about it:
 * without quorum the write waits (``on_quorum_loss = "suspend"``, the default)
   until quorum returns, or fails with EIO after ``quorum_timeout`` seconds
   (``"fail"``); it never completes in between;
+* except under ``"continue"`` (two sites without a witness, checked by the
+  config): the primary writes on without its only peer, fencing it like any
+  member it writes without (outdated in the committed map before the write
+  completes), and nobody else may be promoted without ``--force``;
 * a primary told by a witness that another node holds the lease, while it has
   no quorum itself, steps down: its waiting writes fail, and it comes back as a
   secondary that is copied from the new primary.
@@ -44,11 +48,13 @@ from quorum import (
 from quorum.witness import LEASE, RENEW_INTERVAL
 from statemap import DiskState, Role
 
+from .configvalues import QUORUM_LOSS_NOTES
 from .replication import MemberLink
 
 if TYPE_CHECKING:
     from statemap.statemap import StateMap
 
+    from .config import VolumeConfig
     from .engine import NodePorts
     from .volume import LocalVolume
 
@@ -57,9 +63,11 @@ log = logging.getLogger(__name__)
 WAIT_POLL = 0.5  # a suspended write re-checks at least this often
 
 
+
 class QuorumVolume(Protocol):
     """What the quorum keeper needs of its volume (the engine provides it)."""
 
+    config: VolumeConfig
     local: LocalVolume | None
     @property
     def name(self) -> str: ...
@@ -101,6 +109,12 @@ class QuorumKeeper:
         """The outdated set shrank (a member caught up): renew now, not at the
         next interval, so that the witnesses' registration follows."""
         self._renew_now.set()
+
+    @property
+    def primary_writes_alone(self) -> bool:
+        """The volume's policy is ``on_quorum_loss = "continue"``: a primary
+        writes on without its only peer, so a survivor can only be forced."""
+        return self.engine.config.on_quorum_loss == "continue"
 
     def expected(self) -> int:
         e = self.engine
@@ -169,10 +183,14 @@ class QuorumKeeper:
                             # Its latest answer: a lease still running may already be refused renewal.
                             "last_answer": None if last is None else {
                                 "granted": last[0], "reason": last[1], "age_seconds": round(now - last[2], 3)}}
-        return {"votes": votes, "needed": votes_needed(expected), "expected": expected,
-                "ok": has_quorum(votes, expected, forced=e.role == Role.PRIMARY and sm.sb.forced_primary),
+        ok = has_quorum(votes, expected, forced=e.role == Role.PRIMARY and sm.sb.forced_primary)
+        policy = e.config.on_quorum_loss
+        return {"votes": votes, "needed": votes_needed(expected), "expected": expected, "ok": ok,
                 "expected_override": sm.sb.expected_votes, "forced": sm.sb.forced_primary,
-                "suspended_writes_since": self._suspended_since, "witnesses": witnesses}
+                "suspended_writes_since": self._suspended_since, "witnesses": witnesses,
+                "policy": policy, "policy_note": QUORUM_LOSS_NOTES[policy],
+                # A primary without quorum that completes writes all the same.
+                "writing_alone": not ok and e.role == Role.PRIMARY and self.primary_writes_alone}
 
     # ---------------------------------------------------------- witnesses
 
@@ -302,7 +320,7 @@ class QuorumKeeper:
         if self._needs_fork(missed):
             return False
         sm = self.engine.statemap
-        if sm.sb.forced_primary:
+        if sm.sb.forced_primary or self.primary_writes_alone:
             return True
         needed = self.needed()
         votes = self.member_votes()
@@ -322,7 +340,8 @@ class QuorumKeeper:
             current, history = secrets.token_hex(8), [g.current, *g.history]
         outdated = self.outdated(missed)
         votes, needed = self.member_votes(), self.needed()
-        if votes < needed and not sm.sb.forced_primary:
+        alone = votes < needed and self.primary_writes_alone and not sm.sb.forced_primary
+        if votes < needed and not sm.sb.forced_primary and not alone:
             # The witnesses' votes are needed: register the (new) generation and
             # the members we write without before anything relies on it.
             if votes + self.witness_votes(current, outdated) < needed:
@@ -333,4 +352,9 @@ class QuorumKeeper:
                 return False
         if fork_for:
             await e.writepath.commit_fork(current, fork_for)
+            if alone:
+                log.warning('%s: writing on alone without %s (on_quorum_loss = "continue", %d of %d votes): it '
+                            "is outdated in this map and gets a mini-copy when back; while this primary lives, "
+                            "promoting it with --force makes a split-brain", e.name,
+                            ", ".join(m.name for m in fork_for), votes, needed)
         return True

@@ -127,6 +127,9 @@ OPS: dict[str, dict[str, Field]] = {
     "quorum": {"volume": _volume(),
                "expected_votes": count("votes to count quorum from (null: the configured sum; absent: "
                                        "only show)", minimum=1, nullable=True)},
+    "events": {"volume": text("one volume's events (null or absent: every volume's and the node's)",
+                              required=False, nullable=True, default=None),
+               "now": flag("first the current state as events, then the changes")},
     "stop": {},
 }
 

@@ -88,6 +88,8 @@ class Roles:
             g = sm.sb.generations
             votes += await q.ask_witnesses("promote", g.current, g.history, q.outdated())
         if votes < needed:
+            if not force and q.primary_writes_alone:
+                raise Refused("no-quorum-primary-writes-alone", volume=self.engine.name, votes=votes, needed=needed)
             if not force:
                 witnesses = "; ".join(f"witness {w}: {a[1]}" for w, a in q.answers.items())
                 raise Refused("no-quorum", volume=self.engine.name, votes=votes, needed=needed,

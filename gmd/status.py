@@ -101,6 +101,8 @@ def volume_status(engine: StatusVolume) -> dict[str, Any]:
             "reason": m.reason,
             "peer_role": m.peer_role.value if m.connected and m.peer_role else None,
             "paths": len([p for p in m.session.paths if not p.closed]) if m.session else 0,
+            # which of the member's paths (by index, as configured) carry its link now
+            "open_paths": sorted({p.remote.path for p in m.session.paths if not p.closed}) if m.session else [],
             "rpo": engine.rpo.status(m),  # on the primary: what it would lose (gmd.rpo)
             # async, on the primary: its unacknowledged writes kept in order (gmd.backlog)
             "backlog": m.backlog.status(now) if m.backlog is not None and engine.role == Role.PRIMARY else None,

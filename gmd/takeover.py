@@ -27,8 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
-import subprocess
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -48,6 +46,7 @@ from quorum.takeover import (
 )
 from statemap import DiskState, Role
 
+from .commands import run_command
 from .errors import GmdError
 
 if TYPE_CHECKING:
@@ -62,7 +61,6 @@ log = logging.getLogger(__name__)
 
 POLL = 0.25  # seconds between takeover checks (a fence must start well within LEASE - FENCE_AFTER)
 RETRY = 1.0  # seconds between promotion attempts (each may ask the witnesses)
-OUTPUT_LIMIT = 64 * 1024  # bytes of a command's output kept for the log and status; the rest is read and dropped
 
 
 class TakeoverVolume(Protocol):
@@ -110,41 +108,17 @@ class ServiceCommands:
         if not argv:
             return None
         limit = cfg.command_timeout if timeout is None else max(0.1, min(timeout, cfg.command_timeout))
-        started, t0 = time.time(), trio.current_time()
-        result: dict[str, Any] = {"at": started, "reason": reason, "argv": list(argv)}
-        output = bytearray()
         log.info("%s: running the %s command (%s, at most %.1f s): %s", self.engine.name, event, reason, limit,
                  " ".join(argv))
-        try:
-            proc = await trio.lowlevel.open_process(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                                    stderr=subprocess.STDOUT, env=self.environment(event, reason),
-                                                    start_new_session=True)
-        except OSError as e:
-            result.update(ok=False, rc=None, error=f"cannot run it: {e}", seconds=0.0, output="")
-            log.error("%s: the %s command could not be started: %s", self.engine.name, event, e)
+        result = {**(await run_command(argv, self.environment(event, reason), limit)), "reason": reason}
+        if result["rc"] is None and result["error"]:
+            log.error("%s: the %s command could not be started: %s", self.engine.name, event, result["error"])
             self.last[event] = result
             return result
-        timed_out = False
-        try:
-            with trio.move_on_after(limit) as scope:
-                async with proc.stdout:
-                    while chunk := await proc.stdout.receive_some(65536):
-                        if len(output) < OUTPUT_LIMIT:
-                            output += chunk[:OUTPUT_LIMIT - len(output)]
-                await proc.wait()
-            timed_out = scope.cancelled_caught
-        finally:
-            if proc.returncode is None:
-                _kill_group(proc.pid)
-                with trio.CancelScope(shield=True):
-                    await proc.wait()
-        text = output.decode(errors="replace").strip()
-        result.update(ok=proc.returncode == 0 and not timed_out, rc=proc.returncode,
-                      seconds=round(trio.current_time() - t0, 3), output=text[-2000:],
-                      error=f"killed after {limit:.1f} s" if timed_out else None)
+        text = result["output"]
         level = logging.INFO if result["ok"] else logging.ERROR
         log.log(level, "%s: the %s command %s in %.2f s%s", self.engine.name, event,
-                "succeeded" if result["ok"] else (result["error"] or f"failed (exit {proc.returncode})"),
+                "succeeded" if result["ok"] else (result["error"] or f"failed (exit {result['rc']})"),
                 result["seconds"], f"; output: {text[-500:]}" if text else "")
         self.last[event] = result
         return result
@@ -153,13 +127,6 @@ class ServiceCommands:
 def _kind(state: str) -> str:
     """A state without its numbers: what the log compares."""
     return re.sub(r"\d+(\.\d+)?", "N", state)
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 class Takeover:

@@ -40,28 +40,6 @@ class DaemonRefused(GmdError):
 
 log = logging.getLogger("gmd")
 
-EPILOG = """\
-exit codes: 0 ok, 1 failed, 2 usage error
-
-environment:
-  GMD_CONFIG   cluster config file (default /etc/gmd/gmd.toml); --config wins
-  GMD_NODE     this node's name in the config; --node wins (else the host name)
-
-examples:
-  gmd demo                        a whole local cluster end to end (root)
-  gmd drill --fault kill-primary  a disaster-recovery drill on a local cluster (root)
-  gmd drill --test-failover --sites 3   a test failover on the far site under load (root)
-  gmd init appslv                 create this node's state map (and backing file)
-  gmd dirty appslv                this copy is the source: others get a full copy
-  gmd clean appslv                this copy is the target of a full copy
-  gmd daemon --node labor1        run the node daemon (foreground; SIGTERM stops it cleanly)
-  gmd up appslv && gmd primary appslv
-  gmd status appslv --json        machine-readable status (works without a daemon)
-  gmd test-failover start appslv --node labor3   a test image of labor3's copy (appslv@test in its mount)
-  gmddirty -l appslv              HAGEO spelling of 'gmd dirty appslv'
-"""
-
-
 COMMON_EPILOG = """\
 exit codes: 0 ok, 1 failed, 2 usage error
 
@@ -70,25 +48,107 @@ environment:
   GMD_NODE     this node's name in the config; --node wins (else the host name)
 """
 
+#: The most common examples, under ``gmd --help``: (command line, what it does).
+TOP_EXAMPLES: Sequence[tuple[str, str]] = (
+    ("gmd demo", "a whole local cluster end to end (root)"),
+    ("gmd drill --fault kill-primary", "a disaster-recovery drill on a local cluster (root)"),
+    ("gmd drill --test-failover --sites 3", "a test failover on the far site under load (root)"),
+    ("gmd init appslv", "create this node's state map (and backing file)"),
+    ("gmd dirty appslv", "this copy is the source: others get a full copy"),
+    ("gmd clean appslv", "this copy is the target of a full copy"),
+    ("gmd daemon --node labor1", "run the node daemon (foreground; SIGTERM stops it cleanly)"),
+    ("gmd up appslv && gmd primary appslv", ""),
+    ("gmd status appslv --json", "machine-readable status (works without a daemon)"),
+    ("gmd test-failover start appslv --node labor3", "a test image of labor3's copy (appslv@test in its mount)"),
+    ("gmddirty -l appslv", "HAGEO spelling of 'gmd dirty appslv'"),
+    ("gmd status --help", "any command's options and examples"),
+)
+
 #: Examples shown under each command's --help: (command line, what it does).
+#: Every command has some (tests/unit/test_cli_help.py parses each one).
 EXAMPLES: dict[str, Sequence[tuple[str, str]]] = {
+    "init": (("gmd init appslv", "create this node's state map (and a sparse backing file if absent)"),
+             ("gmd init appslv --node labor2 --json", "the same for labor2, the result as JSON"),
+             ("gmd init appslv --force", "replace an existing state map (the member then needs a full copy)")),
+    "dirty": (("gmd dirty appslv", "this copy is the source: the other members get a full copy from it"),
+              ("gmd dirty appslv --dry-run", "show what would change, change nothing"),
+              ("gmd dirty appslv --skip-initial-copy", "all members are new zeroed files: no initial copy")),
+    "clean": (("gmd clean appslv", "this copy is the target: it gets a full copy from an up-to-date member"),
+              ("gmd clean appslv --dry-run --json", "the plan as JSON, nothing changed")),
+    "daemon": (("gmd daemon --node labor1", "run labor1's daemon in the foreground (SIGTERM stops it)"),
+               ("gmd daemon --config /etc/gmd/gmd.toml --no-mount", "a daemon that serves no FUSE mount")),
+    "witness": (("gmd witness --name tiebreak", "run the witness [witnesses.tiebreak] in the foreground"),),
+    "reload": (("gmd reload", "after adding a member or volume to the config: start it online"),
+               ("gmd reload --node labor2", "the same in labor2's daemon")),
+    "quorum": (("gmd quorum appslv", "votes present and needed"),
+               ("gmd quorum appslv --expected-votes 1", "site B is lost for good: a majority of 1 vote is quorum"),
+               ("gmd quorum appslv --reset", "back to the configured sum of votes")),
+    "up": (("gmd up appslv", "attach appslv here and connect to its other members"),
+           ("gmd up appslv --loop", "and attach a loop device whenever this node is primary")),
+    "down": (("gmd down appslv", "disconnect and detach appslv here (a primary is demoted first)"),
+             ("gmd down appslv --force", "even while its device is mounted (its users get I/O errors)")),
+    "secondary": (("gmd secondary appslv", "demote this node (drains and flushes writes first)"),
+                  ("gmd secondary appslv --force", "even while the device is mounted or open")),
+    "primary": (("gmd primary appslv", "promote this node (needs quorum and an uptodate disk)"),
+                ("gmd primary appslv --force", "without quorum: only when the other side is known to be down")),
+    "resolve": (("gmd resolve appslv --discard-local --dry-run", "explain the split-brain and the plan"),
+                ("gmd resolve appslv --discard-local", "this side's changes go (saved to an image first)")),
+    "switchover": (("gmd switchover appslv --to labor2", "planned: labor2 becomes primary, no write lost"),),
+    "demo": (("gmd demo", "two daemons, FUSE, loop + ext4 on loopback, mirror proved identical (root)"),
+             ("gmd demo --keep", "and keep its directory (logs, config, images)")),
+    "drill": (("gmd drill --fault kill-primary", "kill the primary under load, fail over, verify, fail back"),
+              ("gmd drill --fault partition-primary --mode sync --report drill.md", "a partition, as Markdown too"),
+              ("gmd drill --test-failover --sites 3", "a test failover on the far site under the workload"),
+              ("gmd drill --config /etc/gmd/gmd.toml --volume appslv --overwrite --fault kill-secondary",
+               "on a configured cluster (writes over appslv)")),
+    "verify": (("gmd verify appslv", "compare every member with the primary; exit 1 if any differ"),
+               ("gmd verify appslv --no-wait", "start it and return; 'gmd status' shows progress")),
+    "resync": (("gmd resync appslv", "copy the regions marked out of sync"),
+               ("gmd resync appslv --rate 50MiB", "at most 50 MiB/s per member")),
+    "test-failover": (("gmd test-failover start appslv --node labor3", "a writable image of labor3's copy"),
+                      ("gmd test-failover start appslv --loop --space 4GiB", "with a loop device and 4 GiB of room"),
+                      ("gmd test-failover end appslv", "discard the image")),
     "status": (
         ("gmd status", "every volume of this node: members, copies, what to do next"),
         ("gmd status appslv --watch", "redraw in place every second until Ctrl-C"),
         ("gmd status appslv --watch --interval 5", "every 5 s (off a terminal: one plain frame each time)"),
         ("gmd status appslv --json", "machine-readable, for scripts (works without a daemon)"),
-        ("NO_COLOR=1 gmd status appslv", "no colour on a terminal either"),
+        ("gmd status appslv | less", "plain text off a terminal (so also with NO_COLOR set)"),
     ),
+    "completion": (("gmd completion bash > /etc/bash_completion.d/gmd", "install bash completion"),
+                   ("gmd completion zsh > /usr/local/share/zsh/site-functions/_gmd", "install zsh completion"),
+                   ("gmd completion tcsh", "print the tcsh completion (source it from ~/.tcshrc)")),
+    "gmddirty": (("gmddirty -l appslv", "HAGEO spelling of 'gmd dirty appslv'"),
+                 ("gmddirty -l appslv --dry-run", "show what would change, change nothing")),
+    "gmdclean": (("gmdclean -l appslv", "HAGEO spelling of 'gmd clean appslv'"),
+                 ("gmdclean -l appslv --force", "even though this copy's data will be overwritten")),
 }
+
+
+_EXAMPLE_WIDTH = 46  # a longer command line has what it does on the next line
+
+
+def _example_lines(examples: Sequence[tuple[str, str]]) -> str:
+    width = max((len(line) for line, _ in examples if len(line) <= _EXAMPLE_WIDTH), default=0)
+    lines = []
+    for line, what in examples:
+        if not what:
+            lines.append(f"  {line}")
+        elif len(line) > _EXAMPLE_WIDTH:
+            lines.append(f"  {line}\n      {what}")
+        else:
+            lines.append(f"  {line:<{width}}  {what}")
+    return "\n".join(lines)
+
+
+EPILOG = COMMON_EPILOG + "\nexamples:\n" + _example_lines(TOP_EXAMPLES) + "\n"
 
 
 def command_epilog(examples: Sequence[tuple[str, str]]) -> str:
     """The text under a command's --help: its examples, then exit codes and environment."""
     if not examples:
         return COMMON_EPILOG
-    width = max(len(line) for line, _ in examples)
-    lines = [f"  {line:<{width}}  {what}" if what else f"  {line}" for line, what in examples]
-    return "examples:\n" + "\n".join(lines) + "\n\n" + COMMON_EPILOG
+    return "examples:\n" + _example_lines(examples) + "\n\n" + COMMON_EPILOG
 
 
 def _common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -255,6 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "when it runs out")
     p.add_argument("--json", action="store_true", help="print the test's status as JSON")
 
+    p = command("events", "stream the state changes of this node's volumes, one JSON object a line "
+                          "(role, disk, link, paths, quorum, copies, split-brain, errors)", cmd_events,
+                examples=[("gmd events", "every change on this node, as it happens (Ctrl-C to stop)"),
+                          ("gmd events appslv --now", "appslv's current state as events, then its changes"),
+                          ("gmd events --now-only", "the current state as events, then exit"),
+                          ("gmd events appslv --count 1", "wait for the next change of appslv, print it, exit")])
+    p.add_argument("volume", metavar="VOLUME", nargs="?", help="one volume's events (default: every volume's)")
+    p.add_argument("--now", action="store_true", help="first print the current state as events (marked "
+                                                      '"now": true, ended by a "now_end" event)')
+    p.add_argument("--now-only", action="store_true", help="print the current state as events, then exit")
+    p.add_argument("--count", type=int, metavar="N", help="exit after N events (the --now ones included)")
+
     p = command("status", "show roles, modes, disk and link states, out-of-sync bytes, lag, copies and "
                           "what to do next (colour only on a terminal; NO_COLOR turns it off)", cmd_status)
     p.add_argument("volume", metavar="VOLUME", nargs="?", help="one volume (default: all of this node's)")
@@ -263,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="redraw in place until Ctrl-C; off a terminal, print a plain frame each interval")
     p.add_argument("--interval", type=_watch_interval, metavar="S",
                    help="with --watch: seconds between frames (default 1)")
+
+    p = command("completion", "print a shell completion script for gmd (commands, options, choices)",
+                cmd_completion)
+    p.add_argument("shell", choices=COMPLETION_SHELLS, help="the shell the script is for")
     return parser
 
 
@@ -360,6 +436,18 @@ def cmd_drill(args: argparse.Namespace) -> int:
                      keep=args.keep, seed=args.seed, writers=args.writers, warmup=args.warmup, outage=args.outage,
                      delay=args.wan_delay, witness=not args.no_witness, sites=args.sites,
                      test_failover=args.test_failover, on=args.on)
+
+
+COMPLETION_SHELLS = ("bash", "zsh", "tcsh")
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    # shtab writes a static script from the parser itself, so completion never
+    # lags behind a new command or option; imported here, as only this needs it.
+    import shtab
+
+    sys.stdout.write(shtab.complete(build_parser(), shell=args.shell))
+    return ExitCode.OK
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
@@ -584,6 +672,38 @@ def cmd_test_failover(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    config, node = _load(args)
+    if args.count is not None and args.count < 1:
+        raise Refused("bad-count", count=args.count)
+    req = {"op": "events", "volume": args.volume, "now": args.now or args.now_only}
+    check_request(req)
+    printed = 0
+    try:
+        lines = control.stream(config.node(node).control, req)
+        reply = next(lines)
+        if not reply.get("ok"):
+            raise DaemonRefused(reply.get("error", "daemon refused"), reply.get("exit_code", 1))
+        for event in lines:
+            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.flush()  # a reader (a pipe, a script) gets each event as it happens
+            printed += 1
+            if (args.count is not None and printed >= args.count) or (args.now_only and event["kind"] == "now_end"):
+                break
+        else:
+            print(f"{node}: the daemon closed the event stream (it stopped)", file=sys.stderr)
+            return ExitCode.FAILED
+    except control.ControlUnavailable as e:
+        raise Refused("daemon-not-running", why=e, node=node) from None
+    except BrokenPipeError:
+        # The reader went away (gmd events | head): that ends the stream, no error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        if "lines" in locals():
+            lines.close()
+    return ExitCode.OK
+
+
 def _volume_status(config: Config, node: str, name: str) -> tuple[dict[str, Any], bool]:
     """From the daemon if it runs and has the volume up, else from the state
     map; and whether the daemon answered (the view's hint needs it: volume
@@ -722,7 +842,7 @@ def _hageo_parser(prog: str, action: str, help: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=f"{help} (HAGEO-compatible spelling of 'gmd {action}').",
-        epilog=EPILOG,
+        epilog=command_epilog(EXAMPLES[prog]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-l", "--local", action="store_true",

@@ -249,9 +249,10 @@ def _header(st: dict[str, Any]) -> list[Text]:
         f"{q['needed']} of {q['expected']} expected needed"
         + (f" (operator override {q['expected_override']})" if q.get("expected_override") else ""),
         verdict,
-        ("; FORCED primary (writes go on without quorum)", BAD) if q.get("forced") else ""))
+        ("; FORCED primary (writes go on without quorum)", BAD) if q.get("forced") else "",
+        ("; writing on ALONE (on_quorum_loss = continue)", BAD) if q.get("writing_alone") else ""))
     if q.get("policy_note"):  # the quorum policy's trade-off, when the volume's policy has one
-        lines.append(Text(f"    {q['policy_note']}", style=BUSY))
+        lines.append(Text(f"  on quorum loss ({q.get('policy')}): {q['policy_note']}", style=BUSY))
     for w, ws in (q.get("witnesses") or {}).items():
         lines.append(Text.assemble(
             f"  witness {w}: ",

@@ -14,7 +14,8 @@ opens the socket safely, splits lines with a length limit, and encodes replies.
 * :class:`LineReader` yields request lines from a stream, refusing a line
   longer than its limit with :class:`LineTooLong`.
 * :func:`request` is the blocking client; :func:`request_async` the same for
-  trio code, so the connect never blocks the event loop.
+  trio code, so the connect never blocks the event loop; :func:`stream`
+  the blocking client of a request answered by a stream of lines.
 
 Knows nothing of volumes and never imports ``gmd``.
 """
@@ -27,13 +28,14 @@ import os
 import socket
 import stat
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import trio
 
 __all__ = [
     "LineReader", "LineTooLong", "NoReply", "encode", "open_listener", "prepare_socket_path", "request",
-    "request_async", "socket_answers",
+    "request_async", "socket_answers", "stream",
 ]
 
 RECEIVE_CHUNK = 65536  # bytes asked for per read
@@ -135,18 +137,7 @@ def request(path: str | os.PathLike[str], value: Any, *, timeout: float, max_rep
     :class:`NoReply` when it closes without a reply or the reply exceeds
     ``max_reply`` bytes. A full listen backlog (the server busy accepting) is
     retried until ``timeout``."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                sock.connect(os.fspath(path))
-                break
-            except BlockingIOError:  # EAGAIN: its backlog is full
-                if time.monotonic() > deadline:
-                    raise TimeoutError(errno.EAGAIN, f"{os.fspath(path)} accepts no connection (backlog full)") \
-                        from None
-                time.sleep(0.01)
+    with _connected(path, timeout) as sock:
         sock.sendall(encode(value))
         buffer = bytearray()
         while b"\n" not in buffer:
@@ -157,6 +148,57 @@ def request(path: str | os.PathLike[str], value: Any, *, timeout: float, max_rep
             if len(buffer) > max_reply:
                 raise NoReply(f"reply from {os.fspath(path)} longer than {max_reply} bytes")
     return json.loads(buffer.split(b"\n", 1)[0])
+
+
+def _connected(path: str | os.PathLike[str], timeout: float) -> socket.socket:
+    """A blocking socket connected to ``path`` (each call at most ``timeout``
+    seconds); a full listen backlog is retried until ``timeout``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock.connect(os.fspath(path))
+                return sock
+            except BlockingIOError:  # EAGAIN: its backlog is full
+                if time.monotonic() > deadline:
+                    raise TimeoutError(errno.EAGAIN, f"{os.fspath(path)} accepts no connection (backlog full)") \
+                        from None
+                time.sleep(0.01)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def stream(path: str | os.PathLike[str], value: Any, *, timeout: float, max_line: int) -> Iterator[Any]:
+    """Send ``value`` as one line to the server at ``path``, then yield each
+    decoded line it sends (blocking) until it closes the connection: the
+    reply first (within ``timeout``), then lines as they come, however long
+    apart. Raises as :func:`request` does; a line longer than ``max_line``
+    bytes raises :class:`NoReply`. Closing the generator closes the socket."""
+    with _connected(path, timeout) as sock:
+        sock.sendall(encode(value))
+        buffer = bytearray()
+        first = True
+        while True:
+            end = buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(buffer[:end])
+                del buffer[:end + 1]
+                yield json.loads(line)
+                if first:
+                    first = False
+                    sock.settimeout(None)  # a stream may be quiet for hours
+                continue
+            if len(buffer) > max_line:
+                raise NoReply(f"a line from {os.fspath(path)} longer than {max_line} bytes")
+            chunk = sock.recv(RECEIVE_CHUNK)
+            if not chunk:
+                if first:
+                    raise NoReply(f"{os.fspath(path)} closed the connection without answering")
+                return
+            buffer += chunk
 
 
 async def request_async(path: str | os.PathLike[str], value: Any, *, timeout: float, max_reply: int) -> Any:

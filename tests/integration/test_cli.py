@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from gmd.configvalues import QUORUM_LOSS_NOTES
 
 from ..conftest import write_cluster_config
 
@@ -63,7 +66,8 @@ def test_init_dirty_status_round_trip(cfg, tmp_path):
     peer = st["members"]["labor2"]
     assert peer["disk"] == "inconsistent" and peer["out_of_sync_bytes"] == 256 * MiB
     assert peer["pending_copy"] == {"kind": "full", "fence": 0}
-    assert st["quorum"] == {"votes": None, "needed": 2, "expected": 2, "ok": None, "expected_override": None}
+    assert st["quorum"] == {"votes": None, "needed": 2, "expected": 2, "ok": None, "expected_override": None,
+                            "policy": "suspend", "policy_note": QUORUM_LOSS_NOTES["suspend"]}
     assert st["state_map"]["clean"] is True and st["state_map"]["recovery_needed"] is False
 
     human = run("status", "appslv", env_extra=env, check_rc=0).stdout
@@ -156,6 +160,22 @@ def test_help_and_version_and_python_m():
     assert run("--version", check_rc=0).stdout.startswith("gmd ")
     p = subprocess.run([sys.executable, "-m", "gmd", "--version"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.startswith("gmd ")
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+def test_bash_completion_script_completes_commands_and_options():
+    script = run("completion", "bash", check_rc=0).stdout
+    # What bash does on "gmd sta<TAB>" and "gmd status --js<TAB>" once the script is sourced.
+    probe = script + """
+complete -p gmd >/dev/null || exit 3
+COMP_WORDS=(gmd sta); COMP_CWORD=1; COMP_LINE="gmd sta"; COMP_POINT=${#COMP_LINE}
+_shtab_gmd gmd sta gmd; echo "commands: ${COMPREPLY[*]}"
+COMP_WORDS=(gmd status --js); COMP_CWORD=2; COMP_LINE="gmd status --js"; COMP_POINT=${#COMP_LINE}
+_shtab_gmd gmd --js status; echo "options: ${COMPREPLY[*]}"
+"""
+    out = subprocess.run(["bash", "--norc", "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "commands: status" in out.stdout and "options: --json" in out.stdout, out.stdout
 
 
 def test_witness_and_quorum_commands_refuse_bad_arguments(cfg):

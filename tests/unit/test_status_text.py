@@ -180,11 +180,11 @@ def test_a_narrow_terminal_moves_lag_and_rpo_to_the_note():
 
 
 def test_the_quorum_policys_note_is_shown_under_the_quorum_line():
-    q = {"votes": 1, "needed": 1, "expected": 2, "ok": True, "witnesses": {},
+    q = {"votes": 1, "needed": 1, "expected": 2, "ok": True, "witnesses": {}, "policy": "continue",
          "policy_note": "two sites without a witness: a cut link stops the secondary site"}
     lines = format_status(status(quorum=q)).splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("  quorum:"))
-    assert lines[at + 1].strip() == q["policy_note"]
+    assert lines[at + 1] == f"  on quorum loss (continue): {q['policy_note']}"
 
 
 # Every hint names a command the CLI accepts, quoted as the CLI's own messages quote them.
