@@ -93,8 +93,9 @@ REFUSALS: dict[str, Refusal] = {
     "bad-space": Refusal("--space: {message}", errno.EINVAL, _U),
     "drill-options": Refusal("{message}", errno.EINVAL, _U),
     "bad-count": Refusal("--count must be at least 1, not {count}", errno.EINVAL, _U),
-    "watch-needs-terminal": Refusal("--watch redraws for a terminal; use --json without it in scripts",
-                                    errno.ENOTTY, _U),
+    "watch-needs-terminal": Refusal("--watch redraws the view for people; scripts poll 'gmd status --json' "
+                                    "instead", errno.ENOTTY, _U),
+    "status-options": Refusal("{message}", errno.EINVAL, _U),
     "listen-failed": Refusal("{who}: cannot listen on {host}:{port}: {why} (is another daemon using it?)",
                              errno.EADDRINUSE),
     "tls-files": Refusal("{path}: tls: cannot load certificate, key or CA: {why}", errno.EINVAL),

@@ -7,8 +7,6 @@ codes: 0 ok, 1 failed, 2 usage (see :mod:`gmd.errors`).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import logging
 import os
@@ -17,6 +15,10 @@ import time
 from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
 
 from gmd import __version__, admin, control
 from gmd.config import (Config, ConfigError, config_file_risks, load_config, parse_size, resolve_config_path,
@@ -28,7 +30,7 @@ from tools.drill import FAULTS as DRILL_FAULTS
 from tools.drill import MODES as DRILL_MODES
 from tools.drill import run_drill
 from tools import units
-from tools.status_text import format_status, human_bytes
+from tools.status_text import PLAIN_WIDTH, human_bytes, render_plain, status_view, wants_colour
 
 
 class DaemonRefused(GmdError):
@@ -108,9 +110,13 @@ EXAMPLES: dict[str, Sequence[tuple[str, str]]] = {
     "test-failover": (("gmd test-failover start appslv --node labor3", "a writable image of labor3's copy"),
                       ("gmd test-failover start appslv --loop --space 4GiB", "with a loop device and 4 GiB of room"),
                       ("gmd test-failover end appslv", "discard the image")),
-    "status": (("gmd status", "every volume of this node"),
-               ("gmd status appslv --json", "machine-readable (works without a daemon)"),
-               ("gmd status appslv --watch", "redraw every second until Ctrl-C")),
+    "status": (
+        ("gmd status", "every volume of this node: members, copies, what to do next"),
+        ("gmd status appslv --watch", "redraw in place every second until Ctrl-C"),
+        ("gmd status appslv --watch --interval 5", "every 5 s (off a terminal: one plain frame each time)"),
+        ("gmd status appslv --json", "machine-readable, for scripts (works without a daemon)"),
+        ("gmd status appslv | less", "plain text off a terminal (so also with NO_COLOR set)"),
+    ),
     "install-units": (("gmd install-units", "write gmd@.service and gmd-witness@.service to /etc/systemd/system"),
                       ("gmd install-units --dry-run", "show the units and where they would go"),
                       ("gmd install-units --config /etc/gmd/a.toml", "units that run with that config (GMD_CONFIG)")),
@@ -333,10 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--now-only", action="store_true", help="print the current state as events, then exit")
     p.add_argument("--count", type=int, metavar="N", help="exit after N events (the --now ones included)")
 
-    p = command("status", "show roles, disk and link states, out-of-sync bytes", cmd_status)
+    p = command("status", "show roles, modes, disk and link states, out-of-sync bytes, lag, copies and "
+                          "what to do next (colour only on a terminal; NO_COLOR turns it off)", cmd_status)
     p.add_argument("volume", metavar="VOLUME", nargs="?", help="one volume (default: all of this node's)")
     p.add_argument("--json", action="store_true", help="print JSON (a stable interface for scripts)")
-    p.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
+    p.add_argument("--watch", action="store_true",
+                   help="redraw in place until Ctrl-C; off a terminal, print a plain frame each interval")
+    p.add_argument("--interval", type=_watch_interval, metavar="S",
+                   help="with --watch: seconds between frames (default 1)")
 
     p = command("completion", "print a shell completion script for gmd (commands, options, choices)",
                 cmd_completion)
@@ -744,42 +754,86 @@ def cmd_events(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _volume_status(config: Config, node: str, name: str) -> dict[str, Any]:
-    """From the daemon if it runs and has the volume up, else from the state map."""
+def _volume_status(config: Config, node: str, name: str) -> tuple[dict[str, Any], bool]:
+    """From the daemon if it runs and has the volume up, else from the state
+    map; and whether the daemon answered (the view's hint needs it: volume
+    down, or no daemon at all)."""
     try:
         reply = _daemon_request(config, node, {"op": "status", "volume": name})
         if reply.get("up"):
-            return reply["status"]
+            return reply["status"], True
+        return admin.offline_status(config, node, name), True
     except control.ControlUnavailable:
-        pass
-    return admin.offline_status(config, node, name)
+        return admin.offline_status(config, node, name), False
+
+
+def _watch_interval(text: str) -> float:
+    """``--interval S``: seconds between frames of ``--watch``."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.1 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} s: give between 0.1 and 3600 seconds")
+    return seconds
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    if getattr(args, "watch", False):
+    if args.interval is not None and not args.watch:
+        raise Refused("status-options", message="--interval goes with --watch")
+    if args.watch:
         if args.json:
             raise Refused("watch-needs-terminal")
-        try:
+        return _watch_status(args, args.interval or 1.0)
+    code, results = _read_statuses(args)
+    if args.json:
+        _print_json(results[0][0] if args.volume else [st for st, _ in results])
+        return code
+    if wants_colour(sys.stdout.isatty(), os.environ):
+        console = Console(highlight=False)
+        console.print(_status_renderable(args, results, True, console.width))
+    else:
+        print(render_plain(_status_renderable(args, results, False, PLAIN_WIDTH)))
+    return code
+
+
+def _watch_status(args: argparse.Namespace, interval: float) -> int:
+    """``--watch``: on a terminal, the view redrawn in place (rich's Live: no
+    full-screen flicker); off one (a log, a pipe), one plain frame per
+    interval under a time stamp. Ctrl-C ends it with exit 0."""
+    def frame(colour: bool, width: int):
+        _code, results = _read_statuses(args)
+        return _status_renderable(args, results, colour, width)
+
+    title = f"gmd status{' ' + args.volume if args.volume else ''} every {interval:g} s"
+    try:
+        if not sys.stdout.isatty():
             while True:
-                out = io.StringIO()
-                with contextlib.redirect_stdout(out):
-                    code = _status_once(args)
-                sys.stdout.write("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S  ") + "gmd status (Ctrl-C to stop)\n\n"
-                                 + out.getvalue())
-                sys.stdout.flush()
-                time.sleep(1)
-        except KeyboardInterrupt:
-            return code
-    return _status_once(args)
+                print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {title}\n{render_plain(frame(False, PLAIN_WIDTH))}\n", flush=True)
+                time.sleep(interval)
+        colour = wants_colour(True, os.environ)
+        console = Console(highlight=False)
+        with Live(console=console, auto_refresh=False, transient=False) as live:
+            while True:
+                view = frame(colour, console.width)
+                if not colour:  # NO_COLOR: the plain text, only the cursor moves
+                    view = Text(render_plain(view, console.width))
+                live.update(Group(Text(f"{time.strftime('%H:%M:%S')}  {title} (Ctrl-C to stop)\n",
+                                       style="dim"), view), refresh=True)
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        return ExitCode.OK
 
 
-def _status_once(args: argparse.Namespace) -> int:
+def _read_statuses(args: argparse.Namespace) -> tuple[int, list[tuple[dict[str, Any], bool]]]:
+    """Each volume's status (the one asked for, or all of this node's), with
+    whether the daemon answered; exit 1 if one could not be read."""
     config, node = _load(args)
     if args.volume:
         names = [args.volume]
     else:
         names = [v.name for v in config.volumes_for_node(node)]
-    results: list[dict[str, Any]] = []
+    results: list[tuple[dict[str, Any], bool]] = []
     failed = False
     for name in names:
         try:
@@ -790,15 +844,22 @@ def _status_once(args: argparse.Namespace) -> int:
             if args.volume:
                 raise
             failed = True
-            results.append({"volume": name, "node": node, "error": str(e)})
-    if args.json:
-        _print_json(results[0] if args.volume else results)
-    else:
-        if not results:
-            print(f"node {node} has no volumes in {config.path}")
-        for st in results:
-            print(format_status(st))
-    return ExitCode.FAILED if failed else ExitCode.OK
+            results.append(({"volume": name, "node": node, "error": str(e)}, False))
+    return (ExitCode.FAILED if failed else ExitCode.OK), results
+
+
+def _status_renderable(args: argparse.Namespace, results: list[tuple[dict[str, Any], bool]], colour: bool,
+                       width: int):
+    """The view of every volume read, one under the other."""
+    if not results:
+        config, node = _load(args)
+        return Text(f"node {node} has no volumes in {config.path}")
+    views = []
+    for i, (st, reachable) in enumerate(results):
+        if i:
+            views.append(Text(""))
+        views.append(status_view(st, colour=colour, width=width, daemon_reachable=reachable))
+    return Group(*views)
 
 
 # --------------------------------------------------------------------- entry

@@ -47,6 +47,11 @@ def test_init_dirty_status_round_trip(cfg, tmp_path):
     assert st["members"]["labor1"]["disk"] == "inconsistent"
     assert st["members"]["labor1"]["link"] == "local"
     assert st["members"]["labor2"]["link"] == "unknown"
+    # For people: plain text off a terminal, and what to do next.
+    human = run("status", "appslv", env_extra=env, check_rc=0).stdout
+    assert "\x1b" not in human
+    assert "! daemon not running on labor1" in human and "'gmd daemon --node labor1'" in human
+    assert "'gmd dirty appslv'; on the others: 'gmd clean appslv'" in human
 
     p = run("-l", "appslv", tool="gmddirty", env_extra=env, check_rc=0)
     assert "copy source" in p.stdout
@@ -195,3 +200,35 @@ def test_a_daemon_whose_port_is_taken_says_which_address_and_why(tmp_path):
     assert r.returncode == 1
     assert f"node a: cannot listen on 127.0.0.1:{port}: Address already in use" in r.stderr
     assert "Traceback" not in r.stderr and "sub-exception" not in r.stderr
+
+
+def test_status_watch_off_a_terminal_prints_a_frame_each_interval_and_ctrl_c_ends_it(cfg):
+    """Off a terminal (a log, a pipe) --watch prints one plain frame per
+    interval under a time stamp; Ctrl-C (SIGINT) ends it with exit 0."""
+    import signal
+
+    env = {**os.environ, "GMD_CONFIG": str(cfg), "GMD_NODE": "labor1"}
+    run("init", "appslv", env_extra={"GMD_CONFIG": str(cfg), "GMD_NODE": "labor1"}, check_rc=0)
+    proc = subprocess.Popen([str(BIN / "gmd"), "status", "appslv", "--watch", "--interval", "0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    import threading
+
+    deadline = threading.Timer(30, proc.kill)  # a watch that prints nothing fails the test, never hangs it
+    deadline.start()
+    try:
+        frames, seen = 0, []
+        for line in proc.stdout:
+            seen.append(line)
+            frames += line.startswith("--- ") and "gmd status appslv every 0.2 s" in line
+            if frames == 2:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        deadline.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert frames == 2 and proc.returncode == 0, (frames, proc.returncode, err)
+    text = "".join(seen) + out
+    assert "appslv on labor1: secondary" in text and "\x1b" not in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 
 import trio
@@ -14,6 +15,7 @@ from gmd.config import load_config
 from transport.wanproxy import WanProxy, WanSettings
 
 from .harness import (
+    GMD,
     MiB,
     NodeSpec,
     backing,
@@ -166,7 +168,7 @@ async def test_a_mini_copy_cut_short_does_not_ship_again_what_the_member_acknowl
         with trio.fail_after(120):
             member = eng.members["labor2"]
             written = await _write_while_member_down(eng, procs, partial=False)
-            eng.copier.rate = 1 * MiB  # one region every 1/16 s
+            eng.copier.rate = 8 * MiB  # 60 MiB to go: over 7 s, far longer than the command takes  # one region every 1/16 s
             sent_before = eng.copier.bytes_sent
             await trio.to_thread.run_sync(_set_volume(procs, "labor2", "up"))
             await wait_for(lambda: "labor2" in eng.copier.running and eng.copier.running["labor2"].done_bytes >= 10 * REGION,
@@ -284,6 +286,18 @@ async def test_copy_rate_limit_is_kept(tmp_path):
         async with in_process_daemon(cfg_path, "labor1") as d:
             eng = await primary_up(d, procs)
             t0 = trio.current_time()
+            # `gmd status` as an operator runs it shows the copy's bar. The copy
+            # is slowed while the command reads, so it cannot end before it looks.
+            await wait_for(lambda: (eng.status()["members"]["labor2"]["copy"] or {}).get("done_bytes"),
+                           what="copy under way")
+            eng.copier.rate = 8 * MiB  # 60 MiB to go: over 7 s, far longer than the command takes
+            shown = await trio.run_process([GMD, "--config", str(cfg_path), "--node", "labor1", "status", "appslv"],
+                                           capture_stdout=True, capture_stderr=True)
+            eng.copier.rate = 32 * MiB
+            text = shown.stdout.decode()
+            bar = next((line for line in text.splitlines() if "full copy to labor2" in line), None)
+            assert bar and re.search(r"\[#*\.*\]  [\d.]+ [KM]iB of 64\.0 MiB  \d+%  [\d.]+ [KM]iB/s  ETA \d", bar), text
+            assert "\x1b" not in text  # not a terminal: plain text
             await wait_for(lambda: member_disk(eng) == "uptodate", timeout=120, what="copy done")
             elapsed = trio.current_time() - t0
             assert eng.copier.bytes_sent > 60 * MiB  # random source, zero target: nearly all moves
