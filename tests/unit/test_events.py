@@ -248,3 +248,15 @@ def test_bad_hooks_are_refused_naming_the_key(hook, message):
         parse_config(CONFIG + "[[volumes.appslv.hooks]]\n" + hook + "\n", file="gmd.toml",
                      base_dir=__import__("pathlib").Path("/"))
     assert "volumes.appslv.hooks[0]" in str(e.value) and message in str(e.value)
+
+
+def test_the_readme_hooks_parse_as_documented():
+    readme = (__import__("pathlib").Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Hooks: paging someone"):]
+    block = section[section.index("```toml\n") + 8:section.index("```\n", section.index("```toml\n") + 8)]
+    cfg = parse_config(CONFIG + block, file="README.md", base_dir=__import__("pathlib").Path("/"))
+    lost, split, quorum = cfg.volume("appslv").hooks
+    assert matches(lost, {"kind": "link", "was": "connected", "member": "labor2"})
+    assert matches(split, {"kind": "split_brain", "member": "labor2"})
+    assert matches(quorum, {"kind": "quorum", "ok": False}) and not matches(quorum, {"kind": "quorum", "ok": True})
+    assert split.timeout == 20
