@@ -19,6 +19,7 @@ The socket machinery (safe bind, line splitting, the client) is
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -44,20 +45,27 @@ def _unavailable(path: str | os.PathLike[str], exc: OSError) -> ControlUnavailab
     return ControlUnavailable(f"no gmd daemon at {path} ({exc.strerror or exc})")
 
 
-def request(path: str | os.PathLike[str], req: dict[str, Any], *, timeout: float = 60.0) -> dict[str, Any]:
-    """Send one request to the daemon at ``path`` and return its reply (blocking;
-    from trio code use :func:`request_async`).
-
-    Raises :class:`ControlUnavailable` when nothing listens there.
-    """
+@contextlib.contextmanager
+def _no_daemon_is_unavailable(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Nothing listening at ``path`` (or a full backlog) becomes :class:`ControlUnavailable`."""
     try:
-        return jsonlines.request(path, req, timeout=timeout, max_reply=MAX_REPLY)
+        yield
     except (FileNotFoundError, ConnectionRefusedError, jsonlines.NoReply) as e:
         raise _unavailable(path, e) from None
     except TimeoutError as e:
         if e.errno != errno.EAGAIN:
             raise
         raise _unavailable(path, e) from None
+
+
+def request(path: str | os.PathLike[str], req: dict[str, Any], *, timeout: float = 60.0) -> dict[str, Any]:
+    """Send one request to the daemon at ``path`` and return its reply (blocking;
+    from trio code use :func:`request_async`).
+
+    Raises :class:`ControlUnavailable` when nothing listens there.
+    """
+    with _no_daemon_is_unavailable(path):
+        return jsonlines.request(path, req, timeout=timeout, max_reply=MAX_REPLY)
 
 
 def stream(path: str | os.PathLike[str], req: dict[str, Any], *, timeout: float = 60.0) -> Iterator[dict[str, Any]]:
@@ -66,14 +74,9 @@ def stream(path: str | os.PathLike[str], req: dict[str, Any], *, timeout: float 
     :class:`ControlUnavailable` when nothing listens there."""
     lines = jsonlines.stream(path, req, timeout=timeout, max_line=MAX_REPLY)
     try:
-        yield next(lines)
-    except (FileNotFoundError, ConnectionRefusedError, jsonlines.NoReply) as e:
-        raise _unavailable(path, e) from None
-    except TimeoutError as e:
-        if e.errno != errno.EAGAIN:
-            raise
-        raise _unavailable(path, e) from None
-    try:
+        with _no_daemon_is_unavailable(path):
+            first = next(lines)
+        yield first
         yield from lines
     finally:
         lines.close()
