@@ -104,6 +104,7 @@ class Node:
     votes: int
     listen: tuple[Address, ...] = ()  # where the daemon binds; default: addresses
     control_timeout: int = DEFAULT_CONTROL_TIMEOUT  # seconds to send a control request line
+    metrics: Address | None = None  # where the daemon serves Prometheus metrics (gmd.metrics); None: off
 
     @property
     def listen_addresses(self) -> tuple[Address, ...]:
@@ -118,6 +119,7 @@ class Witness:
     addresses: tuple[Address, ...]
     votes: int
     state: Path = Path("/var/lib/gmd/witness.json")  # its registrations, kept across restarts
+    metrics: Address | None = None  # where the witness serves Prometheus metrics (gmd.metrics); None: off
 
 
 @dataclass(frozen=True)
