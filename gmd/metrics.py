@@ -75,7 +75,8 @@ METRICS: dict[str, MetricSpec] = {
     "gmd_quorum_expected_votes": MetricSpec("gauge", _V, "votes expected (configured, or the operator's override)"),
     "gmd_quorum_ok": MetricSpec("gauge", _V, "1 while the volume has quorum here"),
     "gmd_quorum_witness_granted": MetricSpec("gauge", (*_V, "witness"), "1 while the witness's votes count here"),
-    "gmd_split_brain": MetricSpec("gauge", _V, "1 while a member is refused for diverging data (split-brain)"),
+    "gmd_split_brain": MetricSpec("gauge", _V, "1 while a member is refused for a split-brain or its risk "
+                                                "(diverging data, two primaries)"),
     # -- node daemon, per member of a volume (the local one has member = node)
     "gmd_member_disk_state": MetricSpec("gauge", (*_M, "state"), "1 for the member's disk state as seen here"),
     "gmd_member_link_state": MetricSpec("gauge", (*_M, "state"), "1 for the link state to the member (local: itself)"),
@@ -88,7 +89,7 @@ METRICS: dict[str, MetricSpec] = {
     "gmd_member_wire_bytes_total": MetricSpec("counter", _M, "bytes sent to it on the wire (after compression)"),
     "gmd_member_ack_latency_seconds": MetricSpec("histogram", _M,
                                                  "a write shipped to it, from being queued to its answer"),
-    "gmd_member_split_brain": MetricSpec("gauge", _M, "1 while the member is refused for diverging data"),
+    "gmd_member_split_brain": MetricSpec("gauge", _M, "1 while the member is refused for a split-brain or its risk"),
     "gmd_member_copy_done_bytes": MetricSpec("gauge", _M, "bytes of the running copy (or mini-copy) done; "
                                                           "present while one runs"),
     "gmd_member_copy_total_bytes": MetricSpec("gauge", _M, "bytes the running copy covers; present while one runs"),
@@ -197,9 +198,8 @@ def node_families(node: str, volumes: Iterable[VolumeSample],
 def _member(f: _Families, ml: tuple[str, str, str], m: Mapping[str, Any], *, local: bool) -> None:
     for state in DiskState:
         f.add("gmd_member_disk_state", (*ml, state.value), int(m["disk"] == state.value))
-    for state in LinkState:
-        if state is LinkState.LOCAL and not local:
-            continue
+    # The local member's link is always "local"; a remote member's never is.
+    for state in (LinkState.LOCAL,) if local else [s for s in LinkState if s is not LinkState.LOCAL]:
         f.add("gmd_member_link_state", (*ml, state.value), int(m["link"] == state.value))
     f.add("gmd_member_out_of_sync_bytes", ml, m["out_of_sync_bytes"])
     for kind in ("copy", "verify"):

@@ -104,6 +104,8 @@ def test_a_primary_with_a_copy_running_and_a_member_in_split_brain():
     assert one(out["gmd_member_link_state"], member="n3", state="standalone") == 1
     # The local member: its own disk and link, no lag or shipping of its own.
     assert one(out["gmd_member_link_state"], member="n1", state="local") == 1
+    assert [k for k in out["gmd_member_link_state"] if ("member", "n1") in k] == [
+        (("member", "n1"), ("node", "n1"), ("state", "local"), ("volume", "v"))]
     assert not any(("member", "n1") in k for k in out["gmd_member_lag_bytes"])
     assert not any(("state", "local") in k for k in out["gmd_member_link_state"] if ("member", "n2") in k)
 
