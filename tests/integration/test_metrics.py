@@ -7,12 +7,15 @@ import socket
 import time
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gmd.config import load_config
+from gmd.errors import Refused
 from gmd.metrics import METRICS
 
-from .harness import NodeSpec, WitnessProcess, daemon_processes, free_ports, witness_table, write_config
+from .harness import (NodeSpec, WitnessProcess, daemon_processes, free_ports, in_process_daemon, witness_table,
+                      write_config)
 from .test_cli import run
 from .test_copy import source_and_target
 
@@ -126,3 +129,14 @@ def test_a_metrics_port_in_use_stops_the_daemon_at_start_naming_the_key(tmp_path
     assert (f"node labor1: cannot serve metrics on 127.0.0.1:{port} (nodes.labor1.metrics): Address already in use"
             in r.stderr), r.stderr
     assert "Traceback" not in r.stderr and "sub-exception" not in r.stderr
+
+
+async def test_reload_refuses_a_changed_metrics_address(tmp_path):
+    specs = [NodeSpec("labor1", node={"metrics": f"127.0.0.1:{free_ports(1)[0]}"}), NodeSpec("labor2")]
+    cfg_path = write_config(tmp_path, specs)
+    async with in_process_daemon(cfg_path, "labor1") as d:
+        specs[0].node["metrics"] = f"127.0.0.1:{free_ports(1)[0]}"
+        write_config(tmp_path, specs)
+        with pytest.raises(Refused) as e:
+            await d.reload()
+        assert "metrics changed (restart the daemon)" in str(e.value) and "nothing applied" in str(e.value)
