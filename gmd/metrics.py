@@ -161,11 +161,11 @@ def _split_brain(member: Mapping[str, Any]) -> bool:
 
 
 def node_families(node: str, volumes: Iterable[VolumeSample],
-                  witness_links: Mapping[str, bool] = {}) -> list[Metric]:
+                  witness_links: Mapping[str, bool] | None = None) -> list[Metric]:
     """Every node daemon metric from its volumes' samples and its witness
     links (witness -> connected). Pure."""
     f = _Families()
-    for w, up in witness_links.items():
+    for w, up in (witness_links or {}).items():
         f.add("gmd_witness_link_up", (node, w), int(up))
     for v in volumes:
         vl = (v.name, node)
