@@ -368,6 +368,11 @@ NODE = Table(
         Key("up_loop", "a list of volume names (not also in `up`)",
             "The same, each with a loop device whenever this node is primary (`gmd up --loop`).",
             example=[], default="[]"),
+        Key("metrics", 'a "host:port" string',
+            "Where the daemon serves Prometheus metrics over HTTP (`/metrics`; docs/DESIGN.md, "
+            "\"Metrics\"). Not one of its peer listen addresses; the metrics are unauthenticated, so "
+            "keep it on loopback or a management network.", example="127.0.0.1:9942",
+            default_text="off", value=None),
     ),
 )
 
@@ -385,6 +390,9 @@ WITNESS = Table(
         Key("state", PATH, "The witness's small registration file (which generation each volume writes "
             "with, which members are outdated), kept across its restarts.",
             example="/var/lib/gmd/witness-WITNESS.json", default='"/var/lib/gmd/witness-WITNESS.json"'),
+        Key("metrics", 'a "host:port" string',
+            "Where the witness serves Prometheus metrics (registrations, leases, requests).",
+            example="127.0.0.1:9943", default_text="off", value=None),
     ),
 )
 

@@ -108,6 +108,7 @@ class Node:
     # 'gmd up --loop'), before it reports itself ready; file order.
     up: tuple[str, ...] = ()
     up_loop: tuple[str, ...] = ()
+    metrics: Address | None = None  # where the daemon serves Prometheus metrics (gmd.metrics); None: off
 
     @property
     def listen_addresses(self) -> tuple[Address, ...]:
@@ -122,6 +123,7 @@ class Witness:
     addresses: tuple[Address, ...]
     votes: int
     state: Path = Path("/var/lib/gmd/witness.json")  # its registrations, kept across restarts
+    metrics: Address | None = None  # where the witness serves Prometheus metrics (gmd.metrics); None: off
 
 
 @dataclass(frozen=True)

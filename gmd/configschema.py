@@ -363,7 +363,9 @@ class _Parser:
                 raise self.error(join_key(key, "up_loop"),
                                  f"volume {json.dumps(both[0])} is also in up (list it in up, or in up_loop "
                                  "for a loop device as well, not in both)")
-            nodes[name] = Node(name, addresses, control, mount, votes, listen, control_timeout, up, up_loop)
+            metrics = self.metrics_address(table, key, listen or addresses)
+            nodes[name] = Node(name, addresses, control, mount, votes, listen, control_timeout, up, up_loop,
+                               metrics)
         return nodes
 
     def names(self, value: object, key: str, kind: str) -> tuple[str, ...]:
@@ -406,8 +408,24 @@ class _Parser:
             addresses = self.addresses_of(table, key)
             votes = self.integer(table.get("votes", DEFAULT_VOTES), join_key(key, "votes"), 0)
             state = self.path(table.get("state", f"/var/lib/gmd/witness-{name}.json"), join_key(key, "state"))
-            witnesses[name] = Witness(name, addresses, votes, state)
+            witnesses[name] = Witness(name, addresses, votes, state, self.metrics_address(table, key, addresses))
         return witnesses
+
+    def metrics_address(self, table: Mapping[str, Any], key: str, binds: tuple[Address, ...]) -> Address | None:
+        """The optional ``metrics`` key of a node or witness: where its daemon
+        serves Prometheus metrics (absent: off). Not unique file-wide (every
+        node may use "127.0.0.1:9942" on its own host), but never one of the
+        daemon's own peer listen addresses (``binds``): both would bind it."""
+        if "metrics" not in table:
+            return None
+        where = join_key(key, "metrics")
+        text = self.string(table["metrics"], where, 'a "host:port" string, e.g. "127.0.0.1:9942"')
+        addr = Address.parse(text, file=self.file, key=where)
+        for bind in binds:
+            if _same_socket(addr, bind):
+                raise self.error(where, f"{addr} is also where this daemon listens for peers ({bind}); the "
+                                        "metrics endpoint needs a port of its own")
+        return addr
 
     def volumes(
         self, value: object, nodes: Mapping[str, Node], witnesses: Mapping[str, Witness]
@@ -719,6 +737,15 @@ def _normalized(addr: Address) -> tuple[str, int]:
     except ValueError:
         host = addr.host.lower()
     return host, addr.port
+
+
+_WILDCARDS = ("0.0.0.0", "::")
+
+
+def _same_socket(a: Address, b: Address) -> bool:
+    """Binding both would clash: one port, and one host or a wildcard host on either."""
+    (host_a, port_a), (host_b, port_b) = _normalized(a), _normalized(b)
+    return port_a == port_b and (host_a == host_b or host_a in _WILDCARDS or host_b in _WILDCARDS)
 
 
 def parse_config(text: str, *, file: str, base_dir: Path) -> Config:

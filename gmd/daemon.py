@@ -35,6 +35,7 @@ from transport.tls import TlsContexts, make_contexts
 from statemap.errors import StateMapError
 
 from .config import Address, Config, ConfigError, config_file_risks, load_config
+from .configvalues import join_key
 from .control import MAX_CONTROL_CLIENTS, MAX_REQUEST, prepare_socket_path
 from .engine import NodePorts, VolumeEngine
 from .errors import ExitCode, GmdError, Refused, exit_code_for
@@ -45,6 +46,7 @@ from .groups import GroupHold, GroupMarks
 from .hooks import HookRunner
 from .listeners import open_listeners
 from .memory import bound_heap
+from .metrics import MetricsEndpoint, node_families, sample_volume
 from .requests import check_request, decode_line, op_of
 from .sdnotify import ServiceNotifier
 from .witness import WitnessClient
@@ -86,6 +88,10 @@ class NodeDaemon:
         # gmd events: the volumes' state changes, and the hooks that run on them
         self.events = EventFeed(node, lambda: self.engines)
         self.hooks = HookRunner(self.events.hub, self._hooks_of)
+        self.metrics: MetricsEndpoint | None = None
+        if self.node_config.metrics is not None:
+            self.metrics = MetricsEndpoint(self.node_config.metrics, join_key(join_key("nodes", node), "metrics"),
+                                           f"node {node}", self.metric_families)
 
     def _add_engine(self, engine: VolumeEngine) -> None:
         self.engines[engine.name] = engine
@@ -140,6 +146,8 @@ class NodeDaemon:
             for i, addr in enumerate(self.node_config.listen_addresses):
                 bound = await n.start(self._listen, addr, i)
                 self.listen_addresses.append(bound)
+            if self.metrics is not None:
+                await n.start(self.metrics.serve)
             for client in self.witness_clients.values():
                 n.start_soon(client.run)
             for marks in self.groups.values():
@@ -151,6 +159,11 @@ class NodeDaemon:
                 await n.start(self._serve_control)
             task_status.started(self)
             await self._stopping.wait()
+
+    def metric_families(self) -> list:
+        """This node's metrics now (gmd.metrics), built on the event loop."""
+        return node_families(self.node, [sample_volume(e) for e in self.engines.values()],
+                             {w: c.connected for w, c in self.witness_clients.items()})
 
     def _host_nursery(self) -> trio.Nursery:
         """Where a volume's runner task lives (it owns every other task of the volume)."""
@@ -373,6 +386,8 @@ class NodeDaemon:
             problems.append("secret or tls changed (restart the daemons)")
         if new.witnesses != self.config.witnesses:
             problems.append("witnesses changed (restart the daemons)")
+        if self.node in new.nodes and new.node(self.node).metrics != self.node_config.metrics:
+            problems.append("metrics changed (restart the daemon)")
         mine = {v.name: v for v in new.volumes_for_node(self.node)} if not problems else {}
         for name, engine in self.engines.items():
             old, vol = engine.config, mine.get(name)

@@ -98,6 +98,9 @@ REFUSALS: dict[str, Refusal] = {
     "status-options": Refusal("{message}", errno.EINVAL, _U),
     "listen-failed": Refusal("{who}: cannot listen on {host}:{port}: {why} (is another daemon using it?)",
                              errno.EADDRINUSE),
+    "metrics-listen-failed": Refusal(
+        '{who}: cannot serve metrics on {address} ({key}): {why} (is another daemon using it? Choose another '
+        'port, or remove the key to turn metrics off)', errno.EADDRINUSE),
     "tls-files": Refusal("{path}: tls: cannot load certificate, key or CA: {why}", errno.EINVAL),
     "reload-refused": Refusal("reload of {path} refused, nothing applied: {problems}", errno.EINVAL),
     "daemon-not-running": Refusal("{why}; start it with 'gmd daemon --node {node}'", errno.ECONNREFUSED),

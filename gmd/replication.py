@@ -44,6 +44,7 @@ from transport.pacing import Pacer
 from .configmodel import Shipping
 
 from .backlog import Backlog, Entry
+from .latency import LatencyHistogram
 
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,8 @@ class MemberLink:
         self.changed = trio.Event()  # set on every state change (status --watch, tests)
         self._queue_waiters: list[tuple[int, trio.Event]] = []  # (bytes, woken when the queue is at most that)
         self.bytes_shipped = 0  # data of writes (and copy data) handed to the link, before compression
+        # Writes (not copy data) from being queued for it to its ack (gmd.metrics).
+        self.ack_latency = LatencyHistogram()
         # How data goes to this member, over all its paths and sessions: the
         # bandwidth limit (and every byte sent, counted) and the compression.
         self.shipping = shipping or Shipping()
@@ -521,6 +524,7 @@ class MemberLink:
                 self.copy_bytes -= sh.length
             else:
                 self.queued_bytes -= sh.length
+                self.ack_latency.observe(trio.current_time() - sh.queued_at)
                 if self._queue_waiters:
                     self._wake_queue_waiters()
             if ack.status == 0:

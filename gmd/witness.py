@@ -36,14 +36,14 @@ import re
 import signal
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import trio
 
 from quorum.witness import RENEW_INTERVAL, Claim, WitnessBook, check_identity, short_identity
 from statemap.fileio import write_new_file
 from transport.codec import Intro, RemoteProtocolError, State
-from transport.messages import WitnessReply, WitnessRequest, decode, intro_problem
+from transport.messages import WitnessOp, WitnessReply, WitnessRequest, decode, intro_problem
 from transport.link import (
     PREAUTH_CONNECTIONS,
     HandshakeGate,
@@ -58,8 +58,10 @@ from transport.link import (
 from transport.tls import TlsContexts, make_contexts
 
 from .config import Address, Config, config_file_risks
+from .configvalues import join_key
 from .errors import Refused
 from .listeners import open_listeners
+from .metrics import MetricsEndpoint, witness_families
 from .sdnotify import ServiceNotifier
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,8 @@ log = logging.getLogger(__name__)
 REFUSALS_REMEMBERED = 1024  # (volume, op, node) keys whose last refusal the log remembers
 
 REQUEST_TIMEOUT = 2.0  # a witness that does not answer in time counts as absent
+
+_OPS = frozenset(get_args(WitnessOp))  # request ops, as the metrics count them (anything else: "invalid")
 
 
 def _witness_intro(name: str, path: int = 0, session: str = "") -> Intro:
@@ -111,6 +115,18 @@ class WitnessDaemon:
         # registration another request has changed but not yet written.
         self._book_lock = trio.Lock()
         self._noted: set[tuple[str, str | None, str]] = set()  # other-identity notes already logged
+        # For the metrics (gmd.metrics): links open per node, requests answered by (op, granted).
+        self.links: dict[str, int] = {}
+        self.answered: dict[tuple[str, bool], int] = {}
+        self.metrics: MetricsEndpoint | None = None
+        if self.witness.metrics is not None:
+            self.metrics = MetricsEndpoint(self.witness.metrics, join_key(join_key("witnesses", name), "metrics"),
+                                           f"witness {name}", self.metric_families)
+
+    def metric_families(self) -> list:
+        """This witness's metrics now (gmd.metrics), built on the event loop."""
+        return witness_families(self.name, self.book.holdings(trio.current_time()),
+                                {node: self.links.get(node, 0) > 0 for node in self.config.nodes}, self.answered)
 
     def close(self) -> None:
         """Release the state file's lock (the process's exit does too)."""
@@ -165,6 +181,8 @@ class WitnessDaemon:
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as n:
+            if self.metrics is not None:
+                await n.start(self.metrics.serve)
             for addr in self.witness.addresses:
                 listeners = await open_listeners(addr, f"witness {self.name}")
                 self.listen_addresses.append(listeners[0].socket.getsockname()[:2])
@@ -209,19 +227,30 @@ class WitnessDaemon:
         node = link.remote.node
         link.label = f"witness {self.name}<-{node}"
         log.info("witness %s: node %s connected", self.name, node)
-        async with trio.open_nursery() as n:
-            link.start(n)
-            try:
-                while True:
-                    ev = await link.receive()
-                    if isinstance(ev, State):
-                        await link.send(State(await self._answer(node, ev.fields)))
-            except LinkClosed as e:
-                log.info("witness %s: node %s disconnected: %s", self.name, node, e)
-            n.cancel_scope.cancel()
+        self.links[node] = self.links.get(node, 0) + 1
+        try:
+            async with trio.open_nursery() as n:
+                link.start(n)
+                try:
+                    while True:
+                        ev = await link.receive()
+                        if isinstance(ev, State):
+                            await link.send(State(await self._answer(node, ev.fields)))
+                except LinkClosed as e:
+                    log.info("witness %s: node %s disconnected: %s", self.name, node, e)
+                n.cancel_scope.cancel()
+        finally:
+            self.links[node] -= 1
 
     async def _answer(self, node: str, req: dict[str, Any]) -> dict[str, Any]:
         """The reply to one request from ``node``; a bad request is answered as such."""
+        reply = await self._reply(node, req)
+        op = req.get("op") if isinstance(req, dict) else None
+        key = (op if op in _OPS else "invalid", bool(reply.get("granted")))
+        self.answered[key] = self.answered.get(key, 0) + 1
+        return reply
+
+    async def _reply(self, node: str, req: dict[str, Any]) -> dict[str, Any]:
         rid = req.get("id") if isinstance(req, dict) else None
         try:
             try:

@@ -41,6 +41,7 @@ from transport.link import LinkClosed
 from .copystate import RemarkedRegions, UnsentRegions
 from .disk import check_range
 from .errors import errno_for
+from .latency import LatencyHistogram
 from .replication import MemberLink, Shipment
 
 if TYPE_CHECKING:
@@ -158,6 +159,7 @@ class WritePath:
         self.last_write_at = -1e9  # trio time an application write last started (the copy yields to them)
         self._pumping: set[str] = set()  # members whose backlog is being sent
         self.bytes_written = 0
+        self.write_latency = LatencyHistogram()  # application writes, start to completion (gmd.metrics)
 
     def continue_sequence(self) -> None:
         """Becoming primary: our sequence goes on from the last primary's, so
@@ -254,7 +256,7 @@ class WritePath:
         length = len(data)
         check_range(offset, length, self.engine.config.size, writing=True)
         self.in_flight += 1
-        self.last_write_at = trio.current_time()
+        self.last_write_at = started = trio.current_time()
         self.idle = trio.Event() if self.idle.is_set() else self.idle
         token = await self._locks.acquire(offset, offset + length)
         try:
@@ -308,6 +310,7 @@ class WritePath:
             self._dirty_since_flush = True
             self.writes += 1
             self.bytes_written += length
+            self.write_latency.observe(trio.current_time() - started)
             self._settle_part(ctx)
             return ctx.gseq
         finally:

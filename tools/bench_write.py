@@ -7,6 +7,10 @@ after one discarded warm-up, with the setup order rotated every repetition:
 * ``seq``:  1 MiB sequential writes, 4 in flight (fio's seqwrite job), MB/s
 * ``rand``: 4 KiB random writes, 16 in flight (fio's randwrite job), IOPS
 
+With ``--metrics`` the primary also serves its Prometheus endpoint, scraped
+once a second from a thread meanwhile (docs/BENCHMARKS.md, "Metrics on the
+write path").
+
 The primary runs in this process (its engine is the thing measured); the member
 is a real ``gmd daemon`` subprocess over TCP on 127.0.0.1. Setups are
 interleaved per repetition so they see the same machine state; the table shows
@@ -25,7 +29,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import trio
@@ -34,11 +40,12 @@ from gmd import control
 from gmd.config import load_config, parse_size
 from gmd.daemon import NodeDaemon
 from tools.cluster_config import write_bench_cluster
-from tools.procs import die_with_parent, machine, stop_process
+from tools.procs import die_with_parent, free_ports, machine, stop_process
 
 MiB = 1 << 20
 SETUPS = ("local", "sync", "mwc", "async")
 BACKING = "zeroed"  # or "fallocated" (--backing)
+METRICS = False  # --metrics: the primary serves its metrics endpoint, scraped every second
 
 
 def start_member(config: Path, log: Path) -> subprocess.Popen:
@@ -90,8 +97,10 @@ async def bench_setup(setup: str, kind: str, seconds: float, size: int, workdir:
     """One workload on a fresh cluster of ``setup``: its rate, and the share of
     written bytes the member received (below 1: it fell behind, async only)."""
     d = Path(tempfile.mkdtemp(prefix=f"gmd-bench-{setup}-", dir=workdir))
-    config = write_bench_cluster(d, setup, size, backing=BACKING)
+    port = free_ports(1)[0] if METRICS else None
+    config = write_bench_cluster(d, setup, size, backing=BACKING, metrics=port)
     member = None
+    scraping = threading.Event()
     try:
         if setup != "local":
             member = await trio.to_thread.run_sync(start_member, config, d / "bench2.log")
@@ -106,7 +115,11 @@ async def bench_setup(setup: str, kind: str, seconds: float, size: int, workdir:
                     while not m.connected:
                         await trio.sleep(0.02)
             await engine.promote()
+            if port is not None:
+                scraping.set()
+                threading.Thread(target=scrape_every_second, args=(port, scraping), daemon=True).start()
             rate = await run_workload(engine, kind, seconds, size)
+            scraping.clear()
             shipped = m.bytes_shipped / max(1, engine.writepath.bytes_written) if m is not None else 1.0
             if setup == "async" and m is not None:
                 with trio.fail_after(120):  # let the member catch up before teardown
@@ -115,9 +128,23 @@ async def bench_setup(setup: str, kind: str, seconds: float, size: int, workdir:
             daemon.stop()
         return {"rate": rate, "shipped": shipped}
     finally:
+        scraping.clear()
         if member is not None:
             stop_process(member)
         subprocess.run(["rm", "-rf", str(d)], check=False)
+
+
+def scrape_every_second(port: int, running: threading.Event) -> None:
+    """What a (busy) Prometheus does to the primary while it is measured."""
+    while running.is_set():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+                reply.read()
+        except OSError:
+            if running.is_set():
+                raise  # the endpoint failed while measured: the run must not pass for one with metrics
+            return  # the run ended and the daemon went meanwhile
+        time.sleep(1.0)
 
 
 async def main_async(args) -> dict:
@@ -175,6 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--backing", choices=("zeroed", "fallocated"), default="zeroed",
                    help="backing files written through with zeros (default: like a block device) or "
                         "preallocated with fallocate (first writes convert unwritten extents)")
+    p.add_argument("--metrics", action="store_true",
+                   help="the primary serves its metrics endpoint, scraped every second meanwhile")
     p.add_argument("--workdir", default="/var/tmp/gmd-bench", help="on the local disk")
     p.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
     args = p.parse_args(argv)
@@ -183,10 +212,12 @@ def main(argv=None) -> int:
     bad = [s for s in args.setups if s not in SETUPS]
     if bad:
         p.error(f"unknown setup(s) {bad}; choose from {', '.join(SETUPS)}")
-    global BACKING
+    global BACKING, METRICS
     BACKING = args.backing
+    METRICS = args.metrics
     result = trio.run(main_async, args)
     result["backing"] = args.backing
+    result["metrics"] = args.metrics
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     print(markdown(result))

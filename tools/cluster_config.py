@@ -103,16 +103,20 @@ def witness_table(name: str, port: int, votes: int = 1, state: str | None = None
                                  "state": state or f"data/{name}/witness.json"}}}
 
 
-def write_bench_cluster(directory: Path, setup: str, size: int, *, backing: str = "zeroed") -> Path:
+def write_bench_cluster(directory: Path, setup: str, size: int, *, backing: str = "zeroed",
+                        metrics: int | None = None) -> Path:
     """Write the config of the write benchmarks' cluster for ``setup``
     (``local``: ``bench1`` alone; ``sync``, ``mwc`` or ``async``: ``bench2`` a
     member of that mode; volume ``vol`` of ``size`` bytes) and ready its
     members: state maps initialised, devices allocated (``backing``
     ``"zeroed"``: written through with zeros, or ``"fallocated"``),
-    ``bench1``'s data current with no initial copy. Returns the config's path."""
+    ``bench1``'s data current with no initial copy; ``metrics``: a port on
+    127.0.0.1 where ``bench1`` serves its metrics. Returns the config's path."""
     nodes = ["bench1"] if setup == "local" else ["bench1", "bench2"]
     mode = "mwc" if setup == "local" else setup
     specs = [NodeSpec(n, member={"device": f"data/{n}.img", "statemap": f"data/{n}.sm"}) for n in nodes]
+    if metrics is not None:
+        specs[0].node["metrics"] = f"127.0.0.1:{metrics}"
     path = write_cluster_config(directory, specs, volume="vol", size=size, mode=mode, secret="bench",
                                 volume_settings={"async_queue": "256MiB"})
     cfg = load_config(path)

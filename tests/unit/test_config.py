@@ -883,3 +883,36 @@ def test_test_image_size_is_a_member_size_of_at_least_a_mebibyte():
     assert e.key == "volumes.v.members.a.test_image_size" and "smaller than the minimum" in e.message
     e = error_of(UNDO_BASE.format(member='test_image_size = true\n'))
     assert e.key == "volumes.v.members.a.test_image_size"
+
+
+def test_metrics_address_of_a_node_and_a_witness():
+    """Off unless set; the same address on every node is fine (each binds it
+    on its own host), and a node with listen addresses may use its address's port."""
+    cfg = parse(NODES.replace('address = "10.0.0.1:7799"', 'address = "10.0.0.1:7799"\nmetrics = "127.0.0.1:9942"')
+                .replace('address = "10.0.0.2:7799"', 'address = "10.0.0.2:7799"\nmetrics = "127.0.0.1:9942"')
+                .replace('address = "10.0.0.3:7800"', 'address = "10.0.0.3:7800"\nmetrics = "[::1]:9943"'))
+    assert cfg.node("a").metrics == Address("127.0.0.1", 9942) == cfg.node("b").metrics
+    assert cfg.witnesses["w"].metrics == Address("::1", 9943)
+    assert parse(NODES).node("a").metrics is None and parse(NODES).witnesses["w"].metrics is None
+    natted = parse('secret = "s"\n[nodes.a]\naddress = "10.0.0.1:7799"\nlisten = "10.0.1.1:7799"\n'
+                   'metrics = "10.0.0.1:7799"\n')
+    assert natted.node("a").metrics == Address("10.0.0.1", 7799)
+
+
+@pytest.mark.parametrize(
+    ("table", "line", "key", "fragment"),
+    [
+        ("a", "metrics = 9942", "nodes.a.metrics", 'expected a "host:port" string'),
+        ("a", 'metrics = "9942"', "nodes.a.metrics", "has no port"),
+        ("a", 'metrics = "http://127.0.0.1:9942"', "nodes.a.metrics", "URL scheme"),
+        ("a", 'metrics = "127.0.0.1:99420"', "nodes.a.metrics", "out of range"),
+        ("a", 'metrics = "10.0.0.1:7799"', "nodes.a.metrics", "also where this daemon listens for peers"),
+        ("a", 'metrics = "0.0.0.0:7799"', "nodes.a.metrics", "needs a port of its own"),
+        ("w", 'metrics = "[::]:7800"', "witnesses.w.metrics", "also where this daemon listens"),
+        ("w", 'metric = "127.0.0.1:9942"', "witnesses.w.metric", 'did you mean "metrics"'),
+    ],
+)
+def test_metrics_address_mistakes(table, line, key, fragment):
+    address = {"a": 'address = "10.0.0.1:7799"', "w": 'address = "10.0.0.3:7800"'}[table]
+    e = error_of(NODES.replace(address, f"{address}\n{line}"))
+    assert e.key == key and fragment in e.message, e

@@ -99,3 +99,16 @@ async def test_a_barrier_waits_behind_the_writes_waiting_in_the_backlog_and_a_re
     m.on_ack(FlushAck(2))
     assert m.backlog.caught_up() and not m.backlog.entries and m.flushed_gseq == 4
     assert isinstance(path2.sent[1], Flush) and isinstance(path2.sent[0], Write)
+
+
+async def test_each_acked_write_is_counted_once_in_the_ack_latency_and_copy_data_never():
+    m = MemberLink("labor2", "mwc", queue_limit=1 << 20)
+    m.session = Session("s1", m.name)
+    m.session.paths.append(_Path())
+    m.set_state(LinkState.CONNECTED)
+    m.ship_write(1, 0, b"x" * 4096, lambda sh: None)
+    m.ship_write(2, 4096, b"y" * 4096, lambda sh: None, copy=True)
+    m.ship_write(3, 8192, b"z" * 4096, lambda sh: None)
+    for seq in (1, 2, 3, 3):  # the last one a duplicate ack of a resent write
+        m.on_ack(WriteAck(seq))
+    assert m.ack_latency.count == 2
