@@ -72,8 +72,9 @@ def checks(doc: dict) -> dict[str, bool]:
     return {c["name"]: c["passed"] for c in doc["checks"]}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fault", ["kill-primary", "partition-primary"])
+# The kill-primary drill runs in every test run (./quickstart test): the
+# whole story, under load, with the real CLI; the others are in test-all.
+@pytest.mark.parametrize("fault", ["kill-primary", pytest.param("partition-primary", marks=pytest.mark.slow)])
 def test_the_primary_lost_in_mwc_is_taken_over_automatically_with_nothing_acknowledged_lost(tmp_path, fault):
     rc, doc, err = drill(tmp_path, "--fault", fault, "--mode", "mwc")
     assert rc == 0 and doc["passed"], why(doc, err)
