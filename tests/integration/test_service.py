@@ -8,6 +8,7 @@ in tests/unit/test_units.py.)"""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -159,3 +160,45 @@ def test_witness_reports_ready_once_listening_and_stopping_on_sigterm(tmp_path, 
     finally:
         witness.stop()
     assert f"WARNING: witness W: {cfg} is writable by its group and others (mode 0666)" in witness.log()
+
+
+def _systemd_manages_this_host() -> bool:
+    # sd_booted(3): systemd is the service manager when this directory exists.
+    return Path("/run/systemd/system").is_dir() and shutil.which("systemctl") is not None
+
+
+@pytest.mark.skipif(not _systemd_manages_this_host(),
+                    reason="systemd is not the service manager here (no /run/systemd/system); the units are "
+                           "checked by systemd-analyze verify in tests/unit/test_units.py and run as systemd "
+                           "would by the tests above")
+def test_systemd_starts_the_node_unit_once_its_volume_is_up_and_stops_it_cleanly(tmp_path):
+    node = f"gmdtest{os.getpid()}"  # an instance no real node of this host has
+    cfg = write_config(tmp_path, [NodeSpec(node, node={"up": ["appslv"]}), NodeSpec("labor2")])
+    init_in_sync(cfg, node, ["labor2"])
+    unit_dir = tmp_path / "units"
+    unit_dir.mkdir()
+    for u in units.render(Path(GMD), cfg):
+        (unit_dir / u.name).write_text(u.text)
+    unit = f"gmd@{node}.service"
+
+    def systemctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=timeout)
+
+    assert systemctl("link", str(unit_dir / "gmd@.service")).returncode == 0
+    try:
+        systemctl("daemon-reload")
+        started = systemctl("start", unit)  # Type=notify: returns once the daemon sent READY=1
+        assert started.returncode == 0, started.stderr + systemctl("status", unit).stdout
+        assert systemctl("is-active", unit).stdout.strip() == "active"
+        daemon = DaemonProcess(cfg, node, tmp_path)
+        assert daemon.request(op="status", volume="appslv")["up"] is True  # up when systemd called it started
+        stopped = systemctl("stop", unit, timeout=360)
+        assert stopped.returncode == 0, stopped.stderr
+        assert systemctl("is-active", unit).stdout.strip() == "inactive"
+    finally:
+        systemctl("stop", unit, timeout=360)
+        systemctl("disable", "gmd@.service")  # also removes the link
+        systemctl("daemon-reload")
+        DaemonProcess(cfg, node, tmp_path).remove_dead_mount()
+    st = admin.offline_status(load_config(cfg), node, "appslv")
+    assert st["state_map"]["clean"] is True  # a clean stop, not a kill
