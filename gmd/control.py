@@ -68,11 +68,13 @@ def request(path: str | os.PathLike[str], req: dict[str, Any], *, timeout: float
         return jsonlines.request(path, req, timeout=timeout, max_reply=MAX_REPLY)
 
 
-def stream(path: str | os.PathLike[str], req: dict[str, Any], *, timeout: float = 60.0) -> Iterator[dict[str, Any]]:
+def stream(path: str | os.PathLike[str], req: dict[str, Any], *, timeout: float = 60.0,
+           idle: float | None = None) -> Iterator[dict[str, Any] | None]:
     """Send a request answered by a stream (``events``): yield its reply,
-    then each line the daemon sends, until it closes the connection. Raises
+    then each line the daemon sends, until it closes the connection (with
+    ``idle``, None after each ``idle`` seconds without one). Raises
     :class:`ControlUnavailable` when nothing listens there."""
-    lines = jsonlines.stream(path, req, timeout=timeout, max_line=MAX_REPLY)
+    lines = jsonlines.stream(path, req, timeout=timeout, max_line=MAX_REPLY, idle=idle)
     try:
         with _no_daemon_is_unavailable(path):
             first = next(lines)

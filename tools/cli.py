@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import select
 import sys
 import time
 from pathlib import Path
@@ -730,11 +731,15 @@ def cmd_events(args: argparse.Namespace) -> int:
     check_request(req)
     printed = 0
     try:
-        lines = control.stream(config.node(node).control, req)
+        lines = control.stream(config.node(node).control, req, idle=1.0)
         reply = next(lines)
         if not reply.get("ok"):
             raise DaemonRefused(reply.get("error", "daemon refused"), reply.get("exit_code", 1))
         for event in lines:
+            if event is None:  # a quiet second: has our own reader gone (gmd events | head -3)?
+                if _reader_gone(sys.stdout):
+                    break
+                continue
             sys.stdout.write(json.dumps(event) + "\n")
             sys.stdout.flush()  # a reader (a pipe, a script) gets each event as it happens
             printed += 1
@@ -752,6 +757,18 @@ def cmd_events(args: argparse.Namespace) -> int:
         if "lines" in locals():
             lines.close()
     return ExitCode.OK
+
+
+def _reader_gone(out) -> bool:
+    """True if ``out`` is a pipe or socket whose reading end was closed (it
+    polls as an error or hang-up); a terminal or file never is."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    p = select.poll()
+    p.register(fd, 0)  # POLLERR and POLLHUP are reported whatever is asked
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
 
 
 def _volume_status(config: Config, node: str, name: str) -> tuple[dict[str, Any], bool]:

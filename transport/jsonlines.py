@@ -171,12 +171,15 @@ def _connected(path: str | os.PathLike[str], timeout: float) -> socket.socket:
         raise
 
 
-def stream(path: str | os.PathLike[str], value: Any, *, timeout: float, max_line: int) -> Iterator[Any]:
+def stream(path: str | os.PathLike[str], value: Any, *, timeout: float, max_line: int,
+           idle: float | None = None) -> Iterator[Any]:
     """Send ``value`` as one line to the server at ``path``, then yield each
     decoded line it sends (blocking) until it closes the connection: the
     reply first (within ``timeout``), then lines as they come, however long
-    apart. Raises as :func:`request` does; a line longer than ``max_line``
-    bytes raises :class:`NoReply`. Closing the generator closes the socket."""
+    apart; with ``idle``, None after each ``idle`` seconds without a line (so
+    the caller can look around, e.g. whether its own reader went away).
+    Raises as :func:`request` does; a line longer than ``max_line`` bytes
+    raises :class:`NoReply`. Closing the generator closes the socket."""
     with _connected(path, timeout) as sock:
         sock.sendall(encode(value))
         buffer = bytearray()
@@ -189,11 +192,17 @@ def stream(path: str | os.PathLike[str], value: Any, *, timeout: float, max_line
                 yield json.loads(line)
                 if first:
                     first = False
-                    sock.settimeout(None)  # a stream may be quiet for hours
+                    sock.settimeout(idle)  # a stream may be quiet for hours
                 continue
             if len(buffer) > max_line:
                 raise NoReply(f"a line from {os.fspath(path)} longer than {max_line} bytes")
-            chunk = sock.recv(RECEIVE_CHUNK)
+            try:
+                chunk = sock.recv(RECEIVE_CHUNK)
+            except TimeoutError:
+                if first:
+                    raise
+                yield None
+                continue
             if not chunk:
                 if first:
                     raise NoReply(f"{os.fspath(path)} closed the connection without answering")

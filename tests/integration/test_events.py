@@ -160,3 +160,7 @@ def test_events_of_an_unknown_volume_and_without_a_daemon_are_clear_errors(tmp_p
         r = subprocess.run([GMD, "events", "--count", "0", "--config", str(cfg_path), "--node", "labor1"],
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and "--count must be at least 1" in r.stderr
+        # A reader that stops reading ends the stream, though no event comes to fail the write.
+        r = subprocess.run(f"{GMD} events --now --config {cfg_path} --node labor1 | head -1", shell=True,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and json.loads(r.stdout)["kind"] == "volume" and r.stderr == "", r.stderr
