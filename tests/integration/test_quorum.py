@@ -405,13 +405,7 @@ async def test_split_brain_is_detected_and_resolved_with_the_discarded_data_save
     async with c.running() as (procs, eng):
         ours, theirs, labor2_before = await make_split_brain(c, eng, procs, tmp_path, (3, 4, 40), (4, 5, 90))
         # Heal: both primary, then labor2 demoted; the histories diverge: split-brain.
-        c.heal()
-        await run_in_thread(lambda: procs["labor2"].request(op="secondary", volume="appslv"))
-        await wait_for(lambda: "split-brain" in (eng.members["labor2"].reason or ""), timeout=20,
-                       what="split-brain detected")
-        st2 = await run_in_thread(procs["labor2"].status)
-        assert st2["members"]["labor1"]["link"] == "standalone"
-        assert "split-brain" in st2["members"]["labor1"]["reason"]
+        await heal_into_split_brain(c, eng, procs)
         assert not eng.members["labor2"].connected
         for r, data in theirs.items():  # nothing overwritten
             assert _read_region(backing(tmp_path, "labor2"), r, rs) == data
@@ -447,6 +441,18 @@ async def test_split_brain_is_detected_and_resolved_with_the_discarded_data_save
         for r, data in labor2_before.items():
             assert _read_region(image, r, rs) == data  # labor2's own data, as it was
         assert _read_region(image, 10, rs) == bytes(rs)  # only the diverging regions
+
+
+async def heal_into_split_brain(c, eng, procs) -> None:
+    """Heal the partition of two primaries and demote labor2: their histories
+    diverged, so labor1 sees a split-brain and labor2 stays standalone."""
+    c.heal()
+    await run_in_thread(lambda: procs["labor2"].request(op="secondary", volume="appslv"))
+    await wait_for(lambda: "split-brain" in (eng.members["labor2"].reason or ""), timeout=20,
+                   what="split-brain detected")
+    st2 = await run_in_thread(procs["labor2"].status)
+    assert st2["members"]["labor1"]["link"] == "standalone"
+    assert "split-brain" in st2["members"]["labor1"]["reason"]
 
 
 async def make_split_brain(c, eng, procs, tmp_path, ours_at, theirs_at, rs=65536):

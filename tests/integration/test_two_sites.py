@@ -18,7 +18,7 @@ import trio
 from statemap import DiskState, StateMap
 
 from .harness import GMD, MiB, NodeSpec, backing, daemon_processes, file_hash, init_in_sync, wait_for, write_config
-from .test_quorum import Cluster, _pwrite_regions, _read_region, run_in_thread
+from .test_quorum import Cluster, _pwrite_regions, _read_region, heal_into_split_brain, run_in_thread
 
 REGION = 65536
 CONTINUE = 'on_quorum_loss = "continue"'
@@ -118,13 +118,7 @@ async def test_the_survivor_is_promoted_only_by_force_and_a_forced_split_is_dete
         theirs = {r: os.urandom(REGION) for r in (4, 90)}
         await run_in_thread(_pwrite_regions, st2["device"], theirs, REGION)
 
-        c.heal()
-        await run_in_thread(lambda: procs["labor2"].request(op="secondary", volume="appslv"))
-        await wait_for(lambda: "split-brain" in (eng.members["labor2"].reason or ""), timeout=20,
-                       what="split-brain detected")
-        st2 = await run_in_thread(procs["labor2"].status)
-        assert st2["members"]["labor1"]["link"] == "standalone"
-        assert "split-brain" in st2["members"]["labor1"]["reason"]
+        await heal_into_split_brain(c, eng, procs)
         for r, data in theirs.items():  # nothing overwritten either way
             assert _read_region(backing(tmp_path, "labor2"), r, REGION) == data
         for r, data in ours.items():
