@@ -86,7 +86,7 @@ class NodeDaemon:
             self._add_engine(VolumeEngine(vol, node, self.ports))
         self.groups = self._consistency_groups()
         # gmd events: the volumes' state changes, and the hooks that run on them
-        self.events = EventFeed(node, lambda: self.engines)
+        self.events = EventFeed(node, lambda: self.engines, wanted=self._events_wanted)
         self.hooks = HookRunner(self.events.hub, self._hooks_of)
         self.metrics: MetricsEndpoint | None = None
         if self.node_config.metrics is not None:
@@ -97,6 +97,10 @@ class NodeDaemon:
         self.engines[engine.name] = engine
         # A role change is told at once, not at the feed's next look.
         engine.subscribe_role_change(lambda _engine: self.events.poke())
+
+    def _events_wanted(self) -> bool:
+        """Someone reads the events (gmd events), or a volume has hooks."""
+        return self.events.hub.readers > 0 or any(e.config.hooks for e in self.engines.values())
 
     def _hooks_of(self, volume: str):
         engine = self.engines.get(volume)

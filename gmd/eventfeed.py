@@ -35,10 +35,11 @@ class Subscriber:
     """One reader of the event stream: a bounded queue, filled by the hub
     without waiting, emptied by the reader at its own pace."""
 
-    def __init__(self, hub: EventHub, volume: str | None, limit: int):
+    def __init__(self, hub: EventHub, volume: str | None, limit: int, *, internal: bool = False):
         self.hub = hub
         self.volume = volume
         self.limit = limit
+        self.internal = internal  # the daemon's own (the hook runner), not a gmd events reader
         self.queue: deque[dict[str, Any]] = deque()
         self.dropped = 0
         self._wake = trio.Event()
@@ -89,11 +90,16 @@ class EventHub:
             for s in list(self.subscribers):
                 s.offer(stamped)
 
-    def subscribe(self, volume: str | None = None, *, limit: int | None = None) -> Subscriber:
+    def subscribe(self, volume: str | None = None, *, limit: int | None = None, internal: bool = False) -> Subscriber:
         """A new reader of the events of ``volume`` (None: every volume, and the node's own)."""
-        s = Subscriber(self, volume, self.limit if limit is None else limit)
+        s = Subscriber(self, volume, self.limit if limit is None else limit, internal=internal)
         self.subscribers.add(s)
         return s
+
+    @property
+    def readers(self) -> int:
+        """``gmd events`` readers subscribed now (the daemon's own not counted)."""
+        return sum(1 for s in self.subscribers if not s.internal)
 
 
 class WatchedVolume(Protocol):
@@ -108,9 +114,13 @@ class EventFeed:
     """Events of the volumes ``volumes()`` returns, published on :attr:`hub`."""
 
     def __init__(self, node: str, volumes: Callable[[], Mapping[str, WatchedVolume]], *,
-                 interval: float = WATCH_INTERVAL):
+                 interval: float = WATCH_INTERVAL, wanted: Callable[[], bool] | None = None):
         self.hub = EventHub(node)
         self.volumes = volumes
+        # Whether anyone needs the events now (a reader, or a volume with
+        # hooks): if not, no snapshots are taken. A reader that comes looks
+        # first, so it starts from the state of that moment all the same.
+        self.wanted = wanted or (lambda: True)
         self.interval = interval
         self.watches: dict[str, VolumeEvents] = {}
         self._poked = trio.Event()
@@ -139,7 +149,8 @@ class EventFeed:
     async def run(self) -> None:
         """Watch until cancelled."""
         while True:
-            self.look()
+            if self.wanted():
+                self.look()
             with trio.move_on_after(self.interval):
                 await self._poked.wait()
             self._poked = trio.Event()

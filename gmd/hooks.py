@@ -79,7 +79,7 @@ class HookRunner:
 
     async def run(self) -> None:
         """Read events until cancelled, starting the matching hooks."""
-        sub = self.hub.subscribe(None)
+        sub = self.hub.subscribe(None, internal=True)
         try:
             async with trio.open_nursery() as n:
                 while True:

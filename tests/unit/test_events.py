@@ -260,3 +260,44 @@ def test_the_readme_hooks_parse_as_documented():
     assert matches(split, {"kind": "split_brain", "member": "labor2"})
     assert matches(quorum, {"kind": "quorum", "ok": False}) and not matches(quorum, {"kind": "quorum", "ok": True})
     assert split.timeout == 20
+
+
+async def test_no_snapshots_are_taken_while_nobody_wants_events_and_a_reader_still_starts_from_now():
+    from gmd.eventfeed import EventFeed
+
+    class Volume:
+        is_up = True
+        looks = 0
+        role = "secondary"
+
+        def status(self):
+            Volume.looks += 1
+            return status(role=self.role)
+
+    vol = Volume()
+    wanted = {"hooks": False}
+    feed = None
+
+    def want():
+        return feed.hub.readers > 0 or wanted["hooks"]
+
+    feed = EventFeed("labor1", lambda: {"appslv": vol}, interval=0.01, wanted=want)
+    hooks = feed.hub.subscribe(None, internal=True)  # the hook runner's: not a reader
+    async with trio.open_nursery() as n:
+        n.start_soon(feed.run)
+        await trio.sleep(0.1)
+        assert Volume.looks == 0 and not hooks.queue
+        vol.role = "primary"  # changed while nobody watched
+        sub, first = feed.open_reader("appslv", now=True)
+        assert [e["role"] for e in first if e["kind"] == "role"] == ["primary"]  # the state of now
+        await trio.sleep(0.1)
+        assert Volume.looks > 1  # watched while a reader is there
+        sub.close()
+        await trio.sleep(0.05)
+        seen = Volume.looks
+        await trio.sleep(0.1)
+        assert Volume.looks == seen  # nobody again: no more snapshots
+        wanted["hooks"] = True
+        await trio.sleep(0.1)
+        assert Volume.looks > seen
+        n.cancel_scope.cancel()
